@@ -1,0 +1,231 @@
+"""The operator admin API (aiohttp): snapshots, nodes, endpoint health, overrides, events.
+
+Reads answer JSON. Changes answer JSON too, and errors are 4xx JSON bodies naming the
+problem: `{"error": "...", "field": "..."}`. Changes need `Authorization: Bearer TOKEN` when a
+token is set (environment variable HEALTHPLANE_ADMIN_TOKEN).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from controlplane import resources as rs
+from controlplane.errors import ConfigError
+from controlplane.health import HealthStatus
+from controlplane.nodes import node_view
+
+if TYPE_CHECKING:
+    from controlplane.app import ControlPlane
+
+CP_KEY: web.AppKey[ControlPlane] = web.AppKey("controlplane")
+TOKEN_ENV = "HEALTHPLANE_ADMIN_TOKEN"
+MAX_BODY = 4 * 1024 * 1024
+
+
+def _error(status: int, message: str, field: str = "") -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    return web.json_response(body, status=status)
+
+
+def _json(data: Any) -> web.Response:
+    return web.json_response(data, dumps=lambda d: json.dumps(d, indent=1))
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            return _error(exc.status, exc.reason)
+        raise
+
+
+def _authorize(request: web.Request) -> web.Response | None:
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        return None
+    given = request.headers.get("Authorization", "")
+    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
+        return _error(401, "this change needs Authorization: Bearer <token>")
+    return None
+
+
+def _split_endpoint(text: str) -> tuple[str, int] | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+async def snapshot(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    snap = cp.snapshot
+    now = time.time()
+    clusters = []
+    for cluster in snap.topology.clusters:
+        endpoints = []
+        for ep in cluster.endpoints:
+            h = cp.health.effective(cluster.name, ep.key)
+            served = next(
+                (v.status for v in snap.endpoints if v.cluster == cluster.name and (v.address, v.port) == (
+                    ep.address, ep.port)),
+                HealthStatus.UNKNOWN,
+            )
+            endpoints.append({
+                "address": ep.address,
+                "port": ep.port,
+                "zone": ep.zone,
+                "weight": ep.weight,
+                "status": served.name,
+                "reason": h.reason,
+                "source": h.source,
+                "since": h.since or None,
+                "verdict_age_s": round(now - h.verdict.time, 3) if h.verdict else None,
+                "override": h.override.status.name if h.override else None,
+            })
+        clusters.append({
+            "name": cluster.name,
+            "version": snap.resources[rs.ENDPOINT][cluster.name].version,
+            "endpoints": endpoints,
+        })
+    return _json({
+        "version": snap.version,
+        "created": snap.created,
+        "cause": {"kind": snap.cause.kind, "detail": snap.cause.detail, "time": snap.cause.time},
+        "type_versions": {rs.SHORT_NAMES[t]: v for t, v in snap.type_versions.items()},
+        "clusters": clusters,
+        "listeners": [
+            {"name": ln.name, "address": ln.address, "port": ln.port, "nodes": ln.nodes,
+             "version": snap.resources[rs.LISTENER][ln.name].version}
+            for ln in snap.topology.listeners
+        ],
+    })
+
+
+async def nodes(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    snap = cp.snapshot
+    return _json({
+        "version": snap.version,
+        "nodes": [node_view(s, snap) for s in sorted(cp.nodes.streams(), key=lambda s: s.node_id or "")],
+        "disconnected": [{"id": n, "since": t} for n, t in sorted(cp.nodes.disconnected.items())],
+    })
+
+
+async def node(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    stream = cp.nodes.get(request.match_info["node_id"])
+    if stream is None:
+        return _error(404, f"no connected node {request.match_info['node_id']!r}", "node_id")
+    return _json(node_view(stream, cp.snapshot))
+
+
+async def override(request: web.Request) -> web.Response:
+    if (denied := _authorize(request)) is not None:
+        return denied
+    cp = request.app[CP_KEY]
+    cluster = request.match_info["cluster"]
+    parsed = _split_endpoint(request.match_info["endpoint"])
+    if parsed is None:
+        return _error(400, "endpoint must be ADDRESS:PORT", "endpoint")
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return _error(400, "body must be JSON such as {\"status\": \"UNHEALTHY\"}", "body")
+    if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+        return _error(400, "body needs \"status\": HEALTHY, UNHEALTHY, DRAINING, DEGRADED or auto", "status")
+    text = body["status"]
+    status: HealthStatus | None
+    if text.lower() == "auto":
+        status = None
+    else:
+        try:
+            status = HealthStatus.parse(text)
+        except ValueError as exc:
+            return _error(400, f"{exc}, or auto", "status")
+    who = str(body.get("who") or request.remote or "operator")
+    endpoint = f"{parsed[0]}:{parsed[1]}"
+    try:
+        snap = cp.set_override(cluster, endpoint, status, who=who)
+    except ConfigError as exc:
+        return _error(404, exc.message, exc.path)
+    h = cp.health.effective(cluster, endpoint)
+    return _json({
+        "cluster": cluster,
+        "endpoint": endpoint,
+        "status": h.status.name,
+        "override": h.override.status.name if h.override else None,
+        "version": (snap or cp.snapshot).version,
+        "changed": snap is not None,
+    })
+
+
+async def reload_topology(request: web.Request) -> web.Response:
+    if (denied := _authorize(request)) is not None:
+        return denied
+    cp = request.app[CP_KEY]
+    try:
+        snap = cp.reload()
+    except ConfigError as exc:
+        return _error(400, str(exc), exc.path)
+    return _json({"version": (snap or cp.snapshot).version})
+
+
+async def events(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return _error(400, "limit must be an integer", "limit")
+    kind = request.query.get("kind")
+    return _json({"events": [e.to_json() for e in cp.events.recent(max(1, min(limit, 10_000)), kind)]})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    return _json({"status": "ready", "version": cp.snapshot.version})
+
+
+def create_admin_app(cp: ControlPlane) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    app[CP_KEY] = cp
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/snapshot", snapshot)
+    app.router.add_get("/nodes", nodes)
+    app.router.add_get("/nodes/{node_id}", node)
+    app.router.add_get("/events", events)
+    app.router.add_post("/endpoints/{cluster}/{endpoint}/override", override)
+    app.router.add_post("/topology/reload", reload_topology)
+    return app
+
+
+async def start_admin(cp: ControlPlane, address: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve the admin API; returns the runner and the bound port."""
+    runner = web.AppRunner(create_admin_app(cp), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, address, port)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound = port
+    for addr in runner.addresses:
+        bound = addr[1]
+        break
+    return runner, bound

@@ -1,0 +1,237 @@
+"""The control plane process: topology and verdicts in, snapshots out, over ADS and the admin API.
+
+`ControlPlane` wires the stages together (topology -> health -> snapshot -> ADS streams ->
+node records) and owns their lifecycle. Its synchronous methods (`submit_verdicts`,
+`set_override`, `update_topology`) are the health and topology inputs; each accepted change that
+moves what Envoy should see publishes exactly one new snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from controlplane.errors import ConfigError
+from controlplane.events import EventLog
+from controlplane.health import HealthStatus, HealthStore, Verdict
+from controlplane.nodes import NodeRegistry
+from controlplane.server import AdsServer, SnapshotCache, create_server
+from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
+from controlplane.topology import Topology, load_topology
+
+log = logging.getLogger("healthplane")
+
+
+class HealthInput(Protocol):
+    """Where verdicts enter the control plane (the prober, overrides, tests)."""
+
+    def submit_verdicts(self, verdicts: Sequence[Verdict]) -> Snapshot | None: ...
+
+
+class State(enum.Enum):
+    UNOPENED = "unopened"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class ControlPlane:
+    """One control plane: snapshot building, the ADS server, the admin API and the file watcher."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        *,
+        config_path: str | Path | None = None,
+        epoch: int | None = None,
+    ) -> None:
+        self.topology = topology
+        self.config_path = Path(config_path) if config_path is not None else None
+        self.events = EventLog()
+        self.health = HealthStore()
+        self.clock = VersionClock(epoch)
+        self.cache = SnapshotCache()
+        self.nodes = NodeRegistry(self.events)
+        self.ads = AdsServer(self.cache, self.nodes)
+        self.history: list[Snapshot] = []
+        self.history_limit = 100
+        self.state = State.UNOPENED
+        self.xds_port = 0
+        self.admin_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._admin: object | None = None  # aiohttp AppRunner, typed loosely to keep aiohttp at the edge
+        self._tasks: list[asyncio.Task[None]] = []
+        self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
+
+    # ------------------------------------------------------------------ inputs
+
+    @property
+    def snapshot(self) -> Snapshot:
+        current = self.cache.current()
+        assert current is not None
+        return current
+
+    def submit_verdicts(self, verdicts: Sequence[Verdict]) -> Snapshot | None:
+        """Apply verdicts; publish one snapshot if any endpoint's effective status moved."""
+        dirty: set[str] = set()
+        moved: list[Verdict] = []
+        for verdict in verdicts:
+            cluster = self.topology.cluster(verdict.cluster)
+            if cluster is None or cluster.endpoint(verdict.endpoint) is None:
+                log.debug("verdict for unknown endpoint %s/%s ignored", verdict.cluster, verdict.endpoint)
+                continue
+            before = self.health.status(verdict.cluster, verdict.endpoint)
+            if self.health.apply(verdict):
+                dirty.add(verdict.cluster)
+                moved.append(verdict)
+                self.events.record(
+                    "health",
+                    f"{verdict.cluster} {verdict.endpoint}: {before.name} -> {verdict.status.name}"
+                    + (f" ({verdict.reason})" if verdict.reason else ""),
+                    cluster=verdict.cluster, endpoint=verdict.endpoint, old=before.name,
+                    new=verdict.status.name, reason=verdict.reason, source=verdict.source,
+                )
+        if not dirty:
+            return None
+        detail = ", ".join(f"{v.cluster} {v.endpoint} {v.status.name}" for v in moved[:5])
+        if len(moved) > 5:
+            detail += f" and {len(moved) - 5} more"
+        first = min(v.time for v in moved)
+        return self._publish(Cause("verdict", detail, first), dirty)
+
+    def set_override(
+        self, cluster: str, endpoint: str, status: HealthStatus | None, *, who: str = "operator"
+    ) -> Snapshot | None:
+        """Pin an endpoint's status (None clears the pin); ConfigError if the endpoint is unknown."""
+        c = self.topology.cluster(cluster)
+        if c is None:
+            raise ConfigError(f"no cluster named {cluster!r}", path="cluster")
+        if c.endpoint(endpoint) is None:
+            raise ConfigError(f"cluster {cluster!r} has no endpoint {endpoint}", path="endpoint")
+        now = time.time()
+        override = None if status is None else Verdict(
+            cluster, endpoint, status, reason=f"override by {who}", time=now, source=f"override:{who}"
+        )
+        before = self.health.status(cluster, endpoint)
+        changed = self.health.set_override(override, cluster=cluster, endpoint=endpoint)
+        after = self.health.status(cluster, endpoint)
+        self.events.record(
+            "override",
+            f"{who} set {cluster} {endpoint} to {status.name if status else 'auto'} ({before.name} -> {after.name})",
+            cluster=cluster, endpoint=endpoint, status=status.name if status else "auto", who=who,
+            old=before.name, new=after.name,
+        )
+        if not changed:
+            return None
+        return self._publish(Cause("override", f"{cluster} {endpoint} {after.name} by {who}", now), {cluster})
+
+    def update_topology(self, topology: Topology, *, detail: str = "topology updated") -> Snapshot | None:
+        """Serve a new (already validated) topology; None when it changes nothing Envoy sees."""
+        self.topology = topology
+        self.health.prune(topology)
+        before = self.snapshot
+        snapshot = self._publish(Cause("topology", detail, time.time()), None)
+        changed = changed_resources(before, snapshot)
+        self.events.record(
+            "topology", f"{detail}: version {snapshot.version}",
+            changed={k.rsplit(".", 1)[-1]: v for k, v in changed.items()},
+        )
+        return snapshot
+
+    def reload(self) -> Snapshot | None:
+        """Re-read the topology file; a bad file is reported and the last good topology kept."""
+        if self.config_path is None:
+            raise ConfigError("the control plane was not started from a file", path="config")
+        try:
+            topology = load_topology(self.config_path)
+        except ConfigError as exc:
+            self.events.record("topology_rejected", f"kept the last good topology: {exc}", error=str(exc))
+            raise
+        return self.update_topology(topology, detail=f"reloaded {self.config_path}")
+
+    def _publish(self, cause: Cause, dirty: set[str] | None) -> Snapshot:
+        previous = self.cache.current()
+        snapshot = build_snapshot(
+            self.topology,
+            self.health.status,
+            version=self.clock.next(),
+            cause=cause,
+            previous=previous,
+            dirty_clusters=dirty,
+        )
+        self.history.append(snapshot)
+        del self.history[: -self.history_limit]
+        self.cache.publish(snapshot)
+        return snapshot
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Bind the xDS and admin ports and start watching the topology file."""
+        if self.state is not State.UNOPENED:
+            raise RuntimeError(f"control plane is {self.state.value}")
+        from controlplane.admin import start_admin  # aiohttp stays at the edge
+
+        cp = self.topology.controlplane
+        self._grpc = create_server(self.ads.handler())
+        self.xds_port = self._grpc.add_insecure_port(f"{_host(cp.xds.address)}:{cp.xds.port}")
+        if self.xds_port == 0:
+            raise ConfigError(f"cannot listen on {cp.xds.address}:{cp.xds.port}", path="controlplane.xds")
+        await self._grpc.start()
+        try:
+            self._admin, self.admin_port = await start_admin(self, cp.admin.address, cp.admin.port)
+        except OSError as exc:
+            await self._grpc.stop(None)
+            raise ConfigError(
+                f"cannot listen on {cp.admin.address}:{cp.admin.port}: {exc.strerror}", path="controlplane.admin"
+            ) from exc
+        if self.config_path is not None and cp.watch_interval > 0:
+            from controlplane.watch import watch_file
+
+            self._tasks.append(asyncio.create_task(
+                watch_file(self.config_path, cp.watch_interval, self._on_file_change), name="topology-watch"
+            ))
+        self.state = State.RUNNING
+        log.info("xDS on %s:%d, admin on %s:%d, version %s",
+                 cp.xds.address, self.xds_port, cp.admin.address, self.admin_port, self.snapshot.version)
+
+    def _on_file_change(self) -> None:
+        try:
+            self.reload()
+        except ConfigError as exc:
+            log.error("topology file rejected, still serving the last good one: %s", exc)
+
+    async def aclose(self, grace: float | None = 0.5) -> None:
+        """Stop serving; safe to call twice."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._admin is not None:
+            await self._admin.cleanup()  # type: ignore[attr-defined]
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+
+    async def __aenter__(self) -> ControlPlane:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def serve_forever(self) -> None:
+        if self._grpc is None:
+            raise RuntimeError("start() first")
+        await self._grpc.wait_for_termination()
+
+
+def _host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address

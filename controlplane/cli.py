@@ -1,0 +1,111 @@
+"""The `healthplane` command: serve, validate, bootstrap."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from controlplane.errors import ConfigError, HealthplaneError
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from controlplane.app import ControlPlane
+    from controlplane.topology import load_topology
+
+    topology = load_topology(args.config)
+
+    async def run() -> None:
+        cp = ControlPlane(topology, config_path=args.config)
+        await cp.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        cpc = topology.controlplane
+        print(f"healthplane: xDS on {cpc.xds.address}:{cp.xds_port}, admin on http://{cpc.admin.address}:"
+              f"{cp.admin_port}, version {cp.snapshot.version}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await cp.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from controlplane.topology import load_topology
+
+    topology = load_topology(args.config)
+    endpoints = sum(len(c.endpoints) for c in topology.clusters)
+    print(f"{args.config}: ok ({len(topology.clusters)} clusters, {endpoints} endpoints, "
+          f"{len(topology.listeners)} listeners)")
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from controlplane.bootstrap import bootstrap_yaml, make_bootstrap
+
+    host, sep, port = args.xds.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("must be HOST:PORT", path="--xds")
+    text = bootstrap_yaml(make_bootstrap(
+        node_id=args.node_id, service=args.service, xds_host=host.strip("[]"), xds_port=int(port),
+        admin_port=args.admin_port, admin_address=args.admin_address, zone=args.zone,
+    ))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="healthplane", description=__doc__)
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the control plane (xDS + admin API) from a topology file")
+    p.add_argument("--config", "-c", required=True, help="topology YAML file (watched for edits)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("validate", help="check a topology file and exit")
+    p.add_argument("config")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("bootstrap", help="print an Envoy bootstrap that gets everything over ADS")
+    p.add_argument("--node-id", required=True, help="node.id (unique per Envoy)")
+    p.add_argument("--service", required=True, help="node.cluster, as --service-cluster sets it")
+    p.add_argument("--xds", required=True, help="control plane xDS address HOST:PORT")
+    p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (0: any free port)")
+    p.add_argument("--admin-address", default="127.0.0.1")
+    p.add_argument("--zone", default="", help="node.locality.zone")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=_bootstrap)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except HealthplaneError as exc:
+        print(f"healthplane: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""A bounded log of what happened: health changes, overrides, NACKs, topology edits."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("healthplane.events")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    time: float
+    kind: str  # "health", "override", "nack", "topology", "topology_rejected", "node", ...
+    message: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "time": self.time, "kind": self.kind, "message": self.message, **self.fields}
+
+
+class EventLog:
+    """The last `capacity` events, newest last, with listeners for live streaming."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._events: deque[Event] = deque(maxlen=capacity)
+        self._ids = itertools.count(1)
+        self._listeners: list[Callable[[Event], None]] = []
+
+    def record(self, kind: str, message: str, **fields: Any) -> Event:
+        event = Event(next(self._ids), time.time(), kind, message, fields)
+        self._events.append(event)
+        log.info("%s: %s", kind, message, extra={"event": event.to_json()})
+        for listener in list(self._listeners):
+            listener(event)
+        return event
+
+    def listen(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(self._events)
+
+    def recent(self, limit: int = 100, kind: str | None = None) -> list[Event]:
+        picked = [e for e in self._events if kind is None or e.kind == kind]
+        return picked[-limit:]

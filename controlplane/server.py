@@ -1,0 +1,171 @@
+"""The ADS gRPC server (state of the world): how snapshots reach Envoy streams.
+
+The server depends on one narrow seam, `SnapshotSource` (the current snapshot, and a way to be
+woken when it changes), and reports what happens through `StreamCallbacks`. It never decides
+what a snapshot holds; `StreamState` decides what each stream is due.
+
+Responses are written as bytes: the snapshot encodes each (type, resource set) body once and
+each stream appends its nonce, so a push to N streams costs N writes and one encoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.errors import ProtocolError
+from controlplane.snapshot import Snapshot, encode_response
+from controlplane.stream import PendingResponse, RequestOutcome, StreamState
+
+log = logging.getLogger("healthplane.xds")
+
+ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+# grpc.aio drops new streams beyond ~1,000 pending in a reconnect storm unless these are raised.
+SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.server.max_pending_requests", 50_000),
+    ("grpc.server.max_pending_requests_hard_limit", 100_000),
+    ("grpc.max_concurrent_streams", 100_000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Envoy may ping to keep idle ADS connections alive; do not answer that with GOAWAY.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class SnapshotSource(Protocol):
+    """What the server serves: the current snapshot and change notification."""
+
+    def current(self) -> Snapshot | None: ...
+
+    def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
+        """Call `wake` on every new snapshot until the returned cancel function is called."""
+        ...
+
+
+class StreamCallbacks:
+    """Hooks into the stream lifecycle; the defaults do nothing. Raising closes the stream."""
+
+    def on_stream_open(self, stream: StreamState) -> None:
+        pass
+
+    def on_stream_closed(self, stream: StreamState) -> None:
+        pass
+
+    def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
+        pass
+
+    def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
+        pass
+
+
+class SnapshotCache:
+    """The current snapshot, and the streams to wake when a new one is published."""
+
+    def __init__(self) -> None:
+        self._snapshot: Snapshot | None = None
+        self._wakers: dict[int, Callable[[], None]] = {}
+        self._ids = itertools.count()
+
+    def current(self) -> Snapshot | None:
+        return self._snapshot
+
+    def publish(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+        for wake in list(self._wakers.values()):
+            wake()
+
+    def subscribe(self, wake: Callable[[], None]) -> Callable[[], None]:
+        key = next(self._ids)
+        self._wakers[key] = wake
+        return lambda: self._wakers.pop(key, None) and None
+
+    @property
+    def watchers(self) -> int:
+        return len(self._wakers)
+
+
+class AdsServer:
+    """`StreamAggregatedResources` over grpc.aio, one task pair (reader, writer) per stream."""
+
+    def __init__(self, source: SnapshotSource, callbacks: StreamCallbacks | None = None) -> None:
+        self.source = source
+        self.callbacks = callbacks or StreamCallbacks()
+        self.streams: dict[int, StreamState] = {}
+        self._stream_ids = itertools.count(1)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(
+            self._stream,
+            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            response_serializer=_identity,
+        )
+        return grpc.method_handlers_generic_handler(ADS_SERVICE, {"StreamAggregatedResources": method})
+
+    async def _stream(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        state = StreamState(next(self._stream_ids), peer=context.peer() or "")
+        wake = asyncio.Event()
+        cancel = self.source.subscribe(wake.set)
+        reader = asyncio.create_task(self._read(state, context, wake), name=f"ads-read-{state.stream_id}")
+        self.streams[state.stream_id] = state
+        opened = False
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                if reader.done():
+                    break
+                if not opened and state.node_id is not None:
+                    opened = True
+                    self.callbacks.on_stream_open(state)
+                snapshot = self.source.current()
+                if snapshot is None or state.node_id is None:
+                    continue
+                for pending in state.due(snapshot):
+                    body = snapshot.response_body(pending.type_url, pending.names)
+                    await context.write(encode_response(body, pending.nonce))
+                    self.callbacks.on_response(state, pending, snapshot)
+            error = None if reader.cancelled() else reader.exception()
+            if isinstance(error, ProtocolError):
+                log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        finally:
+            cancel()
+            reader.cancel()
+            self.streams.pop(state.stream_id, None)
+            if opened:
+                self.callbacks.on_stream_closed(state)
+
+    async def _read(
+        self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], wake: asyncio.Event
+    ) -> None:
+        try:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    return
+                outcome = state.on_request(request)
+                self.callbacks.on_request(state, outcome)
+                wake.set()
+        finally:
+            wake.set()
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def create_server(*handlers: grpc.GenericRpcHandler) -> grpc.aio.Server:
+    """A grpc.aio server with options for thousands of long-lived streams."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers(handlers)
+    return server

@@ -1,0 +1,638 @@
+"""The topology: clusters, endpoints, listeners and health-check policy, read from YAML.
+
+`load_topology(path)` and `parse_topology(document, source=...)` validate everything up front
+and raise `ConfigError` naming the file, the field path (`clusters[1].endpoints[0].port`) and
+what is wrong. The result is a tree of frozen dataclasses: it never changes once built.
+The whole schema is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from google.protobuf import json_format
+
+from controlplane.durations import parse_duration
+from controlplane.errors import ConfigError
+
+LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"]
+InitialStatus = Literal["unknown", "healthy", "unhealthy"]
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+_HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAddress:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneConfig:
+    xds: SocketAddress = SocketAddress("127.0.0.1", 18000)
+    admin: SocketAddress = SocketAddress("127.0.0.1", 19000)
+    # Poll interval of the topology file watcher, seconds; 0 disables watching.
+    watch_interval: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class HttpCheck:
+    path: str = "/"
+    method: str = "GET"
+    host: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    body: str | None = None
+    expected_statuses: tuple[tuple[int, int], ...] = ((200, 399),)
+    expected_body: str | None = None
+    https: bool = False
+    sni: str | None = None
+    verify_tls: bool = True
+    keepalive: bool = True
+    keepalive_requests: int = 0  # 0: no limit per connection
+
+
+@dataclass(frozen=True, slots=True)
+class TcpCheck:
+    send: bytes | None = None
+    receive: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcCheck:
+    service: str = ""
+    authority: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """How the prober checks an endpoint; the knobs of Envoy, lua-resty-healthcheck and HAProxy."""
+
+    kind: Literal["http", "tcp", "grpc"]
+    http: HttpCheck | None = None
+    tcp: TcpCheck | None = None
+    grpc: GrpcCheck | None = None
+    port: int | None = None  # check port when it differs from the serving port (nginx `port=`)
+    interval: float = 5.0
+    timeout: float = 1.0
+    initial_jitter: float = 0.0
+    interval_jitter_percent: float = 0.0
+    unhealthy_interval: float | None = None
+    healthy_edge_interval: float | None = None
+    unhealthy_edge_interval: float | None = None
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    http_failures: int | None = None  # default: unhealthy_threshold
+    tcp_failures: int | None = None
+    timeouts: int | None = None
+    initial_status: InitialStatus = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    address: str
+    port: int
+    zone: str = ""
+    region: str = ""
+    sub_zone: str = ""
+    weight: int = 1
+    hostname: str = ""
+    health_check: HealthCheck | None = None  # the cluster's policy with this endpoint's overrides
+
+    @property
+    def key(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    health_check: HealthCheck | None = None
+    connect_timeout: float = 1.0
+    lb_policy: LbPolicy = "ROUND_ROBIN"
+    # Envoy's default panic threshold (50%) sends traffic to UNHEALTHY hosts once too few are
+    # healthy; a control plane that knows the truth wants 0 unless the operator says otherwise.
+    healthy_panic_threshold: float = 0.0
+    # Envoy's default merge window (1 s) delays health-only EDS updates; 0 applies them at once.
+    update_merge_window: float = 0.0
+    # Raw Envoy Cluster fields merged over the generated resource (an escape hatch).
+    envoy: Mapping[str, Any] = field(default_factory=dict)
+
+    def endpoint(self, key: str) -> Endpoint | None:
+        for ep in self.endpoints:
+            if ep.key == key:
+                return ep
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    cluster: str
+    prefix: str | None = "/"
+    path: str | None = None
+    timeout: float | None = None
+    prefix_rewrite: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    routes: tuple[Route, ...]
+    domains: tuple[str, ...] = ("*",)
+    # Node clusters (Envoy's --service-cluster) this listener is for; None: every node.
+    nodes: tuple[str, ...] | None = None
+
+    def for_node(self, node_cluster: str) -> bool:
+        return self.nodes is None or node_cluster in self.nodes
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    controlplane: ControlPlaneConfig = ControlPlaneConfig()
+    clusters: tuple[Cluster, ...] = ()
+    listeners: tuple[Listener, ...] = ()
+    source: str = ""
+
+    def cluster(self, name: str) -> Cluster | None:
+        for c in self.clusters:
+            if c.name == name:
+                return c
+        return None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Field:
+    """A value in the document with the path that reached it, for precise errors."""
+
+    def __init__(self, value: Any, path: str, source: str) -> None:
+        self.value = value
+        self.path = path
+        self.source = source
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(message, path=self.path, source=self.source)
+
+    def child(self, key: str | int) -> _Field:
+        if isinstance(key, int):
+            return _Field(self.value[key], f"{self.path}[{key}]", self.source)
+        return _Field(self.value.get(key), f"{self.path}.{key}" if self.path else key, self.source)
+
+    @property
+    def missing(self) -> bool:
+        return self.value is None
+
+    def mapping(self, allowed: set[str]) -> _Field:
+        if not isinstance(self.value, dict):
+            raise self.error(f"must be a mapping, got {_kind(self.value)}")
+        for key in self.value:
+            if not isinstance(key, str):
+                raise self.error(f"keys must be strings, got {key!r}")
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise self.child(key).error(f"unknown field (expected one of: {hint})")
+        return self
+
+    def items(self) -> Iterator[_Field]:
+        if not isinstance(self.value, list):
+            raise self.error(f"must be a list, got {_kind(self.value)}")
+        for i in range(len(self.value)):
+            yield self.child(i)
+
+    def str(self, *, default: str | None = None, pattern: re.Pattern[str] | None = None) -> str:
+        if self.value is None:
+            if default is None:
+                raise self.error("is required")
+            return default
+        if not isinstance(self.value, str):
+            raise self.error(f"must be a string, got {_kind(self.value)}")
+        if pattern is not None and not pattern.match(self.value):
+            raise self.error(f"{self.value!r} does not match {pattern.pattern}")
+        return self.value
+
+    def opt_str(self) -> str | None:
+        return None if self.value is None else self.str()
+
+    def int(self, *, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int:
+        if self.value is None:
+            if default is None:
+                raise self.error("is required")
+            return default
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            raise self.error(f"must be an integer, got {_kind(self.value)}")
+        if (lo is not None and self.value < lo) or (hi is not None and self.value > hi):
+            raise self.error(_range_text(lo, hi))
+        return self.value
+
+    def number(self, *, default: float, lo: float, hi: float) -> float:
+        if self.value is None:
+            return default
+        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
+            raise self.error(f"must be a number, got {_kind(self.value)}")
+        if not lo <= self.value <= hi:
+            raise self.error(f"must be {lo:g}..{hi:g}")
+        return float(self.value)
+
+    def bool(self, *, default: bool) -> bool:
+        if self.value is None:
+            return default
+        if not isinstance(self.value, bool):
+            raise self.error(f"must be true or false, got {_kind(self.value)}")
+        return self.value
+
+    def duration(self, *, default: float | None = None, positive: bool = False) -> float:
+        if self.value is None:
+            if default is None:
+                raise self.error("is required")
+            return default
+        if isinstance(self.value, bool):
+            raise self.error("must be a duration such as 1s or 500ms")
+        if isinstance(self.value, int | float):
+            seconds = float(self.value)
+        elif isinstance(self.value, str):
+            try:
+                seconds = parse_duration(self.value)
+            except ValueError as exc:
+                raise self.error(str(exc)) from None
+        else:
+            raise self.error(f"must be a duration such as 1s or 500ms, got {_kind(self.value)}")
+        if seconds < 0 or (positive and seconds == 0):
+            raise self.error("must be greater than 0" if positive else "must not be negative")
+        if seconds > 86400 * 365:
+            raise self.error("is absurdly long (more than a year)")
+        return seconds
+
+    def opt_duration(self, *, positive: bool = True) -> float | None:
+        return None if self.value is None else self.duration(positive=positive)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _range_text(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"must be {lo}..{hi}"
+    return f"must be >= {lo}" if lo is not None else f"must be <= {hi}"
+
+
+def _ip(f: _Field, *, allow_hostname: bool) -> str:
+    text = f.str()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        if allow_hostname and re.match(r"^[A-Za-z0-9]([A-Za-z0-9\-.]{0,252})$", text):
+            return text
+        raise f.error(
+            f"{text!r} is not an IP address" + ("" if not allow_hostname else " or hostname")
+        ) from None
+
+
+# --------------------------------------------------------------------------- sections
+
+_HC_COMMON = {
+    "port", "interval", "timeout", "initial_jitter", "interval_jitter", "unhealthy_interval",
+    "healthy_edge_interval", "unhealthy_edge_interval", "healthy_threshold", "unhealthy_threshold",
+    "http_failures", "tcp_failures", "timeouts", "initial_status",
+}  # fmt: skip
+_HC_KINDS = {"http", "tcp", "grpc"}
+
+
+def _socket(f: _Field, default: SocketAddress) -> SocketAddress:
+    if f.missing:
+        return default
+    f.mapping({"address", "port"})
+    return SocketAddress(
+        address=_ip(f.child("address"), allow_hostname=True) if not f.child("address").missing
+        else default.address,
+        port=f.child("port").int(default=default.port, lo=0, hi=65535),
+    )
+
+
+def _controlplane(f: _Field) -> ControlPlaneConfig:
+    if f.missing:
+        return ControlPlaneConfig()
+    f.mapping({"xds", "admin", "watch_interval"})
+    d = ControlPlaneConfig()
+    return ControlPlaneConfig(
+        xds=_socket(f.child("xds"), d.xds),
+        admin=_socket(f.child("admin"), d.admin),
+        watch_interval=f.child("watch_interval").duration(default=d.watch_interval),
+    )
+
+
+def _statuses(f: _Field) -> tuple[tuple[int, int], ...]:
+    ranges: list[tuple[int, int]] = []
+    for item in f.items():
+        if isinstance(item.value, int) and not isinstance(item.value, bool):
+            code = item.int(lo=100, hi=599)
+            ranges.append((code, code))
+            continue
+        if not isinstance(item.value, list) or len(item.value) != 2:
+            raise item.error("must be a status code or a [first, last] range such as [200, 399]")
+        lo = item.child(0).int(lo=100, hi=599)
+        hi = item.child(1).int(lo=100, hi=599)
+        if lo > hi:
+            raise item.error(f"range [{lo}, {hi}] is empty: first must be <= last")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise f.error("must list at least one status or range")
+    return tuple(ranges)
+
+
+def _payload(f: _Field) -> bytes | None:
+    """A TCP payload: a string (sent as UTF-8) or {hex: "..."}/{text: "..."}."""
+    if f.missing:
+        return None
+    if isinstance(f.value, str):
+        return f.value.encode()
+    f.mapping({"hex", "text"})
+    if not f.child("hex").missing:
+        try:
+            return bytes.fromhex(f.child("hex").str())
+        except ValueError:
+            raise f.child("hex").error("is not valid hex") from None
+    return f.child("text").str().encode()
+
+
+def _http(f: _Field) -> HttpCheck:
+    if f.value is None or f.value == {}:
+        return HttpCheck()
+    f.mapping({
+        "path", "method", "host", "headers", "body", "expected_statuses", "expected_body", "https",
+        "sni", "verify_tls", "keepalive", "keepalive_requests",
+    })  # fmt: skip
+    headers: list[tuple[str, str]] = []
+    hf = f.child("headers")
+    if not hf.missing:
+        if not isinstance(hf.value, dict):
+            raise hf.error("must be a mapping of header name to value")
+        for name in hf.value:
+            hf.child(name).str()
+            if not isinstance(name, str) or not _HEADER.match(name):
+                raise hf.error(f"{name!r} is not a valid header name")
+            headers.append((name, hf.value[name]))
+    path = f.child("path").str(default="/")
+    if not path.startswith("/"):
+        raise f.child("path").error("must start with /")
+    method = f.child("method").str(default="GET").upper()
+    if method not in {"GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE"}:
+        raise f.child("method").error(f"{method!r} is not a supported HTTP method")
+    sf = f.child("expected_statuses")
+    return HttpCheck(
+        path=path,
+        method=method,
+        host=f.child("host").opt_str(),
+        headers=tuple(headers),
+        body=f.child("body").opt_str(),
+        expected_statuses=((200, 399),) if sf.missing else _statuses(sf),
+        expected_body=f.child("expected_body").opt_str(),
+        https=f.child("https").bool(default=False),
+        sni=f.child("sni").opt_str(),
+        verify_tls=f.child("verify_tls").bool(default=True),
+        keepalive=f.child("keepalive").bool(default=True),
+        keepalive_requests=f.child("keepalive_requests").int(default=0, lo=0),
+    )
+
+
+def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
+    """A health_check section; with `base`, a partial override of it (per endpoint)."""
+    if f.missing:
+        return base
+    f.mapping(_HC_COMMON | _HC_KINDS)
+    kinds = [k for k in ("http", "tcp", "grpc") if k in f.value]
+    if len(kinds) > 1:
+        raise f.error(f"give one check kind, not {' and '.join(kinds)}")
+    if not kinds and base is None:
+        raise f.error("needs one check kind: http, tcp or grpc")
+    hc = base or HealthCheck(kind="http")
+    if kinds:
+        kind = kinds[0]
+        kf = f.child(kind)
+        if kind == "http":
+            hc = replace(hc, kind="http", http=_http(kf), tcp=None, grpc=None)
+        elif kind == "tcp":
+            if kf.value not in (None, {}):
+                kf.mapping({"send", "receive"})
+            tcp = TcpCheck() if kf.value in (None, {}) else TcpCheck(
+                send=_payload(kf.child("send")), receive=_payload(kf.child("receive")))
+            hc = replace(hc, kind="tcp", tcp=tcp, http=None, grpc=None)
+        else:
+            if kf.value not in (None, {}):
+                kf.mapping({"service", "authority"})
+            grpc = GrpcCheck() if kf.value in (None, {}) else GrpcCheck(
+                service=kf.child("service").str(default=""), authority=kf.child("authority").opt_str())
+            hc = replace(hc, kind="grpc", grpc=grpc, http=None, tcp=None)
+    updates: dict[str, Any] = {}
+    for name in ("interval", "timeout"):
+        if not f.child(name).missing:
+            updates[name] = f.child(name).duration(positive=True)
+    if not f.child("initial_jitter").missing:
+        updates["initial_jitter"] = f.child("initial_jitter").duration()
+    if not f.child("interval_jitter").missing:
+        updates["interval_jitter_percent"] = f.child("interval_jitter").number(default=0, lo=0, hi=100)
+    for name in ("unhealthy_interval", "healthy_edge_interval", "unhealthy_edge_interval"):
+        if not f.child(name).missing:
+            updates[name] = f.child(name).duration(positive=True)
+    for name in ("healthy_threshold", "unhealthy_threshold", "http_failures", "tcp_failures", "timeouts"):
+        if not f.child(name).missing:
+            updates[name] = f.child(name).int(lo=1, hi=1000)
+    if not f.child("port").missing:
+        updates["port"] = f.child("port").int(lo=1, hi=65535)
+    if not f.child("initial_status").missing:
+        status = f.child("initial_status").str()
+        if status not in ("unknown", "healthy", "unhealthy"):
+            raise f.child("initial_status").error("must be unknown, healthy or unhealthy")
+        updates["initial_status"] = status
+    hc = replace(hc, **updates)
+    if hc.timeout > hc.interval and "timeout" in updates:
+        raise f.child("timeout").error(
+            f"must not exceed the interval ({hc.interval:g}s): a check would still run when the next starts")
+    return hc
+
+
+def _endpoint(f: _Field, cluster_hc: HealthCheck | None) -> Endpoint:
+    f.mapping({"address", "port", "zone", "region", "sub_zone", "weight", "hostname", "health_check"})
+    hcf = f.child("health_check")
+    if not hcf.missing and cluster_hc is None and isinstance(hcf.value, dict) \
+            and not (set(hcf.value) & _HC_KINDS):
+        raise hcf.error("overrides a cluster health_check, but the cluster has none")
+    return Endpoint(
+        address=_ip(f.child("address"), allow_hostname=False),
+        port=f.child("port").int(lo=1, hi=65535),
+        zone=f.child("zone").str(default=""),
+        region=f.child("region").str(default=""),
+        sub_zone=f.child("sub_zone").str(default=""),
+        weight=f.child("weight").int(default=1, lo=1, hi=128),
+        hostname=f.child("hostname").str(default=""),
+        health_check=_health_check(hcf, cluster_hc),
+    )
+
+
+def _envoy_fragment(f: _Field, message_cls: Any) -> dict[str, Any]:
+    if f.missing:
+        return {}
+    if not isinstance(f.value, dict):
+        raise f.error("must be a mapping of Envoy fields (proto3 JSON names)")
+    try:
+        json_format.ParseDict(json.loads(json.dumps(f.value)), message_cls())
+    except (json_format.ParseError, TypeError, ValueError) as exc:
+        raise f.error(f"not a valid {message_cls.DESCRIPTOR.full_name} fragment: {exc}") from None
+    return dict(f.value)
+
+
+def _cluster(f: _Field) -> Cluster:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    f.mapping({
+        "name", "endpoints", "health_check", "connect_timeout", "lb_policy", "healthy_panic_threshold",
+        "update_merge_window", "envoy",
+    })  # fmt: skip
+    name = f.child("name").str(pattern=_NAME)
+    hc = _health_check(f.child("health_check"), None)
+    endpoints: list[Endpoint] = []
+    seen: dict[str, int] = {}
+    ef = f.child("endpoints")
+    if not ef.missing:
+        for i, item in enumerate(ef.items()):
+            ep = _endpoint(item, hc)
+            if ep.key in seen:
+                raise item.error(f"duplicate endpoint {ep.key} (also at endpoints[{seen[ep.key]}])")
+            seen[ep.key] = i
+            endpoints.append(ep)
+    lb = f.child("lb_policy").str(default="ROUND_ROBIN").upper()
+    if lb not in ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"):
+        raise f.child("lb_policy").error(
+            f"{lb!r} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV")
+    return Cluster(
+        name=name,
+        endpoints=tuple(endpoints),
+        health_check=hc,
+        connect_timeout=f.child("connect_timeout").duration(default=1.0, positive=True),
+        lb_policy=lb,  # type: ignore[arg-type]
+        healthy_panic_threshold=f.child("healthy_panic_threshold").number(default=0.0, lo=0, hi=100),
+        update_merge_window=f.child("update_merge_window").duration(default=0.0),
+        envoy=_envoy_fragment(f.child("envoy"), cluster_pb2.Cluster),
+    )
+
+
+def _route(f: _Field, clusters: set[str]) -> Route:
+    f.mapping({"prefix", "path", "cluster", "timeout", "prefix_rewrite"})
+    if not f.child("prefix").missing and not f.child("path").missing:
+        raise f.error("give prefix or path, not both")
+    cluster = f.child("cluster").str()
+    if cluster not in clusters:
+        raise f.child("cluster").error(f"no cluster named {cluster!r}")
+    path = f.child("path").opt_str()
+    prefix = None if path is not None else f.child("prefix").str(default="/")
+    for key, value in (("path", path), ("prefix", prefix)):
+        if value is not None and not value.startswith("/"):
+            raise f.child(key).error("must start with /")
+    return Route(
+        cluster=cluster,
+        prefix=prefix,
+        path=path,
+        timeout=f.child("timeout").opt_duration(positive=False),
+        prefix_rewrite=f.child("prefix_rewrite").opt_str(),
+    )
+
+
+def _listener(f: _Field, clusters: set[str]) -> Listener:
+    f.mapping({"name", "address", "port", "routes", "domains", "nodes"})
+    routes = tuple(_route(r, clusters) for r in f.child("routes").items())
+    if not routes:
+        raise f.child("routes").error("must have at least one route")
+    nodes_f = f.child("nodes")
+    nodes = None if nodes_f.missing else tuple(n.str() for n in nodes_f.items())
+    domains_f = f.child("domains")
+    domains = ("*",) if domains_f.missing else tuple(d.str() for d in domains_f.items())
+    if not domains:
+        raise domains_f.error("must have at least one domain (use \"*\" for any)")
+    return Listener(
+        name=f.child("name").str(pattern=_NAME),
+        address=_ip(f.child("address"), allow_hostname=False) if not f.child("address").missing
+        else "0.0.0.0",
+        port=f.child("port").int(lo=1, hi=65535),
+        routes=routes,
+        domains=domains,
+        nodes=nodes,
+    )
+
+
+def parse_topology(document: Any, *, source: str = "") -> Topology:
+    """Validate a topology document (already parsed from YAML or JSON)."""
+    root = _Field(document if document is not None else {}, "", source)
+    root.mapping({"controlplane", "clusters", "listeners"})
+    clusters: list[Cluster] = []
+    names: dict[str, int] = {}
+    cf = root.child("clusters")
+    if not cf.missing:
+        for i, item in enumerate(cf.items()):
+            cluster = _cluster(item)
+            if cluster.name in names:
+                raise item.child("name").error(
+                    f"duplicate cluster name {cluster.name!r} (also clusters[{names[cluster.name]}])")
+            names[cluster.name] = i
+            clusters.append(cluster)
+    listeners: list[Listener] = []
+    lnames: dict[str, int] = {}
+    lf = root.child("listeners")
+    if not lf.missing:
+        for i, item in enumerate(lf.items()):
+            listener = _listener(item, set(names))
+            if listener.name in lnames:
+                raise item.child("name").error(
+                    f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])")
+            for j, other in enumerate(listeners):
+                shared = (
+                    other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
+                )
+                if shared and (other.address, other.port) == (listener.address, listener.port):
+                    raise item.child("port").error(
+                        f"{listener.address}:{listener.port} is already used by listeners[{j}] "
+                        f"({other.name}) on the same nodes")
+            lnames[listener.name] = i
+            listeners.append(listener)
+    return Topology(
+        controlplane=_controlplane(root.child("controlplane")),
+        clusters=tuple(clusters),
+        listeners=tuple(listeners),
+        source=source,
+    )
+
+
+def parse_topology_text(text: str, *, source: str = "") -> Topology:
+    """Parse YAML (or JSON, which is YAML) text into a validated Topology."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML: {problem}", path=where, source=source) from None
+    return parse_topology(document, source=source)
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate the topology file at `path`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("is not UTF-8 text", source=str(p)) from None
+    return parse_topology_text(text, source=str(p))
