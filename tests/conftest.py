@@ -1,0 +1,128 @@
+"""Shared fixtures: real demo backends, a real control plane, real Envoys, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from controlplane.app import ControlPlane
+from controlplane.bootstrap import make_bootstrap
+from controlplane.topology import load_topology
+from lab.demoapp import DemoApp
+from lab.envoyproc import EnvoyProcess, free_port
+
+_SERVER_NAME = re.compile(r"ServerName: ([^,\s]+)")
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[list[DemoApp]]:
+    """Three demo apps (b1, b2, b3) on ephemeral ports."""
+    apps = [DemoApp(f"b{i}") for i in (1, 2, 3)]
+    for app in apps:
+        await app.start("127.0.0.1", 0)
+    try:
+        yield apps
+    finally:
+        for app in apps:
+            await app.stop()
+
+
+def web_topology(backends: list[DemoApp], listener_port: int, **cluster: Any) -> dict[str, Any]:
+    """A topology document: cluster `web` of the backends behind listener `ingress`."""
+    return {
+        "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}, "watch_interval": "100ms"},
+        "clusters": [{
+            "name": "web",
+            "endpoints": [{"address": "127.0.0.1", "port": b.port} for b in backends],
+            **cluster,
+        }],
+        "listeners": [{
+            "name": "ingress", "address": "127.0.0.1", "port": listener_port,
+            "routes": [{"prefix": "/", "cluster": "web"}],
+        }],
+    }
+
+
+class Lab:
+    """A control plane serving a topology file, and the Envoys attached to it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.config = tmp_path / "topology.yaml"
+        self.cp: ControlPlane | None = None
+        self.envoys: list[EnvoyProcess] = []
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+
+    def write(self, document: dict[str, Any]) -> None:
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(document))
+        tmp.replace(self.config)
+
+    async def start_control_plane(self, document: dict[str, Any], *, xds_port: int = 0) -> ControlPlane:
+        document = dict(document)
+        document["controlplane"] = {**document["controlplane"], "xds": {"port": xds_port}}
+        self.write(document)
+        self.cp = ControlPlane(load_topology(self.config), config_path=self.config)
+        await self.cp.start()
+        return self.cp
+
+    async def start_envoy(self, node_id: str = "front-1", service: str = "front-proxy") -> EnvoyProcess:
+        assert self.cp is not None
+        envoy = EnvoyProcess(
+            make_bootstrap(
+                node_id=node_id, service=service, xds_host="127.0.0.1", xds_port=self.cp.xds_port, admin_port=0
+            ),
+            name=node_id,
+        )
+        self.envoys.append(envoy)
+        await envoy.start()
+        await envoy.wait_live()
+        return envoy
+
+    async def admin(self, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+        assert self.cp is not None
+        url = f"http://127.0.0.1:{self.cp.admin_port}{path}"
+        async with self.session.request(method, url, **kwargs) as response:
+            return response.status, await response.json()
+
+    async def override(self, endpoint: str, status: str, cluster: str = "web") -> Any:
+        code, body = await self.admin("POST", f"/endpoints/{cluster}/{endpoint}/override", json={"status": status})
+        assert code == 200, body
+        return body
+
+    async def hits(self, port: int, n: int = 30) -> collections.Counter[str]:
+        """Send n requests through an Envoy listener; count answers by backend (or status)."""
+        seen: collections.Counter[str] = collections.Counter()
+        for _ in range(n):
+            async with self.session.get(f"http://127.0.0.1:{port}/") as response:
+                text = await response.text()
+                match = _SERVER_NAME.search(text)
+                seen[match.group(1) if response.status == 200 and match else f"status {response.status}"] += 1
+        return seen
+
+    async def aclose(self) -> None:
+        for envoy in self.envoys:
+            await envoy.stop()
+        if self.cp is not None:
+            await self.cp.aclose()
+        await self.session.close()
+
+
+@pytest.fixture
+async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        await lab.aclose()
+
+
+@pytest.fixture
+def listener_port() -> int:
+    return free_port()
