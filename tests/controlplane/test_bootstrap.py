@@ -1,0 +1,69 @@
+"""Generated bootstraps: the lab's files match the command, and Envoy accepts them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from controlplane.bootstrap import make_bootstrap
+from controlplane.cli import main
+from lab.envoyproc import find_envoy
+
+CONFIGS = sorted((Path(__file__).parents[2] / "envoy-configs").glob("*.yaml"))
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue()
+
+
+def test_lab_has_bootstraps() -> None:
+    assert {p.name for p in CONFIGS} >= {"front-envoy.yaml", "webserver01-sidecar.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_envoy_config_matches_the_command_that_made_it(path: Path) -> None:
+    header, _, body = path.read_text().partition("\n")
+    assert header.startswith("# healthplane bootstrap "), "first line must be the generating command"
+    code, output = run_cli(shlex.split(header[2:])[1:])
+    assert code == 0
+    assert output == body, f"{path.name} is stale: run `make envoy-configs`"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_envoy_validates_config(path: Path) -> None:
+    result = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(path), "-l", "error"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def test_bootstrap_sets_node_once_and_ads_for_everything() -> None:
+    code, output = run_cli(["bootstrap", "--node-id", "n1", "--service", "front", "--xds", "127.0.0.1:18000"])
+    assert code == 0
+    doc = yaml.safe_load(output)
+    assert doc == make_bootstrap(node_id="n1", service="front", xds_host="127.0.0.1", xds_port=18000)
+    ads = doc["dynamic_resources"]["ads_config"]
+    assert ads["set_node_on_first_message_only"] is True
+    assert doc["dynamic_resources"]["cds_config"] == {"ads": {}, "resource_api_version": "V3"}
+    assert doc["dynamic_resources"]["lds_config"] == {"ads": {}, "resource_api_version": "V3"}
+    [xds] = doc["static_resources"]["clusters"]
+    assert xds["type"] == "STATIC"
+    assert make_bootstrap(node_id="n", service="s", xds_host="controlplane", xds_port=1)[
+        "static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
+
+
+@pytest.mark.parametrize("xds", ["nohost", "host:notaport", "host:70000"])
+def test_bootstrap_rejects_bad_xds_address(xds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bootstrap", "--node-id", "n", "--service", "s", "--xds", xds]) == 2
+    assert "--xds: must be HOST:PORT" in capsys.readouterr().err
