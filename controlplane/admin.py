@@ -77,49 +77,65 @@ async def snapshot(request: web.Request) -> web.Response:
         for ep in cluster.endpoints:
             h = cp.health.effective(cluster.name, ep.key)
             served = next(
-                (v.status for v in snap.endpoints if v.cluster == cluster.name and (v.address, v.port) == (
-                    ep.address, ep.port)),
+                (
+                    v.status
+                    for v in snap.endpoints
+                    if v.cluster == cluster.name and (v.address, v.port) == (ep.address, ep.port)
+                ),
                 HealthStatus.UNKNOWN,
             )
-            endpoints.append({
-                "address": ep.address,
-                "port": ep.port,
-                "zone": ep.zone,
-                "weight": ep.weight,
-                "status": served.name,
-                "reason": h.reason,
-                "source": h.source,
-                "since": h.since or None,
-                "verdict_age_s": round(now - h.verdict.time, 3) if h.verdict else None,
-                "override": h.override.status.name if h.override else None,
-            })
-        clusters.append({
-            "name": cluster.name,
-            "version": snap.resources[rs.ENDPOINT][cluster.name].version,
-            "endpoints": endpoints,
-        })
-    return _json({
-        "version": snap.version,
-        "created": snap.created,
-        "cause": {"kind": snap.cause.kind, "detail": snap.cause.detail, "time": snap.cause.time},
-        "type_versions": {rs.SHORT_NAMES[t]: v for t, v in snap.type_versions.items()},
-        "clusters": clusters,
-        "listeners": [
-            {"name": ln.name, "address": ln.address, "port": ln.port, "nodes": ln.nodes,
-             "version": snap.resources[rs.LISTENER][ln.name].version}
-            for ln in snap.topology.listeners
-        ],
-    })
+            endpoints.append(
+                {
+                    "address": ep.address,
+                    "port": ep.port,
+                    "zone": ep.zone,
+                    "weight": ep.weight,
+                    "status": served.name,
+                    "reason": h.reason,
+                    "source": h.source,
+                    "since": h.since or None,
+                    "verdict_age_s": round(now - h.verdict.time, 3) if h.verdict else None,
+                    "override": h.override.status.name if h.override else None,
+                }
+            )
+        clusters.append(
+            {
+                "name": cluster.name,
+                "version": snap.resources[rs.ENDPOINT][cluster.name].version,
+                "endpoints": endpoints,
+            }
+        )
+    return _json(
+        {
+            "version": snap.version,
+            "created": snap.created,
+            "cause": {"kind": snap.cause.kind, "detail": snap.cause.detail, "time": snap.cause.time},
+            "type_versions": {rs.SHORT_NAMES[t]: v for t, v in snap.type_versions.items()},
+            "clusters": clusters,
+            "listeners": [
+                {
+                    "name": ln.name,
+                    "address": ln.address,
+                    "port": ln.port,
+                    "nodes": ln.nodes,
+                    "version": snap.resources[rs.LISTENER][ln.name].version,
+                }
+                for ln in snap.topology.listeners
+            ],
+        }
+    )
 
 
 async def nodes(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     snap = cp.snapshot
-    return _json({
-        "version": snap.version,
-        "nodes": [node_view(s, snap) for s in sorted(cp.nodes.streams(), key=lambda s: s.node_id or "")],
-        "disconnected": [{"id": n, "since": t} for n, t in sorted(cp.nodes.disconnected.items())],
-    })
+    return _json(
+        {
+            "version": snap.version,
+            "nodes": [node_view(s, snap) for s in sorted(cp.nodes.streams(), key=lambda s: s.node_id or "")],
+            "disconnected": [{"id": n, "since": t} for n, t in sorted(cp.nodes.disconnected.items())],
+        }
+    )
 
 
 async def node(request: web.Request) -> web.Response:
@@ -141,9 +157,9 @@ async def override(request: web.Request) -> web.Response:
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, "body must be JSON such as {\"status\": \"UNHEALTHY\"}", "body")
+        return _error(400, 'body must be JSON such as {"status": "UNHEALTHY"}', "body")
     if not isinstance(body, dict) or not isinstance(body.get("status"), str):
-        return _error(400, "body needs \"status\": HEALTHY, UNHEALTHY, DRAINING, DEGRADED or auto", "status")
+        return _error(400, 'body needs "status": HEALTHY, UNHEALTHY, DRAINING, DEGRADED or auto', "status")
     text = body["status"]
     status: HealthStatus | None
     if text.lower() == "auto":
@@ -160,14 +176,16 @@ async def override(request: web.Request) -> web.Response:
     except ConfigError as exc:
         return _error(404, exc.message, exc.path)
     h = cp.health.effective(cluster, endpoint)
-    return _json({
-        "cluster": cluster,
-        "endpoint": endpoint,
-        "status": h.status.name,
-        "override": h.override.status.name if h.override else None,
-        "version": (snap or cp.snapshot).version,
-        "changed": snap is not None,
-    })
+    return _json(
+        {
+            "cluster": cluster,
+            "endpoint": endpoint,
+            "status": h.status.name,
+            "override": h.override.status.name if h.override else None,
+            "version": (snap or cp.snapshot).version,
+            "changed": snap is not None,
+        }
+    )
 
 
 async def reload_topology(request: web.Request) -> web.Response:

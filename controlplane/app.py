@@ -94,8 +94,12 @@ class ControlPlane:
                     "health",
                     f"{verdict.cluster} {verdict.endpoint}: {before.name} -> {verdict.status.name}"
                     + (f" ({verdict.reason})" if verdict.reason else ""),
-                    cluster=verdict.cluster, endpoint=verdict.endpoint, old=before.name,
-                    new=verdict.status.name, reason=verdict.reason, source=verdict.source,
+                    cluster=verdict.cluster,
+                    endpoint=verdict.endpoint,
+                    old=before.name,
+                    new=verdict.status.name,
+                    reason=verdict.reason,
+                    source=verdict.source,
                 )
         if not dirty:
             return None
@@ -115,8 +119,12 @@ class ControlPlane:
         if c.endpoint(endpoint) is None:
             raise ConfigError(f"cluster {cluster!r} has no endpoint {endpoint}", path="endpoint")
         now = time.time()
-        override = None if status is None else Verdict(
-            cluster, endpoint, status, reason=f"override by {who}", time=now, source=f"override:{who}"
+        override = (
+            None
+            if status is None
+            else Verdict(
+                cluster, endpoint, status, reason=f"override by {who}", time=now, source=f"override:{who}"
+            )
         )
         before = self.health.status(cluster, endpoint)
         changed = self.health.set_override(override, cluster=cluster, endpoint=endpoint)
@@ -124,8 +132,12 @@ class ControlPlane:
         self.events.record(
             "override",
             f"{who} set {cluster} {endpoint} to {status.name if status else 'auto'} ({before.name} -> {after.name})",
-            cluster=cluster, endpoint=endpoint, status=status.name if status else "auto", who=who,
-            old=before.name, new=after.name,
+            cluster=cluster,
+            endpoint=endpoint,
+            status=status.name if status else "auto",
+            who=who,
+            old=before.name,
+            new=after.name,
         )
         if not changed:
             return None
@@ -139,7 +151,8 @@ class ControlPlane:
         snapshot = self._publish(Cause("topology", detail, time.time()), None)
         changed = changed_resources(before, snapshot)
         self.events.record(
-            "topology", f"{detail}: version {snapshot.version}",
+            "topology",
+            f"{detail}: version {snapshot.version}",
             changed={k.rsplit(".", 1)[-1]: v for k, v in changed.items()},
         )
         return snapshot
@@ -189,17 +202,27 @@ class ControlPlane:
         except OSError as exc:
             await self._grpc.stop(None)
             raise ConfigError(
-                f"cannot listen on {cp.admin.address}:{cp.admin.port}: {exc.strerror}", path="controlplane.admin"
+                f"cannot listen on {cp.admin.address}:{cp.admin.port}: {exc.strerror}",
+                path="controlplane.admin",
             ) from exc
         if self.config_path is not None and cp.watch_interval > 0:
             from controlplane.watch import watch_file
 
-            self._tasks.append(asyncio.create_task(
-                watch_file(self.config_path, cp.watch_interval, self._on_file_change), name="topology-watch"
-            ))
+            self._tasks.append(
+                asyncio.create_task(
+                    watch_file(self.config_path, cp.watch_interval, self._on_file_change),
+                    name="topology-watch",
+                )
+            )
         self.state = State.RUNNING
-        log.info("xDS on %s:%d, admin on %s:%d, version %s",
-                 cp.xds.address, self.xds_port, cp.admin.address, self.admin_port, self.snapshot.version)
+        log.info(
+            "xDS on %s:%d, admin on %s:%d, version %s",
+            cp.xds.address,
+            self.xds_port,
+            cp.admin.address,
+            self.admin_port,
+            self.snapshot.version,
+        )
 
     def _on_file_change(self) -> None:
         try:

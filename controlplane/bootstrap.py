@@ -64,9 +64,22 @@ def make_bootstrap(
                     },
                     "load_assignment": {
                         "cluster_name": "healthplane_xds",
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                            "socket_address": {"address": xds_host, "port_value": xds_port}
-                        }}}]}],
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {
+                                                    "address": xds_host,
+                                                    "port_value": xds_port,
+                                                }
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
                     },
                 }
             ]

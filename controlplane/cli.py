@@ -28,8 +28,11 @@ def _serve(args: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         cpc = topology.controlplane
-        print(f"healthplane: xDS on {cpc.xds.address}:{cp.xds_port}, admin on http://{cpc.admin.address}:"
-              f"{cp.admin_port}, version {cp.snapshot.version}", flush=True)
+        print(
+            f"healthplane: xDS on {cpc.xds.address}:{cp.xds_port}, admin on http://{cpc.admin.address}:"
+            f"{cp.admin_port}, version {cp.snapshot.version}",
+            flush=True,
+        )
         try:
             await stop.wait()
         finally:
@@ -44,8 +47,10 @@ def _validate(args: argparse.Namespace) -> int:
 
     topology = load_topology(args.config)
     endpoints = sum(len(c.endpoints) for c in topology.clusters)
-    print(f"{args.config}: ok ({len(topology.clusters)} clusters, {endpoints} endpoints, "
-          f"{len(topology.listeners)} listeners)")
+    print(
+        f"{args.config}: ok ({len(topology.clusters)} clusters, {endpoints} endpoints, "
+        f"{len(topology.listeners)} listeners)"
+    )
     return 0
 
 
@@ -55,10 +60,17 @@ def _bootstrap(args: argparse.Namespace) -> int:
     host, sep, port = args.xds.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError("must be HOST:PORT", path="--xds")
-    text = bootstrap_yaml(make_bootstrap(
-        node_id=args.node_id, service=args.service, xds_host=host.strip("[]"), xds_port=int(port),
-        admin_port=args.admin_port, admin_address=args.admin_address, zone=args.zone,
-    ))
+    text = bootstrap_yaml(
+        make_bootstrap(
+            node_id=args.node_id,
+            service=args.service,
+            xds_host=host.strip("[]"),
+            xds_port=int(port),
+            admin_port=args.admin_port,
+            admin_address=args.admin_address,
+            zone=args.zone,
+        )
+    )
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

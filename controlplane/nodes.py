@@ -29,8 +29,11 @@ class NodeRegistry(StreamCallbacks):
         self._streams[stream.node_id] = stream
         self.disconnected.pop(stream.node_id, None)
         self.events.record(
-            "node", f"node {stream.node_id} connected from {stream.peer}",
-            node=stream.node_id, node_cluster=stream.node_cluster, peer=stream.peer,
+            "node",
+            f"node {stream.node_id} connected from {stream.peer}",
+            node=stream.node_id,
+            node_cluster=stream.node_cluster,
+            peer=stream.peer,
             replaced_stream=previous.stream_id if previous is not None else None,
         )
 
@@ -50,9 +53,11 @@ class NodeRegistry(StreamCallbacks):
                 "nack",
                 f"node {stream.node_id} rejected {rs.SHORT_NAMES[outcome.type_url]} version "
                 f"{stream.types[outcome.type_url].sent_version}: {outcome.error}",
-                node=stream.node_id, type_url=outcome.type_url,
+                node=stream.node_id,
+                type_url=outcome.type_url,
                 rejected_version=stream.types[outcome.type_url].sent_version,
-                kept_version=outcome.version, error=outcome.error,
+                kept_version=outcome.version,
+                error=outcome.error,
             )
 
     def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
@@ -75,16 +80,16 @@ def type_view(ts: TypeState) -> dict[str, Any]:
         "awaiting_ack": ts.awaiting_ack,
         "version_acked": ts.acked_version,
         "acked_at": ts.acked_at,
-        "last_nack": None if nack is None else {"version": nack.version, "error": nack.error, "time": nack.time},
+        "last_nack": None
+        if nack is None
+        else {"version": nack.version, "error": nack.error, "time": nack.time},
     }
 
 
 def node_view(stream: StreamState, snapshot: Snapshot | None) -> dict[str, Any]:
     types = {rs.SHORT_NAMES.get(t, t): type_view(ts) for t, ts in stream.types.items()}
     current = snapshot.type_versions if snapshot is not None else {}
-    up_to_date = all(
-        ts.acked_version == current.get(t) for t, ts in stream.types.items() if t in current
-    )
+    up_to_date = all(ts.acked_version == current.get(t) for t, ts in stream.types.items() if t in current)
     return {
         "id": stream.node_id,
         "cluster": stream.node_cluster,

@@ -82,7 +82,7 @@ def build_load_assignment(cluster: Cluster, health: HealthLookup) -> endpoint_pb
                 ),
                 hostname=ep.hostname,
             ),
-            health_status=health(cluster.name, ep.key).value,  # type: ignore[arg-type]
+            health_status=health(cluster.name, ep.key).value,
             load_balancing_weight=wrappers_pb2.UInt32Value(value=ep.weight),
         )
         by_locality.setdefault(locality, []).append(lb_endpoint)
@@ -142,5 +142,4 @@ def build_route_configuration(listener: Listener) -> route_pb2.RouteConfiguratio
 
 
 def type_name(message: Message) -> str:
-    return "type.googleapis.com/" + message.DESCRIPTOR.full_name
-
+    return f"type.googleapis.com/{message.DESCRIPTOR.full_name}"

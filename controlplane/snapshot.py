@@ -134,9 +134,7 @@ class Snapshot:
     _bodies: dict[tuple[str, tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
 
     def listener_names_for(self, node_cluster: str) -> tuple[str, ...]:
-        return tuple(
-            lst.name for lst in self.topology.listeners if lst.for_node(node_cluster)
-        )
+        return tuple(lst.name for lst in self.topology.listeners if lst.for_node(node_cluster))
 
     def response_body(self, type_url: str, names: tuple[str, ...]) -> bytes:
         """DiscoveryResponse bytes (all but the nonce) carrying `names`, encoded once."""
@@ -199,16 +197,21 @@ def build_snapshot(
         for type_url in (rs.CLUSTER, rs.LISTENER, rs.ROUTE):
             tables[type_url] = dict(previous.resources[type_url])
         eds = dict(previous.resources[rs.ENDPOINT])
-        eds.update(table(rs.ENDPOINT, (
-            (c.name, rs.build_load_assignment(c, health)) for c in topology.clusters if c.name in dirty
-        )))
+        eds.update(
+            table(
+                rs.ENDPOINT,
+                ((c.name, rs.build_load_assignment(c, health)) for c in topology.clusters if c.name in dirty),
+            )
+        )
         tables[rs.ENDPOINT] = eds
     else:
         tables[rs.CLUSTER] = table(rs.CLUSTER, ((c.name, rs.build_cluster(c)) for c in topology.clusters))
         tables[rs.ENDPOINT] = table(
             rs.ENDPOINT, ((c.name, rs.build_load_assignment(c, health)) for c in topology.clusters)
         )
-        tables[rs.LISTENER] = table(rs.LISTENER, ((ln.name, rs.build_listener(ln)) for ln in topology.listeners))
+        tables[rs.LISTENER] = table(
+            rs.LISTENER, ((ln.name, rs.build_listener(ln)) for ln in topology.listeners)
+        )
         tables[rs.ROUTE] = table(
             rs.ROUTE, ((ln.name, rs.build_route_configuration(ln)) for ln in topology.listeners)
         )

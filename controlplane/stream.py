@@ -141,7 +141,9 @@ class StreamState:
             else:
                 ts.acked_version = request.version_info
                 ts.acked_at = now
-                outcome = RequestOutcome(RequestKind.ACK, type_url, request.version_info, nonce, None, ts.sent_at)
+                outcome = RequestOutcome(
+                    RequestKind.ACK, type_url, request.version_info, nonce, None, ts.sent_at
+                )
         self._subscribe(ts, request, first=False)
         if type_url == rs.ENDPOINT and ts.resend_all:
             # Envoy re-requests EDS after a CDS update with the ACKed nonce and the same names:

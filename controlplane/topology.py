@@ -210,7 +210,7 @@ class _Field:
         for i in range(len(self.value)):
             yield self.child(i)
 
-    def str(self, *, default: str | None = None, pattern: re.Pattern[str] | None = None) -> str:
+    def string(self, *, default: str | None = None, pattern: re.Pattern[str] | None = None) -> str:
         if self.value is None:
             if default is None:
                 raise self.error("is required")
@@ -222,9 +222,9 @@ class _Field:
         return self.value
 
     def opt_str(self) -> str | None:
-        return None if self.value is None else self.str()
+        return None if self.value is None else self.string()
 
-    def int(self, *, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int:
+    def integer(self, *, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int:
         if self.value is None:
             if default is None:
                 raise self.error("is required")
@@ -244,7 +244,7 @@ class _Field:
             raise self.error(f"must be {lo:g}..{hi:g}")
         return float(self.value)
 
-    def bool(self, *, default: bool) -> bool:
+    def boolean(self, *, default: bool) -> bool:
         if self.value is None:
             return default
         if not isinstance(self.value, bool):
@@ -290,7 +290,7 @@ def _range_text(lo: int | None, hi: int | None) -> str:
 
 
 def _ip(f: _Field, *, allow_hostname: bool) -> str:
-    text = f.str()
+    text = f.string()
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
@@ -316,9 +316,10 @@ def _socket(f: _Field, default: SocketAddress) -> SocketAddress:
         return default
     f.mapping({"address", "port"})
     return SocketAddress(
-        address=_ip(f.child("address"), allow_hostname=True) if not f.child("address").missing
+        address=_ip(f.child("address"), allow_hostname=True)
+        if not f.child("address").missing
         else default.address,
-        port=f.child("port").int(default=default.port, lo=0, hi=65535),
+        port=f.child("port").integer(default=default.port, lo=0, hi=65535),
     )
 
 
@@ -338,13 +339,13 @@ def _statuses(f: _Field) -> tuple[tuple[int, int], ...]:
     ranges: list[tuple[int, int]] = []
     for item in f.items():
         if isinstance(item.value, int) and not isinstance(item.value, bool):
-            code = item.int(lo=100, hi=599)
+            code = item.integer(lo=100, hi=599)
             ranges.append((code, code))
             continue
         if not isinstance(item.value, list) or len(item.value) != 2:
             raise item.error("must be a status code or a [first, last] range such as [200, 399]")
-        lo = item.child(0).int(lo=100, hi=599)
-        hi = item.child(1).int(lo=100, hi=599)
+        lo = item.child(0).integer(lo=100, hi=599)
+        hi = item.child(1).integer(lo=100, hi=599)
         if lo > hi:
             raise item.error(f"range [{lo}, {hi}] is empty: first must be <= last")
         ranges.append((lo, hi))
@@ -362,10 +363,10 @@ def _payload(f: _Field) -> bytes | None:
     f.mapping({"hex", "text"})
     if not f.child("hex").missing:
         try:
-            return bytes.fromhex(f.child("hex").str())
+            return bytes.fromhex(f.child("hex").string())
         except ValueError:
             raise f.child("hex").error("is not valid hex") from None
-    return f.child("text").str().encode()
+    return f.child("text").string().encode()
 
 
 def _http(f: _Field) -> HttpCheck:
@@ -381,14 +382,14 @@ def _http(f: _Field) -> HttpCheck:
         if not isinstance(hf.value, dict):
             raise hf.error("must be a mapping of header name to value")
         for name in hf.value:
-            hf.child(name).str()
+            hf.child(name).string()
             if not isinstance(name, str) or not _HEADER.match(name):
                 raise hf.error(f"{name!r} is not a valid header name")
             headers.append((name, hf.value[name]))
-    path = f.child("path").str(default="/")
+    path = f.child("path").string(default="/")
     if not path.startswith("/"):
         raise f.child("path").error("must start with /")
-    method = f.child("method").str(default="GET").upper()
+    method = f.child("method").string(default="GET").upper()
     if method not in {"GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE"}:
         raise f.child("method").error(f"{method!r} is not a supported HTTP method")
     sf = f.child("expected_statuses")
@@ -400,11 +401,11 @@ def _http(f: _Field) -> HttpCheck:
         body=f.child("body").opt_str(),
         expected_statuses=((200, 399),) if sf.missing else _statuses(sf),
         expected_body=f.child("expected_body").opt_str(),
-        https=f.child("https").bool(default=False),
+        https=f.child("https").boolean(default=False),
         sni=f.child("sni").opt_str(),
-        verify_tls=f.child("verify_tls").bool(default=True),
-        keepalive=f.child("keepalive").bool(default=True),
-        keepalive_requests=f.child("keepalive_requests").int(default=0, lo=0),
+        verify_tls=f.child("verify_tls").boolean(default=True),
+        keepalive=f.child("keepalive").boolean(default=True),
+        keepalive_requests=f.child("keepalive_requests").integer(default=0, lo=0),
     )
 
 
@@ -427,14 +428,22 @@ def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
         elif kind == "tcp":
             if kf.value not in (None, {}):
                 kf.mapping({"send", "receive"})
-            tcp = TcpCheck() if kf.value in (None, {}) else TcpCheck(
-                send=_payload(kf.child("send")), receive=_payload(kf.child("receive")))
+            tcp = (
+                TcpCheck()
+                if kf.value in (None, {})
+                else TcpCheck(send=_payload(kf.child("send")), receive=_payload(kf.child("receive")))
+            )
             hc = replace(hc, kind="tcp", tcp=tcp, http=None, grpc=None)
         else:
             if kf.value not in (None, {}):
                 kf.mapping({"service", "authority"})
-            grpc = GrpcCheck() if kf.value in (None, {}) else GrpcCheck(
-                service=kf.child("service").str(default=""), authority=kf.child("authority").opt_str())
+            grpc = (
+                GrpcCheck()
+                if kf.value in (None, {})
+                else GrpcCheck(
+                    service=kf.child("service").string(default=""), authority=kf.child("authority").opt_str()
+                )
+            )
             hc = replace(hc, kind="grpc", grpc=grpc, http=None, tcp=None)
     updates: dict[str, Any] = {}
     for name in ("interval", "timeout"):
@@ -449,35 +458,40 @@ def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
             updates[name] = f.child(name).duration(positive=True)
     for name in ("healthy_threshold", "unhealthy_threshold", "http_failures", "tcp_failures", "timeouts"):
         if not f.child(name).missing:
-            updates[name] = f.child(name).int(lo=1, hi=1000)
+            updates[name] = f.child(name).integer(lo=1, hi=1000)
     if not f.child("port").missing:
-        updates["port"] = f.child("port").int(lo=1, hi=65535)
+        updates["port"] = f.child("port").integer(lo=1, hi=65535)
     if not f.child("initial_status").missing:
-        status = f.child("initial_status").str()
+        status = f.child("initial_status").string()
         if status not in ("unknown", "healthy", "unhealthy"):
             raise f.child("initial_status").error("must be unknown, healthy or unhealthy")
         updates["initial_status"] = status
     hc = replace(hc, **updates)
     if hc.timeout > hc.interval and "timeout" in updates:
         raise f.child("timeout").error(
-            f"must not exceed the interval ({hc.interval:g}s): a check would still run when the next starts")
+            f"must not exceed the interval ({hc.interval:g}s): a check would still run when the next starts"
+        )
     return hc
 
 
 def _endpoint(f: _Field, cluster_hc: HealthCheck | None) -> Endpoint:
     f.mapping({"address", "port", "zone", "region", "sub_zone", "weight", "hostname", "health_check"})
     hcf = f.child("health_check")
-    if not hcf.missing and cluster_hc is None and isinstance(hcf.value, dict) \
-            and not (set(hcf.value) & _HC_KINDS):
+    if (
+        not hcf.missing
+        and cluster_hc is None
+        and isinstance(hcf.value, dict)
+        and not (set(hcf.value) & _HC_KINDS)
+    ):
         raise hcf.error("overrides a cluster health_check, but the cluster has none")
     return Endpoint(
         address=_ip(f.child("address"), allow_hostname=False),
-        port=f.child("port").int(lo=1, hi=65535),
-        zone=f.child("zone").str(default=""),
-        region=f.child("region").str(default=""),
-        sub_zone=f.child("sub_zone").str(default=""),
-        weight=f.child("weight").int(default=1, lo=1, hi=128),
-        hostname=f.child("hostname").str(default=""),
+        port=f.child("port").integer(lo=1, hi=65535),
+        zone=f.child("zone").string(default=""),
+        region=f.child("region").string(default=""),
+        sub_zone=f.child("sub_zone").string(default=""),
+        weight=f.child("weight").integer(default=1, lo=1, hi=128),
+        hostname=f.child("hostname").string(default=""),
         health_check=_health_check(hcf, cluster_hc),
     )
 
@@ -501,7 +515,7 @@ def _cluster(f: _Field) -> Cluster:
         "name", "endpoints", "health_check", "connect_timeout", "lb_policy", "healthy_panic_threshold",
         "update_merge_window", "envoy",
     })  # fmt: skip
-    name = f.child("name").str(pattern=_NAME)
+    name = f.child("name").string(pattern=_NAME)
     hc = _health_check(f.child("health_check"), None)
     endpoints: list[Endpoint] = []
     seen: dict[str, int] = {}
@@ -513,10 +527,11 @@ def _cluster(f: _Field) -> Cluster:
                 raise item.error(f"duplicate endpoint {ep.key} (also at endpoints[{seen[ep.key]}])")
             seen[ep.key] = i
             endpoints.append(ep)
-    lb = f.child("lb_policy").str(default="ROUND_ROBIN").upper()
+    lb = f.child("lb_policy").string(default="ROUND_ROBIN").upper()
     if lb not in ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"):
         raise f.child("lb_policy").error(
-            f"{lb!r} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV")
+            f"{lb!r} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV"
+        )
     return Cluster(
         name=name,
         endpoints=tuple(endpoints),
@@ -533,11 +548,11 @@ def _route(f: _Field, clusters: set[str]) -> Route:
     f.mapping({"prefix", "path", "cluster", "timeout", "prefix_rewrite"})
     if not f.child("prefix").missing and not f.child("path").missing:
         raise f.error("give prefix or path, not both")
-    cluster = f.child("cluster").str()
+    cluster = f.child("cluster").string()
     if cluster not in clusters:
         raise f.child("cluster").error(f"no cluster named {cluster!r}")
     path = f.child("path").opt_str()
-    prefix = None if path is not None else f.child("prefix").str(default="/")
+    prefix = None if path is not None else f.child("prefix").string(default="/")
     for key, value in (("path", path), ("prefix", prefix)):
         if value is not None and not value.startswith("/"):
             raise f.child(key).error("must start with /")
@@ -556,16 +571,17 @@ def _listener(f: _Field, clusters: set[str]) -> Listener:
     if not routes:
         raise f.child("routes").error("must have at least one route")
     nodes_f = f.child("nodes")
-    nodes = None if nodes_f.missing else tuple(n.str() for n in nodes_f.items())
+    nodes = None if nodes_f.missing else tuple(n.string() for n in nodes_f.items())
     domains_f = f.child("domains")
-    domains = ("*",) if domains_f.missing else tuple(d.str() for d in domains_f.items())
+    domains = ("*",) if domains_f.missing else tuple(d.string() for d in domains_f.items())
     if not domains:
-        raise domains_f.error("must have at least one domain (use \"*\" for any)")
+        raise domains_f.error('must have at least one domain (use "*" for any)')
     return Listener(
-        name=f.child("name").str(pattern=_NAME),
-        address=_ip(f.child("address"), allow_hostname=False) if not f.child("address").missing
+        name=f.child("name").string(pattern=_NAME),
+        address=_ip(f.child("address"), allow_hostname=False)
+        if not f.child("address").missing
         else "0.0.0.0",
-        port=f.child("port").int(lo=1, hi=65535),
+        port=f.child("port").integer(lo=1, hi=65535),
         routes=routes,
         domains=domains,
         nodes=nodes,
@@ -584,7 +600,8 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
             cluster = _cluster(item)
             if cluster.name in names:
                 raise item.child("name").error(
-                    f"duplicate cluster name {cluster.name!r} (also clusters[{names[cluster.name]}])")
+                    f"duplicate cluster name {cluster.name!r} (also clusters[{names[cluster.name]}])"
+                )
             names[cluster.name] = i
             clusters.append(cluster)
     listeners: list[Listener] = []
@@ -595,7 +612,8 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
             listener = _listener(item, set(names))
             if listener.name in lnames:
                 raise item.child("name").error(
-                    f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])")
+                    f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])"
+                )
             for j, other in enumerate(listeners):
                 shared = (
                     other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
@@ -603,7 +621,8 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
                 if shared and (other.address, other.port) == (listener.address, listener.port):
                     raise item.child("port").error(
                         f"{listener.address}:{listener.port} is already used by listeners[{j}] "
-                        f"({other.name}) on the same nodes")
+                        f"({other.name}) on the same nodes"
+                    )
             lnames[listener.name] = i
             listeners.append(listener)
     return Topology(

@@ -14,14 +14,19 @@ from pathlib import Path
 
 log = logging.getLogger("healthplane.watch")
 
+Fingerprint = tuple[tuple[int, int, int], str]
 
-def _fingerprint(path: Path) -> tuple[tuple[int, int, int], str] | None:
+
+def _fingerprint(path: Path, last: Fingerprint | None = None) -> Fingerprint | None:
+    """(stat key, content hash); the hash is only recomputed when the stat key moved."""
     try:
         st = path.stat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if last is not None and key == last[0]:
+            return last
+        return key, hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino), digest
+        return None  # mid-rename or deleted: keep serving, look again next time
 
 
 async def watch_file(path: Path, interval: float, on_change: Callable[[], None]) -> None:
@@ -29,19 +34,11 @@ async def watch_file(path: Path, interval: float, on_change: Callable[[], None])
     last = _fingerprint(path)
     while True:
         await asyncio.sleep(interval)
-        try:
-            st = path.stat()
-            stat_key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            continue  # mid-rename or deleted: keep serving, look again next time
-        if last is not None and stat_key == last[0]:
+        current = _fingerprint(path, last)
+        if current is None or current is last:
             continue
-        current = _fingerprint(path)
-        if current is None:
-            continue
-        if last is None or current[1] != last[1]:
+        changed = last is None or current[1] != last[1]
+        last = current
+        if changed:
             log.info("topology file %s changed", path)
-            last = current
             on_change()
-        else:
-            last = current

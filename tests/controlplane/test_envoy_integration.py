@@ -149,7 +149,7 @@ async def test_topology_edits_reach_envoy_without_warming(
     await poll_until(api_gone, timeout=5, what="cluster api removed from Envoy")
     assert await envoy.warming_clusters() == []
     assert version_key(cp.snapshot.version) > version_key(first_version)
-    code, nodes = await lab.admin("GET", "/nodes")
+    _, nodes = await lab.admin("GET", "/nodes")
     assert nodes["nodes"][0]["up_to_date"] is True
 
 
