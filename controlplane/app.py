@@ -192,7 +192,10 @@ class ControlPlane:
         from controlplane.admin import start_admin  # aiohttp stays at the edge
 
         cp = self.topology.controlplane
-        self._grpc = create_server(self.ads.handler())
+        from controlplane.prober_link import ProberLinkService  # generated code stays at the edge
+
+        self.prober_link = ProberLinkService(self)
+        self._grpc = create_server(self.ads.handler(), self.prober_link.handler())
         self.xds_port = self._grpc.add_insecure_port(f"{_host(cp.xds.address)}:{cp.xds.port}")
         if self.xds_port == 0:
             raise ConfigError(f"cannot listen on {cp.xds.address}:{cp.xds.port}", path="controlplane.xds")

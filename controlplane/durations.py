@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# Decimal, not float: `9ms` and `0.009s` must parse to the same float (9 * 1e-3 does not).
+_UNITS = {"us": Decimal("1e-6"), "ms": Decimal("1e-3"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(us|ms|s|m|h)")
 
 
@@ -14,22 +16,25 @@ def parse_duration(text: str) -> float:
     if not s:
         raise ValueError("empty duration")
     pos = 0
-    total = 0.0
+    total = Decimal(0)
     for match in _PART.finditer(s):
         if match.start() != pos:
             break
-        total += float(match.group(1)) * _UNITS[match.group(2)]
+        total += Decimal(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
     if pos != len(s):
         raise ValueError(f"not a duration: {text!r} (use e.g. 1s, 500ms, 1m30s)")
-    return total
+    return float(total)
 
 
 def format_duration(seconds: float) -> str:
     """The shortest of `Nms` / `Ns` that round-trips through parse_duration."""
-    ms = seconds * 1000
-    if ms == int(ms) and int(ms) % 1000:
+    # repr is the shortest decimal that reads back as `seconds`; written out without an exponent
+    # (`1e-05` is not a duration).
+    exact = Decimal(repr(seconds))
+    ms = exact * 1000
+    if ms == ms.to_integral_value() and ms % 1000:
         return f"{int(ms)}ms"
-    if seconds == int(seconds):
-        return f"{int(seconds)}s"
-    return f"{seconds:g}s"
+    if exact == exact.to_integral_value():
+        return f"{int(exact)}s"
+    return f"{exact:f}s"

@@ -162,6 +162,8 @@ class Topology:
     clusters: tuple[Cluster, ...] = ()
     listeners: tuple[Listener, ...] = ()
     source: str = ""
+    # The validated document as given (plain JSON types), e.g. for sending clusters to probers.
+    document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def cluster(self, name: str) -> Cluster | None:
         for c in self.clusters:
@@ -217,7 +219,7 @@ class _Field:
             return default
         if not isinstance(self.value, str):
             raise self.error(f"must be a string, got {_kind(self.value)}")
-        if pattern is not None and not pattern.match(self.value):
+        if pattern is not None and not pattern.fullmatch(self.value):
             raise self.error(f"{self.value!r} does not match {pattern.pattern}")
         return self.value
 
@@ -267,6 +269,8 @@ class _Field:
                 raise self.error(str(exc)) from None
         else:
             raise self.error(f"must be a duration such as 1s or 500ms, got {_kind(self.value)}")
+        if seconds != seconds:  # NaN passes every comparison below
+            raise self.error("must be a duration such as 1s or 500ms, got NaN")
         if seconds < 0 or (positive and seconds == 0):
             raise self.error("must be greater than 0" if positive else "must not be negative")
         if seconds > 86400 * 365:
@@ -294,7 +298,7 @@ def _ip(f: _Field, *, allow_hostname: bool) -> str:
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
-        if allow_hostname and re.match(r"^[A-Za-z0-9]([A-Za-z0-9\-.]{0,252})$", text):
+        if allow_hostname and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9\-.]{0,252})", text):
             return text
         raise f.error(
             f"{text!r} is not an IP address" + ("" if not allow_hostname else " or hostname")
@@ -383,7 +387,7 @@ def _http(f: _Field) -> HttpCheck:
             raise hf.error("must be a mapping of header name to value")
         for name in hf.value:
             hf.child(name).string()
-            if not isinstance(name, str) or not _HEADER.match(name):
+            if not isinstance(name, str) or not _HEADER.fullmatch(name):
                 raise hf.error(f"{name!r} is not a valid header name")
             headers.append((name, hf.value[name]))
     path = f.child("path").string(default="/")
@@ -503,7 +507,8 @@ def _envoy_fragment(f: _Field, message_cls: Any) -> dict[str, Any]:
         raise f.error("must be a mapping of Envoy fields (proto3 JSON names)")
     try:
         json_format.ParseDict(json.loads(json.dumps(f.value)), message_cls())
-    except (json_format.ParseError, TypeError, ValueError) as exc:
+    # Not only ParseError: json_format raises AttributeError/KeyError on a malformed Any or Struct.
+    except Exception as exc:
         raise f.error(f"not a valid {message_cls.DESCRIPTOR.full_name} fragment: {exc}") from None
     return dict(f.value)
 
@@ -630,6 +635,7 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
         clusters=tuple(clusters),
         listeners=tuple(listeners),
         source=source,
+        document=json.loads(json.dumps(document if document is not None else {})),
     )
 
 
