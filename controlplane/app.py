@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 
@@ -50,6 +50,8 @@ class ControlPlane:
         *,
         config_path: str | Path | None = None,
         epoch: int | None = None,
+        verdict_batch_window: float = 0.005,
+        embedded_prober: bool = False,
     ) -> None:
         self.topology = topology
         self.config_path = Path(config_path) if config_path is not None else None
@@ -62,11 +64,18 @@ class ControlPlane:
         self.history: list[Snapshot] = []
         self.history_limit = 100
         self.state = State.UNOPENED
+        self.embedded_prober = embedded_prober
         self.xds_port = 0
         self.admin_port = 0
         self._grpc: grpc.aio.Server | None = None
         self._admin: object | None = None  # aiohttp AppRunner, typed loosely to keep aiohttp at the edge
         self._tasks: list[asyncio.Task[None]] = []
+        # Verdicts that arrive close together (a prober's first round, a flapping rack) become one
+        # version instead of one each: they are applied together after this window.
+        self.verdict_batch_window = verdict_batch_window
+        self._pending_verdicts: list[Verdict] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self.prober: Any = None  # the embedded prober.scheduler.Prober, when one runs here
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
 
     # ------------------------------------------------------------------ inputs
@@ -109,6 +118,21 @@ class ControlPlane:
         first = min(v.time for v in moved)
         return self._publish(Cause("verdict", detail, first), dirty)
 
+    def submit_verdicts_soon(self, verdicts: Sequence[Verdict]) -> None:
+        """Queue verdicts to be applied together with any others within `verdict_batch_window`."""
+        self._pending_verdicts.extend(verdicts)
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(self.verdict_batch_window, self.flush_verdicts)
+
+    def flush_verdicts(self) -> Snapshot | None:
+        """Apply the queued verdicts now (one snapshot for all of them)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        pending, self._pending_verdicts = self._pending_verdicts, []
+        return self.submit_verdicts(pending) if pending else None
+
     def set_override(
         self, cluster: str, endpoint: str, status: HealthStatus | None, *, who: str = "operator"
     ) -> Snapshot | None:
@@ -147,6 +171,8 @@ class ControlPlane:
         """Serve a new (already validated) topology; None when it changes nothing Envoy sees."""
         self.topology = topology
         self.health.prune(topology)
+        if self.prober is not None:
+            self.prober.update_topology(topology)
         before = self.snapshot
         snapshot = self._publish(Cause("topology", detail, time.time()), None)
         changed = changed_resources(before, snapshot)
@@ -208,6 +234,8 @@ class ControlPlane:
                 f"cannot listen on {cp.admin.address}:{cp.admin.port}: {exc.strerror}",
                 path="controlplane.admin",
             ) from exc
+        if self.embedded_prober:
+            await self._start_prober()
         if self.config_path is not None and cp.watch_interval > 0:
             from controlplane.watch import watch_file
 
@@ -227,6 +255,12 @@ class ControlPlane:
             self.snapshot.version,
         )
 
+    async def _start_prober(self) -> None:
+        from prober.scheduler import Prober
+
+        self.prober = Prober(self.topology, sink=_EmbeddedSink(self), source="prober:embedded")
+        await self.prober.start()
+
     def _on_file_change(self) -> None:
         try:
             self.reload()
@@ -238,6 +272,9 @@ class ControlPlane:
         if self.state is State.CLOSED:
             return
         self.state = State.CLOSED
+        if self.prober is not None:
+            await self.prober.aclose()
+        self.flush_verdicts()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -257,6 +294,23 @@ class ControlPlane:
         if self._grpc is None:
             raise RuntimeError("start() first")
         await self._grpc.wait_for_termination()
+
+
+class _EmbeddedSink:
+    """The embedded prober's verdicts and events, straight into this process's control plane."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    async def on_verdict(self, verdict: Verdict) -> None:
+        self.cp.submit_verdicts_soon([verdict])
+
+    async def on_event(self, event: Any) -> None:
+        self.cp.events.record(
+            "probe", f"{event.cluster} {event.endpoint}: {event.old.name} -> {event.new.name} ({event.reason})",
+            cluster=event.cluster, endpoint=event.endpoint, reason=event.reason, source=event.source,
+            counters=event.counters.to_json(), latency=event.latency,
+        )
 
 
 def _host(address: str) -> str:

@@ -172,7 +172,7 @@ class ProberLinkService:
                     record.full_state_at = now
                 for event in message.verdicts.events:
                     self._record_event(record, event)
-                self.cp.submit_verdicts(verdicts)
+                self.cp.submit_verdicts_soon(verdicts)
         finally:
             wake.set()
 

@@ -132,8 +132,8 @@ async def test_topology_edits_reach_envoy_without_warming(
                 return response.status == 200 and "ServerName: b3" in await response.text()
         return False
 
-    await poll_until(api_served, timeout=5, what="the new cluster serving /api")
-    await poll_until(lambda: _no_warming(envoy), timeout=5, what="no cluster left warming")
+    await poll_until(api_served, timeout=10, what="the new cluster serving /api")
+    await poll_until(lambda: _no_warming(envoy), timeout=10, what="no cluster left warming")
     dump = await envoy.config_dump("dynamic_active_clusters")
     assert any("2s" in str(c) for c in dump["configs"]), "Envoy did not apply the changed connect_timeout"
     await wait_traffic(lab, listener_port, {"b1", "b2", "b3"})
@@ -146,7 +146,7 @@ async def test_topology_edits_reach_envoy_without_warming(
     async def api_gone() -> bool:
         return "api" not in (await envoy.clusters())
 
-    await poll_until(api_gone, timeout=5, what="cluster api removed from Envoy")
+    await poll_until(api_gone, timeout=10, what="cluster api removed from Envoy")
     assert await envoy.warming_clusters() == []
     assert version_key(cp.snapshot.version) > version_key(first_version)
     _, nodes = await lab.admin("GET", "/nodes")
