@@ -13,6 +13,13 @@ from collections.abc import Sequence
 from controlplane.errors import ConfigError, HealthplaneError
 
 
+def _host_port(text: str, flag: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("must be HOST:PORT", path=flag)
+    return host.strip("[]"), int(port)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from controlplane.app import ControlPlane
     from controlplane.topology import load_topology
@@ -20,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
     topology = load_topology(args.config)
 
     async def run() -> None:
-        cp = ControlPlane(topology, config_path=args.config)
+        cp = ControlPlane(topology, config_path=args.config, embedded_prober=not args.no_prober)
         await cp.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -37,6 +44,39 @@ def _serve(args: argparse.Namespace) -> int:
             await stop.wait()
         finally:
             await cp.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+def _prober(args: argparse.Namespace) -> int:
+    import socket
+
+    from prober.link import ControlPlaneLink
+    from prober.scheduler import Prober
+
+    _host_port(args.controlplane, "--controlplane")
+    prober_id = args.id or socket.gethostname()
+
+    async def run() -> None:
+        link = ControlPlaneLink(args.controlplane, prober_id=prober_id)
+        prober = Prober(
+            sink=link, source=f"prober:{prober_id}", event_log=args.event_log, max_concurrency=args.concurrency
+        )
+        link.prober = prober
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        async with prober:
+            task = asyncio.create_task(link.run())
+            print(f"healthplane prober {prober_id}: reporting to {args.controlplane}", flush=True)
+            try:
+                await stop.wait()
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(run())
     return 0
@@ -86,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the control plane (xDS + admin API) from a topology file")
     p.add_argument("--config", "-c", required=True, help="topology YAML file (watched for edits)")
+    p.add_argument("--no-prober", action="store_true", help="do not run the embedded prober (use external ones)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("prober", help="run a prober on its own, reporting to a control plane")
+    p.add_argument("--controlplane", required=True, help="the control plane's xDS address HOST:PORT")
+    p.add_argument("--id", help="prober id (default: the hostname)")
+    p.add_argument("--event-log", help="append every status change to this JSON-lines file")
+    p.add_argument("--concurrency", type=int, default=512, help="checks in flight at most")
+    p.set_defaults(func=_prober)
 
     p = sub.add_parser("validate", help="check a topology file and exit")
     p.add_argument("config")

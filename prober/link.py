@@ -76,7 +76,7 @@ class ControlPlaneLink:
     def __init__(
         self,
         target: str,
-        prober: Prober,
+        prober: Prober | None = None,
         *,
         prober_id: str,
         backoff_base: float = 0.2,
@@ -98,6 +98,11 @@ class ControlPlaneLink:
         self.connections = 0
         self.topology_version = ""
 
+    def _prober(self) -> Prober:
+        if self.prober is None:
+            raise RuntimeError("ControlPlaneLink.prober is not set")
+        return self.prober
+
     # ------------------------------------------------------------------ ProberSink
 
     async def on_verdict(self, verdict: Verdict) -> None:
@@ -111,7 +116,9 @@ class ControlPlaneLink:
     # ------------------------------------------------------------------ connection
 
     async def run(self) -> None:
-        """Stay connected until cancelled."""
+        """Stay connected until cancelled. `prober` must be set (it takes this link as its sink)."""
+        if self.prober is None:
+            raise RuntimeError("ControlPlaneLink.prober is not set")
         delays = backoff_delays(self.backoff_base, self.backoff_cap, self._rng)
         while True:
             started = time.monotonic()
@@ -137,7 +144,7 @@ class ControlPlaneLink:
                 prober_pb2.ProberMessage(
                     verdicts=prober_pb2.VerdictBatch(
                         full_state=True,
-                        verdicts=[verdict_message(v) for v in self.prober.current_verdicts()],
+                        verdicts=[verdict_message(v) for v in self._prober().current_verdicts()],
                         events=[event_message(e) for e in self._drain_events()],
                     )
                 )
@@ -194,6 +201,6 @@ class ControlPlaneLink:
             # what we have rather than stopping.
             log.error("topology %s from the control plane rejected: %s", message.topology.version, exc)
             return
-        change = self.prober.update_topology(topology)
+        change = self._prober().update_topology(topology)
         self.topology_version = message.topology.version
         log.info("topology %s: %s", message.topology.version, change)

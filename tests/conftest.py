@@ -57,6 +57,7 @@ class Lab:
         self.config = tmp_path / "topology.yaml"
         self.cp: ControlPlane | None = None
         self.envoys: list[EnvoyProcess] = []
+        self.embedded_prober = False
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
 
     def write(self, document: dict[str, Any]) -> None:
@@ -68,7 +69,9 @@ class Lab:
         document = dict(document)
         document["controlplane"] = {**document["controlplane"], "xds": {"port": xds_port}}
         self.write(document)
-        self.cp = ControlPlane(load_topology(self.config), config_path=self.config)
+        self.cp = ControlPlane(
+            load_topology(self.config), config_path=self.config, embedded_prober=self.embedded_prober
+        )
         await self.cp.start()
         return self.cp
 
