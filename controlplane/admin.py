@@ -126,6 +126,23 @@ async def snapshot(request: web.Request) -> web.Response:
     )
 
 
+def _probers(cp: ControlPlane) -> dict[str, Any]:
+    """Where verdicts come from now: the embedded prober, connected probers, or nobody."""
+    link = getattr(cp, "prober_link", None)
+    remote = [r.to_json() for r in link.probers.values()] if link is not None else []
+    connected = cp.prober is not None or any(r["connected"] for r in remote)
+    return {
+        "embedded": cp.prober is not None,
+        "remote": remote,
+        "connected": connected,
+        "note": "" if connected else "no prober connected: the last verdicts are kept as they were",
+    }
+
+
+async def probers(request: web.Request) -> web.Response:
+    return _json(_probers(request.app[CP_KEY]))
+
+
 async def nodes(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     snap = cp.snapshot
@@ -225,6 +242,7 @@ def create_admin_app(cp: ControlPlane) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/snapshot", snapshot)
     app.router.add_get("/nodes", nodes)
+    app.router.add_get("/probers", probers)
     app.router.add_get("/nodes/{node_id}", node)
     app.router.add_get("/events", events)
     app.router.add_post("/endpoints/{cluster}/{endpoint}/override", override)

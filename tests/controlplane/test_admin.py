@@ -52,6 +52,8 @@ async def test_snapshot_lists_endpoints_with_status_and_source(admin: Admin) -> 
     assert web["endpoints"][1]["reason"] == "http 506" and web["endpoints"][1]["source"] == "prober:t"
     assert web["endpoints"][1]["verdict_age_s"] >= 0
     assert body["cause"]["kind"] == "verdict"
+    assert body["probers"]["connected"] is False
+    assert "last verdicts are kept" in body["probers"]["note"]
 
 
 async def test_override_changes_only_that_clusters_endpoints_version(admin: Admin) -> None:
