@@ -1,0 +1,502 @@
+"""The checks over real sockets: HTTP(S), TCP and gRPC health, each bounded by the policy timeout.
+
+`NetworkChecker.check(target)` never raises for anything the endpoint does. Every outcome
+becomes a `CheckResult` with a kind (which counter it feeds), a reason an operator can read
+(`http 506`, `connect refused`, `timeout after 500ms`, `grpc NOT_SERVING`) and the latency.
+
+Shared resources:
+- HTTP: one aiohttp `ClientSession` and connector for all checks. The pool is keyed by
+  address, port and TLS settings, so the checks of one endpoint reuse its connections. We count
+  requests per connection so that `keepalive_requests` can close a connection after N requests,
+  as nginx's `check_keepalive_requests` does.
+- gRPC: one channel per target, reused between checks. It is dropped after a transport failure
+  so that the next check dials again at once, without waiting out gRPC's reconnect backoff.
+
+grpc.health.v1 messages are encoded by hand (`encode_health_request`, `decode_health_response`).
+Each is a single field, so this keeps grpcio-health-checking and its untyped generated modules
+out of the runtime dependencies. The tests check the codec against the real `health_pb2`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import errno
+import logging
+import ssl
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+import grpc
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
+from multidict import CIMultiDict
+from yarl import URL
+
+from controlplane.topology import GrpcCheck, HealthCheck, HttpCheck, TcpCheck
+from prober.state import CheckResult, ResultKind, Target
+
+__all__ = [
+    "GRPC_SERVING_STATUS",
+    "Checker",
+    "NetworkChecker",
+    "decode_health_response",
+    "encode_health_request",
+    "timeout_reason",
+]
+
+log = logging.getLogger("healthplane.prober")
+
+USER_AGENT = "healthplane-prober"
+GRPC_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# grpc.health.v1.HealthCheckResponse.ServingStatus
+GRPC_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+class Checker(Protocol):
+    """What the prober needs from a checker; tests substitute a scripted one."""
+
+    async def check(self, target: Target) -> CheckResult:
+        """Check `target` once; never raises for the endpoint's behaviour."""
+        ...
+
+    async def release(self, target: Target) -> None:
+        """Drop resources held for `target` (it left the topology or changed policy)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release everything; safe to call twice."""
+        ...
+
+
+def timeout_reason(seconds: float) -> str:
+    """`timeout after 500ms`: the reason of a check that ran out of time."""
+    return f"timeout after {round(seconds * 1000, 3):g}ms"
+
+
+def _os_reason(exc: OSError | None, fallback: str) -> str:
+    if exc is None:
+        return fallback
+    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+        return "connect refused"
+    if isinstance(exc, ConnectionResetError) or exc.errno == errno.ECONNRESET:
+        return "connection reset"
+    if exc.errno == errno.EHOSTUNREACH:
+        return "host unreachable"
+    if exc.errno == errno.ENETUNREACH:
+        return "network unreachable"
+    return f"{fallback}: {exc.strerror or exc}"
+
+
+def _host_literal(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _snippet(data: bytes, limit: int = 64) -> str:
+    return repr(data[:limit]) + ("..." if len(data) > limit else "")
+
+
+# --------------------------------------------------------------------------- grpc.health.v1 codec
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise ValueError("truncated or oversized varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def encode_health_request(service: str) -> bytes:
+    """A serialized `grpc.health.v1.HealthCheckRequest{service}`."""
+    raw = service.encode()
+    return b"\x0a" + _varint(len(raw)) + raw if raw else b""
+
+
+def decode_health_response(data: bytes) -> int:
+    """The `status` of a serialized `grpc.health.v1.HealthCheckResponse` (unknown fields skipped)."""
+    status, pos = 0, 0
+    while pos < len(data):
+        tag, pos = _read_varint(data, pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+            if number == 1:
+                status = value
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            length, pos = _read_varint(data, pos)
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > len(data):
+            raise ValueError("truncated message")
+    return status
+
+
+# --------------------------------------------------------------------------- the checker
+
+
+@dataclass(slots=True)
+class _Progress:
+    """What a check got before it ran out of time, to tell "no answer" from "wrong answer"."""
+
+    received: bytearray = field(default_factory=bytearray)
+
+
+@dataclass(slots=True)
+class _Acquired:
+    """The pooled HTTP connection (aiohttp protocol object) that a check's request went out on."""
+
+    protocol: object | None = None
+
+
+_ACQUIRED: contextvars.ContextVar[_Acquired | None] = contextvars.ContextVar("prober_acquired", default=None)
+
+
+class _TrackingConnector(aiohttp.TCPConnector):
+    """Tells the check in progress which connection its request got.
+
+    aiohttp returns a connection to the pool as soon as a short body has arrived, so the
+    response alone cannot say which connection it used.
+    """
+
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> Connection:
+        connection = await super().connect(req, traces, timeout)
+        acquired = _ACQUIRED.get()
+        if acquired is not None:
+            acquired.protocol = connection.protocol
+        return connection
+
+
+class _Outcome(Exception):
+    """Raised inside a check to end it with a result; keeps the happy path flat."""
+
+    def __init__(self, kind: ResultKind, reason: str, http_status: int | None = None) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+        self.http_status = http_status
+
+
+class NetworkChecker:
+    """Runs HTTP, TCP and gRPC health checks over real sockets, sharing connections per endpoint."""
+
+    def __init__(
+        self,
+        *,
+        max_body: int = 64 * 1024,
+        keepalive_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._max_body = max_body
+        self._keepalive_timeout = keepalive_timeout
+        self._clock = clock
+        self._wall = wall
+        self._session: aiohttp.ClientSession | None = None
+        self._verify_context: ssl.SSLContext | None = None
+        # Requests served per pooled connection, keyed by aiohttp's protocol object.
+        self._uses: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
+        self._channels: dict[Target, Any] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def release(self, target: Target) -> None:
+        channel = self._channels.pop(target, None)
+        if channel is not None:
+            await channel.close(None)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close(None)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------ dispatch
+
+    async def check(self, target: Target) -> CheckResult:
+        if self._closed:
+            raise RuntimeError("checker is closed")
+        hc = target.health_check
+        started = self._clock()
+        progress = _Progress()
+        try:
+            async with asyncio.timeout(hc.timeout):
+                if hc.kind == "http":
+                    outcome = await self._http(target, hc.http or HttpCheck())
+                elif hc.kind == "tcp":
+                    outcome = await self._tcp(target, hc.tcp or TcpCheck(), progress)
+                else:
+                    outcome = await self._grpc(target, hc, hc.grpc or GrpcCheck())
+        except _Outcome as exc:
+            outcome = exc
+        except TimeoutError:
+            outcome = self._timed_out(hc, progress)
+        except Exception as exc:
+            # Something we do not map yet, most likely an endpoint misbehaving in a new way. It is
+            # still no success; the traceback tells us which mapping to add.
+            log.exception("check of %s/%s failed unexpectedly", target.cluster, target.endpoint)
+            outcome = _Outcome(ResultKind.TCP_FAILURE, f"check error: {type(exc).__name__}: {exc}")
+        return CheckResult(
+            kind=outcome.kind,
+            reason=outcome.reason,
+            time=self._wall(),
+            latency=self._clock() - started,
+            http_status=outcome.http_status,
+        )
+
+    def _timed_out(self, hc: HealthCheck, progress: _Progress) -> _Outcome:
+        tcp = hc.tcp
+        if hc.kind == "tcp" and tcp is not None and tcp.receive is not None and progress.received:
+            # The endpoint answered, just not with the expected bytes: a wrong answer, not silence.
+            return _Outcome(
+                ResultKind.TCP_FAILURE,
+                f"payload mismatch: expected {_snippet(tcp.receive)}, got {_snippet(bytes(progress.received))}",
+            )
+        return _Outcome(ResultKind.TIMEOUT, timeout_reason(hc.timeout))
+
+    # ------------------------------------------------------------------ HTTP
+
+    def _http_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = _TrackingConnector(
+                limit=0,  # the prober's semaphore bounds concurrency; a pool limit would only queue
+                limit_per_host=0,
+                keepalive_timeout=self._keepalive_timeout,
+                use_dns_cache=False,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=aiohttp.ClientTimeout(total=None),  # the check's own deadline applies
+                cookie_jar=aiohttp.DummyCookieJar(),  # no state shared between endpoints
+                trust_env=False,
+            )
+        return self._session
+
+    def _ssl(self, http: HttpCheck) -> ssl.SSLContext | bool:
+        if not http.https:
+            return True  # aiohttp's default; ignored for plain http
+        if not http.verify_tls:
+            return False
+        if self._verify_context is None:
+            self._verify_context = ssl.create_default_context()
+        return self._verify_context
+
+    async def _http(self, target: Target, http: HttpCheck) -> _Outcome:
+        path, _, query = http.path.partition("?")
+        url = URL.build(
+            scheme="https" if http.https else "http",
+            host=target.address,
+            port=target.check_port,
+            path=path,
+            query_string=query,
+            encoded=True,
+        )
+        headers: CIMultiDict[str] = CIMultiDict(http.headers)
+        headers.setdefault("User-Agent", USER_AGENT)
+        if http.host:
+            headers["Host"] = http.host
+        if not http.keepalive:
+            headers["Connection"] = "close"
+        server_hostname = None
+        if http.https:
+            server_hostname = http.sni or (http.host.rsplit(":", 1)[0] if http.host else None)
+        acquired = _Acquired()
+        token = _ACQUIRED.set(acquired)
+        try:
+            response = await self._http_session().request(
+                http.method,
+                url,
+                headers=headers,
+                data=http.body,
+                ssl=self._ssl(http),
+                server_hostname=server_hostname,
+                allow_redirects=False,
+            )
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise _Outcome(ResultKind.TCP_FAILURE, f"tls certificate: {exc.certificate_error}") from None
+        except aiohttp.ClientSSLError as exc:
+            raise _Outcome(ResultKind.TCP_FAILURE, f"tls: {exc.os_error}") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc.os_error, "connect failed")) from None
+        except aiohttp.ServerDisconnectedError:
+            raise _Outcome(ResultKind.TCP_FAILURE, "server disconnected") from None
+        except aiohttp.ClientOSError as exc:
+            raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connection error")) from None
+        except aiohttp.ClientResponseError as exc:
+            raise _Outcome(ResultKind.HTTP_FAILURE, f"http protocol error: {exc.message}") from None
+        except aiohttp.ClientError as exc:
+            raise _Outcome(ResultKind.TCP_FAILURE, f"http error: {exc}") from None
+        finally:
+            _ACQUIRED.reset(token)
+
+        protocol = acquired.protocol
+        complete = False
+        try:
+            body, complete = await self._read_body(response)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise _Outcome(ResultKind.TCP_FAILURE, f"http body: {exc or type(exc).__name__}") from None
+        finally:
+            self._settle_connection(response, protocol, http, reusable=complete)
+
+        status = response.status
+        if not any(lo <= status <= hi for lo, hi in http.expected_statuses):
+            raise _Outcome(ResultKind.HTTP_FAILURE, f"http {status}", status)
+        if http.expected_body is not None and http.expected_body.encode() not in body:
+            raise _Outcome(ResultKind.HTTP_FAILURE, f"http {status} body mismatch", status)
+        return _Outcome(ResultKind.SUCCESS, f"http {status}", status)
+
+    def _settle_connection(
+        self, response: aiohttp.ClientResponse, protocol: Any, http: HttpCheck, *, reusable: bool
+    ) -> None:
+        """Return the connection to the pool, or close it: no keep-alive, limit reached, body unread."""
+        reuse = http.keepalive and reusable and protocol is not None
+        if reuse:
+            uses = self._uses.get(protocol, 0) + 1
+            if http.keepalive_requests and uses >= http.keepalive_requests:
+                reuse = False
+            else:
+                self._uses[protocol] = uses
+        if reuse:
+            response.release()
+            return
+        response.close()
+        if protocol is not None:
+            self._uses.pop(protocol, None)
+            # The body may have ended already and put the connection back in the pool; closing
+            # the transport makes the pool discard it instead of handing it out again.
+            protocol.close()
+
+    async def _read_body(self, response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+        """Up to `max_body` bytes of the body, and whether that was all of it."""
+        data = bytearray()
+        while len(data) <= self._max_body:
+            chunk = await response.content.read(self._max_body + 1 - len(data))
+            if not chunk:
+                return bytes(data), True
+            data += chunk
+        return bytes(data[: self._max_body]), False
+
+    # ------------------------------------------------------------------ TCP
+
+    async def _tcp(self, target: Target, tcp: TcpCheck, progress: _Progress) -> _Outcome:
+        try:
+            reader, writer = await asyncio.open_connection(target.address, target.check_port)
+        except OSError as exc:
+            raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed")) from None
+        try:
+            if tcp.send:
+                writer.write(tcp.send)
+                await writer.drain()
+            if tcp.receive:
+                buffer = progress.received
+                # Envoy's rule: the expected bytes must appear somewhere in what the endpoint sends.
+                while tcp.receive not in buffer:
+                    chunk = await reader.read(4096)
+                    if not chunk:
+                        raise _Outcome(
+                            ResultKind.TCP_FAILURE,
+                            f"payload mismatch: expected {_snippet(tcp.receive)}, "
+                            f"got {_snippet(bytes(buffer))} before close",
+                        )
+                    buffer += chunk
+                    if len(buffer) > self._max_body:
+                        raise _Outcome(
+                            ResultKind.TCP_FAILURE,
+                            f"payload mismatch: expected {_snippet(tcp.receive)} "
+                            f"not in the first {self._max_body} bytes",
+                        )
+                return _Outcome(ResultKind.SUCCESS, "payload matched")
+            return _Outcome(ResultKind.SUCCESS, "connected")
+        except OSError as exc:
+            raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connection error")) from None
+        finally:
+            # No wait_closed(): the verdict is in, and a slow close must not eat the timeout.
+            writer.close()
+
+    # ------------------------------------------------------------------ gRPC
+
+    def _grpc_channel(self, target: Target, hc: HealthCheck, check: GrpcCheck) -> Any:
+        channel = self._channels.get(target)
+        if channel is None:
+            interval_ms = max(int(hc.interval * 1000), 100)
+            options: list[tuple[str, Any]] = [
+                # Our own connection per endpoint, not one shared through the global subchannel pool.
+                ("grpc.use_local_subchannel_pool", 1),
+                ("grpc.enable_retries", 0),
+                ("grpc.initial_reconnect_backoff_ms", min(interval_ms, 1000)),
+                ("grpc.min_reconnect_backoff_ms", min(interval_ms, 1000)),
+                ("grpc.max_reconnect_backoff_ms", interval_ms),
+            ]
+            if check.authority:
+                options.append(("grpc.default_authority", check.authority))
+            address = f"{_host_literal(target.address)}:{target.check_port}"
+            channel = grpc.aio.insecure_channel(address, options=options)
+            self._channels[target] = channel
+        return channel
+
+    async def _grpc(self, target: Target, hc: HealthCheck, check: GrpcCheck) -> _Outcome:
+        channel = self._grpc_channel(target, hc, check)
+        call = channel.unary_unary(
+            GRPC_HEALTH_CHECK,
+            request_serializer=encode_health_request,
+            response_deserializer=decode_health_response,
+        )
+        try:
+            status: int = await call(check.service, timeout=hc.timeout)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            name = getattr(code, "name", str(code))
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                await self.release(target)
+                raise _Outcome(ResultKind.TIMEOUT, timeout_reason(hc.timeout)) from None
+            if code == grpc.StatusCode.UNAVAILABLE:
+                await self.release(target)
+                raise _Outcome(ResultKind.TCP_FAILURE, f"grpc {name}") from None
+            raise _Outcome(ResultKind.HTTP_FAILURE, f"grpc {name}") from None
+        except asyncio.CancelledError:
+            # Cancelled by our own deadline (or shutdown): the channel may be mid-dial; start afresh.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.release(target))
+            raise
+        name = GRPC_SERVING_STATUS.get(status, str(status))
+        if status == 1:
+            return _Outcome(ResultKind.SUCCESS, f"grpc {name}")
+        return _Outcome(ResultKind.HTTP_FAILURE, f"grpc {name}")

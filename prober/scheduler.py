@@ -1,0 +1,494 @@
+"""Scheduling: when each endpoint is checked next (pure), and the `Prober` that runs the checks.
+
+Planning (`next_check_time`, unit-tested with an injected `random.Random`):
+
+- The first check comes after a uniform delay in `0..initial_jitter`, which spreads the first
+  round of checks.
+- Later checks come `interval` after the previous check *completes* (Envoy's rule), so a slow
+  check never overlaps the next one.
+- While a transition is pending the edge intervals apply, as HAProxy's `fastinter` does:
+  `healthy_edge_interval` while heading for HEALTHY, `unhealthy_edge_interval` while heading
+  for UNHEALTHY. These are Envoy's field names, but Envoy uses them for the single check right
+  *after* a transition. We use them for the checks *during* one, which is what shortens
+  detection.
+- While UNHEALTHY with nothing pending, `unhealthy_interval` applies (HAProxy `downinter`).
+- An unset interval falls back to the one below it: edge -> unhealthy (when UNHEALTHY) -> interval.
+- `interval_jitter_percent` then scales the chosen interval by a uniform factor in
+  `[1 - p/100, 1 + p/100]`, with a floor of `MIN_DELAY`.
+
+Running (`Prober`): one scheduling loop over a heap of due times starts each check as its time
+comes, within a concurrency limit. Endpoints cost a heap entry each, not a task, so 10,000 of
+them are cheap. Every check feeds its endpoint's `EndpointState`. Each transition becomes a
+`Verdict` and a `ProbeEvent` for the sink, and a line in the optional JSON-lines log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import heapq
+import itertools
+import logging
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from controlplane.health import EndpointId, HealthStatus, Verdict
+from controlplane.topology import HealthCheck, Topology
+from prober.checks import Checker, NetworkChecker
+from prober.events import JsonLinesLog, NullSink, ProbeEvent, ProberSink
+from prober.state import CheckResult, Counters, EndpointState, PendingEdge, Target
+
+__all__ = [
+    "MIN_DELAY",
+    "EndpointReport",
+    "Prober",
+    "ProberStats",
+    "TopologyChange",
+    "base_interval",
+    "first_check_time",
+    "next_check_time",
+    "targets",
+]
+
+log = logging.getLogger("healthplane.prober")
+
+# A 100% jitter could plan a delay of 0; a floor keeps one endpoint from spinning.
+MIN_DELAY = 0.001
+
+
+def base_interval(state: EndpointState, policy: HealthCheck) -> float:
+    """The interval for `state`'s next check, before jitter."""
+    unhealthy = policy.unhealthy_interval if state.status is HealthStatus.UNHEALTHY else None
+    pending = state.pending
+    if pending == "healthy" and policy.healthy_edge_interval is not None:
+        return policy.healthy_edge_interval
+    if pending == "unhealthy" and policy.unhealthy_edge_interval is not None:
+        return policy.unhealthy_edge_interval
+    return unhealthy if unhealthy is not None else policy.interval
+
+
+def first_check_time(now: float, policy: HealthCheck, rng: random.Random) -> float:
+    """When a new endpoint gets its first check: `now` plus uniform 0..initial_jitter."""
+    if policy.initial_jitter <= 0:
+        return now
+    return now + rng.uniform(0.0, policy.initial_jitter)
+
+
+def next_check_time(now: float, state: EndpointState, policy: HealthCheck, rng: random.Random) -> float:
+    """When to check next, given the state after the check that completed at `now`.
+
+    A state with no checks yet gets `first_check_time`.
+    """
+    if state.checks == 0:
+        return first_check_time(now, policy, rng)
+    interval = base_interval(state, policy)
+    spread = policy.interval_jitter_percent / 100.0
+    if spread > 0:
+        interval *= 1.0 + rng.uniform(-spread, spread)
+    return now + max(interval, MIN_DELAY)
+
+
+# --------------------------------------------------------------------------- running
+
+
+def targets(topology: Topology) -> list[Target]:
+    """Every endpoint of `topology` that has a health_check, as a Target."""
+    return [
+        Target(cluster.name, ep.address, ep.port, ep.health_check)
+        for cluster in topology.clusters
+        for ep in cluster.endpoints
+        if ep.health_check is not None
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class TopologyChange:
+    """What `Prober.update_topology` did; `replaced` endpoints changed policy (counters restart)."""
+
+    added: tuple[EndpointId, ...] = ()
+    removed: tuple[EndpointId, ...] = ()
+    replaced: tuple[EndpointId, ...] = ()
+    kept: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointReport:
+    """A read-only view of one probed endpoint."""
+
+    target: Target
+    status: HealthStatus
+    reason: str
+    since: float
+    counters: Counters
+    pending: PendingEdge | None
+    checks: int
+    last_result: CheckResult | None
+    next_check: float | None  # monotonic clock; None while a check runs or before start
+
+
+@dataclass(frozen=True, slots=True)
+class ProberStats:
+    """Counts and scheduling lag (actual start minus planned start, seconds) of recent checks."""
+
+    endpoints: int
+    in_flight: int
+    checks_started: int
+    lag_max: float  # over the prober's life
+    lag_p50: float  # over the last `lag_window` checks
+    lag_p99: float
+    lag_window: int
+
+
+class _State(enum.Enum):
+    UNOPENED = "unopened"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class _Entry:
+    """The prober's bookkeeping for one target."""
+
+    __slots__ = ("due", "last_result", "removed", "running", "state", "target")
+
+    def __init__(self, target: Target, state: EndpointState) -> None:
+        self.target = target
+        self.state = state
+        self.due: float | None = None
+        self.running = False
+        self.removed = False
+        self.last_result: CheckResult | None = None
+
+
+class Prober:
+    """Checks every endpoint of a topology on its own schedule and reports health transitions.
+
+    Lifecycle: unopened -> `start()` -> running -> `aclose()` -> closed; `async with` does both.
+    The prober owns its checker (a `NetworkChecker` unless one is given) and closes it.
+    """
+
+    def __init__(
+        self,
+        topology: Topology | None = None,
+        *,
+        sink: ProberSink | None = None,
+        checker: Checker | None = None,
+        max_concurrency: int = 512,
+        source: str | None = None,
+        event_log: str | Path | None = None,
+        lag_window: int = 4096,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        self.source = source if source is not None else f"prober:{socket.gethostname()}"
+        self.max_concurrency = max_concurrency
+        self._sink: ProberSink = sink if sink is not None else NullSink()
+        self._checker = checker
+        self._log = JsonLinesLog(event_log) if event_log is not None else None
+        self._rng = rng if rng is not None else random.Random()
+        self._clock = clock
+        self._wall = wall
+        self._state = _State.UNOPENED
+        self._entries: dict[EndpointId, _Entry] = {}
+        self._heap: list[tuple[float, int, _Entry]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self._outbox: asyncio.Queue[Verdict | ProbeEvent] = asyncio.Queue()
+        self._releases: list[Target] = []
+        self._main: asyncio.Task[None] | None = None
+        self._in_flight = 0
+        self._checks_started = 0
+        self._lags: deque[float] = deque(maxlen=max(lag_window, 1))
+        self._lag_max = 0.0
+        if topology is not None:
+            self.update_topology(topology)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def running(self) -> bool:
+        return self._state is _State.RUNNING
+
+    async def start(self) -> None:
+        """Start checking; the first check of each endpoint comes after its initial jitter."""
+        if self._state is _State.RUNNING:
+            return
+        if self._state is _State.CLOSED:
+            raise RuntimeError("prober is closed")
+        if self._checker is None:
+            self._checker = NetworkChecker(clock=self._clock, wall=self._wall)
+        self._state = _State.RUNNING
+        now = self._clock()
+        for entry in self._entries.values():
+            self._push(entry, first_check_time(now, entry.target.health_check, self._rng))
+        self._main = asyncio.create_task(self._run(), name="healthplane-prober")
+
+    async def aclose(self) -> None:
+        """Stop checking, deliver what is still queued, close the checker and the log; idempotent."""
+        if self._state is _State.CLOSED:
+            return
+        self._state = _State.CLOSED
+        if self._main is not None:
+            self._main.cancel()
+            # A loop that crashed has logged why already; closing must still finish.
+            await asyncio.gather(self._main, return_exceptions=True)
+            self._main = None
+        while not self._outbox.empty():
+            await self._deliver_one(self._outbox.get_nowait())
+        if self._checker is not None:
+            await self._checker.aclose()
+        if self._log is not None:
+            self._log.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ topology
+
+    def update_topology(self, topology: Topology) -> TopologyChange:
+        """Probe the endpoints of `topology`; unchanged targets keep their state and schedule.
+
+        A target whose policy changed keeps its status but restarts its counters and schedule.
+        """
+        if self._state is _State.CLOSED:
+            raise RuntimeError("prober is closed")
+        wanted = {t.id: t for t in targets(topology)}
+        added: list[EndpointId] = []
+        removed: list[EndpointId] = []
+        replaced: list[EndpointId] = []
+        kept = 0
+        for key, entry in list(self._entries.items()):
+            target = wanted.get(key)
+            if target == entry.target:
+                kept += 1
+                continue
+            self._drop(entry)
+            if target is None:
+                removed.append(key)
+            else:
+                replaced.append(key)
+                self._add(target, previous=entry.state)
+        for key, target in wanted.items():
+            if key not in self._entries:
+                added.append(key)
+                self._add(target, previous=None)
+        if added or removed or replaced:
+            log.info(
+                "prober topology: %d added, %d removed, %d replaced, %d kept",
+                len(added),
+                len(removed),
+                len(replaced),
+                kept,
+            )
+        return TopologyChange(tuple(added), tuple(removed), tuple(replaced), kept)
+
+    def _add(self, target: Target, *, previous: EndpointState | None) -> None:
+        now = self._wall()
+        if previous is None:
+            state = EndpointState.for_target(target, since=now)
+        else:
+            state = previous.restart(target)
+        entry = _Entry(target, state)
+        self._entries[target.id] = entry
+        if previous is None and state.status is not HealthStatus.UNKNOWN:
+            # Announce a configured initial status at once; the control plane assumes UNKNOWN.
+            self._emit(
+                ProbeEvent(
+                    target.cluster,
+                    target.endpoint,
+                    HealthStatus.UNKNOWN,
+                    state.status,
+                    state.reason,
+                    Counters(),
+                    now,
+                    self.source,
+                    target.health_check.kind,
+                )
+            )
+        if self._state is _State.RUNNING:
+            self._push(entry, first_check_time(self._clock(), target.health_check, self._rng))
+
+    def _drop(self, entry: _Entry) -> None:
+        entry.removed = True
+        del self._entries[entry.target.id]
+        if not entry.running:
+            self._releases.append(entry.target)  # a running check releases when it ends
+            self._wake.set()
+
+    # ------------------------------------------------------------------ reports
+
+    def current_verdicts(self) -> list[Verdict]:
+        """One verdict per probed endpoint with its current status (for a full resync)."""
+        return [
+            Verdict(e.target.cluster, e.target.endpoint, e.state.status, e.state.reason, e.state.since, self.source)
+            for e in self._entries.values()
+        ]
+
+    def endpoint(self, cluster: str, endpoint: str) -> EndpointReport | None:
+        """What the prober knows about one endpoint, or None if it does not probe it."""
+        entry = self._entries.get((cluster, endpoint))
+        if entry is None:
+            return None
+        s = entry.state
+        return EndpointReport(
+            target=entry.target,
+            status=s.status,
+            reason=s.reason,
+            since=s.since,
+            counters=s.counters,
+            pending=s.pending,
+            checks=s.checks,
+            last_result=entry.last_result,
+            next_check=None if entry.running else entry.due,
+        )
+
+    def endpoints(self) -> Iterable[EndpointId]:
+        return self._entries.keys()
+
+    def stats(self) -> ProberStats:
+        lags = sorted(self._lags)
+
+        def pick(q: float) -> float:
+            return lags[min(len(lags) - 1, int(q * len(lags)))] if lags else 0.0
+
+        return ProberStats(
+            endpoints=len(self._entries),
+            in_flight=self._in_flight,
+            checks_started=self._checks_started,
+            lag_max=self._lag_max,
+            lag_p50=pick(0.5),
+            lag_p99=pick(0.99),
+            lag_window=len(lags),
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def _push(self, entry: _Entry, due: float) -> None:
+        entry.due = due
+        heapq.heappush(self._heap, (due, next(self._seq), entry))
+        if self._heap[0][2] is entry:
+            self._wake.set()  # the loop may be sleeping until a later time
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._deliver(), name="healthplane-prober-deliver")
+                await self._schedule(tg)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("prober loop crashed; no more checks will run")
+            raise
+
+    async def _schedule(self, tg: asyncio.TaskGroup) -> None:
+        while True:
+            self._wake.clear()
+            while self._releases:
+                tg.create_task(self._release(self._releases.pop()))
+            if not self._heap:
+                await self._wake.wait()
+                continue
+            due, _, entry = self._heap[0]
+            delay = due - self._clock()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                continue
+            heapq.heappop(self._heap)
+            if entry.removed:
+                continue
+            await self._slots.acquire()
+            if entry.removed:  # dropped while we waited for a slot
+                self._slots.release()
+                continue
+            entry.running = True
+            self._in_flight += 1
+            tg.create_task(self._probe(entry, due))
+
+    async def _probe(self, entry: _Entry, planned: float) -> None:
+        try:
+            lag = max(self._clock() - planned, 0.0)
+            self._checks_started += 1
+            self._lags.append(lag)
+            self._lag_max = max(self._lag_max, lag)
+            assert self._checker is not None
+            result: CheckResult | None
+            try:
+                result = await self._checker.check(entry.target)
+            except Exception:
+                log.exception("checker failed on %s/%s", entry.target.cluster, entry.target.endpoint)
+                result = None
+            if entry.removed:
+                await self._release(entry.target)
+                return
+            if result is not None:
+                entry.last_result = result
+                transition = entry.state.observe(result)
+                if transition is not None:
+                    self._emit(
+                        ProbeEvent.from_transition(
+                            transition,
+                            source=self.source,
+                            check=entry.target.health_check.kind,
+                            latency=result.latency,
+                        )
+                    )
+            now = self._clock()
+            self._push(entry, next_check_time(now, entry.state, entry.target.health_check, self._rng))
+        finally:
+            entry.running = False
+            self._in_flight -= 1
+            self._slots.release()
+
+    async def _release(self, target: Target) -> None:
+        current = self._entries.get(target.id)
+        if current is not None and current.target == target:
+            return  # the same target came back; its resources are in use again
+        if self._checker is not None:
+            try:
+                await self._checker.release(target)
+            except Exception:
+                log.exception("releasing %s/%s failed", target.cluster, target.endpoint)
+
+    # ------------------------------------------------------------------ output
+
+    def _emit(self, event: ProbeEvent) -> None:
+        log.info("%s/%s %s -> %s: %s", event.cluster, event.endpoint, event.old.name, event.new.name, event.reason)
+        if self._log is not None:
+            try:
+                self._log.write(event)
+            except OSError:
+                log.exception("cannot write the probe event log %s", self._log.path)
+        self._outbox.put_nowait(event.verdict())
+        self._outbox.put_nowait(event)
+
+    async def _deliver(self) -> None:
+        while True:
+            await self._deliver_one(await self._outbox.get())
+
+    async def _deliver_one(self, item: Verdict | ProbeEvent) -> None:
+        try:
+            if isinstance(item, Verdict):
+                await self._sink.on_verdict(item)
+            else:
+                await self._sink.on_event(item)
+        except Exception:
+            log.exception("prober sink failed on %r", item)
