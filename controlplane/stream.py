@@ -145,10 +145,11 @@ class StreamState:
                     RequestKind.ACK, type_url, request.version_info, nonce, None, ts.sent_at
                 )
         self._subscribe(ts, request, first=False)
-        if type_url == rs.ENDPOINT and ts.resend_all:
+        if type_url == rs.ENDPOINT and ts.resend_all and outcome.kind is not RequestKind.NACK:
             # Envoy re-requests EDS after a CDS update with the ACKed nonce and the same names:
             # a re-created cluster waits for an answer (else it stays warming for
             # initial_fetch_timeout, 15 s). So the first EDS request after CDS gets everything.
+            # Not a NACK: that would answer it with the very version it rejected.
             ts.resend_all = False
             ts.sent.clear()
         return outcome

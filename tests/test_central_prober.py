@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -146,3 +148,51 @@ async def test_external_prober_over_the_link(
     assert ep_after["status"] == "UNHEALTHY" and ep_after["source"] == "prober:ext-1"
     assert ep_after["verdict_age_s"] > ep_before["verdict_age_s"]
     assert cp.health.status("web", f"127.0.0.1:{backends[0].port}") is HealthStatus.HEALTHY
+
+
+async def test_restarted_control_plane_gets_the_probers_full_state(
+    lab: Lab, backends: list[DemoApp], listener_port: int, external_prober: ExternalProber
+) -> None:
+    document = web_topology(backends, listener_port, health_check=HEALTH_CHECK)
+    cp = await lab.start_control_plane(document)
+    await external_prober.connect(cp.xds_port)
+    await flip(backends[0], "FAIL")
+    await wait_status(lab, backends[0].port, "UNHEALTHY")
+    for b in backends[1:]:
+        await wait_status(lab, b.port, "HEALTHY")
+
+    xds_port = cp.xds_port
+    await cp.aclose()
+    new_cp = await lab.start_control_plane(document, xds_port=xds_port)
+
+    async def reconnected() -> bool:
+        record = new_cp.prober_link.probers.get("ext-1")
+        return record is not None and record.full_state_at is not None
+
+    await poll_until(reconnected, timeout=10, what="the prober reconnected with its full state")
+    new_cp.flush_verdicts()
+    # Straight from the full state: no threshold to wait for, no UNKNOWN interlude.
+    assert new_cp.health.status("web", f"127.0.0.1:{backends[0].port}") is HealthStatus.UNHEALTHY
+    for b in backends[1:]:
+        assert new_cp.health.status("web", f"127.0.0.1:{b.port}") is HealthStatus.HEALTHY
+    assert external_prober.link.connections == 2
+
+
+async def test_prober_command_reports_to_a_control_plane(
+    lab: Lab, backends: list[DemoApp], listener_port: int
+) -> None:
+    cp = await lab.start_control_plane(web_topology(backends, listener_port, health_check=HEALTH_CHECK))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controlplane", "--log-level", "warning", "prober",
+        "--controlplane", f"127.0.0.1:{cp.xds_port}", "--id", "cli-prober",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        for b in backends:
+            ep = await wait_status(lab, b.port, "HEALTHY")
+            assert ep["source"] == "prober:cli-prober"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode == 0, output.decode()
+    assert b"reporting to 127.0.0.1:" in output
