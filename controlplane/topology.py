@@ -386,10 +386,12 @@ def _http(f: _Field) -> HttpCheck:
         if not isinstance(hf.value, dict):
             raise hf.error("must be a mapping of header name to value")
         for name in hf.value:
-            hf.child(name).string()
+            value = hf.child(name).string()
             if not isinstance(name, str) or not _HEADER.fullmatch(name):
                 raise hf.error(f"{name!r} is not a valid header name")
-            headers.append((name, hf.value[name]))
+            if any(c in value for c in "\r\n\0"):
+                raise hf.child(name).error("header values cannot contain CR, LF or NUL")
+            headers.append((name, value))
     path = f.child("path").string(default="/")
     if not path.startswith("/"):
         raise f.child("path").error("must start with /")
@@ -475,6 +477,10 @@ def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
         raise f.child("timeout").error(
             f"must not exceed the interval ({hc.interval:g}s): a check would still run when the next starts"
         )
+    if hc.timeout > hc.interval and "interval" in updates:
+        raise f.child("interval").error(
+            f"must not be shorter than the timeout ({hc.timeout:g}s): a check would still run when the next starts"
+        )
     return hc
 
 
@@ -500,17 +506,31 @@ def _endpoint(f: _Field, cluster_hc: HealthCheck | None) -> Endpoint:
     )
 
 
+# Cluster fields the topology owns: a fragment overriding them would make Envoy's cluster differ
+# from the one the snapshot claims (another name, a static type, endpoints outside EDS).
+_OWNED_CLUSTER_FIELDS = frozenset({
+    "name", "type", "cluster_type", "clusterType", "eds_cluster_config", "edsClusterConfig",
+    "load_assignment", "loadAssignment",
+})
+
+
 def _envoy_fragment(f: _Field, message_cls: Any) -> dict[str, Any]:
     if f.missing:
         return {}
     if not isinstance(f.value, dict):
         raise f.error("must be a mapping of Envoy fields (proto3 JSON names)")
+    for key in f.value:
+        if key in _OWNED_CLUSTER_FIELDS:
+            raise f.child(key).error(
+                "is set by healthplane from the topology (name, type and endpoints come over EDS); "
+                "change the topology instead")
     try:
         json_format.ParseDict(json.loads(json.dumps(f.value)), message_cls())
     # Not only ParseError: json_format raises AttributeError/KeyError on a malformed Any or Struct.
     except Exception as exc:
         raise f.error(f"not a valid {message_cls.DESCRIPTOR.full_name} fragment: {exc}") from None
-    return dict(f.value)
+    copy: dict[str, Any] = json.loads(json.dumps(f.value))  # deep and plain: nothing shared stays mutable
+    return copy
 
 
 def _cluster(f: _Field) -> Cluster:

@@ -772,3 +772,36 @@ def test_fuzz_mutated_example_raises_only_config_errors_and_builds(document: Any
         build_snapshot(
             topology, lambda cluster, endpoint: HealthStatus.UNKNOWN, version="1.1", cause=Cause("start", "", 0.0)
         )
+
+
+# --------------------------------------------------------------------------- later additions
+
+
+def _web(**cluster: object) -> dict[str, object]:
+    return {"clusters": [{"name": "web", "endpoints": [{"address": "127.0.0.1", "port": 8081}], **cluster}]}
+
+
+@pytest.mark.parametrize("key", ["name", "type", "loadAssignment", "eds_cluster_config"])
+def test_envoy_fragment_cannot_override_what_the_topology_owns(key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"clusters\[0\]\.envoy\.{key}: is set by healthplane"):
+        parse_topology(_web(envoy={key: "STATIC" if key == "type" else {}}))
+
+
+def test_envoy_fragment_is_copied_deeply() -> None:
+    fragment = {"circuit_breakers": {"thresholds": [{"max_connections": 10}]}}
+    topology = parse_topology(_web(envoy=fragment))
+    fragment["circuit_breakers"]["thresholds"][0]["max_connections"] = 99  # type: ignore[index]
+    assert topology.clusters[0].envoy["circuit_breakers"]["thresholds"][0]["max_connections"] == 10
+
+
+def test_header_values_cannot_smuggle_lines() -> None:
+    with pytest.raises(ConfigError, match=r"health_check\.http\.headers\.X-A: header values cannot contain CR"):
+        parse_topology(_web(health_check={"http": {"headers": {"X-A": "ok\r\nX-Evil: 1"}}}))
+
+
+def test_endpoint_interval_override_below_the_inherited_timeout_is_an_error() -> None:
+    doc = _web(health_check={"http": {}, "interval": "2s", "timeout": "1s"})
+    doc["clusters"][0]["endpoints"][0]["health_check"] = {"interval": "500ms"}  # type: ignore[index]
+    expected = r"endpoints\[0\]\.health_check\.interval: must not be shorter than the timeout \(1s\)"
+    with pytest.raises(ConfigError, match=expected):
+        parse_topology(doc)
