@@ -109,6 +109,7 @@ async def snapshot(request: web.Request) -> web.Response:
         {
             "version": snap.version,
             "created": snap.created,
+            "probers": _probers(cp),
             "cause": {"kind": snap.cause.kind, "detail": snap.cause.detail, "time": snap.cause.time},
             "type_versions": {rs.SHORT_NAMES[t]: v for t, v in snap.type_versions.items()},
             "clusters": clusters,
