@@ -15,30 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from controlplane.health import EndpointId, HealthStatus, Verdict
-from prober.state import Counters, Transition
+from controlplane.health import Verdict
+from prober.state import Transition
 
 __all__ = ["JsonLinesLog", "NullSink", "ProbeEvent", "ProberSink", "QueueSink"]
 
 
 @dataclass(frozen=True, slots=True)
-class ProbeEvent:
-    """A status change of one endpoint as the prober records it (a Transition, with provenance)."""
+class ProbeEvent(Transition):
+    """A status change of one endpoint as the prober records it: a Transition, with provenance."""
 
-    cluster: str
-    endpoint: str  # "address:port"
-    old: HealthStatus
-    new: HealthStatus
-    reason: str
-    counters: Counters
-    time: float
     source: str = ""
     check: str = ""  # "http", "tcp" or "grpc"
     latency: float | None = None  # seconds, of the check that caused the change
-
-    @property
-    def id(self) -> EndpointId:
-        return (self.cluster, self.endpoint)
 
     @classmethod
     def from_transition(cls, t: Transition, *, source: str, check: str, latency: float | None = None) -> ProbeEvent:

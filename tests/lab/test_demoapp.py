@@ -14,16 +14,6 @@ from lab.demoapp import DemoApp, create_app
 
 
 @pytest.fixture
-async def demo() -> AsyncIterator[DemoApp]:
-    app = DemoApp("demo-1")
-    await app.start("127.0.0.1", 0)
-    try:
-        yield app
-    finally:
-        await app.stop()
-
-
-@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         yield session

@@ -131,16 +131,6 @@ GRPC_CLUSTER_OPTIONS = {
 
 
 @pytest.fixture
-async def demo() -> AsyncIterator[DemoApp]:
-    app = DemoApp("demo-1")
-    await app.start("127.0.0.1", 0)
-    try:
-        yield app
-    finally:
-        await app.stop()
-
-
-@pytest.fixture
 async def start_envoy() -> AsyncIterator[StartEnvoy]:
     """Start Envoys; every one is stopped at teardown, whatever the test did."""
     started: list[EnvoyProcess] = []
