@@ -1,0 +1,794 @@
+"""ADS fan-out benchmark: how fast one health change reaches N ADS clients.
+
+One control plane runs in its own process (`ControlPlane` on ephemeral ports, one cluster `web`
+with three endpoints, one listener). W worker processes hold N simulated Envoys between them:
+grpc.aio ADS streams, one TCP connection each by default, that subscribe to EDS for `web` and
+ACK every response at once, as Envoy does (node on the first request only). The parent then
+flips one endpoint's override UNHEALTHY/HEALTHY, one push at a time, and measures per push:
+
+- per client, the time from the verdict (taken in the server process right before
+  `ControlPlane.set_override`) to its ACK: as the server processed it (`TypeState.acked_at`, the
+  ground truth) and as the client wrote it;
+- the server's CPU time (getrusage, all threads, from the verdict until the last ACK is
+  processed and the loop is idle again), and the client processes' CPU time, since both share
+  the same cores;
+- the server's RSS before any client connected and after all N ACKed the first version.
+
+    python bench/fanout.py --nodes 100 1000 5000 [--pushes 10] [--workers 2] [--repeat 3] [--json out.json]
+
+Every child process ignores SIGINT, dies with its parent (PR_SET_PDEATHSIG) and exits when its
+command pipe closes; the parent stops them all on exit, Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import datetime
+import gc
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+# Runs from a checkout without `pip install -e .`: the project's packages (controlplane and the
+# generated healthplane protos) sit next to bench/. Appended: PYTHONPATH and site-packages come first.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+CLUSTER = "web"
+ENDPOINTS = [("127.0.0.1", 18081 + i) for i in range(3)]
+FLIPPED = f"{ENDPOINTS[0][0]}:{ENDPOINTS[0][1]}"
+
+TOPOLOGY: dict[str, Any] = {
+    "controlplane": {
+        "xds": {"address": "127.0.0.1", "port": 0},
+        "admin": {"address": "127.0.0.1", "port": 0},
+        "watch_interval": 0,
+    },
+    "clusters": [{"name": CLUSTER, "endpoints": [{"address": a, "port": p} for a, p in ENDPOINTS]}],
+    "listeners": [{"name": "ingress", "port": 10000, "routes": [{"cluster": CLUSTER}]}],
+}
+
+Handler = Callable[[tuple[Any, ...]], Awaitable[Any]]
+
+
+# --------------------------------------------------------------------------- process plumbing
+
+
+def _child_setup() -> None:
+    """Leave Ctrl-C to the parent, die with it, and allow thousands of sockets."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    _raise_fd_limit()
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)  # every thread, gRPC core's included
+    return ru.ru_utime + ru.ru_stime
+
+
+def _sys_seconds() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
+def _gc_collections() -> list[int]:
+    return [g["collections"] for g in gc.get_stats()]
+
+
+def _machine_busy_seconds() -> float:
+    """CPU time every process on the machine has used since boot (from /proc/stat)."""
+    with open("/proc/stat", encoding="ascii") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal, *_ = map(int, f.readline().split()[1:])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+async def _serve_commands(conn: Connection, handle: Handler) -> None:
+    """Answer the parent's (command, *args) tuples one at a time until "stop" or EOF."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            inbox.put_nowait(None)
+
+    loop.add_reader(conn.fileno(), readable)
+    try:
+        while (message := await inbox.get()) is not None:
+            reply = await handle(message)
+            try:
+                conn.send(reply)
+            except OSError:  # the parent is gone or gave up on us
+                return
+            if message[0] == "stop":
+                return
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(conn.fileno())
+
+
+# --------------------------------------------------------------------------- server process
+
+
+def server_main(conn: Connection) -> None:
+    _child_setup()
+    asyncio.run(_server(conn))
+
+
+async def _server(conn: Connection) -> None:
+    from controlplane.app import ControlPlane
+    from controlplane.health import HealthStatus
+    from controlplane.server import StreamCallbacks
+    from controlplane.snapshot import Snapshot
+    from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, StreamState, TypeState
+    from controlplane.topology import parse_topology
+
+    class AckWatch(StreamCallbacks):
+        """Passes every callback on to the node registry; notes when a push's last ACK is processed."""
+
+        def __init__(self, inner: StreamCallbacks) -> None:
+            self.inner = inner
+            self.version: str | None = None
+            self.remaining = 0
+            self.done = asyncio.Event()
+            self.cpu_at_done = 0.0
+
+        def arm(self, version: str, expected: int) -> None:
+            self.version, self.remaining = version, expected
+            self.done.clear()
+
+        def on_stream_open(self, stream: StreamState) -> None:
+            self.inner.on_stream_open(stream)
+
+        def on_stream_closed(self, stream: StreamState) -> None:
+            self.inner.on_stream_closed(stream)
+
+        def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
+            self.inner.on_response(stream, response, snapshot)
+
+        def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
+            self.inner.on_request(stream, outcome)
+            if outcome.kind is RequestKind.ACK and outcome.version == self.version:
+                self.remaining -= 1
+                if self.remaining == 0:
+                    self.cpu_at_done = _cpu_seconds()
+                    self.done.set()
+
+    cp = ControlPlane(parse_topology(TOPOLOGY, source="bench"))
+    watch = AckWatch(cp.ads.callbacks)
+    cp.ads.callbacks = watch
+    await cp.start()
+    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "rss_kb": _rss_kb()})
+    flips = 0
+
+    def eds_states() -> list[TypeState]:
+        return [ts for s in cp.nodes.streams() if (ts := s.types.get(EDS)) is not None]
+
+    async def settle(expected: int, limit: float) -> dict[str, Any]:
+        """Wait until `expected` streams ACKed the current EDS version; then read RSS."""
+        deadline = time.monotonic() + limit
+        while True:
+            current = cp.snapshot.type_versions[EDS]
+            acked = sum(1 for ts in eds_states() if ts.acked_version == current)
+            if acked >= expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # the last streams' buffers and tasks settle
+        return {"streams": len(cp.ads.streams), "acked": acked, "rss_kb": _rss_kb()}
+
+    async def push(expected: int, limit: float) -> dict[str, Any]:
+        """One verdict; returns when `expected` clients ACKed it (or `limit` passed)."""
+        nonlocal flips
+        status = HealthStatus.UNHEALTHY if flips % 2 == 0 else HealthStatus.HEALTHY
+        flips += 1
+        gc0, sys0, cpu0 = _gc_collections(), _sys_seconds(), _cpu_seconds()
+        verdict = time.time()  # the clock of StreamState.sent_at and acked_at
+        snapshot = cp.set_override(CLUSTER, FLIPPED, status, who="bench")
+        published = time.time()
+        if snapshot is None:
+            raise RuntimeError(f"setting {FLIPPED} {status.name} published nothing")
+        version = snapshot.type_versions[EDS]
+        watch.arm(version, expected)  # no await since set_override, so no ACK of it came yet
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch.done.wait(), limit)
+        complete = watch.done.is_set()
+        await asyncio.sleep(0.05)  # the writers' wake-ups after the last ACKs
+        cpu = _cpu_seconds() - cpu0
+        states = eds_states()
+        return {
+            "version": version,
+            "status": status.name,
+            "verdict": verdict,
+            "publish_s": published - verdict,
+            "acked_s": [
+                ts.acked_at - verdict for ts in states if ts.acked_version == version and ts.acked_at is not None
+            ],
+            "sent_s": [ts.sent_at - verdict for ts in states if ts.sent_version == version and ts.sent_at is not None],
+            "cpu_s": cpu,
+            "cpu_to_last_ack_s": watch.cpu_at_done - cpu0 if complete else None,
+            "sys_s": _sys_seconds() - sys0,
+            "gc_collections": [b - a for a, b in zip(gc0, _gc_collections(), strict=True)],
+        }
+
+    async def handle(message: tuple[Any, ...]) -> Any:
+        command, *args = message
+        if command == "settle":
+            return await settle(*args)
+        if command == "push":
+            return await push(*args)
+        if command == "stop":
+            return "stopped"
+        raise ValueError(f"unknown command {command!r}")
+
+    try:
+        await _serve_commands(conn, handle)
+    finally:
+        await cp.aclose(grace=0)
+
+
+# --------------------------------------------------------------------------- client process
+
+
+def worker_main(conn: Connection, port: int, first: int, count: int, per_channel: int, bdp_probe: bool) -> None:
+    _child_setup()
+    asyncio.run(_clients(conn, port, first, count, per_channel, bdp_probe))
+
+
+async def _clients(conn: Connection, port: int, first: int, count: int, per_channel: int, bdp_probe: bool) -> None:
+    import grpc
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+
+    # One channel per `per_channel` streams; a private subchannel pool makes each channel its own
+    # TCP connection (gRPC otherwise shares one connection among channels to the same target).
+    # Envoy's HTTP/2 codec sends no BDP pings; a gRPC client does by default, and each of its
+    # pings costs the server a read and a PING ACK write per response, so it is off by default.
+    options: list[tuple[str, Any]] = [
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.max_receive_message_length", 16 << 20),
+        ("grpc.http2.bdp_probe", int(bdp_probe)),
+    ]
+    channels: list[grpc.aio.Channel] = []
+    records: list[dict[str, tuple[float, float]]] = [{} for _ in range(count)]  # version -> (read, ACKed)
+    received: Counter[str] = Counter()
+    everyone: dict[str, asyncio.Event] = {}  # version -> set when all `count` clients ACKed it
+    started = 0  # clients that ACKed their first response
+    progress = asyncio.Event()
+    errors: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    async def client(index: int, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+        nonlocal started
+        call = stub.StreamAggregatedResources()
+        mine = records[index]
+        try:
+            await call.write(
+                discovery_pb2.DiscoveryRequest(
+                    node=base_pb2.Node(id=f"bench-{first + index}", cluster="bench"),
+                    type_url=EDS,
+                    resource_names=[CLUSTER],
+                )
+            )
+            while (response := await call.read()) is not grpc.aio.EOF:
+                read_at = time.time()
+                await call.write(
+                    discovery_pb2.DiscoveryRequest(
+                        version_info=response.version_info,
+                        response_nonce=response.nonce,
+                        type_url=EDS,
+                        resource_names=[CLUSTER],
+                    )
+                )
+                version = response.version_info
+                mine[version] = (read_at, time.time())
+                if len(mine) == 1:
+                    started += 1
+                    progress.set()
+                received[version] += 1
+                if received[version] == count and version in everyone:
+                    everyone[version].set()
+            errors.append(f"bench-{first + index}: the server ended the stream")
+        except grpc.aio.AioRpcError as exc:
+            errors.append(f"bench-{first + index}: {exc.code().name} {exc.details()}")
+        finally:
+            progress.set()
+
+    async def connect(batch: int, limit: float) -> dict[str, Any]:
+        """Open the streams `batch` at a time, each batch after the last one got its first response."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                for start in range(0, count, batch):
+                    end = min(count, start + batch)
+                    for index in range(start, end):
+                        if index % per_channel == 0:
+                            channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options))
+                            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[-1])
+                        tasks.append(asyncio.create_task(client(index, stub)))
+                    while started < end and not errors:
+                        progress.clear()
+                        await progress.wait()
+        return {"connected": started, "channels": len(channels), "errors": errors[:5]}
+
+    async def collect(version: str, limit: float) -> dict[str, Any]:
+        """Every client's (read, ACKed) times for `version`, once all have it (or `limit` passed)."""
+        done = everyone.setdefault(version, asyncio.Event())
+        if received[version] >= count:
+            done.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), limit)
+        return {"times": [r.get(version) for r in records], "cpu_s": _cpu_seconds(), "errors": errors[:5]}
+
+    async def handle(message: tuple[Any, ...]) -> Any:
+        command, *args = message
+        if command == "connect":
+            return await connect(*args)
+        if command == "cpu":
+            return _cpu_seconds()
+        if command == "collect":
+            return await collect(*args)
+        if command == "stop":
+            return "stopped"
+        raise ValueError(f"unknown command {command!r}")
+
+    try:
+        await _serve_commands(conn, handle)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(c.close(grace=None) for c in channels), return_exceptions=True)
+
+
+# --------------------------------------------------------------------------- parent
+
+
+class Child:
+    """A child process and the parent's end of its command pipe."""
+
+    def __init__(self, ctx: Any, name: str, target: Callable[..., None], *args: Any) -> None:
+        self.conn, child_conn = ctx.Pipe()
+        self.name = name
+        self.process: BaseProcess = ctx.Process(target=target, args=(child_conn, *args), name=name, daemon=True)
+        self.process.start()
+        child_conn.close()
+
+    def send(self, *message: Any) -> None:
+        self.conn.send(message)
+
+    def recv(self, limit: float) -> Any:
+        if not self.conn.poll(limit):
+            raise TimeoutError(f"{self.name}: no answer within {limit:.0f} s")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(1)
+            raise RuntimeError(f"{self.name} exited (code {self.process.exitcode}); see its traceback above") from None
+
+    def ask(self, *message: Any, limit: float) -> Any:
+        self.send(*message)
+        return self.recv(limit)
+
+    def close(self) -> None:
+        """Ask the child to stop, then terminate and kill it if it does not; safe to call twice."""
+        if self.process.is_alive() and not self.conn.closed:
+            with contextlib.suppress(OSError, TimeoutError, EOFError, RuntimeError):
+                self.ask("stop", limit=5)
+        self.conn.close()
+        self.process.join(3)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(3)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+@dataclass
+class Push:
+    version: str
+    status: str
+    server_ack_ms: list[float]  # verdict -> ACK processed by the server, per client (the ground truth)
+    client_ack_ms: list[float]  # verdict -> ACK written by the client, per client
+    client_read_ms: list[float]  # verdict -> response read by the client, per client
+    sent_ms: list[float]  # verdict -> the server's stream decided to send (StreamState.due), per client
+    publish_ms: float  # set_override: building the snapshot and waking every stream
+    server_cpu_ms: float
+    server_cpu_to_last_ack_ms: float | None
+    server_sys_ms: float  # of server_cpu_ms, in the kernel
+    server_gc_collections: list[int]  # per generation
+    client_cpu_ms: float  # all client processes together
+    window_ms: float  # wall time from before the push to every client's report
+    other_cpu_ms: float  # CPU time used meanwhile by processes other than this benchmark
+    missing: int  # clients whose ACK the server had not processed when the push timed out
+
+
+@dataclass
+class Run:
+    nodes: int
+    workers: int
+    streams_per_channel: int
+    channels: int
+    rss_before_kb: int
+    rss_after_kb: int
+    connect_s: float
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    pushes: list[Push] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        def pooled(attr: str, q: float) -> float:
+            return _percentile(sorted(x for p in self.pushes for x in getattr(p, attr)), q)
+
+        def last(attr: str) -> list[float]:
+            return [max(getattr(p, attr), default=math.nan) for p in self.pushes]
+
+        def median(values: Sequence[float | None]) -> float:
+            known = [v for v in values if v is not None]
+            return statistics.median(known) if known else math.nan
+
+        cpu = median([p.server_cpu_ms for p in self.pushes])
+        return {
+            "nodes": self.nodes,
+            "p50_ms": pooled("server_ack_ms", 50),
+            "p99_ms": pooled("server_ack_ms", 99),
+            "last_ack_ms": median(last("server_ack_ms")),
+            "last_ack_worst_ms": max(last("server_ack_ms"), default=math.nan),
+            "client_p50_ms": pooled("client_ack_ms", 50),
+            "client_p99_ms": pooled("client_ack_ms", 99),
+            "client_last_ack_ms": median(last("client_ack_ms")),
+            "last_send_ms": median(last("sent_ms")),
+            "publish_ms": median([p.publish_ms for p in self.pushes]),
+            "server_cpu_ms": cpu,
+            "server_sys_ms": median([p.server_sys_ms for p in self.pushes]),
+            "cpu_us_per_stream": cpu * 1000 / self.nodes,
+            "client_cpu_ms": median([p.client_cpu_ms for p in self.pushes]),
+            "kb_per_stream": (self.rss_after_kb - self.rss_before_kb) / self.nodes,
+            "missing": sum(p.missing for p in self.pushes),
+            "load_1m": self.load_before[0],
+            "other_cpu_pct": 100
+            * sum(p.other_cpu_ms for p in self.pushes)
+            / max(1e-9, sum(p.window_ms for p in self.pushes) * (os.cpu_count() or 1)),
+        }
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    return values[max(0, math.ceil(q / 100 * len(values)) - 1)]  # nearest rank
+
+
+@dataclass(frozen=True)
+class Options:
+    workers: int
+    per_channel: int
+    bdp_probe: bool
+    pushes: int
+    warmup: int
+    pause: float
+    batch: int
+    profile: Path | None
+    native: bool
+
+
+def run_once(ctx: Any, children: list[Child], nodes: int, opt: Options, log: Callable[[str], None]) -> Run:
+    """A fresh server and `nodes` clients; warm-up and measured pushes; everything stopped after."""
+    load_before = os.getloadavg()
+    server = Child(ctx, "fanout-server", server_main)
+    children.append(server)
+    ready = server.recv(60)
+    port, server_pid = ready["xds_port"], ready["pid"]
+    log(f"  server pid {server_pid}, xDS port {port}, RSS {ready['rss_kb']} kB before clients")
+
+    workers = max(1, min(opt.workers, nodes))
+    shares = [nodes // workers + (1 if w < nodes % workers else 0) for w in range(workers)]
+    clients: list[Child] = []
+    first = 0
+    for w, share in enumerate(shares):
+        clients.append(
+            Child(ctx, f"fanout-worker-{w}", worker_main, port, first, share, opt.per_channel, opt.bdp_probe)
+        )
+        first += share
+    children.extend(clients)
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        limit = 60 + nodes * 0.05
+        t0 = time.monotonic()
+        for c in clients:
+            c.send("connect", opt.batch, limit)
+        answers = [c.recv(limit + 30) for c in clients]
+        connected = sum(a["connected"] for a in answers)
+        if connected < nodes:
+            errors = [e for a in answers for e in a["errors"]]
+            raise RuntimeError(f"only {connected} of {nodes} clients got a first response: {errors[:3]}")
+        settled = server.ask("settle", nodes, limit, limit=limit + 30)
+        if settled["acked"] < nodes:
+            raise RuntimeError(f"the server saw {settled['acked']} of {nodes} streams ACK")
+        run = Run(
+            nodes=nodes,
+            workers=workers,
+            streams_per_channel=opt.per_channel,
+            channels=sum(a["channels"] for a in answers),
+            rss_before_kb=ready["rss_kb"],
+            rss_after_kb=settled["rss_kb"],
+            connect_s=time.monotonic() - t0,
+            load_before=load_before,
+        )
+        log(f"  {nodes} streams on {run.channels} connections in {run.connect_s:.1f} s, RSS {settled['rss_kb']} kB")
+
+        if opt.profile is not None:
+            spy = _start_py_spy(server_pid, opt.profile / f"server-{nodes}.txt", native=opt.native)
+        limit = 30 + nodes * 0.01
+        for i in range(opt.warmup + opt.pushes):
+            time.sleep(opt.pause)
+            window0, machine0, parent0 = time.monotonic(), _machine_busy_seconds(), _cpu_seconds()
+            cpu_before = [c.ask("cpu", limit=30) for c in clients]
+            result = server.ask("push", nodes, limit, limit=limit + 30)
+            for c in clients:
+                c.send("collect", result["version"], 10)
+            collected = [c.recv(60) for c in clients]
+            window = time.monotonic() - window0
+            machine = _machine_busy_seconds() - machine0
+            parent = _cpu_seconds() - parent0
+            clients_cpu = sum(a["cpu_s"] - b for a, b in zip(collected, cpu_before, strict=True))
+            verdict = result["verdict"]
+            times = [t for a in collected for t in a["times"] if t is not None]
+            p = Push(
+                version=result["version"],
+                status=result["status"],
+                server_ack_ms=sorted(x * 1000 for x in result["acked_s"]),
+                client_ack_ms=sorted((t[1] - verdict) * 1000 for t in times),
+                client_read_ms=sorted((t[0] - verdict) * 1000 for t in times),
+                sent_ms=sorted(x * 1000 for x in result["sent_s"]),
+                publish_ms=result["publish_s"] * 1000,
+                server_cpu_ms=result["cpu_s"] * 1000,
+                server_cpu_to_last_ack_ms=None
+                if result["cpu_to_last_ack_s"] is None
+                else result["cpu_to_last_ack_s"] * 1000,
+                server_sys_ms=result["sys_s"] * 1000,
+                server_gc_collections=result["gc_collections"],
+                client_cpu_ms=clients_cpu * 1000,
+                window_ms=window * 1000,
+                # What the rest of the machine (other people's tests) used meanwhile; /proc/stat
+                # counts in 10 ms ticks, so single pushes are rough and the sum over a run is not.
+                other_cpu_ms=max(0.0, machine - result["cpu_s"] - clients_cpu - parent) * 1000,
+                missing=nodes - len(result["acked_s"]),
+            )
+            label = "warm-up" if i < opt.warmup else f"push {i - opt.warmup + 1}/{opt.pushes}"
+            log(
+                f"  {label:11} {p.status:9} last ACK {max(p.server_ack_ms, default=math.nan):7.1f} ms "
+                f"(client {max(p.client_ack_ms, default=math.nan):7.1f}), server CPU {p.server_cpu_ms:6.1f} ms "
+                f"(sys {p.server_sys_ms:5.1f}, gc {p.server_gc_collections}), clients CPU {p.client_cpu_ms:6.1f} ms"
+                + (f", {p.missing} MISSING" if p.missing else "")
+            )
+            if i >= opt.warmup:
+                run.pushes.append(p)
+        run.load_after = os.getloadavg()
+        return run
+    finally:
+        if spy is not None:
+            _stop_py_spy(spy, log)
+        for c in [*clients, server]:
+            c.close()
+            children.remove(c)
+
+
+def _start_py_spy(pid: int, out: Path, *, native: bool) -> subprocess.Popen[bytes]:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Native frames (gRPC core, Cython) need py-spy to pause the server at every sample, which
+    # slows the pushes down; Python frames alone do not.
+    mode = ["--native"] if native else ["--nonblocking"]
+    spy = subprocess.Popen(
+        [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--format",
+            "raw",
+            *mode,
+            "--threads",
+            "--idle",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(1.0)  # attaching takes a moment
+    return spy
+
+
+def _stop_py_spy(spy: subprocess.Popen[bytes], log: Callable[[str], None]) -> None:
+    spy.send_signal(signal.SIGINT)
+    try:
+        _, err = spy.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        _, err = spy.communicate()
+    lines = err.decode(errors="replace").strip().splitlines()
+    log(f"  py-spy: {lines[-1] if lines else 'done'}")
+
+
+COLUMNS = [
+    ("nodes", "nodes", "{:.0f}"),
+    ("p50 ms", "p50_ms", "{:.1f}"),
+    ("p99 ms", "p99_ms", "{:.1f}"),
+    ("last ACK ms", "last_ack_ms", "{:.1f}"),
+    ("worst last ACK ms", "last_ack_worst_ms", "{:.1f}"),
+    ("client last ACK ms", "client_last_ack_ms", "{:.1f}"),
+    ("last send ms", "last_send_ms", "{:.1f}"),
+    ("server CPU ms/push", "server_cpu_ms", "{:.1f}"),
+    ("CPU µs/stream/push", "cpu_us_per_stream", "{:.1f}"),
+    ("clients CPU ms/push", "client_cpu_ms", "{:.1f}"),
+    ("KB/stream", "kb_per_stream", "{:.1f}"),
+    ("others' CPU %", "other_cpu_pct", "{:.0f}"),
+]
+
+
+def table(rows: Sequence[dict[str, float]]) -> str:
+    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "|".join("---:" for _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="How fast one health change reaches N ADS clients (see the module docstring)."
+    )
+    parser.add_argument("--nodes", type=int, nargs="+", default=[100, 1000], help="client counts to run")
+    parser.add_argument("--pushes", type=int, default=10, help="measured pushes per run")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured pushes before them")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per client count; the median run is reported")
+    parser.add_argument("--workers", type=int, default=2, help="client processes")
+    parser.add_argument(
+        "--streams-per-channel",
+        type=int,
+        default=1,
+        help="ADS streams per gRPC channel (default 1: a TCP connection per node, as Envoy)",
+    )
+    parser.add_argument(
+        "--client-bdp-probe",
+        action="store_true",
+        help="let the clients send BDP pings, as gRPC clients do (Envoy does not)",
+    )
+    parser.add_argument("--pause", type=float, default=0.3, help="seconds between pushes")
+    parser.add_argument("--batch", type=int, default=250, help="streams each client process opens at a time")
+    parser.add_argument("--json", type=Path, help="write the summary and every push's samples here")
+    parser.add_argument(
+        "--profile", type=Path, help="record the server's stacks with py-spy during the pushes into this folder"
+    )
+    parser.add_argument(
+        "--profile-native",
+        action="store_true",
+        help="with native frames (py-spy pauses the server at each sample: slower pushes)",
+    )
+    args = parser.parse_args(argv)
+    opt = Options(
+        workers=args.workers,
+        per_channel=args.streams_per_channel,
+        bdp_probe=args.client_bdp_probe,
+        pushes=args.pushes,
+        warmup=args.warmup,
+        pause=args.pause,
+        batch=args.batch,
+        profile=args.profile,
+        native=args.profile_native,
+    )
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    _raise_fd_limit()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    signal.signal(signal.SIGTERM, on_sigterm)
+    ctx = mp.get_context("spawn")  # children start clean: no gRPC state forked from the parent
+    children: list[Child] = []
+    runs: dict[int, list[Run]] = {}
+    started = datetime.datetime.now(datetime.UTC)
+    try:
+        for n in args.nodes:
+            for r in range(args.repeat):
+                log(
+                    f"{n} nodes, run {r + 1}/{args.repeat}: {min(args.workers, n)} client processes, "
+                    f"{args.streams_per_channel} stream(s) per connection, load {os.getloadavg()}"
+                )
+                runs.setdefault(n, []).append(run_once(ctx, children, n, opt, log))
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        for c in list(children):
+            c.close()
+
+    chosen = {n: _median_run(rs) for n, rs in runs.items()}
+    if args.repeat > 1:
+        print("every run:")
+        print(table([r.summary() for rs in runs.values() for r in rs]))
+        print(f"\nthe median run of {args.repeat} (by last ACK):")
+    print(table([r.summary() for r in chosen.values()]))
+    if args.json is not None:
+        env: dict[str, Any] = {
+            "started": started.isoformat(timespec="seconds"),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "argv": sys.argv,
+        }
+        with contextlib.suppress(ImportError):
+            import grpc
+
+            env["grpcio"] = grpc.__version__
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            git = ["git", "-C", str(Path(__file__).resolve().parent)]
+            env["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+            env["controlplane_modified"] = bool(
+                subprocess.run(
+                    [*git, "status", "--porcelain", "--", "../controlplane"], capture_output=True, text=True
+                ).stdout.strip()
+            )
+        args.json.write_text(
+            json.dumps(
+                {
+                    "env": env,
+                    "summary": [r.summary() for r in chosen.values()],
+                    "runs": {n: [{"summary": r.summary(), **asdict(r)} for r in rs] for n, rs in runs.items()},
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+def _median_run(runs: list[Run]) -> Run:
+    ordered = sorted(runs, key=lambda r: r.summary()["last_ack_ms"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
