@@ -156,7 +156,7 @@ def server_main(conn: Connection) -> None:
 
 
 async def _server(conn: Connection) -> None:
-    from controlplane.app import ControlPlane
+    from controlplane.app import ControlPlane, tune_gc_for_streams
     from controlplane.health import HealthStatus
     from controlplane.server import StreamCallbacks
     from controlplane.snapshot import Snapshot
@@ -195,6 +195,7 @@ async def _server(conn: Connection) -> None:
                     self.done.set()
 
     cp = ControlPlane(parse_topology(TOPOLOGY, source="bench"))
+    tune_gc_for_streams()  # as `healthplane serve` does
     watch = AckWatch(cp.ads.callbacks)
     cp.ads.callbacks = watch
     await cp.start()

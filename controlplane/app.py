@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -27,6 +28,19 @@ from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot,
 from controlplane.topology import Topology, load_topology
 
 log = logging.getLogger("healthplane")
+
+
+def tune_gc_for_streams() -> None:
+    """Make garbage collection cheap for a process holding thousands of long-lived streams.
+
+    Measured in bench/fanout.py at 5,000 streams: CPython's default thresholds ran a full
+    collection in 2 of 3 pushes, 200-500 ms of CPU spent before the first byte was written.
+    Freezing what exists at start-up and collecting the young generations less often keeps the
+    collector off the push path; cycles left by closed streams are still collected, later.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 1_000)
 
 
 class HealthInput(Protocol):

@@ -96,6 +96,12 @@ class StreamState:
         self.user_agent = ""
         self.types: dict[str, TypeState] = {}
         self._nonce = 0
+        # Whether a request may have made a response due since `due()` last ran, against which
+        # snapshot it ran, and which types it held back while awaiting their ACK: together they
+        # let a plain ACK pass without waking the stream's writer (the common case in a push).
+        self.dirty = True
+        self.checked_snapshot: Snapshot | None = None
+        self._held: set[str] = set()
 
     # ------------------------------------------------------------------ requests
 
@@ -124,6 +130,7 @@ class StreamState:
         if ts is None:
             ts = self.types[type_url] = TypeState(type_url)
             kind = RequestKind.SUBSCRIBE
+            self.dirty = True
             self._subscribe(ts, request, first=True)
             return RequestOutcome(kind, type_url, request.version_info, nonce)
         if nonce and nonce != ts.last_nonce:
@@ -131,6 +138,8 @@ class StreamState:
         outcome = RequestOutcome(RequestKind.SUBSCRIBE, type_url, request.version_info, nonce)
         if nonce:  # answers our latest response
             ts.awaiting_ack = False
+            if type_url in self._held:
+                self.dirty = True
             now = time.time()
             if request.HasField("error_detail"):
                 error = request.error_detail.message or f"code {request.error_detail.code}"
@@ -152,6 +161,7 @@ class StreamState:
             # Not a NACK: that would answer it with the very version it rejected.
             ts.resend_all = False
             ts.sent.clear()
+            self.dirty = True
         return outcome
 
     def _subscribe(self, ts: TypeState, request: discovery_pb2.DiscoveryRequest, *, first: bool) -> None:
@@ -170,6 +180,7 @@ class StreamState:
                     ts.sent.pop(new, None)  # newly subscribed: send even if unchanged
             ts.wildcard, ts.names = wildcard, names
             ts.sent_names = None
+            self.dirty = True
 
     # ------------------------------------------------------------------ responses
 
@@ -177,12 +188,22 @@ class StreamState:
         self._nonce += 1
         return str(self._nonce)
 
+    def needs_due(self, current: Snapshot | None) -> bool:
+        """Whether `due()` could find something to send now that it did not last time."""
+        return self.dirty or current is not self.checked_snapshot
+
     def due(self, snapshot: Snapshot) -> list[PendingResponse]:
         """Responses to send now, in ADS order, and mark them sent."""
+        self.dirty = False
+        self.checked_snapshot = snapshot
+        self._held.clear()
         out: list[PendingResponse] = []
         for type_url in rs.ADS_ORDER:
             ts = self.types.get(type_url)
-            if ts is None or ts.awaiting_ack:
+            if ts is None:
+                continue
+            if ts.awaiting_ack:
+                self._held.add(type_url)
                 continue
             table = snapshot.resources[type_url]
             type_version = snapshot.type_versions[type_url]

@@ -558,3 +558,62 @@ def test_lifecycle_for_every_type(stream: CheckedStream, fleet: Fleet, type_url:
     stream.ack(second)
     assert stream.state.types[type_url].acked_version == snapshot.version
     assert stream.due(snapshot) == []
+
+
+# --------------------------------------------------------------------------- when to look again
+
+
+def test_a_plain_ack_needs_no_second_look(stream: CheckedStream, fleet: Fleet) -> None:
+    stream.send(EDS, ["web"])
+    assert stream.state.needs_due(fleet.snapshot)  # a new subscription
+    response = stream.due_one(fleet.snapshot)
+    stream.ack(response)
+    assert not stream.state.needs_due(fleet.snapshot)
+    assert stream.due(fleet.snapshot) == []  # and indeed nothing is due
+
+
+def test_a_new_snapshot_needs_a_look(stream: CheckedStream, fleet: Fleet) -> None:
+    stream.send(EDS, ["web"])
+    stream.ack(stream.due_one(fleet.snapshot))
+    newer = fleet.flip("web", "127.0.0.1:8081")
+    assert stream.state.needs_due(newer)
+    assert summary(stream.due(newer)) == [("eds", ("web",))]
+
+
+def test_an_ack_of_a_held_back_type_needs_a_look(stream: CheckedStream, fleet: Fleet) -> None:
+    stream.send(EDS, ["web"])
+    first = stream.due_one(fleet.snapshot)
+    newer = fleet.flip("web", "127.0.0.1:8081")
+    assert stream.due(newer) == []  # held back: the first is not ACKed yet
+    stream.ack(first)
+    assert stream.state.needs_due(newer)
+    assert stream.due_one(newer).version == newer.type_versions[EDS]
+
+
+def test_a_nack_of_a_type_not_held_back_needs_no_look(stream: CheckedStream, fleet: Fleet) -> None:
+    stream.send(EDS, ["web"])
+    stream.nack(stream.due_one(fleet.snapshot))
+    assert not stream.state.needs_due(fleet.snapshot)
+    assert stream.due(fleet.snapshot) == []
+
+
+def test_a_subscription_change_or_the_eds_resend_after_cds_needs_a_look(stream: CheckedStream, fleet: Fleet) -> None:
+    stream.send(EDS, ["web"])
+    eds_response = stream.due_one(fleet.snapshot)
+    stream.ack(eds_response, names=["web", "api"])
+    assert stream.state.needs_due(fleet.snapshot)
+    assert summary(stream.due(fleet.snapshot)) == [("eds", ("api",))]
+
+    stream.ack(_last(stream, EDS))
+    stream.send(CDS)
+    stream.ack(stream.due_one(fleet.snapshot))
+    # Envoy re-requests EDS after CDS with the ACKed nonce and the same names.
+    ts = stream.state.types[EDS]
+    stream.send(EDS, version=ts.acked_version or "", nonce=ts.last_nonce or "")
+    assert stream.state.needs_due(fleet.snapshot)
+    assert summary(stream.due(fleet.snapshot)) == [("eds", ("web", "api"))]
+
+
+def _last(stream: CheckedStream, type_url: str) -> PendingResponse:
+    ts = stream.state.types[type_url]
+    return PendingResponse(type_url, ts.sent_version or "", tuple(ts.sent), ts.last_nonce or "")
