@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= examples/topology.yaml
 
-.PHONY: serve test lint typecheck unit install envoy-configs bench clean
+.PHONY: lab serve test lint typecheck unit install envoy-configs bench clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/healthplane/v1/*.p
 	touch $@
 
 install: $(VENV)/.installed
+
+## lab: the demo lab with real processes: front Envoy :10000, 3 backends behind sidecars, healthplane
+lab: install
+	$(BIN)/healthplane lab
 
 ## serve: run the control plane on the example topology (xDS :18000, admin :19000)
 serve: install

@@ -1,4 +1,4 @@
-"""The `healthplane` command: serve, validate, bootstrap."""
+"""The `healthplane` command: serve, prober, validate, bootstrap, lab."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ def _host_port(text: str, flag: str) -> tuple[str, int]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from controlplane.app import ControlPlane
+    from controlplane.app import ControlPlane, tune_gc_for_streams
     from controlplane.topology import load_topology
 
     topology = load_topology(args.config)
 
     async def run() -> None:
         cp = ControlPlane(topology, config_path=args.config, embedded_prober=not args.no_prober)
+        tune_gc_for_streams()
         await cp.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -119,6 +120,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab(args: argparse.Namespace) -> int:
+    from lab.run import lab_command
+
+    return lab_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="healthplane", description=__doc__)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -149,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zone", default="", help="node.locality.zone")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=_bootstrap)
+
+    from lab.topology import add_lab_arguments  # the lab's options; no aiohttp at parse time
+
+    p = sub.add_parser("lab", help="the docker-compose lab as real processes here (docs/lab.md)")
+    add_lab_arguments(p)
+    p.set_defaults(func=_lab)
     return parser
 
 

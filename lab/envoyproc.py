@@ -257,7 +257,7 @@ def _read_tail(path: Path, n: int) -> str:
     return "\n".join(lines[-n:]) if n > 0 else ""
 
 
-def _set_parent_death_signal() -> Callable[[], None] | None:
+def set_parent_death_signal() -> Callable[[], None] | None:
     """A preexec_fn asking Linux to SIGTERM the child when its parent dies, so no Envoy outlives us.
 
     Linux ties this to the spawning thread: the one running the event loop."""
@@ -337,7 +337,7 @@ class EnvoyProcess:
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=stdio,
                     stderr=stdio,
-                    preexec_fn=_set_parent_death_signal(),
+                    preexec_fn=set_parent_death_signal(),
                 )
             self._exited = asyncio.ensure_future(self._proc.wait())
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
