@@ -161,17 +161,7 @@ class PortPlan:
     @classmethod
     def from_base(cls, base: int) -> PortPlan:
         """Thirteen consecutive ports from `base`, in the order of the fields."""
-        n = len(BACKENDS)
-        ports = list(range(base, base + 4 + 3 * n))
-        return cls(
-            front_listener=ports[0],
-            front_admin=ports[1],
-            controlplane_admin=ports[2],
-            xds=ports[3],
-            sidecar_listeners=tuple(ports[4 : 4 + n]),
-            sidecar_admins=tuple(ports[4 + n : 4 + 2 * n]),
-            apps=tuple(ports[4 + 2 * n : 4 + 3 * n]),
-        )
+        return cls._from_list(list(range(base, base + 4 + 3 * len(BACKENDS))))
 
     @classmethod
     def free(cls) -> PortPlan:
@@ -188,6 +178,12 @@ class PortPlan:
         finally:
             for s in socks:
                 s.close()
+        return cls._from_list(ports)
+
+    @classmethod
+    def _from_list(cls, ports: list[int]) -> PortPlan:
+        """The ports in the order of the fields."""
+        n = len(BACKENDS)
         return cls(
             front_listener=ports[0],
             front_admin=ports[1],
