@@ -1,0 +1,973 @@
+"""Prober throughput benchmark: how many checks per second one prober process sustains.
+
+S backend processes serve N endpoints between them: N distinct listening sockets on loopback
+addresses (`127.88.<backend>.<k>`, ports from 21000, below the ephemeral range), answered by a
+minimal asyncio `Protocol` (`HTTP/1.1 200 OK`, `Content-Length: 2`, keep-alive unless the request
+says `Connection: close`; a bare TCP connection is accepted and left to the client to close).
+The backends count connections and requests, so they are cheap and never the bottleneck.
+
+One prober process runs the real `Prober` with the real `NetworkChecker` over a topology of N
+endpoints (clusters of 100) checked every `--interval` with `--timeout`, the first checks spread
+over one interval (`initial_jitter`). Thresholds are 1/1 so that every failed check after a
+success is a transition to UNHEALTHY, which a counting sink sees. Modes:
+
+- `http-keepalive`: `GET /healthz` over a pooled connection per endpoint (the default policy);
+- `http-close`: the same with `keepalive: false` (a TCP connection per check);
+- `tcp`: connect, then close (`tcp: {}`).
+
+After `--warmup` seconds the parent takes a snapshot of every process, and another after
+`--duration` seconds. Per run it reports:
+
+- checks/s: `Prober.stats().checks_started` over the window, against N / interval;
+- CPU of the prober process (getrusage, user + system) as a share of one core, and per check;
+- scheduling lag (actual start minus planned start of a check) p50 / p99 from `Prober.stats()`,
+  with `lag_window` sized to the checks the window should hold (N / interval x duration), and
+  the largest lag (lifetime; `<=` when it was already reached during the warm-up);
+- failed checks: transitions to UNHEALTHY, with their reasons;
+- time inside the cyclic garbage collector (`gc.callbacks`), per generation, and its longest pause;
+- memory per endpoint: the prober's VmRSS at the end minus its VmRSS with an empty prober
+  running, divided by N (Python rarely returns memory, so this is the high-water mark);
+- the backends' CPU, and the CPU every other process on the machine used during the window
+  (/proc/stat minus ours), since everything shares the same cores.
+
+    python bench/prober.py --endpoints 1000 5000 10000 --modes http-keepalive http-close tcp \\
+        [--interval 1s] [--timeout 0.5s] [--duration 15] [--warmup 5] [--backends 2] [--json out.json]
+    python bench/prober.py --report out.json      # the table of an earlier run, nothing run
+
+`--profile DIR` records the prober with py-spy during the window; `--experiment a,b` patches the
+prober process with a proposed fix (see "experiments" below; never for the reported numbers).
+
+Before each run the parent waits (up to `--busy-retries` times 20 s) for the machine to be idle,
+since other people's benchmarks share it, and runs again (as often) when other processes used
+more than `--busy-limit` cores during the window, keeping the quietest attempt. Every child
+ignores SIGINT, dies with its parent (PR_SET_PDEATHSIG) and exits when its command pipe closes;
+the parent stops them all on exit, Ctrl-C or SIGTERM. Everything binds and connects on 127.0.0.0/8 only.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and this very module would shadow
+# the `prober` package. Put the repository root there instead (spawned children inherit it).
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import contextlib  # noqa: E402
+import ctypes  # noqa: E402
+import datetime  # noqa: E402
+import errno  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import multiprocessing as mp  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from collections.abc import Awaitable, Callable, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from multiprocessing.connection import Connection  # noqa: E402
+from multiprocessing.process import BaseProcess  # noqa: E402
+from typing import Any  # noqa: E402
+
+MODES = ("http-keepalive", "http-close", "tcp")
+BASE_PORT = 21000  # well below the ephemeral range (32768+), so no outgoing connection holds one
+PORTS_PER_ADDRESS = 1000
+CLUSTER_SIZE = 100
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
+RESPONSE_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK"
+
+Handler = Callable[[tuple[Any, ...]], Awaitable[Any]]
+
+
+# --------------------------------------------------------------------------- process plumbing
+
+
+def _child_setup() -> None:
+    """Leave Ctrl-C to the parent, die with it, and allow thousands of sockets."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    _raise_fd_limit()
+
+
+def _raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _cpu() -> tuple[float, float]:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime, ru.ru_stime
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _machine_busy_s() -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine since boot, now); busy excludes idle and iowait."""
+    with open("/proc/stat", encoding="ascii") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / tick, time.monotonic()
+
+
+async def _serve_commands(conn: Connection, handle: Handler) -> None:
+    """Answer the parent's (command, *args) tuples one at a time until "stop" or EOF."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            inbox.put_nowait(None)
+
+    loop.add_reader(conn.fileno(), readable)
+    try:
+        while (message := await inbox.get()) is not None:
+            reply = await handle(message)
+            try:
+                conn.send(reply)
+            except OSError:
+                return
+            if message[0] == "stop":
+                return
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(conn.fileno())
+
+
+class Child:
+    """A spawned process and its command pipe."""
+
+    def __init__(self, ctx: Any, name: str, target: Callable[..., None], *args: Any) -> None:
+        self.name = name
+        self.conn, child_conn = ctx.Pipe()
+        self.process: BaseProcess = ctx.Process(target=target, args=(child_conn, *args), name=name, daemon=True)
+        self.process.start()
+        child_conn.close()
+
+    def send(self, *message: Any) -> None:
+        self.conn.send(message)
+
+    def recv(self, limit: float) -> Any:
+        if not self.conn.poll(limit):
+            raise TimeoutError(f"{self.name}: no answer within {limit:.0f} s")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(1)
+            raise RuntimeError(f"{self.name} exited (code {self.process.exitcode}); see its traceback above") from None
+
+    def ask(self, *message: Any, limit: float) -> Any:
+        self.send(*message)
+        return self.recv(limit)
+
+    def close(self) -> None:
+        """Ask the child to stop, then terminate and kill it if it does not; safe to call twice."""
+        if self.process.is_alive() and not self.conn.closed:
+            with contextlib.suppress(OSError, TimeoutError, EOFError, RuntimeError):
+                self.ask("stop", limit=10)
+        self.conn.close()
+        self.process.join(3)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(3)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+# --------------------------------------------------------------------------- backend process
+
+
+class _Counts:
+    __slots__ = ("connections", "requests")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests = 0
+
+
+class _Backend(asyncio.Protocol):
+    """Answers every request head with 200 OK; closes after a `Connection: close` request."""
+
+    __slots__ = ("buffer", "counts", "transport")
+
+    def __init__(self, counts: _Counts) -> None:
+        self.counts = counts
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.counts.connections += 1
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        buf = self.buffer + data if self.buffer else data
+        # Health checks carry no request body, so a request ends at its blank line.
+        while (end := buf.find(b"\r\n\r\n")) >= 0:
+            head, buf = buf[:end], buf[end + 4 :]
+            self.counts.requests += 1
+            if b"connection: close" in head.lower():
+                self.transport.write(RESPONSE_CLOSE)
+                self.transport.close()  # after the buffered response is written
+                self.buffer = b""
+                return
+            self.transport.write(RESPONSE)
+        self.buffer = buf
+
+
+def _bind(host: str, port: int) -> socket.socket | None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(512)
+        sock.setblocking(False)
+        return sock
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            return None
+        raise
+
+
+def backend_main(conn: Connection, index: int, count: int) -> None:
+    _child_setup()
+    asyncio.run(_backend(conn, index, count))
+
+
+async def _backend(conn: Connection, index: int, count: int) -> None:
+    loop = asyncio.get_running_loop()
+    counts = _Counts()
+    servers: list[asyncio.Server] = []
+    endpoints: list[tuple[str, int]] = []
+    slot = 0
+    while len(endpoints) < count:
+        host = f"127.88.{index}.{1 + slot // PORTS_PER_ADDRESS}"
+        port = BASE_PORT + slot % PORTS_PER_ADDRESS
+        slot += 1
+        if slot > count + 5 * PORTS_PER_ADDRESS:
+            raise RuntimeError(f"backend {index}: too many ports in use around {BASE_PORT}")
+        sock = _bind(host, port)
+        if sock is None:  # someone listens on this port on every address; take the next one
+            continue
+        servers.append(await loop.create_server(lambda: _Backend(counts), sock=sock))
+        endpoints.append((host, port))
+    conn.send({"pid": os.getpid(), "endpoints": endpoints, "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]})
+
+    async def handle(message: tuple[Any, ...]) -> Any:
+        if message[0] == "counts":
+            user, system = _cpu()
+            return {"connections": counts.connections, "requests": counts.requests, "cpu_s": user + system}
+        if message[0] == "stop":
+            for server in servers:
+                server.close()
+            return "stopped"
+        raise ValueError(f"unknown command {message[0]!r}")
+
+    await _serve_commands(conn, handle)
+
+
+# --------------------------------------------------------------------------- prober process
+
+
+def health_check(mode: str, interval: float, timeout: float) -> dict[str, Any]:
+    """The topology's health_check for `mode`."""
+    if mode == "http-keepalive":
+        kind: dict[str, Any] = {"http": {"path": "/healthz", "keepalive": True}}
+    elif mode == "http-close":
+        kind = {"http": {"path": "/healthz", "keepalive": False}}
+    elif mode == "tcp":
+        kind = {"tcp": {}}
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    return {
+        **kind,
+        "interval": interval,
+        "timeout": timeout,
+        "initial_jitter": interval,  # spread the first round over one interval
+        # 1/1: every failed check after a success is a transition the sink counts.
+        "healthy_threshold": 1,
+        "unhealthy_threshold": 1,
+    }
+
+
+def topology_document(
+    mode: str, endpoints: Sequence[tuple[str, int]], interval: float, timeout: float
+) -> dict[str, Any]:
+    hc = health_check(mode, interval, timeout)
+    clusters = [
+        {
+            "name": f"bench-{i // CLUSTER_SIZE:04d}",
+            "health_check": hc,
+            "endpoints": [{"address": a, "port": p} for a, p in endpoints[i : i + CLUSTER_SIZE]],
+        }
+        for i in range(0, len(endpoints), CLUSTER_SIZE)
+    ]
+    return {"clusters": clusters}
+
+
+def prober_main(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
+    _child_setup()
+    asyncio.run(_prober(conn, mode, endpoints, opt))
+
+
+async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
+    from controlplane.health import HealthStatus, Verdict
+    from controlplane.topology import parse_topology
+    from prober.events import NullSink, ProbeEvent
+    from prober.scheduler import Prober
+
+    class CountingSink(NullSink):
+        def __init__(self) -> None:
+            self.verdicts: Counter[str] = Counter()
+            self.reasons: Counter[str] = Counter()
+
+        async def on_verdict(self, verdict: Verdict) -> None:
+            self.verdicts[verdict.status.name] += 1
+
+        async def on_event(self, event: ProbeEvent) -> None:
+            if event.new is HealthStatus.UNHEALTHY:
+                self.reasons[event.reason] += 1
+
+    gc_pause = _GcPauses()
+    gc.callbacks.append(gc_pause.callback)
+
+    # The baseline: everything imported and an empty prober running.
+    empty = Prober(None, sink=NullSink(), max_concurrency=opt["concurrency"], source="bench")
+    await empty.start()
+    await asyncio.sleep(0.2)
+    await empty.aclose()
+    gc.collect()
+    rss_base = _rss_kb()
+
+    topology = parse_topology(topology_document(mode, endpoints, opt["interval"], opt["timeout"]))
+    gc.collect()
+    rss_topology = _rss_kb()
+
+    experiments = set(filter(None, (opt.get("experiment") or "").split(",")))
+    sink = CountingSink()
+    prober = Prober(
+        topology,
+        sink=sink,
+        checker=_experimental_checker(experiments),
+        max_concurrency=opt["concurrency"],
+        source="bench",
+        lag_window=opt["lag_window"],
+    )
+    await prober.start()
+    _tune_gc(experiments)
+    conn.send(
+        {
+            "pid": os.getpid(),
+            "rss_base_kb": rss_base,
+            "rss_topology_kb": rss_topology,
+            "endpoints": len(list(prober.endpoints())),
+        }
+    )
+
+    def snapshot(first: bool) -> dict[str, Any]:
+        # The lag percentiles sort up to lag_window values: outside the measured CPU time.
+        stats = prober.stats() if first else None
+        now = time.monotonic()
+        user, system = _cpu()
+        gcs = [g["collections"] for g in gc.get_stats()]
+        gc_s, gc_max = list(gc_pause.total), gc_pause.max
+        gc_pause.max = 0.0
+        if stats is None:
+            stats = prober.stats()
+        return {
+            "time": now,
+            "user_s": user,
+            "sys_s": system,
+            "gc": gcs,
+            "gc_s": gc_s,
+            "gc_max_s": gc_max,
+            "rss_kb": _rss_kb(),
+            "checks": stats.checks_started,
+            "in_flight": stats.in_flight,
+            "lag_p50": stats.lag_p50,
+            "lag_p99": stats.lag_p99,
+            "lag_max": stats.lag_max,
+            "lag_window": stats.lag_window,
+            "verdicts": dict(sink.verdicts),
+            "reasons": dict(sink.reasons),
+        }
+
+    def report() -> dict[str, Any]:
+        latencies: list[float] = []
+        statuses: Counter[str] = Counter()
+        for cluster, endpoint in list(prober.endpoints()):
+            r = prober.endpoint(cluster, endpoint)
+            if r is None:
+                continue
+            statuses[r.status.name] += 1
+            if r.last_result is not None:
+                latencies.append(r.last_result.latency)
+        latencies.sort()
+        return {
+            "gc_objects": len(gc.get_objects()),
+            "statuses": dict(statuses),
+            "latency_mean": sum(latencies) / len(latencies) if latencies else math.nan,
+            "latency_p50": _percentile(latencies, 50),
+            "latency_p99": _percentile(latencies, 99),
+        }
+
+    async def handle(message: tuple[Any, ...]) -> Any:
+        if message[0] == "snap":
+            return snapshot(message[1])
+        if message[0] == "report":
+            return report()
+        if message[0] == "stop":
+            await prober.aclose()
+            return "stopped"
+        raise ValueError(f"unknown command {message[0]!r}")
+
+    try:
+        await _serve_commands(conn, handle)
+    finally:
+        await prober.aclose()
+
+
+class _GcPauses:
+    """Time spent in the cyclic garbage collector, per generation, and the longest pause."""
+
+    def __init__(self) -> None:
+        self.total = [0.0, 0.0, 0.0]
+        self.max = 0.0
+        self._start = 0.0
+
+    def callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._start
+        self.total[info["generation"]] += pause
+        self.max = max(self.max, pause)
+
+
+# --------------------------------------------------------------------------- experiments
+#
+# Proposed fixes, measured by patching the prober process of this benchmark only (`--experiment
+# a,b`). The figures in docs/benchmarks.md are for the unmodified code.
+#
+# - gc-freeze: `gc.freeze()` once the prober has started, so that full collections no longer
+#   walk every module, the topology and the per-endpoint state on each pass.
+# - gc-threshold: `gc.freeze()` and a first-generation threshold of 50,000 allocations instead
+#   of 700 (fewer, larger young collections; most per-check objects die before one runs).
+# - raw-http: HTTP checks over a minimal asyncio Protocol instead of aiohttp's ClientSession
+#   (one idle connection per endpoint, request bytes built once, Content-Length bodies only).
+# - raw-tcp: connect-only TCP checks with `loop.sock_connect` on a bare socket instead of
+#   `asyncio.open_connection` (no transport, protocol, StreamReader and StreamWriter per check).
+
+EXPERIMENTS = ("gc-freeze", "gc-threshold", "raw-http", "raw-tcp")
+
+
+def _tune_gc(experiments: set[str]) -> None:
+    unknown = experiments - set(EXPERIMENTS)
+    if unknown:
+        raise ValueError(f"unknown experiments {sorted(unknown)}; known: {', '.join(EXPERIMENTS)}")
+    if "gc-threshold" in experiments:
+        gc.set_threshold(50_000, 10, 10)
+    if experiments & {"gc-freeze", "gc-threshold"}:
+        gc.collect()
+        gc.freeze()
+
+
+class _RawHttpResponse(asyncio.Protocol):
+    """One HTTP/1.1 connection of the raw-http experiment: a response at a time, Content-Length only."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc or ConnectionResetError("server disconnected"))
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.waiter is None or self.waiter.done():
+            return
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+        length, keep = 0, True
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            name = name.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "connection" and value.strip().lower() == "close":
+                keep = False
+        if len(self.buffer) < end + 4 + length:
+            return
+        body = bytes(self.buffer[end + 4 : end + 4 + length])
+        del self.buffer[: end + 4 + length]
+        self.waiter.set_result((int(head[0].split(" ", 2)[1]), body, keep))
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.waiter
+
+
+def _experimental_checker(experiments: set[str]) -> Any:
+    if not experiments & {"raw-http", "raw-tcp"}:
+        return None
+    from prober.checks import NetworkChecker, _os_reason, _Outcome
+    from prober.state import ResultKind
+
+    class ExperimentalChecker(NetworkChecker):
+        def __init__(self) -> None:
+            super().__init__()
+            self._idle: dict[tuple[str, int], _RawHttpResponse] = {}
+            self._requests: dict[tuple[str, int, bool], bytes] = {}
+
+        async def _http(self, target: Any, http: Any) -> Any:
+            if "raw-http" not in experiments:
+                return await super()._http(target, http)
+            key = (target.address, target.check_port)
+            proto = self._idle.pop(key, None)
+            if proto is None or proto.closed:
+                try:
+                    _, proto = await asyncio.get_running_loop().create_connection(_RawHttpResponse, *key)
+                except OSError as exc:
+                    raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed")) from None
+            request = self._requests.get((*key, http.keepalive))
+            if request is None:
+                host = http.host or f"{key[0]}:{key[1]}"
+                close = "" if http.keepalive else "Connection: close\r\n"
+                request = (
+                    f"{http.method} {http.path} HTTP/1.1\r\nHost: {host}\r\n"
+                    f"User-Agent: healthplane-prober\r\n{close}\r\n"
+                ).encode()
+                self._requests[(*key, http.keepalive)] = request
+            try:
+                status, _body, keep = await proto.exchange(request)
+            except OSError as exc:
+                assert proto.transport is not None
+                proto.transport.close()
+                raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connection error")) from None
+            except BaseException:
+                assert proto.transport is not None
+                proto.transport.close()  # a timeout: the connection is in an unknown state
+                raise
+            assert proto.transport is not None
+            if keep and http.keepalive:
+                self._idle[key] = proto
+            else:
+                proto.transport.close()
+            if not any(lo <= status <= hi for lo, hi in http.expected_statuses):
+                raise _Outcome(ResultKind.HTTP_FAILURE, f"http {status}", status)
+            return _Outcome(ResultKind.SUCCESS, f"http {status}", status)
+
+        async def _tcp(self, target: Any, tcp: Any, progress: Any) -> Any:
+            if "raw-tcp" not in experiments or tcp.send or tcp.receive:
+                return await super()._tcp(target, tcp, progress)
+            sock = socket.socket(socket.AF_INET6 if ":" in target.address else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, (target.address, target.check_port))
+            except OSError as exc:
+                raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed")) from None
+            finally:
+                sock.close()
+            return _Outcome(ResultKind.SUCCESS, "connected")
+
+    return ExperimentalChecker()
+
+
+# --------------------------------------------------------------------------- the parent
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return math.nan
+    return values[max(0, math.ceil(q / 100 * len(values)) - 1)]  # nearest rank
+
+
+@dataclass(frozen=True)
+class Options:
+    interval: float
+    timeout: float
+    warmup: float
+    duration: float
+    backends: int
+    concurrency: int
+    busy_limit: float
+    busy_retries: int
+    profile: Path | None
+    experiment: str | None
+
+
+def _busy_cores(seconds: float) -> float:
+    b0, t0 = _machine_busy_s()
+    time.sleep(seconds)
+    b1, t1 = _machine_busy_s()
+    return (b1 - b0) / (t1 - t0)
+
+
+def wait_idle(opt: Options, log: Callable[[str], None]) -> float:
+    """Wait until the machine is idle (other people's benchmarks share it); the busy cores seen last."""
+    busy = _busy_cores(2.0)
+    for attempt in range(opt.busy_retries):
+        if busy <= opt.busy_limit:
+            break
+        log(
+            f"  machine busy ({busy:.2f} cores in use, load {os.getloadavg()[0]:.1f}); "
+            f"waiting 20 s ({attempt + 1}/{opt.busy_retries})"
+        )
+        time.sleep(18)
+        busy = _busy_cores(2.0)
+    else:
+        if busy > opt.busy_limit:
+            log(f"  still busy ({busy:.2f} cores); measuring anyway")
+    return busy
+
+
+def run_once(
+    ctx: Any, children: list[Child], mode: str, n: int, opt: Options, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Fresh backends and a fresh prober for `n` endpoints; warm-up, window, everything stopped after."""
+    busy_before = wait_idle(opt, log)
+    count = max(1, min(opt.backends, n))
+    shares = [n // count + (1 if i < n % count else 0) for i in range(count)]
+    backends = [Child(ctx, f"prober-bench-backend-{i}", backend_main, i, share) for i, share in enumerate(shares)]
+    children.extend(backends)
+    prober: Child | None = None
+    spy: subprocess.Popen[bytes] | None = None
+    try:
+        ready = [b.recv(60 + n * 0.01) for b in backends]
+        # Interleave the backends so that consecutive endpoints (and clusters) use all of them.
+        lists = [r["endpoints"] for r in ready]
+        endpoints = [(str(ls[i][0]), int(ls[i][1])) for i in range(max(map(len, lists))) for ls in lists if i < len(ls)]
+        lag_window = max(1000, int(n / opt.interval * opt.duration))
+        prober = Child(
+            ctx,
+            "prober-bench-prober",
+            prober_main,
+            mode,
+            endpoints,
+            {
+                "interval": opt.interval,
+                "timeout": opt.timeout,
+                "concurrency": opt.concurrency,
+                "lag_window": lag_window,
+                "experiment": opt.experiment,
+            },
+        )
+        children.append(prober)
+        info = prober.recv(60 + n * 0.01)
+        log(
+            f"  {n} endpoints on {count} backend(s), prober pid {info['pid']}, "
+            f"RSS {info['rss_base_kb']} kB empty, {info['rss_topology_kb']} kB with the topology"
+        )
+        time.sleep(opt.warmup)
+
+        if opt.profile is not None:
+            label = f"{mode}-{n}" + (f"-{opt.experiment}" if opt.experiment else "")
+            spy = _start_py_spy(info["pid"], opt.profile / f"{label}.txt", opt.duration)
+        counts0 = [b.ask("counts", limit=30) for b in backends]
+        machine0 = _machine_busy_s()
+        s0 = prober.ask("snap", True, limit=30)
+        time.sleep(opt.duration)
+        s1 = prober.ask("snap", False, limit=30)
+        machine1 = _machine_busy_s()
+        counts1 = [b.ask("counts", limit=30) for b in backends]
+        end = prober.ask("report", limit=60)
+    finally:
+        if spy is not None:
+            _stop_py_spy(spy, log)
+        for c in [*([prober] if prober else []), *backends]:
+            c.close()
+            children.remove(c)
+
+    window = s1["time"] - s0["time"]
+    checks = s1["checks"] - s0["checks"]
+    cpu = (s1["user_s"] + s1["sys_s"]) - (s0["user_s"] + s0["sys_s"])
+    backend_cpu = sum(b["cpu_s"] for b in counts1) - sum(b["cpu_s"] for b in counts0)
+    served_key = "connections" if mode == "tcp" else "requests"
+    served = sum(b[served_key] for b in counts1) - sum(b[served_key] for b in counts0)
+    connections = sum(b["connections"] for b in counts1) - sum(b["connections"] for b in counts0)
+    machine = (machine1[0] - machine0[0]) / (machine1[1] - machine0[1])
+    failures = sum(s1["reasons"].values())
+    failures_window = failures - sum(s0["reasons"].values())
+    result = {
+        "mode": mode,
+        "endpoints": n,
+        "target_per_s": n / opt.interval,
+        "checks_per_s": checks / window,
+        "served_per_s": served / window,
+        "connections_per_s": connections / window,
+        "cpu_core": cpu / window,
+        "user_core": (s1["user_s"] - s0["user_s"]) / window,
+        "cpu_us_per_check": cpu / checks * 1e6 if checks else math.nan,
+        "lag_p50_ms": s1["lag_p50"] * 1000,
+        "lag_p99_ms": s1["lag_p99"] * 1000,
+        "lag_max_ms": s1["lag_max"] * 1000,
+        "lag_max_in_window": s1["lag_max"] > s0["lag_max"],
+        "lag_window": s1["lag_window"],
+        "latency_mean_ms": end["latency_mean"] * 1000,
+        "latency_p99_ms": end["latency_p99"] * 1000,
+        "failures": failures,
+        "failures_in_window": failures_window,
+        "failure_reasons": s1["reasons"],
+        "statuses": end["statuses"],
+        "kb_per_endpoint": (s1["rss_kb"] - info["rss_base_kb"]) / n,
+        "topology_kb_per_endpoint": (info["rss_topology_kb"] - info["rss_base_kb"]) / n,
+        "rss_base_kb": info["rss_base_kb"],
+        "rss_end_kb": s1["rss_kb"],
+        "gc_collections": [b - a for a, b in zip(s0["gc"], s1["gc"], strict=True)],
+        "gc_share": [(b - a) / window for a, b in zip(s0["gc_s"], s1["gc_s"], strict=True)],
+        "gc_max_pause_ms": s1["gc_max_s"] * 1000,
+        "gc_objects": end["gc_objects"],
+        "backend_cpu_core": backend_cpu / window,
+        "other_cpu_core": max(0.0, machine - cpu / window - backend_cpu / window),
+        "busy_before_core": busy_before,
+        "window_s": window,
+        "in_flight_end": s1["in_flight"],
+    }
+    log(
+        f"  {mode:14} {n:6}: {result['checks_per_s']:7.0f} checks/s (target {result['target_per_s']:.0f}), "
+        f"CPU {result['cpu_core'] * 100:5.1f}% ({result['cpu_us_per_check']:.0f} µs/check), "
+        f"lag p50 {result['lag_p50_ms']:.1f} p99 {result['lag_p99_ms']:.1f} max {result['lag_max_ms']:.0f} ms, "
+        f"{failures} failures {dict(s1['reasons']) if failures else ''}, "
+        f"{result['kb_per_endpoint']:.1f} KB/endpoint, backends {result['backend_cpu_core'] * 100:.0f}%, "
+        f"others {result['other_cpu_core'] * 100:.0f}%, gc {result['gc_collections']} collections, "
+        f"{sum(result['gc_share']) * 100:.1f}% of the time (gen2 {result['gc_share'][2] * 100:.1f}%), "
+        f"longest {result['gc_max_pause_ms']:.0f} ms, {result['gc_objects']} tracked objects, "
+        f"user {result['user_core'] * 100:.0f}%"
+    )
+    return result
+
+
+def _start_py_spy(pid: int, out: Path, duration: float) -> subprocess.Popen[bytes]:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [
+            exe,
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "--duration",
+            str(math.ceil(duration)),
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _stop_py_spy(spy: subprocess.Popen[bytes], log: Callable[[str], None]) -> None:
+    try:
+        _, err = spy.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        spy.send_signal(signal.SIGINT)
+        try:
+            _, err = spy.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            _, err = spy.communicate()
+    lines = err.decode(errors="replace").strip().splitlines()
+    log(f"  py-spy: {lines[-1] if lines else 'done'}")
+
+
+COLUMNS = [
+    ("mode", "mode", "{}"),
+    ("endpoints", "endpoints", "{:.0f}"),
+    ("checks/s", "checks_per_s", "{:.0f}"),
+    ("target/s", "target_per_s", "{:.0f}"),
+    ("prober CPU % of a core", "cpu_pct", "{:.0f}"),
+    ("CPU µs/check", "cpu_us_per_check", "{:.0f}"),
+    ("lag p50 ms", "lag_p50_ms", "{:.1f}"),
+    ("lag p99 ms", "lag_p99_ms", "{:.1f}"),
+    ("lag max ms", "lag_max", "{}"),
+    ("check latency mean ms", "latency_mean_ms", "{:.1f}"),
+    ("failed checks", "failures", "{:.0f}"),
+    ("GC % of time", "gc_pct", "{:.0f}"),
+    ("longest GC pause ms", "gc_max_pause_ms", "{:.0f}"),
+    ("KB/endpoint", "kb_per_endpoint", "{:.1f}"),
+    ("backends CPU %", "backend_pct", "{:.0f}"),
+    ("others CPU %", "other_pct", "{:.0f}"),
+]
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    def cells(r: dict[str, Any]) -> dict[str, Any]:
+        max_ms = f"{r['lag_max_ms']:.0f}" if r["lag_max_in_window"] else f"<={r['lag_max_ms']:.0f}"
+        return {
+            **r,
+            "cpu_pct": r["cpu_core"] * 100,
+            "backend_pct": r["backend_cpu_core"] * 100,
+            "other_pct": r["other_cpu_core"] * 100,
+            "gc_pct": sum(r["gc_share"]) * 100,
+            "lag_max": max_ms,
+        }
+
+    lines = [
+        "| " + " | ".join(c[0] for c in COLUMNS) + " |",
+        "|" + "|".join(":---" if k == "mode" else "---:" for _, k, _ in COLUMNS) + "|",
+    ]
+    for r in rows:
+        c = cells(r)
+        lines.append("| " + " | ".join(fmt.format(c[key]) for _, key, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _duration(text: str) -> float:
+    text = text.strip()
+    if text.endswith("ms"):
+        return float(text[:-2]) / 1000
+    if text.endswith("s"):
+        return float(text[:-1])
+    return float(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Checks per second one prober process sustains (see the docstring).")
+    parser.add_argument("--endpoints", type=int, nargs="+", default=[1000, 5000, 10000])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--interval", type=_duration, default=1.0, help="check interval (default 1s)")
+    parser.add_argument("--timeout", type=_duration, default=0.5, help="check timeout (default 0.5s)")
+    parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before them")
+    parser.add_argument("--backends", type=int, default=2, help="backend processes")
+    parser.add_argument("--concurrency", type=int, default=512, help="Prober max_concurrency")
+    parser.add_argument(
+        "--busy-limit",
+        type=float,
+        default=0.3,
+        help="cores other processes may use before a run starts without waiting",
+    )
+    parser.add_argument("--busy-retries", type=int, default=6, help="20 s waits for an idle machine per run")
+    parser.add_argument("--json", type=Path, help="write every run's figures here")
+    parser.add_argument("--profile", type=Path, help="record the prober's stacks with py-spy into this folder")
+    parser.add_argument("--experiment", help="patch the prober with a proposed fix (not for reported numbers)")
+    parser.add_argument("--report", type=Path, help="print the table of a --json file written before; run nothing")
+    args = parser.parse_args(argv)
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        print(table(saved["runs"]))
+        return 0
+    if args.timeout > args.interval:
+        parser.error("--timeout must not exceed --interval")
+    opt = Options(
+        interval=args.interval,
+        timeout=args.timeout,
+        warmup=args.warmup,
+        duration=args.duration,
+        backends=args.backends,
+        concurrency=args.concurrency,
+        busy_limit=args.busy_limit,
+        busy_retries=args.busy_retries,
+        profile=args.profile,
+        experiment=args.experiment,
+    )
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    fd_limit = _raise_fd_limit()
+    need = max(args.endpoints) + 100
+    if fd_limit < need:
+        log(f"warning: RLIMIT_NOFILE is {fd_limit}; a keep-alive prober needs about {need} descriptors")
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    ctx = mp.get_context("spawn")  # children start clean: no event loop or sockets forked from the parent
+    children: list[Child] = []
+    rows: list[dict[str, Any]] = []
+    started = datetime.datetime.now(datetime.UTC)
+    try:
+        for n in args.endpoints:
+            for mode in args.modes:
+                log(f"{mode}, {n} endpoints, load {os.getloadavg()[0]:.2f}")
+                tries = [run_once(ctx, children, mode, n, opt, log)]
+                # Someone else's load during the window skews everything: run again, keep the quietest.
+                while tries[-1]["other_cpu_core"] > opt.busy_limit and len(tries) <= opt.busy_retries:
+                    log(f"  other processes used {tries[-1]['other_cpu_core']:.2f} cores during the window; again")
+                    tries.append(run_once(ctx, children, mode, n, opt, log))
+                best = min(tries, key=lambda r: r["other_cpu_core"])
+                rows.append({**best, "attempts": len(tries)})
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        for c in list(children):
+            c.close()
+
+    print(
+        f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"interval {opt.interval:g}s, timeout {opt.timeout:g}s, {opt.duration:g} s measured after "
+        f"{opt.warmup:g} s warm-up, {opt.backends} backend processes"
+        + (f", experiment {opt.experiment}" if opt.experiment else "")
+    )
+    print(table(rows))
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "env": {
+                        "started": started.isoformat(timespec="seconds"),
+                        "cpus": os.cpu_count(),
+                        "python": platform.python_version(),
+                        "platform": platform.platform(),
+                        "argv": sys.argv,
+                        "fd_limit": fd_limit,
+                    },
+                    "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()},
+                    "runs": rows,
+                },
+                indent=1,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
