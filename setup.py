@@ -21,8 +21,12 @@ def compile_protos() -> None:
     protos = sorted((ROOT / "protos").rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"
     args = [
-        "protoc", f"-I{ROOT / 'protos'}", f"-I{include}",
-        f"--python_out={ROOT}", f"--pyi_out={ROOT}", f"--grpc_python_out={ROOT}",
+        "protoc",
+        f"-I{ROOT / 'protos'}",
+        f"-I{include}",
+        f"--python_out={ROOT}",
+        f"--pyi_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
         *map(str, protos),
     ]
     if protoc.main(args) != 0:

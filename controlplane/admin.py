@@ -18,6 +18,7 @@ from aiohttp import web
 from controlplane import resources as rs
 from controlplane.errors import ConfigError
 from controlplane.health import HealthStatus
+from controlplane.metrics import CONTENT_TYPE
 from controlplane.nodes import node_view
 
 if TYPE_CHECKING:
@@ -227,6 +228,11 @@ async def events(request: web.Request) -> web.Response:
     return _json({"events": [e.to_json() for e in cp.events.recent(max(1, min(limit, 10_000)), kind)]})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    cp = request.app[CP_KEY]
+    return web.Response(body=cp.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -246,6 +252,7 @@ def create_admin_app(cp: ControlPlane) -> web.Application:
     app.router.add_get("/probers", probers)
     app.router.add_get("/nodes/{node_id}", node)
     app.router.add_get("/events", events)
+    app.router.add_get("/metrics", metrics)
     app.router.add_post("/endpoints/{cluster}/{endpoint}/override", override)
     app.router.add_post("/topology/reload", reload_topology)
     return app

@@ -22,6 +22,7 @@ import grpc
 from controlplane.errors import ConfigError
 from controlplane.events import EventLog
 from controlplane.health import HealthStatus, HealthStore, Verdict
+from controlplane.metrics import CallbackChain, Metrics, control_plane_state
 from controlplane.nodes import NodeRegistry
 from controlplane.server import AdsServer, SnapshotCache, create_server
 from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
@@ -74,7 +75,11 @@ class ControlPlane:
         self.clock = VersionClock(epoch)
         self.cache = SnapshotCache()
         self.nodes = NodeRegistry(self.events)
-        self.ads = AdsServer(self.cache, self.nodes)
+        self.metrics = Metrics()
+        self.metrics.add_state(lambda: control_plane_state(self))
+        # Everything that watches the ADS streams; later stages (propagation) add themselves here.
+        self.stream_callbacks = CallbackChain([self.nodes, self.metrics])
+        self.ads = AdsServer(self.cache, self.stream_callbacks)
         self.history: list[Snapshot] = []
         self.history_limit = 100
         self.state = State.UNOPENED
@@ -160,9 +165,7 @@ class ControlPlane:
         override = (
             None
             if status is None
-            else Verdict(
-                cluster, endpoint, status, reason=f"override by {who}", time=now, source=f"override:{who}"
-            )
+            else Verdict(cluster, endpoint, status, reason=f"override by {who}", time=now, source=f"override:{who}")
         )
         before = self.health.status(cluster, endpoint)
         changed = self.health.set_override(override, cluster=cluster, endpoint=endpoint)
@@ -220,6 +223,7 @@ class ControlPlane:
         )
         self.history.append(snapshot)
         del self.history[: -self.history_limit]
+        self.metrics.on_snapshot(snapshot)
         self.cache.publish(snapshot)
         return snapshot
 
@@ -321,9 +325,14 @@ class _EmbeddedSink:
 
     async def on_event(self, event: Any) -> None:
         self.cp.events.record(
-            "probe", f"{event.cluster} {event.endpoint}: {event.old.name} -> {event.new.name} ({event.reason})",
-            cluster=event.cluster, endpoint=event.endpoint, reason=event.reason, source=event.source,
-            counters=event.counters.to_json(), latency=event.latency,
+            "probe",
+            f"{event.cluster} {event.endpoint}: {event.old.name} -> {event.new.name} ({event.reason})",
+            cluster=event.cluster,
+            endpoint=event.endpoint,
+            reason=event.reason,
+            source=event.source,
+            counters=event.counters.to_json(),
+            latency=event.latency,
         )
 
 

@@ -80,9 +80,7 @@ def type_view(ts: TypeState) -> dict[str, Any]:
         "awaiting_ack": ts.awaiting_ack,
         "version_acked": ts.acked_version,
         "acked_at": ts.acked_at,
-        "last_nack": None
-        if nack is None
-        else {"version": nack.version, "error": nack.error, "time": nack.time},
+        "last_nack": None if nack is None else {"version": nack.version, "error": nack.error, "time": nack.time},
     }
 
 

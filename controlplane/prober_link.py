@@ -51,9 +51,14 @@ class ProberRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "id": self.prober_id, "peer": self.peer, "version": self.version, "connected": self.connected,
-            "connected_at": self.connected_at, "disconnected_at": self.disconnected_at,
-            "last_message_at": self.last_message_at, "full_state_at": self.full_state_at,
+            "id": self.prober_id,
+            "peer": self.peer,
+            "version": self.version,
+            "connected": self.connected,
+            "connected_at": self.connected_at,
+            "disconnected_at": self.disconnected_at,
+            "last_message_at": self.last_message_at,
+            "full_state_at": self.full_state_at,
             "verdicts": self.verdicts,
         }
 
@@ -114,9 +119,7 @@ class ProberLinkService:
             },
         )
 
-    async def Report(
-        self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any
-    ) -> None:
+    async def Report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
         first = await context.read()
         if first is grpc.aio.EOF:
             return
@@ -129,8 +132,10 @@ class ProberLinkService:
             log.warning("prober %s reconnected while its old stream was open", hello.prober_id)
         self.probers[hello.prober_id] = record
         self.cp.events.record(
-            "prober", f"prober {hello.prober_id} connected from {record.peer}",
-            prober=hello.prober_id, peer=record.peer,
+            "prober",
+            f"prober {hello.prober_id} connected from {record.peer}",
+            prober=hello.prober_id,
+            peer=record.peer,
         )
         wake = asyncio.Event()
         cancel = self.cp.cache.subscribe(wake.set)
@@ -154,7 +159,8 @@ class ProberLinkService:
             reader.cancel()
             record.disconnected_at = time.time()
             self.cp.events.record(
-                "prober", f"prober {hello.prober_id} disconnected; its last verdicts are kept",
+                "prober",
+                f"prober {hello.prober_id} disconnected; its last verdicts are kept",
                 prober=hello.prober_id,
             )
 
@@ -182,9 +188,14 @@ class ProberLinkService:
             "probe",
             f"{event.cluster} {event.endpoint}: {_status_name(event.old_status)} -> "
             f"{_status_name(event.new_status)} ({event.reason})",
-            cluster=event.cluster, endpoint=event.endpoint, reason=event.reason, prober=record.prober_id,
+            cluster=event.cluster,
+            endpoint=event.endpoint,
+            reason=event.reason,
+            prober=record.prober_id,
             counters={
-                "successes": counters.successes, "http_failures": counters.http_failures,
-                "tcp_failures": counters.tcp_failures, "timeouts": counters.timeouts,
+                "successes": counters.successes,
+                "http_failures": counters.http_failures,
+                "tcp_failures": counters.tcp_failures,
+                "timeouts": counters.timeouts,
             },
         )

@@ -148,9 +148,7 @@ class AdsServer:
             if opened:
                 self.callbacks.on_stream_closed(state)
 
-    async def _read(
-        self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], wake: asyncio.Event
-    ) -> None:
+    async def _read(self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], wake: asyncio.Event) -> None:
         try:
             while True:
                 request = await context.read()

@@ -144,15 +144,11 @@ class StreamState:
             if request.HasField("error_detail"):
                 error = request.error_detail.message or f"code {request.error_detail.code}"
                 ts.last_nack = Nack(version=ts.sent_version or "", error=error, time=now)
-                outcome = RequestOutcome(
-                    RequestKind.NACK, type_url, request.version_info, nonce, error, ts.sent_at
-                )
+                outcome = RequestOutcome(RequestKind.NACK, type_url, request.version_info, nonce, error, ts.sent_at)
             else:
                 ts.acked_version = request.version_info
                 ts.acked_at = now
-                outcome = RequestOutcome(
-                    RequestKind.ACK, type_url, request.version_info, nonce, None, ts.sent_at
-                )
+                outcome = RequestOutcome(RequestKind.ACK, type_url, request.version_info, nonce, None, ts.sent_at)
         self._subscribe(ts, request, first=False)
         if type_url == rs.ENDPOINT and ts.resend_all and outcome.kind is not RequestKind.NACK:
             # Envoy re-requests EDS after a CDS update with the ACKed nonce and the same names:

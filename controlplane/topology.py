@@ -300,9 +300,7 @@ def _ip(f: _Field, *, allow_hostname: bool) -> str:
     except ValueError:
         if allow_hostname and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9\-.]{0,252})", text):
             return text
-        raise f.error(
-            f"{text!r} is not an IP address" + ("" if not allow_hostname else " or hostname")
-        ) from None
+        raise f.error(f"{text!r} is not an IP address" + ("" if not allow_hostname else " or hostname")) from None
 
 
 # --------------------------------------------------------------------------- sections
@@ -320,9 +318,7 @@ def _socket(f: _Field, default: SocketAddress) -> SocketAddress:
         return default
     f.mapping({"address", "port"})
     return SocketAddress(
-        address=_ip(f.child("address"), allow_hostname=True)
-        if not f.child("address").missing
-        else default.address,
+        address=_ip(f.child("address"), allow_hostname=True) if not f.child("address").missing else default.address,
         port=f.child("port").integer(default=default.port, lo=0, hi=65535),
     )
 
@@ -487,12 +483,7 @@ def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
 def _endpoint(f: _Field, cluster_hc: HealthCheck | None) -> Endpoint:
     f.mapping({"address", "port", "zone", "region", "sub_zone", "weight", "hostname", "health_check"})
     hcf = f.child("health_check")
-    if (
-        not hcf.missing
-        and cluster_hc is None
-        and isinstance(hcf.value, dict)
-        and not (set(hcf.value) & _HC_KINDS)
-    ):
+    if not hcf.missing and cluster_hc is None and isinstance(hcf.value, dict) and not (set(hcf.value) & _HC_KINDS):
         raise hcf.error("overrides a cluster health_check, but the cluster has none")
     return Endpoint(
         address=_ip(f.child("address"), allow_hostname=False),
@@ -508,10 +499,18 @@ def _endpoint(f: _Field, cluster_hc: HealthCheck | None) -> Endpoint:
 
 # Cluster fields the topology owns: a fragment overriding them would make Envoy's cluster differ
 # from the one the snapshot claims (another name, a static type, endpoints outside EDS).
-_OWNED_CLUSTER_FIELDS = frozenset({
-    "name", "type", "cluster_type", "clusterType", "eds_cluster_config", "edsClusterConfig",
-    "load_assignment", "loadAssignment",
-})
+_OWNED_CLUSTER_FIELDS = frozenset(
+    {
+        "name",
+        "type",
+        "cluster_type",
+        "clusterType",
+        "eds_cluster_config",
+        "edsClusterConfig",
+        "load_assignment",
+        "loadAssignment",
+    }
+)
 
 
 def _envoy_fragment(f: _Field, message_cls: Any) -> dict[str, Any]:
@@ -523,7 +522,8 @@ def _envoy_fragment(f: _Field, message_cls: Any) -> dict[str, Any]:
         if key in _OWNED_CLUSTER_FIELDS:
             raise f.child(key).error(
                 "is set by healthplane from the topology (name, type and endpoints come over EDS); "
-                "change the topology instead")
+                "change the topology instead"
+            )
     try:
         json_format.ParseDict(json.loads(json.dumps(f.value)), message_cls())
     # Not only ParseError: json_format raises AttributeError/KeyError on a malformed Any or Struct.
@@ -554,9 +554,7 @@ def _cluster(f: _Field) -> Cluster:
             endpoints.append(ep)
     lb = f.child("lb_policy").string(default="ROUND_ROBIN").upper()
     if lb not in ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"):
-        raise f.child("lb_policy").error(
-            f"{lb!r} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV"
-        )
+        raise f.child("lb_policy").error(f"{lb!r} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV")
     return Cluster(
         name=name,
         endpoints=tuple(endpoints),
@@ -603,9 +601,7 @@ def _listener(f: _Field, clusters: set[str]) -> Listener:
         raise domains_f.error('must have at least one domain (use "*" for any)')
     return Listener(
         name=f.child("name").string(pattern=_NAME),
-        address=_ip(f.child("address"), allow_hostname=False)
-        if not f.child("address").missing
-        else "0.0.0.0",
+        address=_ip(f.child("address"), allow_hostname=False) if not f.child("address").missing else "0.0.0.0",
         port=f.child("port").integer(lo=1, hi=65535),
         routes=routes,
         domains=domains,
@@ -640,9 +636,7 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
                     f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])"
                 )
             for j, other in enumerate(listeners):
-                shared = (
-                    other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
-                )
+                shared = other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
                 if shared and (other.address, other.port) == (listener.address, listener.port):
                     raise item.child("port").error(
                         f"{listener.address}:{listener.port} is already used by listeners[{j}] "

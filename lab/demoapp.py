@@ -62,10 +62,7 @@ async def _root(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.served += 1
     return web.Response(
-        text=(
-            f"demoapp !! ClientIP: {_peer_ip(request)}, ServerName: {state.name}, "
-            f"ServerIP: {_local_ip(request)}\n"
-        )
+        text=(f"demoapp !! ClientIP: {_peer_ip(request)}, ServerName: {state.name}, ServerIP: {_local_ip(request)}\n")
     )
 
 
@@ -88,9 +85,7 @@ def _health_setter(key: str) -> Handler:
         form = await request.post()
         value = form.get(key)
         if not isinstance(value, str) or not value:
-            raise web.HTTPBadRequest(
-                text=f"missing form field {key!r}: POST {key}=OK (healthy) or any other value\n"
-            )
+            raise web.HTTPBadRequest(text=f"missing form field {key!r}: POST {key}=OK (healthy) or any other value\n")
         setattr(request.app[STATE], key, value)
         return web.Response(text=value)
 

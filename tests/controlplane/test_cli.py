@@ -31,7 +31,9 @@ def test_serve_refuses_to_start_on_an_invalid_file(tmp_path: Path) -> None:
     bad.write_text("clusters: [{name: web, endpoints: [{address: not-an-ip, port: 1}]}]\n")
     result = subprocess.run(
         [sys.executable, "-m", "controlplane", "serve", "--config", str(bad)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "clusters[0].endpoints[0].address: 'not-an-ip' is not an IP address" in result.stderr

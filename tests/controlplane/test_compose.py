@@ -26,8 +26,11 @@ def compose_files() -> list[Path]:
 def test_compose_refers_to_existing_bootstraps_and_topology() -> None:
     files = compose_files()
     assert {f.name for f in files} == {
-        "compose-topology.yaml", "front-envoy.yaml",
-        "webserver01-sidecar.yaml", "webserver02-sidecar.yaml", "webserver03-sidecar.yaml",
+        "compose-topology.yaml",
+        "front-envoy.yaml",
+        "webserver01-sidecar.yaml",
+        "webserver02-sidecar.yaml",
+        "webserver03-sidecar.yaml",
     }
     for f in files:
         assert f.is_file(), f

@@ -174,9 +174,7 @@ async def test_rejected_resource_is_one_nack_and_envoy_keeps_last_good(
 
     nack = await poll_until(nacked, timeout=10, what="a CDS NACK in GET /nodes")
     assert "connect_timeout" in str(nack["error"]).lower() or "ConnectTimeout" in str(nack["error"])
-    assert nack["version"] == cp.snapshot.type_versions[
-        "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-    ]
+    assert nack["version"] == cp.snapshot.type_versions["type.googleapis.com/envoy.config.cluster.v3.Cluster"]
 
     # No resend loop: the NACK stays the only one while the bad version is current.
     responses_after_nack = cp.nodes.responses
@@ -196,9 +194,9 @@ async def test_rejected_resource_is_one_nack_and_envoy_keeps_last_good(
     async def acked_again() -> bool:
         _, nodes = await lab.admin("GET", "/nodes")
         cds = nodes["nodes"][0]["types"]["cds"]
-        return bool(cds["version_acked"] == cp.snapshot.type_versions[
-            "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-        ])
+        return bool(
+            cds["version_acked"] == cp.snapshot.type_versions["type.googleapis.com/envoy.config.cluster.v3.Cluster"]
+        )
 
     await poll_until(acked_again, timeout=10, what="the next good CDS version ACKed")
 
@@ -233,9 +231,11 @@ async def test_control_plane_restart_under_traffic(lab: Lab, backends: list[Demo
 
         async def reconnected() -> bool:
             stream = new_cp.nodes.get("front-1")
-            return stream is not None and all(
-                ts.acked_version == new_cp.snapshot.type_versions[t] for t, ts in stream.types.items()
-            ) and len(stream.types) == 4
+            return (
+                stream is not None
+                and all(ts.acked_version == new_cp.snapshot.type_versions[t] for t, ts in stream.types.items())
+                and len(stream.types) == 4
+            )
 
         await poll_until(reconnected, timeout=20, what="Envoy reconnected and ACKed the new control plane")
         await asyncio.sleep(0.5)

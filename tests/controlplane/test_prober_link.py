@@ -18,11 +18,13 @@ from lab.envoyproc import poll_until
 
 DOCUMENT: dict[str, Any] = {
     "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}},
-    "clusters": [{
-        "name": "web",
-        "endpoints": [{"address": "127.0.0.1", "port": 8081}, {"address": "127.0.0.1", "port": 8082}],
-        "health_check": {"http": {"path": "/livez"}, "interval": "1s", "timeout": "500ms"},
-    }],
+    "clusters": [
+        {
+            "name": "web",
+            "endpoints": [{"address": "127.0.0.1", "port": 8081}, {"address": "127.0.0.1", "port": 8082}],
+            "health_check": {"http": {"path": "/livez"}, "interval": "1s", "timeout": "500ms"},
+        }
+    ],
 }
 
 
@@ -65,9 +67,15 @@ async def test_prober_gets_topology_and_its_verdicts_drive_eds(cp: ControlPlane)
         assert [c["name"] for c in clusters] == ["web"]
         assert clusters[0]["health_check"]["http"]["path"] == "/livez"
 
-        await prober.send(verdicts=prober_pb2.VerdictBatch(full_state=True, verdicts=[
-            verdict(8081, prober_pb2.HEALTHY), verdict(8082, prober_pb2.UNHEALTHY, "http 506"),
-        ]))
+        await prober.send(
+            verdicts=prober_pb2.VerdictBatch(
+                full_state=True,
+                verdicts=[
+                    verdict(8081, prober_pb2.HEALTHY),
+                    verdict(8082, prober_pb2.UNHEALTHY, "http 506"),
+                ],
+            )
+        )
 
         async def applied() -> bool:
             return cp.health.status("web", "127.0.0.1:8082") is HealthStatus.UNHEALTHY

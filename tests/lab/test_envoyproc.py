@@ -63,9 +63,7 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def endpoint(port: int, health_status: str | None = None) -> dict[str, Any]:
-    ep: dict[str, Any] = {
-        "endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}
-    }
+    ep: dict[str, Any] = {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
     if health_status:
         ep["health_status"] = health_status
     return ep
@@ -107,8 +105,7 @@ def http_listener(name: str, port: int, cluster: str) -> dict[str, Any]:
                                 {
                                     "name": "envoy.filters.http.router",
                                     "typed_config": {
-                                        "@type": "type.googleapis.com/"
-                                        "envoy.extensions.filters.http.router.v3.Router"
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
                                     },
                                 }
                             ],
@@ -319,9 +316,7 @@ async def main():
     await asyncio.sleep(60)
 asyncio.run(main())
 """
-    parent = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE
-    )
+    parent = await asyncio.create_subprocess_exec(sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE)
     try:
         assert parent.stdout is not None
         envoy_pid = int(await asyncio.wait_for(parent.stdout.readline(), 15))
@@ -343,9 +338,7 @@ def test_bootstrap_without_admin_is_rejected() -> None:
         EnvoyProcess({"static_resources": {}})
 
 
-async def test_ads_without_control_plane_answers_admin_but_is_not_live(
-    start_envoy: StartEnvoy, tmp_path: Path
-) -> None:
+async def test_ads_without_control_plane_answers_admin_but_is_not_live(start_envoy: StartEnvoy, tmp_path: Path) -> None:
     # A filesystem CDS cluster whose endpoints come over ADS: it warms for as long as no
     # control plane answers, and Envoy's init waits on it.
     ads_source = {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "60s"}
@@ -370,9 +363,7 @@ async def test_ads_without_control_plane_answers_admin_but_is_not_live(
             "cds_config": {"path_config_source": {"path": str(cds)}, "resource_api_version": "V3"},
             "lds_config": ads_source,
         },
-        "static_resources": {
-            "clusters": [static_cluster("xds", [endpoint(free_port())], **GRPC_CLUSTER_OPTIONS)]
-        },
+        "static_resources": {"clusters": [static_cluster("xds", [endpoint(free_port())], **GRPC_CLUSTER_OPTIONS)]},
     }
     envoy = await start_envoy(bootstrap, name="ads", workdir=tmp_path)
     assert await envoy.server_state() in {"PRE_INITIALIZING", "INITIALIZING"}
