@@ -34,8 +34,8 @@ After `--warmup` seconds the parent takes a snapshot of every process, and anoth
         [--interval 1s] [--timeout 0.5s] [--duration 15] [--warmup 5] [--backends 2] [--json out.json]
     python bench/prober.py --report out.json      # the table of an earlier run, nothing run
 
-`--profile DIR` records the prober with py-spy during the window; `--experiment a,b` patches the
-prober process with a proposed fix (see "experiments" below; never for the reported numbers).
+`--profile DIR` records the prober with py-spy during the window; `--experiment a,b` runs the
+prober the previous way (see "experiments" below), to compare with the shipped code in one run.
 
 Before each run the parent waits (up to `--busy-retries` times 20 s) for the machine to be idle,
 since other people's benchmarks share it, and runs again (as often) when other processes used
@@ -474,143 +474,52 @@ class _GcPauses:
 
 # --------------------------------------------------------------------------- experiments
 #
-# Proposed fixes, measured by patching the prober process of this benchmark only (`--experiment
-# a,b`). The figures in docs/benchmarks.md are for the unmodified code.
+# The previous ways, to measure the shipped code side by side with them in one run
+# (`--experiment a,b` patches the prober process of this benchmark only):
 #
-# - gc-freeze: `gc.freeze()` once the prober has started, so that full collections no longer
-#   walk every module, the topology and the per-endpoint state on each pass.
-# - gc-threshold: `gc.freeze()` and a first-generation threshold of 50,000 allocations instead
-#   of 700 (fewer, larger young collections; most per-check objects die before one runs).
-# - raw-http: HTTP checks over a minimal asyncio Protocol instead of aiohttp's ClientSession
-#   (one idle connection per endpoint, request bytes built once, Content-Length bodies only).
-# - raw-tcp: connect-only TCP checks with `loop.sock_connect` on a bare socket instead of
-#   `asyncio.open_connection` (no transport, protocol, StreamReader and StreamWriter per check).
+# - gc-default: CPython's default GC thresholds instead of `tune_gc_for_checks()`, which the
+#   `healthplane prober` command calls once the prober runs.
+# - aiohttp-http: plain-HTTP checks through aiohttp's ClientSession (the HTTPS path) instead of
+#   `prober.http1`.
+# - open-connection-tcp: connect-only TCP checks with `asyncio.open_connection` (a transport,
+#   protocol, StreamReader and StreamWriter per check) instead of `sock_connect` on a bare socket.
 
-EXPERIMENTS = ("gc-freeze", "gc-threshold", "raw-http", "raw-tcp")
+EXPERIMENTS = ("gc-default", "aiohttp-http", "open-connection-tcp")
 
 
 def _tune_gc(experiments: set[str]) -> None:
+    from prober.scheduler import tune_gc_for_checks
+
     unknown = experiments - set(EXPERIMENTS)
     if unknown:
         raise ValueError(f"unknown experiments {sorted(unknown)}; known: {', '.join(EXPERIMENTS)}")
-    if "gc-threshold" in experiments:
-        gc.set_threshold(50_000, 10, 10)
-    if experiments & {"gc-freeze", "gc-threshold"}:
-        gc.collect()
-        gc.freeze()
-
-
-class _RawHttpResponse(asyncio.Protocol):
-    """One HTTP/1.1 connection of the raw-http experiment: a response at a time, Content-Length only."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buffer = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bytes, bool]] | None = None
-        self.closed = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc or ConnectionResetError("server disconnected"))
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        if self.waiter is None or self.waiter.done():
-            return
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
-        length, keep = 0, True
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            name = name.strip().lower()
-            if name == "content-length":
-                length = int(value)
-            elif name == "connection" and value.strip().lower() == "close":
-                keep = False
-        if len(self.buffer) < end + 4 + length:
-            return
-        body = bytes(self.buffer[end + 4 : end + 4 + length])
-        del self.buffer[: end + 4 + length]
-        self.waiter.set_result((int(head[0].split(" ", 2)[1]), body, keep))
-
-    async def exchange(self, request: bytes) -> tuple[int, bytes, bool]:
-        assert self.transport is not None
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)
-        return await self.waiter
+    if "gc-default" not in experiments:
+        tune_gc_for_checks()  # as `healthplane prober` does
 
 
 def _experimental_checker(experiments: set[str]) -> Any:
-    if not experiments & {"raw-http", "raw-tcp"}:
+    if not experiments & {"aiohttp-http", "open-connection-tcp"}:
         return None
     from prober.checks import NetworkChecker, _os_reason, _Outcome
     from prober.state import ResultKind
 
-    class ExperimentalChecker(NetworkChecker):
-        def __init__(self) -> None:
-            super().__init__()
-            self._idle: dict[tuple[str, int], _RawHttpResponse] = {}
-            self._requests: dict[tuple[str, int, bool], bytes] = {}
-
+    class PreviousChecker(NetworkChecker):
         async def _http(self, target: Any, http: Any) -> Any:
-            if "raw-http" not in experiments:
-                return await super()._http(target, http)
-            key = (target.address, target.check_port)
-            proto = self._idle.pop(key, None)
-            if proto is None or proto.closed:
-                try:
-                    _, proto = await asyncio.get_running_loop().create_connection(_RawHttpResponse, *key)
-                except OSError as exc:
-                    raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed")) from None
-            request = self._requests.get((*key, http.keepalive))
-            if request is None:
-                host = http.host or f"{key[0]}:{key[1]}"
-                close = "" if http.keepalive else "Connection: close\r\n"
-                request = (
-                    f"{http.method} {http.path} HTTP/1.1\r\nHost: {host}\r\n"
-                    f"User-Agent: healthplane-prober\r\n{close}\r\n"
-                ).encode()
-                self._requests[(*key, http.keepalive)] = request
-            try:
-                status, _body, keep = await proto.exchange(request)
-            except OSError as exc:
-                assert proto.transport is not None
-                proto.transport.close()
-                raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connection error")) from None
-            except BaseException:
-                assert proto.transport is not None
-                proto.transport.close()  # a timeout: the connection is in an unknown state
-                raise
-            assert proto.transport is not None
-            if keep and http.keepalive:
-                self._idle[key] = proto
-            else:
-                proto.transport.close()
-            if not any(lo <= status <= hi for lo, hi in http.expected_statuses):
-                raise _Outcome(ResultKind.HTTP_FAILURE, f"http {status}", status)
-            return _Outcome(ResultKind.SUCCESS, f"http {status}", status)
+            if "aiohttp-http" in experiments:
+                return await self._https(target, http)  # builds an http:// URL when http.https is off
+            return await super()._http(target, http)
 
-        async def _tcp(self, target: Any, tcp: Any, progress: Any) -> Any:
-            if "raw-tcp" not in experiments or tcp.send or tcp.receive:
-                return await super()._tcp(target, tcp, progress)
-            sock = socket.socket(socket.AF_INET6 if ":" in target.address else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
+        async def _connect_only(self, target: Any) -> Any:
+            if "open-connection-tcp" not in experiments:
+                return await super()._connect_only(target)
             try:
-                await asyncio.get_running_loop().sock_connect(sock, (target.address, target.check_port))
+                _, writer = await asyncio.open_connection(target.address, target.check_port)
             except OSError as exc:
                 raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed")) from None
-            finally:
-                sock.close()
+            writer.close()
             return _Outcome(ResultKind.SUCCESS, "connected")
 
-    return ExperimentalChecker()
+    return PreviousChecker()
 
 
 # --------------------------------------------------------------------------- the parent
@@ -885,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--busy-retries", type=int, default=6, help="20 s waits for an idle machine per run")
     parser.add_argument("--json", type=Path, help="write every run's figures here")
     parser.add_argument("--profile", type=Path, help="record the prober's stacks with py-spy into this folder")
-    parser.add_argument("--experiment", help="patch the prober with a proposed fix (not for reported numbers)")
+    parser.add_argument("--experiment", help="run the prober a previous way: " + ", ".join(EXPERIMENTS))
     parser.add_argument("--report", type=Path, help="print the table of a --json file written before; run nothing")
     args = parser.parse_args(argv)
     if args.report is not None:

@@ -54,7 +54,7 @@ def _prober(args: argparse.Namespace) -> int:
     import socket
 
     from prober.link import ControlPlaneLink
-    from prober.scheduler import Prober
+    from prober.scheduler import Prober, tune_gc_for_checks
 
     _host_port(args.controlplane, "--controlplane")
     prober_id = args.id or socket.gethostname()
@@ -71,6 +71,7 @@ def _prober(args: argparse.Namespace) -> int:
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
         async with prober:
+            tune_gc_for_checks()
             task = asyncio.create_task(link.run())
             print(f"healthplane prober {prober_id}: reporting to {args.controlplane}", flush=True)
             try:

@@ -1,0 +1,399 @@
+"""A lean HTTP/1.1 client for plain-HTTP health checks: one pooled connection per endpoint.
+
+Why not aiohttp here: bench/prober.py measured aiohttp's `ClientSession` at about half of the
+prober's CPU for a two-byte answer (request and header objects, connector, response objects per
+check). A health check needs far less: the request bytes are the same every time, and all we
+read is the status line, the framing headers and at most `max_body` bytes of body. With this
+client one process checks 10,000 keep-alive endpoints a second at half a core (see
+docs/benchmarks.md). HTTPS checks keep using aiohttp, whose TLS handling we do not want to
+rewrite.
+
+`ResponseParser` is pure and incremental (bytes in, a response out), so the framing rules are
+unit-tested without sockets: Content-Length, chunked transfer coding, bodies delimited by close,
+HEAD, 1xx interim responses, 204/304, and HTTP/1.0 keep-alive defaults (RFC 9112).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Http1Pool", "HttpProtocolError", "HttpResponse", "ResponseParser", "build_request"]
+
+MAX_HEAD = 64 * 1024
+
+
+class HttpProtocolError(ValueError):
+    """The endpoint answered something that is not a valid HTTP/1.x response."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    body: bytes  # at most max_body bytes
+    complete: bool  # the whole body was read (else it was longer than max_body)
+    keep_alive: bool  # the connection may carry another request
+
+
+def build_request(
+    method: str, target: str, host: str, headers: tuple[tuple[str, str], ...], body: bytes | None, *, close: bool
+) -> bytes:
+    """The request bytes of a check, built once per endpoint and policy."""
+    lines = [f"{method} {target} HTTP/1.1"]
+    names = {name.lower() for name, _ in headers}
+    if "host" not in names:
+        lines.append(f"Host: {host}")
+    if "user-agent" not in names:
+        lines.append("User-Agent: healthplane-prober")
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    if body is not None or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body or b'')}")
+    if close:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+class _Stage(enum.Enum):
+    HEAD = 0
+    LENGTH = 1  # a body of Content-Length bytes
+    CHUNK_SIZE = 2
+    CHUNK_DATA = 3
+    CHUNK_END = 4  # the CRLF after a chunk
+    TRAILERS = 5
+    UNTIL_CLOSE = 6
+    DONE = 7
+
+
+class ResponseParser:
+    """Incremental parser of one HTTP/1.x response; `feed` returns True once it is complete."""
+
+    def __init__(self, *, head_request: bool = False, max_body: int = 64 * 1024) -> None:
+        self.head_request = head_request
+        self.max_body = max_body
+        self.status = 0
+        self.keep_alive = True
+        self.body = bytearray()
+        self.body_seen = 0  # body bytes consumed, kept or not
+        self.received = 0  # every byte fed, to tell "nothing came back" from "cut short"
+        self._stage = _Stage.HEAD
+        self._buffer = bytearray()
+        self._remaining = 0
+
+    @property
+    def done(self) -> bool:
+        return self._stage is _Stage.DONE
+
+    def response(self) -> HttpResponse:
+        if not self.done:
+            raise HttpProtocolError("response is not complete")
+        return HttpResponse(
+            self.status, bytes(self.body), complete=self.body_seen <= self.max_body, keep_alive=self.keep_alive
+        )
+
+    def feed(self, data: bytes) -> bool:
+        """Consume bytes; True when the response is complete. Bytes after it are an error."""
+        self.received += len(data)
+        if self._stage is _Stage.DONE:
+            if data:
+                raise HttpProtocolError("data after the end of the response")
+            return True
+        self._buffer += data
+        while self._step():
+            pass
+        if self.done and self._buffer:
+            raise HttpProtocolError("data after the end of the response")
+        return self.done
+
+    def eof(self) -> bool:
+        """The peer closed; True if that completes the response (a body delimited by close)."""
+        if self._stage is _Stage.UNTIL_CLOSE:
+            self._stage = _Stage.DONE
+            self.keep_alive = False
+            return True
+        return self._stage is _Stage.DONE
+
+    # ------------------------------------------------------------------ stages
+
+    def _step(self) -> bool:
+        stage = self._stage
+        if stage is _Stage.HEAD:
+            return self._head()
+        if stage is _Stage.LENGTH or stage is _Stage.UNTIL_CLOSE:
+            if not self._buffer:
+                return False
+            take = len(self._buffer) if stage is _Stage.UNTIL_CLOSE else min(self._remaining, len(self._buffer))
+            self._keep(self._buffer[:take])
+            del self._buffer[:take]
+            if stage is _Stage.LENGTH:
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._stage = _Stage.DONE
+            return self._stage is not _Stage.DONE and bool(self._buffer)
+        if stage is _Stage.CHUNK_SIZE:
+            line = self._line()
+            if line is None:
+                return False
+            size_text = line.split(b";", 1)[0].strip()
+            try:
+                self._remaining = int(size_text, 16)
+            except ValueError:
+                raise HttpProtocolError(f"bad chunk size {size_text[:20]!r}") from None
+            if self._remaining < 0:
+                raise HttpProtocolError("negative chunk size")
+            self._stage = _Stage.TRAILERS if self._remaining == 0 else _Stage.CHUNK_DATA
+            return True
+        if stage is _Stage.CHUNK_DATA:
+            if not self._buffer:
+                return False
+            take = min(self._remaining, len(self._buffer))
+            self._keep(self._buffer[:take])
+            del self._buffer[:take]
+            self._remaining -= take
+            if self._remaining == 0:
+                self._stage = _Stage.CHUNK_END
+            return True
+        if stage is _Stage.CHUNK_END:
+            if len(self._buffer) < 2:
+                return False
+            if self._buffer[:2] != b"\r\n":
+                raise HttpProtocolError("chunk not followed by CRLF")
+            del self._buffer[:2]
+            self._stage = _Stage.CHUNK_SIZE
+            return True
+        if stage is _Stage.TRAILERS:
+            line = self._line()
+            if line is None:
+                return False
+            if not line:
+                self._stage = _Stage.DONE
+            return True
+        return False
+
+    def _line(self) -> bytes | None:
+        end = self._buffer.find(b"\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD:
+                raise HttpProtocolError(f"line longer than {MAX_HEAD} bytes")
+            return None
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
+        return line
+
+    def _keep(self, data: bytearray) -> None:
+        room = self.max_body + 1 - len(self.body)  # one byte more than allowed tells "longer than max_body"
+        if room > 0:
+            self.body += data[:room]
+        self.body_seen += len(data)
+
+    def _head(self) -> bool:
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD:
+                raise HttpProtocolError(f"response head longer than {MAX_HEAD} bytes")
+            return False
+        lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+        del self._buffer[: end + 4]
+        version, _, rest = lines[0].partition(" ")
+        code = rest[:3]
+        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+            raise HttpProtocolError(f"bad status line {lines[0][:60]!r}")
+        status = int(code)
+        length: int | None = None
+        chunked = False
+        connection = ""
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep or not name or name != name.strip():
+                raise HttpProtocolError(f"bad header line {line[:60]!r}")
+            lname = name.lower()
+            value = value.strip()
+            if lname == "content-length":
+                if not value.isdigit() or (length is not None and int(value) != length):
+                    raise HttpProtocolError(f"bad Content-Length {value[:20]!r}")
+                length = int(value)
+            elif lname == "transfer-encoding":
+                chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"
+                if not chunked:
+                    raise HttpProtocolError(f"unsupported Transfer-Encoding {value[:40]!r}")
+            elif lname == "connection":
+                connection = value.lower()
+        if 100 <= status < 200:
+            if status == 101:
+                raise HttpProtocolError("unexpected 101 Switching Protocols")
+            return True  # an interim response (100 Continue, 103 Early Hints): the real one follows
+        self.status = status
+        tokens = {t.strip() for t in connection.split(",")}
+        self.keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
+        if self.head_request or status in (204, 304):
+            self._stage = _Stage.DONE
+        elif chunked:
+            self._stage = _Stage.CHUNK_SIZE
+        elif length is not None:
+            self._remaining = length
+            self._stage = _Stage.LENGTH if length else _Stage.DONE
+        else:
+            self._stage = _Stage.UNTIL_CLOSE
+            self.keep_alive = False
+        return self._stage is not _Stage.DONE
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to an endpoint; at most one request in flight."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.uses = 0
+        self.idle_since = 0.0
+        self._parser: ResponseParser | None = None
+        self._waiter: asyncio.Future[HttpResponse] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        parser, waiter = self._parser, self._waiter
+        if parser is None or waiter is None or waiter.done():
+            self.close()  # bytes nobody asked for: the connection cannot be trusted again
+            return
+        try:
+            if parser.feed(data):
+                waiter.set_result(parser.response())
+        except HttpProtocolError as exc:
+            waiter.set_exception(exc)
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        parser, waiter = self._parser, self._waiter
+        if parser is None or waiter is None or waiter.done():
+            return
+        if parser.eof():
+            waiter.set_result(parser.response())
+        elif parser.received:
+            waiter.set_exception(HttpProtocolError("connection closed in the middle of the response"))
+        else:
+            waiter.set_exception(_NothingReceived(exc))
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    async def exchange(self, request: bytes, *, head_request: bool, max_body: int) -> HttpResponse:
+        assert self.transport is not None
+        self._parser = ResponseParser(head_request=head_request, max_body=max_body)
+        self._waiter = asyncio.get_running_loop().create_future()
+        self.uses += 1
+        self.transport.write(request)
+        try:
+            return await self._waiter
+        finally:
+            self._parser = self._waiter = None
+
+
+class _NothingReceived(ConnectionResetError):
+    """The connection closed before a byte of the response: safe to retry on a fresh one."""
+
+    def __init__(self, cause: Exception | None) -> None:
+        super().__init__("server disconnected")
+        self.__cause__ = cause
+
+
+class Http1Pool:
+    """Idle keep-alive connections, one per (address, port), and the requests that use them."""
+
+    def __init__(self, *, keepalive_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._idle: dict[tuple[str, int], _Connection] = {}
+        self._keepalive_timeout = keepalive_timeout
+        self._clock = clock
+
+    async def request(
+        self,
+        address: str,
+        port: int,
+        request: bytes,
+        *,
+        head_request: bool = False,
+        keepalive: bool = True,
+        keepalive_requests: int = 0,
+        max_body: int = 64 * 1024,
+    ) -> HttpResponse:
+        """Send `request` and read the response. OSError for the connection, HttpProtocolError for the answer.
+
+        A pooled connection that the server closed while idle fails before any byte comes back;
+        the request is then sent once more on a fresh connection, as browsers and aiohttp do.
+        """
+        key = (address, port)
+        conn = self._take_idle(key)
+        if conn is not None:
+            try:
+                return self._settle(
+                    key,
+                    conn,
+                    await self._exchange(conn, request, head_request, max_body),
+                    keepalive,
+                    keepalive_requests,
+                )
+            except _NothingReceived:
+                pass
+        conn = await self._connect(key)
+        return self._settle(
+            key, conn, await self._exchange(conn, request, head_request, max_body), keepalive, keepalive_requests
+        )
+
+    def release(self, address: str, port: int) -> None:
+        conn = self._idle.pop((address, port), None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        idle, self._idle = list(self._idle.values()), {}
+        for conn in idle:
+            conn.close()
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
+        conn = self._idle.pop(key, None)
+        if conn is None:
+            return None
+        if conn.closed or self._clock() - conn.idle_since > self._keepalive_timeout:
+            conn.close()
+            return None
+        return conn
+
+    async def _connect(self, key: tuple[str, int]) -> _Connection:
+        _, conn = await asyncio.get_running_loop().create_connection(_Connection, key[0], key[1])
+        return conn
+
+    async def _exchange(self, conn: _Connection, request: bytes, head_request: bool, max_body: int) -> HttpResponse:
+        try:
+            return await conn.exchange(request, head_request=head_request, max_body=max_body)
+        except BaseException:
+            conn.close()  # an error or our own timeout: the connection is in an unknown state
+            raise
+
+    def _settle(
+        self, key: tuple[str, int], conn: _Connection, response: HttpResponse, keepalive: bool, limit: int
+    ) -> HttpResponse:
+        reuse = keepalive and response.keep_alive and response.complete and not conn.closed
+        if reuse and limit and conn.uses >= limit:
+            reuse = False
+        if reuse:
+            conn.idle_since = self._clock()
+            previous = self._idle.pop(key, None)
+            if previous is not None:
+                previous.close()
+            self._idle[key] = conn
+        else:
+            conn.close()
+        return response
