@@ -229,7 +229,8 @@ class NetworkChecker:
         self._wall = wall
         self._session: aiohttp.ClientSession | None = None
         self._pool = Http1Pool(keepalive_timeout=keepalive_timeout, clock=clock)
-        self._requests: dict[tuple[str, int, HttpCheck], bytes] = {}
+        # The request bytes per (address, check port), with the policy they were built for.
+        self._requests: dict[tuple[str, int], tuple[HttpCheck, bytes]] = {}
         self._verify_context: ssl.SSLContext | None = None
         # Requests served per pooled connection, keyed by aiohttp's protocol object.
         self._uses: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
@@ -240,9 +241,7 @@ class NetworkChecker:
 
     async def release(self, target: Target) -> None:
         self._pool.release(target.address, target.check_port)
-        http = target.health_check.http
-        if http is not None:
-            self._requests.pop((target.address, target.check_port, http), None)
+        self._requests.pop((target.address, target.check_port), None)
         channel = self._channels.pop(target, None)
         if channel is not None:
             await channel.close(None)
@@ -332,13 +331,15 @@ class NetworkChecker:
     async def _http(self, target: Target, http: HttpCheck) -> _Outcome:
         if http.https:
             return await self._https(target, http)
-        key = (target.address, target.check_port, http)
-        request = self._requests.get(key)
-        if request is None:
+        key = (target.address, target.check_port)
+        cached = self._requests.get(key)
+        if cached is not None and cached[0] is http:  # identity: hashing the policy costs more than building
+            request = cached[1]
+        else:
             host = http.host or f"{_host_literal(target.address)}:{target.check_port}"
             body = http.body.encode() if http.body is not None else None
             request = build_request(http.method, http.path, host, http.headers, body, close=not http.keepalive)
-            self._requests[key] = request
+            self._requests[key] = (http, request)
         try:
             response = await self._pool.request(
                 target.address,
