@@ -500,7 +500,7 @@ class NetworkChecker:
 
     async def _connect_only(self, target: Target) -> _Outcome:
         # A bare non-blocking socket: no transport, protocol, reader and writer per check as with
-        # asyncio.open_connection (bench/prober.py: 1.4 times the TCP checks per core).
+        # asyncio.open_connection: half the CPU per check with the GC tuning (docs/benchmarks.md).
         # Endpoint addresses are IP literals (the topology refuses hostnames), so no resolver runs.
         family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
