@@ -411,6 +411,7 @@ async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]],
             "gc_max_s": gc_max,
             "rss_kb": _rss_kb(),
             "checks": stats.checks_started,
+            "inconclusive": stats.inconclusive,
             "in_flight": stats.in_flight,
             "lag_p50": stats.lag_p50,
             "lag_p99": stats.lag_p99,
@@ -656,6 +657,7 @@ def run_once(
         "latency_p99_ms": end["latency_p99"] * 1000,
         "failures": failures,
         "failures_in_window": failures_window,
+        "inconclusive": s1["inconclusive"],
         "failure_reasons": s1["reasons"],
         "statuses": end["statuses"],
         "kb_per_endpoint": (s1["rss_kb"] - info["rss_base_kb"]) / n,
@@ -677,6 +679,7 @@ def run_once(
         f"CPU {result['cpu_core'] * 100:5.1f}% ({result['cpu_us_per_check']:.0f} µs/check), "
         f"lag p50 {result['lag_p50_ms']:.1f} p99 {result['lag_p99_ms']:.1f} max {result['lag_max_ms']:.0f} ms, "
         f"{failures} failures {dict(s1['reasons']) if failures else ''}, "
+        f"{s1['inconclusive']} inconclusive (prober overloaded), "
         f"{result['kb_per_endpoint']:.1f} KB/endpoint, backends {result['backend_cpu_core'] * 100:.0f}%, "
         f"others {result['other_cpu_core'] * 100:.0f}%, gc {result['gc_collections']} collections, "
         f"{sum(result['gc_share']) * 100:.1f}% of the time (gen2 {result['gc_share'][2] * 100:.1f}%), "

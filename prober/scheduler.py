@@ -45,7 +45,7 @@ from controlplane.health import EndpointId, HealthStatus, Verdict
 from controlplane.topology import HealthCheck, Topology
 from prober.checks import Checker, NetworkChecker
 from prober.events import JsonLinesLog, NullSink, ProbeEvent, ProberSink
-from prober.state import CheckResult, Counters, EndpointState, PendingEdge, Target
+from prober.state import CheckResult, Counters, EndpointState, PendingEdge, ResultKind, Target
 
 __all__ = [
     "MIN_DELAY",
@@ -157,6 +157,7 @@ class ProberStats:
     endpoints: int
     in_flight: int
     checks_started: int
+    inconclusive: int  # checks the prober could not judge because its own loop was late
     lag_max: float  # over the prober's life
     lag_p50: float  # over the last `lag_window` checks
     lag_p99: float
@@ -225,6 +226,8 @@ class Prober:
         self._main: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._checks_started = 0
+        self._inconclusive = 0
+        self._overload_logged = -1.0e9
         self._lags: deque[float] = deque(maxlen=max(lag_window, 1))
         self._lag_max = 0.0
         if topology is not None:
@@ -388,6 +391,7 @@ class Prober:
             endpoints=len(self._entries),
             in_flight=self._in_flight,
             checks_started=self._checks_started,
+            inconclusive=self._inconclusive,
             lag_max=self._lag_max,
             lag_p50=pick(0.5),
             lag_p99=pick(0.99),
@@ -457,6 +461,17 @@ class Prober:
                 return
             if result is not None:
                 entry.last_result = result
+                if result.kind is ResultKind.INCONCLUSIVE:
+                    self._inconclusive += 1
+                    if self._clock() - self._overload_logged >= 10.0:  # an overloaded loop needs no log storm
+                        self._overload_logged = self._clock()
+                        log.warning(
+                            "%s/%s: %s (%d such checks so far; they count neither way)",
+                            entry.target.cluster,
+                            entry.target.endpoint,
+                            result.reason,
+                            self._inconclusive,
+                        )
                 transition = entry.state.observe(result)
                 if transition is not None:
                     self._emit(

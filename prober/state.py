@@ -26,6 +26,9 @@ A transition is *pending* while the endpoint is heading somewhere: some counter 
 move it is above zero but below its threshold. `EndpointState.pending` gives the status it is
 heading for; the scheduler uses it for the edge intervals.
 
+An INCONCLUSIVE result (the prober's own event loop was too late to judge a timeout) leaves
+every counter as it was.
+
 gRPC results map onto the same counters: a NOT_SERVING or unknown-service answer comes from the
 application (like an HTTP status), so it counts as an `http_failure`. A transport error counts as
 a `tcp_failure`, and DEADLINE_EXCEEDED as a `timeout`.
@@ -62,6 +65,10 @@ class ResultKind(enum.Enum):
     HTTP_FAILURE = "http_failure"  # unexpected status or body, or a gRPC health answer other than SERVING
     TCP_FAILURE = "tcp_failure"  # connect refused, reset, TLS error, TCP payload mismatch
     TIMEOUT = "timeout"
+    # The prober cannot tell: its own event loop ran the deadline so late that the answer may have
+    # been waiting unread. Counts nothing (see NetworkChecker), so an overloaded prober does not
+    # turn its own lateness into UNHEALTHY verdicts (envoyproxy/envoy#28699, bench/prober.py).
+    INCONCLUSIVE = "inconclusive"
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,6 +278,8 @@ class EndpointState:
     def observe(self, result: CheckResult) -> Transition | None:
         """Count one result; the Transition when it moved the status, else None."""
         self.checks += 1
+        if result.kind is ResultKind.INCONCLUSIVE:
+            return None  # neither a success nor a failure: every counter keeps its value
         c, t = self._counters, self.thresholds
         target: HealthStatus | None = None
         if result.kind is ResultKind.SUCCESS:

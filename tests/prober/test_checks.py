@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -369,3 +370,19 @@ async def test_policy_change_is_a_new_target() -> None:
     a = http_target(80)
     b = Target(a.cluster, a.address, a.port, replace(a.health_check, interval=1.0))
     assert a != b and a.id == b.id
+
+
+async def test_timeout_run_late_by_a_busy_loop_is_inconclusive(
+    checker: NetworkChecker, http_backend: HttpBackend
+) -> None:
+    # A loop too busy to run the deadline on time may also have left the answer unread: the
+    # prober cannot tell, so the result counts neither way (not a false "timeout").
+    check = asyncio.create_task(checker.check(http_target(http_backend.port, path="/hang", timeout=0.1)))
+    await asyncio.sleep(0.01)  # the request is out
+    time.sleep(0.4)  # the whole loop stalls, as under overload  # noqa: ASYNC251
+    result = await check
+    assert result.kind is ResultKind.INCONCLUSIVE
+    assert result.reason.startswith("prober overloaded: timeout ran ") and result.reason.endswith("ms late")
+    # The same hang with an idle loop is a plain timeout.
+    result = await checker.check(http_target(http_backend.port, path="/hang", timeout=0.1))
+    assert (result.kind, result.reason) == (ResultKind.TIMEOUT, "timeout after 100ms")

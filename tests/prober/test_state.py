@@ -24,11 +24,13 @@ OK = CheckResult.success("http 200")
 HTTP = CheckResult.http_failure("http 506", http_status=506)
 TCP = CheckResult.tcp_failure("connect refused")
 TIMEOUT = CheckResult.timeout("timeout after 500ms")
+INCONCLUSIVE = CheckResult(ResultKind.INCONCLUSIVE, "prober overloaded: timeout ran 300ms late")
 BY_KIND = {
     ResultKind.SUCCESS: OK,
     ResultKind.HTTP_FAILURE: HTTP,
     ResultKind.TCP_FAILURE: TCP,
     ResultKind.TIMEOUT: TIMEOUT,
+    ResultKind.INCONCLUSIVE: INCONCLUSIVE,
 }
 COUNTER = {
     ResultKind.HTTP_FAILURE: "http_failures",
@@ -240,7 +242,9 @@ def test_counter_reset_rules(t: Thresholds, initial: HealthStatus, sequence: lis
         c = state.counters
         assert 0 <= c.successes <= t.successes
         assert all(0 <= n <= limit_of(t, k) for n, k in zip(c.failures(), COUNTER, strict=True))
-        if kind is ResultKind.SUCCESS:
+        if kind is ResultKind.INCONCLUSIVE:
+            assert c == before
+        elif kind is ResultKind.SUCCESS:
             assert c.failures() == (0, 0, 0)
             assert c.successes == min(before.successes + 1, t.successes)
         else:
@@ -270,7 +274,9 @@ def test_matches_a_reference_model(t: Thresholds, initial: HealthStatus, sequenc
     state = EndpointState("c", "e:1", t, initial_status=initial)
     status, successes, failures = initial, 0, dict.fromkeys(COUNTER, 0)
     for kind in sequence:
-        if kind is ResultKind.SUCCESS:
+        if kind is ResultKind.INCONCLUSIVE:
+            pass
+        elif kind is ResultKind.SUCCESS:
             successes += 1
             failures = dict.fromkeys(COUNTER, 0)
             if successes >= t.successes:
@@ -285,3 +291,13 @@ def test_matches_a_reference_model(t: Thresholds, initial: HealthStatus, sequenc
         heading_up = status is not HealthStatus.HEALTHY and successes > 0
         heading_down = status is not HealthStatus.UNHEALTHY and any(failures.values())
         assert state.pending == ("healthy" if heading_up else "unhealthy" if heading_down else None)
+
+
+def test_inconclusive_counts_nothing_either_way() -> None:
+    overloaded = CheckResult(ResultKind.INCONCLUSIVE, "prober overloaded: timeout ran 300ms late")
+    state = machine(successes=2, failures=2, initial=HealthStatus.HEALTHY)
+    assert feed(state, TIMEOUT, overloaded, overloaded) == [HealthStatus.HEALTHY] * 3
+    assert state.counters == Counters(timeouts=1)  # kept, not reset by the inconclusive results
+    assert feed(state, TIMEOUT) == [HealthStatus.UNHEALTHY]
+    assert feed(state, OK, overloaded) == [HealthStatus.UNHEALTHY] * 2
+    assert state.counters == Counters(successes=1) and state.pending == "healthy"
