@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -252,23 +251,19 @@ def _read_tail(path: Path, n: int) -> str:
     return "\n".join(lines[-n:]) if n > 0 else ""
 
 
-def set_parent_death_signal() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGTERM the child when its parent dies, so no Envoy outlives us.
+def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    """`argv` run so that Linux SIGTERMs it when its parent dies: no Envoy outlives us.
 
-    Linux ties this to the spawning thread: the one running the event loop."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-    return preexec
+    util-linux's `setpriv --pdeathsig` sets the signal and execs the command (same pid), so
+    Python needs no `preexec_fn`. A preexec_fn forces a real fork() of a process whose gRPC
+    threads are running; gRPC's fork handlers then ran in the child and aborted it now and then
+    ("epoll_wait error: Bad file descriptor", exit -6). Without one, the child is spawned with
+    vfork and execs at once. Linux ties the signal to the spawning thread: the event loop's.
+    """
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv is None:
+        return list(argv)  # no parent-death signal; stop() and the lab's cleanup still apply
+    return [setpriv, "--pdeathsig", "TERM", *argv]
 
 
 class EnvoyProcess:
@@ -327,12 +322,10 @@ class EnvoyProcess:
         try:
             with self.stderr_path.open("wb") as stdio:
                 self._proc = await asyncio.create_subprocess_exec(
-                    binary,
-                    *args,
+                    *with_parent_death_signal([binary, *args]),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=stdio,
                     stderr=stdio,
-                    preexec_fn=set_parent_death_signal(),
                 )
             self._exited = asyncio.ensure_future(self._proc.wait())
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))

@@ -39,7 +39,7 @@ from typing import Any, Self, TextIO, TypeVar
 import aiohttp
 import yaml
 
-from lab.envoyproc import EnvoyError, EnvoyProcess, find_envoy, set_parent_death_signal
+from lab.envoyproc import EnvoyError, EnvoyProcess, find_envoy, with_parent_death_signal
 from lab.topology import (
     WEB_CLUSTER,
     BackendLayout,
@@ -111,7 +111,7 @@ class ChildProcess:
         try:
             with self.log_path.open("ab") as out:
                 self._proc = await asyncio.create_subprocess_exec(
-                    *argv,
+                    *with_parent_death_signal(argv),
                     stdin=asyncio.subprocess.DEVNULL,
                     stdout=asyncio.subprocess.PIPE if self._capture_stdout else out,
                     stderr=out,
@@ -119,7 +119,6 @@ class ChildProcess:
                     # Its own session: a Ctrl-C in the terminal reaches the lab only, which then
                     # stops everything in order; the death signal covers a lab that is killed.
                     start_new_session=True,
-                    preexec_fn=set_parent_death_signal(),
                 )
         except OSError as exc:
             raise LabError(f"{self.name}: cannot run {argv[0]}: {exc.strerror}") from exc
