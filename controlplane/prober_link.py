@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controlplane.admin_views import CheckInfo
 from controlplane.errors import ProtocolError
 from controlplane.health import HealthStatus, Verdict
 from controlplane.topology import Topology
@@ -100,12 +101,34 @@ def verdicts_from_batch(batch: prober_pb2.VerdictBatch, source: str, now: float)
     return out
 
 
+def check_info(state: prober_pb2.CheckState, source: str) -> CheckInfo:
+    c = state.counters
+    has_last = bool(state.last_result)
+    return CheckInfo(
+        check=state.check,
+        rise=state.rise,
+        fall=state.fall,
+        successes=c.successes,
+        http_failures=c.http_failures,
+        tcp_failures=c.tcp_failures,
+        timeouts=c.timeouts,
+        checks=state.checks,
+        last_result=state.last_result or None,
+        last_reason=state.last_reason,
+        last_time=_timestamp_seconds(state.last_time, 0.0) if has_last else None,
+        last_latency=state.last_latency_seconds if has_last else None,
+        prober=source,
+    )
+
+
 class ProberLinkService:
     """Serves `healthplane.v1.ProberLink/Report`."""
 
     def __init__(self, cp: ControlPlane) -> None:
         self.cp = cp
         self.probers: dict[str, ProberRecord] = {}
+        # The latest check state per endpoint from any remote prober, for /endpoints and /status.
+        self.checks: dict[tuple[str, str], CheckInfo] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
@@ -178,6 +201,8 @@ class ProberLinkService:
                     record.full_state_at = now
                 for event in message.verdicts.events:
                     self._record_event(record, event)
+                for state in message.verdicts.checks:
+                    self.checks[(state.cluster, state.endpoint)] = check_info(state, source)
                 self.cp.submit_verdicts_soon(verdicts)
         finally:
             wake.set()

@@ -26,7 +26,7 @@ from controlplane.health import Verdict
 from controlplane.topology import parse_topology
 from healthplane.v1 import prober_pb2, prober_pb2_grpc
 from prober.events import ProbeEvent
-from prober.scheduler import Prober
+from prober.scheduler import EndpointReport, Prober
 
 log = logging.getLogger("healthplane.prober.link")
 
@@ -62,6 +62,30 @@ def event_message(e: ProbeEvent) -> prober_pb2.ProbeEvent:
     )
 
 
+def check_state_message(report: EndpointReport) -> prober_pb2.CheckState:
+    """One endpoint's policy, counters and last result, for the control plane's /endpoints."""
+    hc = report.target.health_check
+    c = report.counters
+    last = report.last_result
+    message = prober_pb2.CheckState(
+        cluster=report.target.cluster,
+        endpoint=report.target.endpoint,
+        check=hc.kind,
+        rise=hc.healthy_threshold,
+        fall=hc.unhealthy_threshold,
+        counters=prober_pb2.Counters(
+            successes=c.successes, http_failures=c.http_failures, tcp_failures=c.tcp_failures, timeouts=c.timeouts
+        ),
+        checks=report.checks,
+    )
+    if last is not None:
+        message.last_result = last.kind.value
+        message.last_reason = last.reason
+        message.last_time.CopyFrom(_timestamp(last.time))
+        message.last_latency_seconds = last.latency
+    return message
+
+
 def backoff_delays(base: float, cap: float, rng: random.Random) -> Iterator[float]:
     """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
     attempt = 0
@@ -83,6 +107,7 @@ class ControlPlaneLink:
         backoff_cap: float = 10.0,
         max_pending_events: int = 10_000,
         rng: random.Random | None = None,
+        check_report_interval: float = 1.0,
     ) -> None:
         self.target = target
         self.prober = prober
@@ -97,6 +122,8 @@ class ControlPlaneLink:
         self.connected = asyncio.Event()
         self.connections = 0
         self.topology_version = ""
+        self.check_report_interval = check_report_interval
+        self._checks_sent: dict[tuple[str, str], tuple[int, float | None]] = {}
 
     def _prober(self) -> Prober:
         if self.prober is None:
@@ -140,12 +167,14 @@ class ControlPlaneLink:
             await outbox.put(prober_pb2.ProberMessage(hello=hello))
             # Whatever was pending is superseded by the full state sent first.
             self._verdicts.clear()
+            self._checks_sent.clear()
             await outbox.put(
                 prober_pb2.ProberMessage(
                     verdicts=prober_pb2.VerdictBatch(
                         full_state=True,
                         verdicts=[verdict_message(v) for v in self._prober().current_verdicts()],
                         events=[event_message(e) for e in self._drain_events()],
+                        checks=self._changed_checks(),
                     )
                 )
             )
@@ -153,13 +182,15 @@ class ControlPlaneLink:
             self.connected.set()
             log.info("connected to control plane %s", self.target)
             sender = asyncio.create_task(self._send_changes(outbox))
+            checks = asyncio.create_task(self._send_checks(outbox))
             try:
                 while (message := await call.read()) is not grpc.aio.EOF:
                     self._apply(message)
             finally:
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sender
+                for task in (sender, checks):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 await outbox.put(None)
 
     @staticmethod
@@ -189,6 +220,27 @@ class ControlPlaneLink:
                         )
                     )
                 )
+
+    def _changed_checks(self) -> list[prober_pb2.CheckState]:
+        """Check states of the endpoints checked since they were last sent on this connection."""
+        prober = self._prober()
+        out = []
+        for key in list(prober.endpoints()):
+            report = prober.endpoint(*key)
+            if report is None:
+                continue
+            mark = (report.checks, report.last_result.time if report.last_result else None)
+            if self._checks_sent.get(key) != mark:
+                self._checks_sent[key] = mark
+                out.append(check_state_message(report))
+        return out
+
+    async def _send_checks(self, outbox: asyncio.Queue[prober_pb2.ProberMessage | None]) -> None:
+        while True:
+            await asyncio.sleep(self.check_report_interval)
+            changed = self._changed_checks()
+            if changed:
+                await outbox.put(prober_pb2.ProberMessage(verdicts=prober_pb2.VerdictBatch(checks=changed)))
 
     def _apply(self, message: prober_pb2.ControlPlaneMessage) -> None:
         if message.WhichOneof("message") != "topology":

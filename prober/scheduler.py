@@ -230,6 +230,8 @@ class Prober:
         self._overload_logged = -1.0e9
         self._lags: deque[float] = deque(maxlen=max(lag_window, 1))
         self._lag_max = 0.0
+        # Called with every check result (metrics); exceptions are logged and do not stop checks.
+        self.check_listeners: list[Callable[[Target, CheckResult], None]] = []
         if topology is not None:
             self.update_topology(topology)
 
@@ -472,6 +474,11 @@ class Prober:
                             result.reason,
                             self._inconclusive,
                         )
+                for listener in self.check_listeners:
+                    try:
+                        listener(entry.target, result)
+                    except Exception:
+                        log.exception("check listener failed")
                 transition = entry.state.observe(result)
                 if transition is not None:
                     self._emit(

@@ -267,7 +267,13 @@ async def test_tcp_wrong_payload_on_an_open_connection_is_a_mismatch_not_a_timeo
 async def test_tcp_silent_backend_times_out(checker: NetworkChecker) -> None:
     backend = await TcpBackend(reply=lambda data: None).start()
     try:
-        result = await checker.check(tcp_target(backend.port, send=b"PING", receive=b"PONG", timeout=0.15))
+        target = tcp_target(backend.port, send=b"PING", receive=b"PONG", timeout=0.15)
+        # On a loaded machine the 150 ms timer itself may fire late, which is INCONCLUSIVE by design
+        # (tested below); try again then, so that what is checked here is the plain TIMEOUT.
+        for _ in range(5):
+            result = await checker.check(target)
+            if result.kind is not ResultKind.INCONCLUSIVE:
+                break
         assert (result.kind, result.reason) == (ResultKind.TIMEOUT, "timeout after 150ms")
     finally:
         await backend.stop()
