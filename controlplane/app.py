@@ -95,6 +95,8 @@ class ControlPlane:
         self._pending_verdicts: list[Verdict] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self.prober: Any = None  # the embedded prober.scheduler.Prober, when one runs here
+        # Probers run elsewhere (`serve --no-prober`): /readyz waits for one's full state.
+        self.expect_remote_prober = False
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
 
     # ------------------------------------------------------------------ inputs
@@ -177,6 +179,7 @@ class ControlPlane:
             endpoint=endpoint,
             status=status.name if status else "auto",
             who=who,
+            what=f"override {status.name if status else 'auto'}",
             old=before.name,
             new=after.name,
         )
@@ -184,7 +187,9 @@ class ControlPlane:
             return None
         return self._publish(Cause("override", f"{cluster} {endpoint} {after.name} by {who}", now), {cluster})
 
-    def update_topology(self, topology: Topology, *, detail: str = "topology updated") -> Snapshot | None:
+    def update_topology(
+        self, topology: Topology, *, detail: str = "topology updated", who: str = "file watcher"
+    ) -> Snapshot | None:
         """Serve a new (already validated) topology; None when it changes nothing Envoy sees."""
         self.topology = topology
         self.health.prune(topology)
@@ -197,19 +202,23 @@ class ControlPlane:
             "topology",
             f"{detail}: version {snapshot.version}",
             changed={k.rsplit(".", 1)[-1]: v for k, v in changed.items()},
+            who=who,
+            what=detail,
         )
         return snapshot
 
-    def reload(self) -> Snapshot | None:
+    def reload(self, *, who: str = "file watcher") -> Snapshot | None:
         """Re-read the topology file; a bad file is reported and the last good topology kept."""
         if self.config_path is None:
             raise ConfigError("the control plane was not started from a file", path="config")
         try:
             topology = load_topology(self.config_path)
         except ConfigError as exc:
-            self.events.record("topology_rejected", f"kept the last good topology: {exc}", error=str(exc))
+            self.events.record(
+                "topology_rejected", f"kept the last good topology: {exc}", error=str(exc), who=who, what="reload"
+            )
             raise
-        return self.update_topology(topology, detail=f"reloaded {self.config_path}")
+        return self.update_topology(topology, detail=f"reloaded {self.config_path}", who=who)
 
     def _publish(self, cause: Cause, dirty: set[str] | None) -> Snapshot:
         previous = self.cache.current()
@@ -239,7 +248,9 @@ class ControlPlane:
         from controlplane.prober_link import ProberLinkService  # generated code stays at the edge
 
         self.prober_link = ProberLinkService(self)
-        self._grpc = create_server(self.ads.handler(), self.prober_link.handler())
+        from controlplane.csds import CsdsService
+
+        self._grpc = create_server(self.ads.handler(), self.prober_link.handler(), CsdsService(self).handler())
         self.xds_port = self._grpc.add_insecure_port(f"{_host(cp.xds.address)}:{cp.xds.port}")
         if self.xds_port == 0:
             raise ConfigError(f"cannot listen on {cp.xds.address}:{cp.xds.port}", path="controlplane.xds")
@@ -277,6 +288,7 @@ class ControlPlane:
         from prober.scheduler import Prober
 
         self.prober = Prober(self.topology, sink=_EmbeddedSink(self), source="prober:embedded")
+        self.prober.check_listeners.append(self.metrics.on_check)
         await self.prober.start()
 
     def _on_file_change(self) -> None:

@@ -1,4 +1,4 @@
-"""The `healthplane` command: serve, prober, validate, bootstrap, lab."""
+"""The `healthplane` command: serve, prober, validate, bootstrap, status, endpoints, nodes, override, lab."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         cp = ControlPlane(topology, config_path=args.config, embedded_prober=not args.no_prober)
+        cp.expect_remote_prober = args.no_prober
         tune_gc_for_streams()
         await cp.start()
         stop = asyncio.Event()
@@ -157,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zone", default="", help="node.locality.zone")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
     p.set_defaults(func=_bootstrap)
+
+    from controlplane.cli_admin import add_admin_commands
+
+    add_admin_commands(sub)
 
     from lab.topology import add_lab_arguments  # the lab's options; no aiohttp at parse time
 

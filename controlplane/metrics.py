@@ -8,9 +8,9 @@ scrape time from the control plane itself, so they can never drift from what it 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from controlplane.app import ControlPlane
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CHECK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics(StreamCallbacks):
@@ -45,6 +46,19 @@ class Metrics(StreamCallbacks):
             ["cause"],
             registry=self.registry,
         )
+        self.checks = Counter(
+            "healthplane_checks",
+            "Health checks run by the embedded prober, by cluster and outcome (success, http_failure, ...).",
+            ["cluster", "outcome"],
+            registry=self.registry,
+        )
+        self.check_latency = Histogram(
+            "healthplane_check_latency_seconds",
+            "Health check latency (embedded prober), by cluster and check type.",
+            ["cluster", "check"],
+            buckets=CHECK_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         short = rs.SHORT_NAMES
         self._responses = {t: responses.labels(short[t]) for t in rs.ADS_ORDER}
         self._acks = {t: acks.labels(short[t]) for t in rs.ADS_ORDER}
@@ -64,6 +78,11 @@ class Metrics(StreamCallbacks):
 
     def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
         self._responses[response.type_url].inc()
+
+    def on_check(self, target: Any, result: Any) -> None:
+        """One check result (a prober.state.Target and CheckResult; typed loosely to keep the prober out)."""
+        self.checks.labels(target.cluster, result.kind.value).inc()
+        self.check_latency.labels(target.cluster, target.health_check.kind).observe(result.latency)
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self.versions.labels(snapshot.cause.kind).inc()

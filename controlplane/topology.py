@@ -41,6 +41,8 @@ class ControlPlaneConfig:
     admin: SocketAddress = SocketAddress("127.0.0.1", 19000)
     # Poll interval of the topology file watcher, seconds; 0 disables watching.
     watch_interval: float = 0.5
+    # Bearer token for admin API changes (`admin.token`); None: HEALTHPLANE_ADMIN_TOKEN, if set.
+    admin_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,10 +315,10 @@ _HC_COMMON = {
 _HC_KINDS = {"http", "tcp", "grpc"}
 
 
-def _socket(f: _Field, default: SocketAddress) -> SocketAddress:
+def _socket(f: _Field, default: SocketAddress, extra: frozenset[str] = frozenset()) -> SocketAddress:
     if f.missing:
         return default
-    f.mapping({"address", "port"})
+    f.mapping({"address", "port"} | extra)
     return SocketAddress(
         address=_ip(f.child("address"), allow_hostname=True) if not f.child("address").missing else default.address,
         port=f.child("port").integer(default=default.port, lo=0, hi=65535),
@@ -330,9 +332,19 @@ def _controlplane(f: _Field) -> ControlPlaneConfig:
     d = ControlPlaneConfig()
     return ControlPlaneConfig(
         xds=_socket(f.child("xds"), d.xds),
-        admin=_socket(f.child("admin"), d.admin),
+        admin=_socket(f.child("admin"), d.admin, frozenset({"token"})),
         watch_interval=f.child("watch_interval").duration(default=d.watch_interval),
+        admin_token=_admin_token(f.child("admin")),
     )
+
+
+def _admin_token(f: _Field) -> str | None:
+    if f.missing or f.child("token").missing:
+        return None
+    token = f.child("token").string()
+    if len(token) < 8 or any(c.isspace() for c in token):
+        raise f.child("token").error("must be at least 8 characters without spaces")
+    return token
 
 
 def _statuses(f: _Field) -> tuple[tuple[int, int], ...]:
