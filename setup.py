@@ -44,4 +44,7 @@ class BuildPyWithProtos(build_py):
         super().run()
 
 
+# Generate before setup() runs too: package discovery (and the editable install's import finder,
+# built from it) only sees `healthplane.v1` if its modules already exist on a fresh clone.
+compile_protos()
 setup(cmdclass={"build_py": BuildPyWithProtos})
