@@ -71,6 +71,14 @@ class TcpCheck:
 class GrpcCheck:
     service: str = ""
     authority: str | None = None
+    # TLS to the endpoint's gRPC port. ca_file: roots to verify it by (None: the system's);
+    # cert_file/key_file: a client certificate, for endpoints that require mutual TLS;
+    # sni: the name to verify (and send as SNI) instead of the endpoint's address.
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    sni: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +431,32 @@ def _http(f: _Field) -> HttpCheck:
     )
 
 
+def _grpc(f: _Field) -> GrpcCheck:
+    if isinstance(f.value, dict) and "verify_tls" in f.value:
+        # grpc's channel credentials always verify; there is no switch to turn that off.
+        raise f.child("verify_tls").error("is not supported for gRPC checks: give ca_file with the endpoint's CA")
+    f.mapping({"service", "authority", "tls", "ca_file", "cert_file", "key_file", "sni"})
+    tls = f.child("tls").boolean(default=False)
+    files = {name: f.child(name).opt_str() for name in ("ca_file", "cert_file", "key_file")}
+    sni = f.child("sni").opt_str()
+    if not tls:
+        for name, value in (*files.items(), ("sni", sni)):
+            if value is not None:
+                raise f.child(name).error("needs tls: true")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        missing = "key_file" if files["key_file"] is None else "cert_file"
+        raise f.child(missing).error("is required with " + ("cert_file" if missing == "key_file" else "key_file"))
+    return GrpcCheck(
+        service=f.child("service").string(default=""),
+        authority=f.child("authority").opt_str(),
+        tls=tls,
+        ca_file=files["ca_file"],
+        cert_file=files["cert_file"],
+        key_file=files["key_file"],
+        sni=sni,
+    )
+
+
 def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
     """A health_check section; with `base`, a partial override of it (per endpoint)."""
     if f.missing:
@@ -449,15 +483,7 @@ def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
             )
             hc = replace(hc, kind="tcp", tcp=tcp, http=None, grpc=None)
         else:
-            if kf.value not in (None, {}):
-                kf.mapping({"service", "authority"})
-            grpc = (
-                GrpcCheck()
-                if kf.value in (None, {})
-                else GrpcCheck(
-                    service=kf.child("service").string(default=""), authority=kf.child("authority").opt_str()
-                )
-            )
+            grpc = GrpcCheck() if kf.value in (None, {}) else _grpc(kf)
             hc = replace(hc, kind="grpc", grpc=grpc, http=None, tcp=None)
     updates: dict[str, Any] = {}
     for name in ("interval", "timeout"):

@@ -31,6 +31,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -240,6 +241,8 @@ class NetworkChecker:
         # Requests served per pooled connection, keyed by aiohttp's protocol object.
         self._uses: weakref.WeakKeyDictionary[object, int] = weakref.WeakKeyDictionary()
         self._channels: dict[Target, Any] = {}
+        # gRPC channel credentials per (ca_file, cert_file, key_file): the files are read once.
+        self._grpc_credentials: dict[tuple[str | None, str | None, str | None], grpc.ChannelCredentials] = {}
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -543,9 +546,34 @@ class NetworkChecker:
             if check.authority:
                 options.append(("grpc.default_authority", check.authority))
             address = f"{_host_literal(target.address)}:{target.check_port}"
-            channel = grpc.aio.insecure_channel(address, options=options)
+            if check.tls:
+                if check.sni:
+                    options.append(("grpc.ssl_target_name_override", check.sni))
+                channel = grpc.aio.secure_channel(address, self._credentials(check), options=options)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=options)
             self._channels[target] = channel
         return channel
+
+    def _credentials(self, check: GrpcCheck) -> grpc.ChannelCredentials:
+        key = (check.ca_file, check.cert_file, check.key_file)
+        credentials = self._grpc_credentials.get(key)
+        if credentials is None:
+            contents: dict[str, bytes | None] = {}
+            for name, path in zip(("ca_file", "cert_file", "key_file"), key, strict=True):
+                try:
+                    contents[name] = None if path is None else Path(path).read_bytes()
+                except OSError as exc:
+                    # The prober's own files are missing: not the endpoint's fault, so count nothing.
+                    reason = f"grpc tls: cannot read {name} {path}: {exc.strerror or exc}"
+                    raise _Outcome(ResultKind.INCONCLUSIVE, reason) from None
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=contents["ca_file"],
+                private_key=contents["key_file"],
+                certificate_chain=contents["cert_file"],
+            )
+            self._grpc_credentials[key] = credentials
+        return credentials
 
     async def _grpc(self, target: Target, hc: HealthCheck, check: GrpcCheck) -> _Outcome:
         channel = self._grpc_channel(target, hc, check)

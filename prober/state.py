@@ -26,8 +26,8 @@ A transition is *pending* while the endpoint is heading somewhere: some counter 
 move it is above zero but below its threshold. `EndpointState.pending` gives the status it is
 heading for; the scheduler uses it for the edge intervals.
 
-An INCONCLUSIVE result (the prober's own event loop was too late to judge a timeout) leaves
-every counter as it was.
+An INCONCLUSIVE result (the prober's own event loop was too late to judge a timeout, or its own
+TLS files for a gRPC check could not be read) leaves every counter as it was.
 
 gRPC results map onto the same counters: a NOT_SERVING or unknown-service answer comes from the
 application (like an HTTP status), so it counts as an `http_failure`. A transport error counts as

@@ -346,6 +346,29 @@ def test_check_kinds_with_defaults(doc: dict[str, Any], section: dict[str, Any],
     assert parse(doc).clusters[0].health_check == check
 
 
+def test_grpc_check_over_mutual_tls(doc: dict[str, Any]) -> None:
+    files = {"ca_file": "/etc/hp/ca.pem", "cert_file": "/etc/hp/prober.pem", "key_file": "/etc/hp/prober.key"}
+    doc["clusters"][0]["health_check"] = {"grpc": {"tls": True, "sni": "api.internal", **files}}
+    check = GrpcCheck(tls=True, sni="api.internal", **files)
+    assert parse(doc).clusters[0].health_check == HealthCheck(kind="grpc", grpc=check)
+
+
+@pytest.mark.parametrize(
+    ("grpc", "path", "message"),
+    [
+        ({"ca_file": "/ca.pem"}, "grpc.ca_file", "needs tls: true"),
+        ({"tls": False, "sni": "x"}, "grpc.sni", "needs tls: true"),
+        ({"tls": True, "cert_file": "/c.pem"}, "grpc.key_file", "is required with cert_file"),
+        ({"tls": True, "key_file": "/k.pem"}, "grpc.cert_file", "is required with key_file"),
+        ({"tls": True, "verify_tls": False}, "grpc.verify_tls", "is not supported for gRPC checks"),
+        ({"tls": "yes"}, "grpc.tls", "must be"),
+    ],
+)
+def test_grpc_tls_errors(doc: dict[str, Any], grpc: dict[str, Any], path: str, message: str) -> None:
+    doc["clusters"][0]["health_check"] = {"grpc": grpc}
+    assert_error(doc, f"clusters[0].health_check.{path}", message)
+
+
 # --------------------------------------------------------------------------- tcp payloads and statuses
 
 

@@ -152,6 +152,9 @@ class GrpcHealthBackend:
     slow: float | None = None
     port: int = 0
     servicer: Any = None
+    # (cert, key) to serve TLS with; client_ca: require client certificates signed by it.
+    tls: tuple[Path, Path] | None = None
+    client_ca: Path | None = None
     _server: Any = None
 
     async def start(self, port: int = 0) -> GrpcHealthBackend:
@@ -161,7 +164,16 @@ class GrpcHealthBackend:
         else:
             self.servicer = self.servicer or health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, self._server)
-        self.port = self._server.add_insecure_port(f"{LOCALHOST}:{port}")
+        if self.tls is None:
+            self.port = self._server.add_insecure_port(f"{LOCALHOST}:{port}")
+        else:
+            cert, key = self.tls
+            credentials = grpc.ssl_server_credentials(
+                [(key.read_bytes(), cert.read_bytes())],
+                root_certificates=None if self.client_ca is None else self.client_ca.read_bytes(),
+                require_client_auth=self.client_ca is not None,
+            )
+            self.port = self._server.add_secure_port(f"{LOCALHOST}:{port}", credentials)
         await self._server.start()
         return self
 

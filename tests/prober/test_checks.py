@@ -324,6 +324,58 @@ async def test_grpc_unreachable_then_back_without_backoff(checker: NetworkChecke
         await backend.stop()
 
 
+def tls_grpc_target(port: int, **tls: object) -> Target:
+    hc = HealthCheck(kind="grpc", grpc=GrpcCheck(tls=True, **tls), timeout=2.0, interval=0.1)  # type: ignore[arg-type]
+    return Target("api", LOCALHOST, port, hc)
+
+
+async def test_grpc_over_tls_verified_by_ca_file_and_sni(checker: NetworkChecker, tls_files: tuple[Path, Path]) -> None:
+    cert, _ = tls_files
+    backend = await GrpcHealthBackend(tls=tls_files).start()
+    try:
+        ok = await checker.check(tls_grpc_target(backend.port, ca_file=str(cert), sni="backend.test"))
+        assert (ok.kind, ok.reason) == (ResultKind.SUCCESS, "grpc SERVING")
+        # The same server checked in plain text, or without its CA, is down: no silent fallback.
+        plain = await checker.check(grpc_target(backend.port, timeout=2.0))
+        assert plain.kind is ResultKind.TCP_FAILURE
+        unverified = await checker.check(tls_grpc_target(backend.port, sni="backend.test"))
+        assert (unverified.kind, unverified.reason) == (ResultKind.TCP_FAILURE, "grpc UNAVAILABLE")
+    finally:
+        await backend.stop()
+
+
+async def test_grpc_mutual_tls_presents_the_client_certificate(
+    checker: NetworkChecker, tls_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    server_cert, _ = tls_files
+    (tmp_path / "client").mkdir()
+    client = self_signed_cert(tmp_path / "client", name="prober.test")
+    assert client is not None  # tls_files already skipped the test without openssl
+    client_cert, client_key = client
+    backend = await GrpcHealthBackend(tls=tls_files, client_ca=client_cert).start()
+    try:
+        target = tls_grpc_target(
+            backend.port,
+            ca_file=str(server_cert),
+            sni="backend.test",
+            cert_file=str(client_cert),
+            key_file=str(client_key),
+        )
+        assert (await checker.check(target)).ok
+        anonymous = await checker.check(tls_grpc_target(backend.port, ca_file=str(server_cert), sni="backend.test"))
+        assert anonymous.kind is ResultKind.TCP_FAILURE
+    finally:
+        await backend.stop()
+
+
+async def test_grpc_tls_files_missing_is_inconclusive(checker: NetworkChecker, tmp_path: Path) -> None:
+    # The prober's own configuration is broken, not the endpoint: the check counts neither way.
+    missing = tmp_path / "nope.pem"
+    result = await checker.check(tls_grpc_target(closed_port(), ca_file=str(missing)))
+    assert result.kind is ResultKind.INCONCLUSIVE
+    assert result.reason == f"grpc tls: cannot read ca_file {missing}: No such file or directory"
+
+
 async def test_grpc_slow_server_times_out(checker: NetworkChecker) -> None:
     backend = await GrpcHealthBackend(slow=5.0).start()
     try:
