@@ -104,6 +104,7 @@ class AdsServer:
         self.source = source
         self.callbacks = callbacks or StreamCallbacks()
         self.streams: dict[int, StreamState] = {}
+        self._handlers: dict[int, asyncio.Task[Any]] = {}  # stream id -> its RPC's task, to close it
         self._stream_ids = itertools.count(1)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -120,6 +121,8 @@ class AdsServer:
         cancel = self.source.subscribe(wake.set)
         reader = asyncio.create_task(self._read(state, context, wake), name=f"ads-read-{state.stream_id}")
         self.streams[state.stream_id] = state
+        if (task := asyncio.current_task()) is not None:
+            self._handlers[state.stream_id] = task
         opened = False
         try:
             while True:
@@ -145,8 +148,17 @@ class AdsServer:
             cancel()
             reader.cancel()
             self.streams.pop(state.stream_id, None)
+            self._handlers.pop(state.stream_id, None)
             if opened:
                 self.callbacks.on_stream_closed(state)
+
+    def close_stream(self, stream_id: int) -> bool:
+        """End a stream from the server side (its RPC is cancelled); False if it is gone."""
+        task = self._handlers.get(stream_id)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
 
     async def _read(self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], wake: asyncio.Event) -> None:
         try:
