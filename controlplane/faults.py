@@ -230,15 +230,17 @@ class Faults:
                 continue
             oldest = min(waiting, key=lambda ts: ts.sent_at or now)
             age = now - (oldest.sent_at or now)
-            if age <= limit or not self.cp.ads.close_stream(stream.stream_id):
+            why = (
+                f"{rs.SHORT_NAMES.get(oldest.type_url, oldest.type_url)} version {oldest.sent_version} "
+                f"unanswered for {age:.0f}s (stuck_stream_timeout {limit:g}s)"
+            )
+            if age <= limit or not self.cp.ads.close_stream(stream.stream_id, f"stream closed: {why}"):
                 continue
             closed.append(stream.stream_id)
             self.stuck_closed.inc()
             self.cp.events.record(
                 "stuck_stream",
-                f"closed stream {stream.stream_id} of node {stream.node_id} ({stream.peer}): "
-                f"{rs.SHORT_NAMES.get(oldest.type_url, oldest.type_url)} version {oldest.sent_version} "
-                f"unanswered for {age:.0f}s (limit {limit:g}s)",
+                f"closed stream {stream.stream_id} of node {stream.node_id} ({stream.peer}): {why}",
                 node=stream.node_id,
                 stream=stream.stream_id,
                 peer=stream.peer,
