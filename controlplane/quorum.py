@@ -28,7 +28,13 @@ class Quorum:
 
     def vote(self, verdict: Verdict) -> Verdict | None:
         """Record one source's verdict; the combined verdict, or None if it recorded nothing."""
-        votes = self._votes.setdefault(verdict.id, {})
+        votes = self._votes.get(verdict.id)
+        if votes is None:  # the common case, one prober: its verdict is the verdict
+            self._votes[verdict.id] = {verdict.source: verdict}
+            return verdict
+        if len(votes) == 1 and verdict.source in votes and verdict.status is not HealthStatus.UNKNOWN:
+            votes[verdict.source] = verdict
+            return verdict
         if verdict.status is HealthStatus.UNKNOWN and any(v.status is not HealthStatus.UNKNOWN for v in votes.values()):
             return None
         votes[verdict.source] = verdict
