@@ -126,6 +126,8 @@ class Faults:
     def admit(self, verdicts: Sequence[Verdict]) -> list[Verdict]:
         """Votes in, the verdicts to apply now out (quorum, then the guard); the batch is saved."""
         live = self._live_endpoints()
+        cfg, g = self.cp.topology.controlplane, self.guard  # an edited topology's settings apply at once
+        g.share, g.window, g.min_failures = cfg.mass_failure_share, cfg.mass_failure_window, cfg.mass_failure_min
         votes: list[Verdict] = []
         combined: list[Verdict] = []
         for v in verdicts:
