@@ -137,7 +137,13 @@ class Faults:
             if c is not None:
                 votes.append(v)
                 combined.append(c)
-        out = self.guard.admit(combined, status_of=self.cp.health.status, size_of=self._cluster_size, now=time.time())
+        out = self.guard.admit(
+            combined,
+            status_of=self.cp.health.status,
+            verdict_of=lambda c, e: self.cp.health.effective(c, e).verdict,
+            size_of=self._cluster_size,
+            now=time.time(),
+        )
         for name in out.newly_held:
             self._raise_mass_failure(name)
         for name in {v.cluster for v in out.held} - set(out.newly_held):

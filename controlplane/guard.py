@@ -1,11 +1,12 @@
 """The mass-failure guard: a prober that loses its own network must not mark the world down.
 
 When more than `share` of a cluster's endpoints (and at least `min_failures` of them) turn
-failing within one `window` (about one check round), the failures beyond that point are held:
-the endpoints keep their previous status, the cluster is reported as held, and an operator
-decides (accept applies the held verdicts; a later passing verdict for an endpoint drops its
-held failure). Failures that arrived before the share was crossed were applied: at most
-`share` of a cluster goes down through the guard per window. Recoveries are never held.
+failing within one `window` (about one check round), every failure of that window is held: the
+endpoints keep (or, for those applied earlier in the window, get back) their previous verdict,
+the cluster is reported as held, and an operator decides (accept applies the held verdicts; a
+later passing verdict for an endpoint drops its held failure). Checks of one round arrive
+spread over the check interval, so failures applied before the share was crossed are reverted
+rather than left in place. Recoveries are never held.
 
 Plain synchronous bookkeeping: `admit` splits a batch of verdicts into those to apply now and
 those held; it never touches the health store.
@@ -31,13 +32,14 @@ class Admitted:
 
 
 class MassFailureGuard:
-    """Per cluster: recent failures (endpoint -> time) and held verdicts (endpoint -> verdict)."""
+    """Per cluster: recent failures (endpoint -> when, the verdict before, the failing verdict)
+    and held verdicts (endpoint -> failing verdict)."""
 
     def __init__(self, *, share: float = 0.5, window: float = 10.0, min_failures: int = 3) -> None:
         self.share = share
         self.window = window
         self.min_failures = min_failures
-        self.recent: dict[str, dict[str, float]] = {}
+        self.recent: dict[str, dict[str, tuple[float, Verdict | None, Verdict]]] = {}
         self.held: dict[str, dict[str, Verdict]] = {}
 
     def admit(
@@ -45,15 +47,20 @@ class MassFailureGuard:
         verdicts: Sequence[Verdict],
         *,
         status_of: Callable[[str, str], HealthStatus],
+        verdict_of: Callable[[str, str], Verdict | None],
         size_of: Callable[[str], int],
         now: float,
     ) -> Admitted:
-        """Split `verdicts` (one per endpoint) into those to apply and those to hold."""
+        """Split `verdicts` (one per endpoint) into those to apply and those to hold.
+
+        `apply` may also carry earlier verdicts of endpoints whose failure this batch reverts.
+        """
         out = Admitted()
         candidates: dict[str, list[Verdict]] = {}
         for v in verdicts:
             held = self.held.get(v.cluster)
             if v.status not in FAILING:
+                self.recent.get(v.cluster, {}).pop(v.endpoint, None)
                 if held is not None and held.pop(v.endpoint, None) is not None and not held:
                     del self.held[v.cluster]
                     out.released.append(v.cluster)
@@ -64,14 +71,22 @@ class MassFailureGuard:
                 candidates.setdefault(v.cluster, []).append(v)
         for cluster, failing in candidates.items():
             recent = self.recent.setdefault(cluster, {})
-            for endpoint in [e for e, t in recent.items() if t < now - self.window]:
+            for endpoint in [e for e, r in recent.items() if r[0] < now - self.window]:
                 del recent[endpoint]
             holding = cluster in self.held
-            # The whole batch is one round: if it crosses the share, all of its failures are held.
-            recent.update((v.endpoint, now) for v in failing)
+            for v in failing:
+                recent[v.endpoint] = (now, verdict_of(v.cluster, v.endpoint), v)
             if not holding and len(recent) >= self.min_failures and len(recent) > self.share * size_of(cluster):
                 holding = True
                 out.newly_held.append(cluster)
+                # Failures of this window applied by earlier batches: back to their verdict before.
+                batch = {v.endpoint for v in failing}
+                held = self.held.setdefault(cluster, {})
+                for endpoint, (_, before, failed) in recent.items():
+                    if endpoint not in batch and endpoint not in held:
+                        held[endpoint] = failed
+                        out.held.append(failed)
+                        out.apply.append(before or _no_verdict(failed, now))
             for v in failing:
                 if holding:
                     self.held.setdefault(cluster, {})[v.endpoint] = v
@@ -92,3 +107,10 @@ class MassFailureGuard:
         for c in gone:
             del self.held[c]
         return gone
+
+
+def _no_verdict(failed: Verdict, now: float) -> Verdict:
+    """Where an endpoint had no verdict before its held failure: UNKNOWN again, as it was."""
+    return Verdict(
+        failed.cluster, failed.endpoint, HealthStatus.UNKNOWN, "failure held by the mass-failure guard", now, "guard"
+    )

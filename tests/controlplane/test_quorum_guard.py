@@ -70,7 +70,13 @@ def admit(
     guard: MassFailureGuard, verdicts: list[Verdict], now: float, status: dict[str, HealthStatus] | None = None
 ) -> Admitted:
     known = status or {}
-    return guard.admit(verdicts, status_of=lambda c, e: known.get(e, H), size_of=lambda c: 10, now=now)
+    return guard.admit(
+        verdicts,
+        status_of=lambda c, e: known.get(e, H),
+        verdict_of=lambda c, e: v(known.get(e, H), endpoint=e, t=0.0),
+        size_of=lambda c: 10,
+        now=now,
+    )
 
 
 def test_a_whole_round_failing_is_held() -> None:
@@ -86,11 +92,32 @@ def test_up_to_the_share_fails_normally() -> None:
     assert len(out.apply) == 5 and out.held == [] and out.newly_held == []
 
 
-def test_failures_spread_over_one_window_add_up_and_the_rest_is_held() -> None:
+def test_failures_spread_over_one_window_add_up_and_all_are_held() -> None:
     guard = MassFailureGuard(share=0.5, window=10, min_failures=3)
     first = admit(guard, [v(U, endpoint=e) for e in eps(4)], now=100)
     later = admit(guard, [v(U, endpoint=e) for e in eps(10)[4:]], now=105)
-    assert len(first.apply) == 4 and later.apply == [] and len(later.held) == 6 and later.newly_held == ["web"]
+    assert len(first.apply) == 4 and first.held == []
+    # The share is crossed: the earlier four are reverted to their verdict before, all ten held.
+    assert later.newly_held == ["web"] and len(later.held) == 10 and len(guard.held["web"]) == 10
+    assert sorted((x.endpoint, x.status, x.time) for x in later.apply) == [(e, H, 0.0) for e in eps(4)]
+
+
+def test_a_reverted_endpoint_without_an_earlier_verdict_goes_back_to_unknown() -> None:
+    guard = MassFailureGuard(share=0.5, window=10, min_failures=3)
+    first = [v(U, endpoint=e) for e in eps(2)]
+    guard.admit(first, status_of=lambda c, e: K, verdict_of=lambda c, e: None, size_of=lambda c: 4, now=1)
+    out = guard.admit(
+        [v(U, endpoint=eps(3)[2])], status_of=lambda c, e: K, verdict_of=lambda c, e: None, size_of=lambda c: 4, now=2
+    )
+    assert sorted((x.endpoint, x.status, x.source) for x in out.apply) == [(e, K, "guard") for e in eps(2)]
+
+
+def test_an_endpoint_that_recovered_in_the_window_is_not_counted() -> None:
+    guard = MassFailureGuard(share=0.5, window=10, min_failures=3)
+    admit(guard, [v(U, endpoint=e) for e in eps(5)], now=100)
+    admit(guard, [v(H, endpoint=e) for e in eps(5)], now=101, status={e: U for e in eps(5)})
+    out = admit(guard, [v(U, endpoint=e) for e in eps(10)[5:]], now=102)
+    assert len(out.apply) == 5 and out.held == []
 
 
 def test_failures_in_different_windows_do_not_add_up() -> None:
@@ -102,7 +129,13 @@ def test_failures_in_different_windows_do_not_add_up() -> None:
 
 def test_small_clusters_below_min_failures_are_never_held() -> None:
     guard = MassFailureGuard(share=0.5, window=10, min_failures=3)
-    out = guard.admit([v(U, endpoint=e) for e in eps(2)], status_of=lambda c, e: H, size_of=lambda c: 2, now=1)
+    out = guard.admit(
+        [v(U, endpoint=e) for e in eps(2)],
+        status_of=lambda c, e: H,
+        verdict_of=lambda c, e: None,
+        size_of=lambda c: 2,
+        now=1,
+    )
     assert len(out.apply) == 2 and out.held == []
 
 
