@@ -347,3 +347,41 @@ async def _acked(cp: ControlPlane, node: str) -> bool:
 async def _nacked(cp: ControlPlane, n: int, version: str) -> bool:
     group = cp.faults.nacks.groups.get((rs.ENDPOINT, version))
     return group is not None and len(group.nodes) == n
+
+
+async def test_quorum_over_the_prober_link() -> None:
+    """Three probers over real gRPC: one that cannot reach an endpoint is outvoted."""
+    async with ControlPlane(parse_topology(document(endpoints=2))) as cp:
+        probers = {name: Prober(cp) for name in ("east", "west", "north")}
+
+        async def report(name: str, status: int, *, full: bool = False) -> None:
+            v = prober_pb2.Verdict(cluster="web", endpoint="10.0.0.1:8000", status=status, reason=f"{name} view")
+            await probers[name].send(verdicts=prober_pb2.VerdictBatch(full_state=full, verdicts=[v]))
+
+        for name, prober in probers.items():
+            await prober.send(hello=prober_pb2.Hello(prober_id=name))
+            await report(name, 1, full=True)
+
+        def votes() -> dict[str, str]:
+            return {v.source: v.status.name for v in cp.faults.quorum.votes("web", "10.0.0.1:8000")}
+
+        all_healthy = {f"prober:{n}": "HEALTHY" for n in probers}
+        await poll_until(lambda: _async(votes() == all_healthy), timeout=10, what="three HEALTHY votes")
+        await poll_until(lambda: _async(_status(cp, "10.0.0.1:8000") is H), timeout=10, what="HEALTHY applied")
+
+        await report("east", 2)  # east lost its route to the endpoint
+        await poll_until(lambda: _async(votes()["prober:east"] == "UNHEALTHY"), timeout=10, what="east's vote recorded")
+        cp.flush_verdicts()
+        assert _status(cp, "10.0.0.1:8000") is H
+
+        await probers["west"].aclose()  # west goes away: its HEALTHY vote still counts
+        await poll_until(
+            lambda: _async(not cp.prober_link.probers["west"].connected), timeout=10, what="west disconnected"
+        )
+        cp.flush_verdicts()
+        assert _status(cp, "10.0.0.1:8000") is H and votes()["prober:west"] == "HEALTHY"
+        await report("north", 2)
+        await poll_until(lambda: _async(_status(cp, "10.0.0.1:8000") is U), timeout=10, what="majority UNHEALTHY")
+        assert cp.health.effective("web", "10.0.0.1:8000").reason == "2 of 3 probers: north view"
+        for name in ("east", "north"):
+            await probers[name].aclose()
