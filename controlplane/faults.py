@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
@@ -111,13 +111,13 @@ class Faults:
         return tasks
 
     @staticmethod
-    async def _every(limit: float, check: object) -> None:
+    async def _every(limit: float, check: Callable[[], object]) -> None:
         # A quarter of the limit (at most 1 s): an alarm or a close comes at most 25% late.
         period = min(1.0, limit / 4)
         while True:
             await asyncio.sleep(period)
             try:
-                check()  # type: ignore[operator]
+                check()
             except Exception:
                 log.exception("fault check %s failed", check)
 
