@@ -256,6 +256,9 @@ def create_admin_app(cp: ControlPlane) -> web.Application:
     app.router.add_post("/endpoints/{cluster}/{endpoint}/override", override)
     app.router.add_post("/topology/reload", reload_topology)
     add_routes(app)
+    from controlplane.faults_api import add_fault_routes  # issue 7a; imports CP_KEY from here
+
+    add_fault_routes(app)
     return app
 
 

@@ -149,6 +149,7 @@ def readiness(cp: ControlPlane) -> list[str]:
     remote = list(link.probers.values()) if link is not None else []
     if (remote or cp.expect_remote_prober) and not any(r.connected and r.full_state_at is not None for r in remote):
         waiting.append("no connected remote prober has sent its full state")
+    waiting.extend(f"alarm {a.id}: {a.message}" for a in cp.faults.alarms.active("prober_stale"))  # issue 7a
     return waiting
 
 

@@ -97,6 +97,10 @@ class ControlPlane:
         self.prober: Any = None  # the embedded prober.scheduler.Prober, when one runs here
         # Probers run elsewhere (`serve --no-prober`): /readyz waits for one's full state.
         self.expect_remote_prober = False
+        from controlplane.faults import Faults  # issue 7a: quorum, guard, persistence, alarms, watchdogs
+
+        self.faults = Faults(self)
+        self.faults.restore()
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
 
     # ------------------------------------------------------------------ inputs
@@ -109,6 +113,7 @@ class ControlPlane:
 
     def submit_verdicts(self, verdicts: Sequence[Verdict]) -> Snapshot | None:
         """Apply verdicts; publish one snapshot if any endpoint's effective status moved."""
+        verdicts = self.faults.admit(verdicts)
         dirty: set[str] = set()
         moved: list[Verdict] = []
         for verdict in verdicts:
@@ -171,6 +176,7 @@ class ControlPlane:
         )
         before = self.health.status(cluster, endpoint)
         changed = self.health.set_override(override, cluster=cluster, endpoint=endpoint)
+        self.faults.on_override(cluster, endpoint, override)
         after = self.health.status(cluster, endpoint)
         self.events.record(
             "override",
@@ -193,6 +199,7 @@ class ControlPlane:
         """Serve a new (already validated) topology; None when it changes nothing Envoy sees."""
         self.topology = topology
         self.health.prune(topology)
+        self.faults.on_topology(topology)
         if self.prober is not None:
             self.prober.update_topology(topology)
         before = self.snapshot
@@ -274,6 +281,7 @@ class ControlPlane:
                     name="topology-watch",
                 )
             )
+        self._tasks.extend(self.faults.start())
         self.state = State.RUNNING
         log.info(
             "xDS on %s:%d, admin on %s:%d, version %s",
@@ -312,6 +320,7 @@ class ControlPlane:
             await self._admin.cleanup()  # type: ignore[attr-defined]
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        self.faults.close()
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()

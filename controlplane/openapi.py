@@ -178,5 +178,33 @@ def document() -> dict[str, Any]:
                     "responses": {**_ok("the version served"), **_errors(400, 401)},
                 }
             },
+            **_fault_paths(change, who),
         },
+    }
+
+
+def _fault_paths(change: list[dict[str, list[str]]], who: Any) -> dict[str, Any]:
+    """issue 7a: alarms, accepting a held mass failure, NACKs grouped by version."""
+    return {
+        "/alarms": _get("active and recently resolved alarms (prober_stale, mass_failure) and held verdicts"),
+        "/alarms/{id}/accept": {
+            "post": {
+                "summary": "apply the failures an active mass_failure alarm held",
+                "security": change,
+                "parameters": [_param("id", "path", "the alarm id (GET /alarms)"), who],
+                "requestBody": {
+                    "required": False,
+                    "content": {JSON: {"schema": {"type": "object", "properties": {"who": {"type": "string"}}}}},
+                },
+                "responses": {
+                    **_ok("the resolved alarm and the version served"),
+                    **_errors(400, 401, 404),
+                    "409": {
+                        "description": "the alarm is resolved or not a mass_failure alarm",
+                        "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    },
+                },
+            }
+        },
+        "/nacks": _get("NACKs grouped by rejected (type, version), with the change that made the version"),
     }

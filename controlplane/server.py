@@ -104,6 +104,8 @@ class AdsServer:
         self.source = source
         self.callbacks = callbacks or StreamCallbacks()
         self.streams: dict[int, StreamState] = {}
+        self._handlers: dict[int, asyncio.Task[Any]] = {}  # stream id -> its RPC's task, to close it
+        self._closing: dict[int, str] = {}  # stream id -> why close_stream closed it
         self._stream_ids = itertools.count(1)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -120,7 +122,10 @@ class AdsServer:
         cancel = self.source.subscribe(wake.set)
         reader = asyncio.create_task(self._read(state, context, wake), name=f"ads-read-{state.stream_id}")
         self.streams[state.stream_id] = state
+        if (task := asyncio.current_task()) is not None:
+            self._handlers[state.stream_id] = task
         opened = False
+        writing = False
         try:
             while True:
                 await wake.wait()
@@ -135,18 +140,39 @@ class AdsServer:
                     continue
                 for pending in state.due(snapshot):
                     body = snapshot.response_body(pending.type_url, pending.names)
+                    writing = True
                     await context.write(encode_response(body, pending.nonce))
+                    writing = False
                     self.callbacks.on_response(state, pending, snapshot)
             error = None if reader.cancelled() else reader.exception()
             if isinstance(error, ProtocolError):
                 log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except asyncio.CancelledError:
+            reason = self._closing.get(state.stream_id)
+            if reason is None or writing:
+                # A write blocked by a client that stopped reading cannot be called off: gRPC core
+                # keeps that one message until the client reads or its connection closes, and
+                # refuses a status meanwhile. The stream's state here is freed all the same.
+                raise
+            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         finally:
             cancel()
             reader.cancel()
             self.streams.pop(state.stream_id, None)
+            self._handlers.pop(state.stream_id, None)
+            self._closing.pop(state.stream_id, None)
             if opened:
                 self.callbacks.on_stream_closed(state)
+
+    def close_stream(self, stream_id: int, reason: str) -> bool:
+        """End a stream from the server side with UNAVAILABLE and `reason`; False if it is gone."""
+        task = self._handlers.get(stream_id)
+        if task is None or task.done() or stream_id in self._closing:
+            return False
+        self._closing[stream_id] = reason
+        task.cancel()
+        return True
 
     async def _read(self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], wake: asyncio.Event) -> None:
         try:

@@ -43,6 +43,18 @@ class ControlPlaneConfig:
     watch_interval: float = 0.5
     # Bearer token for admin API changes (`admin.token`); None: HEALTHPLANE_ADMIN_TOKEN, if set.
     admin_token: str | None = field(default=None, repr=False)
+    # issue 7a (faults): persistence, prober staleness, the mass-failure guard, stuck streams.
+    # Where the last verdicts and overrides are kept across restarts (SQLite); None: not kept.
+    data_dir: str | None = None
+    # A remote prober silent for longer than this raises an alarm (/readyz 503); 0 disables.
+    prober_staleness: float = 60.0
+    # More than `mass_failure_share` of a cluster's endpoints failing within `mass_failure_window`
+    # (and at least `mass_failure_min` of them): the failures beyond are held and an alarm raised.
+    mass_failure_share: float = 0.5
+    mass_failure_window: float = 10.0
+    mass_failure_min: int = 3
+    # An ADS stream with a response unanswered (no ACK/NACK) this long is closed; 0 disables.
+    stuck_stream_timeout: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,14 +348,35 @@ def _socket(f: _Field, default: SocketAddress, extra: frozenset[str] = frozenset
 def _controlplane(f: _Field) -> ControlPlaneConfig:
     if f.missing:
         return ControlPlaneConfig()
-    f.mapping({"xds", "admin", "watch_interval"})
+    f.mapping({"xds", "admin", "watch_interval"} | _FAULT_KEYS)
     d = ControlPlaneConfig()
     return ControlPlaneConfig(
         xds=_socket(f.child("xds"), d.xds),
         admin=_socket(f.child("admin"), d.admin, frozenset({"token"})),
         watch_interval=f.child("watch_interval").duration(default=d.watch_interval),
         admin_token=_admin_token(f.child("admin")),
+        **_faults(f, d),
     )
+
+
+_FAULT_KEYS = {"data_dir", "prober_staleness", "mass_failure", "stuck_stream_timeout"}
+
+
+def _faults(f: _Field, d: ControlPlaneConfig) -> dict[str, Any]:
+    """issue 7a: `data_dir`, `prober_staleness`, `mass_failure: {share, window, min_endpoints}`,
+    `stuck_stream_timeout`."""
+    out: dict[str, Any] = {
+        "data_dir": None if f.child("data_dir").missing else f.child("data_dir").string(),
+        "prober_staleness": f.child("prober_staleness").duration(default=d.prober_staleness),
+        "stuck_stream_timeout": f.child("stuck_stream_timeout").duration(default=d.stuck_stream_timeout),
+    }
+    mf = f.child("mass_failure")
+    if not mf.missing:
+        mf.mapping({"share", "window", "min_endpoints"})
+        out["mass_failure_share"] = mf.child("share").number(default=d.mass_failure_share, lo=0.0, hi=1.0)
+        out["mass_failure_window"] = mf.child("window").duration(default=d.mass_failure_window, positive=True)
+        out["mass_failure_min"] = mf.child("min_endpoints").integer(default=d.mass_failure_min, lo=1)
+    return out
 
 
 def _admin_token(f: _Field) -> str | None:

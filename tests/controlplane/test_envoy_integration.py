@@ -183,6 +183,10 @@ async def test_rejected_resource_is_one_nack_and_envoy_keeps_last_good(
     assert cp.nodes.responses == responses_after_nack
     _, events = await lab.admin("GET", "/events?kind=nack")
     assert len(events["events"]) == 1 and "front-1" in events["events"][0]["message"]
+    # issue 7a: the rejected version's group names the change that made it (the file reload).
+    _, nacks = await lab.admin("GET", "/nacks")
+    [group] = nacks["rejected"]
+    assert group["type"] == "cds" and group["nodes"] == 1 and group["change"]["kind"] == "topology"
 
     # Envoy keeps serving its last good config.
     seen = await lab.hits(listener_port, 30)
