@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 from controlplane.durations import parse_duration
 from controlplane.errors import ConfigError
+from controlplane.security import ADMIN_KEYS, XDS_KEYS, SecurityConfig, parse_security
 
 LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"]
 InitialStatus = Literal["unknown", "healthy", "unhealthy"]
@@ -43,6 +44,8 @@ class ControlPlaneConfig:
     watch_interval: float = 0.5
     # Bearer token for admin API changes (`admin.token`); None: HEALTHPLANE_ADMIN_TOKEN, if set.
     admin_token: str | None = field(default=None, repr=False)
+    # issue 7b: limits and TLS of the xDS and admin ports (controlplane/security.py)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,10 +334,11 @@ def _controlplane(f: _Field) -> ControlPlaneConfig:
     f.mapping({"xds", "admin", "watch_interval"})
     d = ControlPlaneConfig()
     return ControlPlaneConfig(
-        xds=_socket(f.child("xds"), d.xds),
-        admin=_socket(f.child("admin"), d.admin, frozenset({"token"})),
+        xds=_socket(f.child("xds"), d.xds, XDS_KEYS),
+        admin=_socket(f.child("admin"), d.admin, frozenset({"token"}) | ADMIN_KEYS),
         watch_interval=f.child("watch_interval").duration(default=d.watch_interval),
         admin_token=_admin_token(f.child("admin")),
+        security=parse_security(f),
     )
 
 
