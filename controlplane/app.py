@@ -261,6 +261,9 @@ class ControlPlane:
         await self._grpc.start()
         try:
             self._admin, self.admin_port = await start_admin(self, cp.admin.address, cp.admin.port)
+        except ConfigError:  # the admin certificate
+            await self._grpc.stop(None)
+            raise
         except OSError as exc:
             await self._grpc.stop(None)
             raise ConfigError(
