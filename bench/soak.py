@@ -440,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     result["summary"] = {
         "rss_mb_first_minute_max": round(rss[0] / 1024, 1) if rss else None,
         "rss_mb_last_minute_max": round(rss[-1] / 1024, 1) if rss else None,
-        "rss_growth_after_first_minute_pct": round((max(rss) - rss[0]) / rss[0] * 100, 1) if rss else None,
+        "rss_mb_max_by_minute": [round(r / 1024, 1) for r in rss],
+        # The first minute still grows (buffers, allocator arenas); the bound is on what follows.
+        "rss_growth_after_minute_2_pct": round((max(rss[1:]) - rss[1]) / rss[1] * 100, 1) if len(rss) > 1 else None,
         "p50_ms_by_minute": [m["p50_ms"] for m in minutes],
         "p99_ms_by_minute": [m["p99_ms"] for m in minutes],
         "p99_ms_median_over_minutes": statistics.median([m["p99_ms"] for m in minutes if m["p99_ms"] is not None])

@@ -76,7 +76,8 @@ async def first_eds(channel: grpc.aio.Channel) -> str:
             while not node.versions:
                 node.changed.clear()
                 if node.task is not None and node.task.done():
-                    node.task.result()
+                    node.task.result()  # the stream's error, if it failed
+                    raise AssertionError("the stream ended without a response")
                 await node.changed.wait()
         return node.versions[0]
     finally:

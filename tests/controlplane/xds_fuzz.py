@@ -167,17 +167,20 @@ class HealthyNode:
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
-        while (response := await self.call.read()) is not grpc.aio.EOF:
-            await self.call.write(
-                discovery_pb2.DiscoveryRequest(
-                    type_url=rs.ENDPOINT,
-                    resource_names=["web"],
-                    version_info=response.version_info,
-                    response_nonce=response.nonce,
+        try:
+            while (response := await self.call.read()) is not grpc.aio.EOF:
+                await self.call.write(
+                    discovery_pb2.DiscoveryRequest(
+                        type_url=rs.ENDPOINT,
+                        resource_names=["web"],
+                        version_info=response.version_info,
+                        response_nonce=response.nonce,
+                    )
                 )
-            )
-            self.versions.append(response.version_info)
-            self.changed.set()
+                self.versions.append(response.version_info)
+                self.changed.set()
+        finally:
+            self.changed.set()  # a waiter sees the stream end at once rather than at its deadline
 
     async def wait_version(self, version: str, limit: float = 20.0) -> None:
         async with asyncio.timeout(limit):
