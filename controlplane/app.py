@@ -249,10 +249,11 @@ class ControlPlane:
 
         self.prober_link = ProberLinkService(self)
         from controlplane.csds import CsdsService
-        from controlplane.security import bind_xds, configure_ads, grpc_server_options
+        from controlplane.security import bind_xds, configure_ads, grpc_server_options, xds_limit_metrics
 
         sec = cp.security
         configure_ads(self.ads, sec)
+        self.metrics.add_state(lambda: xds_limit_metrics(self.ads))
         handlers = (self.ads.handler(), self.prober_link.handler(), CsdsService(self).handler())
         self._grpc = create_server(*handlers, options=grpc_server_options(SERVER_OPTIONS, sec))
         self.xds_port = bind_xds(self._grpc, _host(cp.xds.address), cp.xds.port, sec)

@@ -13,11 +13,13 @@ when a port is bound, so a renewed file is picked up at the next start.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from controlplane.errors import ConfigError, ProtocolError
 
@@ -63,7 +65,7 @@ class SecurityConfig:
     """Limits and TLS of the xDS and admin ports (issue 7)."""
 
     xds_tls: TlsFiles | None = None
-    # Largest DiscoveryRequest (or prober message) accepted, bytes; bigger: RESOURCE_EXHAUSTED.
+    # Largest DiscoveryRequest accepted, bytes; bigger: RESOURCE_EXHAUSTED. gRPC's own limit is twice this.
     xds_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     # ADS streams one peer address may hold open at once; 0: no limit. Beyond: RESOURCE_EXHAUSTED.
     xds_max_streams_per_peer: int = 0
@@ -163,6 +165,24 @@ def grpc_server_options(base: list[tuple[str, Any]], security: SecurityConfig) -
     return [(k, v) for k, v in base if k != "grpc.max_receive_message_length"] + [
         ("grpc.max_receive_message_length", grpc_limit)
     ]
+
+
+def xds_limit_metrics(ads: Any) -> Iterator[Metric]:
+    """Scrape-time counters of the streams the limits and the request checks ended."""
+    ended = CounterMetricFamily(
+        "healthplane_xds_streams_ended_by_server",
+        "ADS streams the server ended with an error status (bad or oversized requests, limits), by code.",
+        labels=["code"],
+    )
+    for code, n in sorted(ads.ended_with.items()):
+        ended.add_metric([code], n)
+    yield ended
+    refused = CounterMetricFamily(
+        "healthplane_xds_streams_refused_per_peer",
+        "ADS streams refused because their peer held controlplane.xds.max_streams_per_peer already.",
+    )
+    refused.add_metric([], ads.peers.refused)
+    yield refused
 
 
 def configure_ads(ads: Any, security: SecurityConfig) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -108,6 +109,7 @@ class AdsServer:
         # Limits (controlplane.security): requests are parsed here, not by gRPC, to name the field.
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.peers = PeerStreams()
+        self.ended_with: Counter[str] = Counter()  # streams this server ended with an error, by status code
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
@@ -123,6 +125,7 @@ class AdsServer:
             peer_key = self.peers.acquire(state.peer)
         except ProtocolError as exc:
             log.warning("stream refused (%s): %s", state.peer, exc)
+            self.ended_with[status_code(exc).name] += 1
             await context.abort(status_code(exc), str(exc))
         wake = asyncio.Event()
         cancel = self.source.subscribe(wake.set)
@@ -148,9 +151,11 @@ class AdsServer:
             error = None if reader.cancelled() else reader.exception()
             if isinstance(error, ProtocolError):
                 log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)
+                self.ended_with[status_code(error).name] += 1
                 await context.abort(status_code(error), str(error))
             elif error is not None and not isinstance(error, grpc.RpcError | grpc.aio.UsageError):
                 log.error("stream %d (%s, %s) failed", state.stream_id, state.node_id, state.peer, exc_info=error)
+                self.ended_with["INTERNAL"] += 1
                 await context.abort(grpc.StatusCode.INTERNAL, f"the control plane failed on this stream: {error!r}")
         finally:
             self.peers.release(peer_key)

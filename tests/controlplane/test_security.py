@@ -289,3 +289,23 @@ async def test_put_topology_cannot_change_tls_or_limits_while_running(certs: Cer
             async with session.put(url, json=doc) as r:
                 body = await r.json()
         assert r.status == 400 and body["field"] == "controlplane.xds.max_message_bytes"
+
+
+async def test_admin_mutual_tls_needs_a_client_certificate_from_the_ca(certs: Certs, tmp_path: Path) -> None:
+    admin = {"tls": {"cert": str(certs.server_cert), "key": str(certs.server_key), "client_ca": str(certs.ca)}}
+    async with serving(document(certs, admin=admin), tmp_path) as cp:
+        url = f"https://127.0.0.1:{cp.admin_port}/snapshot"
+
+        def context(cert: Path | None, key: Path | None) -> ssl.SSLContext:
+            ctx = ssl.create_default_context(cafile=str(certs.ca))
+            if cert is not None and key is not None:
+                ctx.load_cert_chain(cert, key)
+            return ctx
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.get(url, ssl=context(certs.client_cert, certs.client_key)) as r:
+                assert r.status == 200
+            for cert, key in ((None, None), (certs.rogue_cert, certs.rogue_key)):
+                with pytest.raises(aiohttp.ClientError):
+                    async with session.get(url, ssl=context(cert, key)) as r:
+                        await r.read()

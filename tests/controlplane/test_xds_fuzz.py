@@ -75,6 +75,10 @@ async def test_fuzzed_requests_get_a_clear_status_and_the_healthy_node_keeps_its
     assert healthy.task is not None and not healthy.task.done()
     assert len(cp.ads.streams) == 1  # every fuzzed stream is gone; the healthy one stays
     assert cp.ads.peers.open == {"127.0.0.1": 1}
+    exposition = cp.metrics.exposition().decode()
+    for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
+        line = f'healthplane_xds_streams_ended_by_server_total{{code="{code}"}} {float(report.codes[code])}'
+        assert line in exposition
 
 
 async def test_random_bytes_are_invalid_argument_naming_the_message(
@@ -148,6 +152,7 @@ async def test_streams_beyond_the_per_peer_limit_are_refused_with_resource_exhau
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details == "127.0.0.1 already holds 2 ADS streams: controlplane.xds.max_streams_per_peer is 2"
         assert cp.ads.peers.refused == 1
+        assert "healthplane_xds_streams_refused_per_peer_total 1.0" in cp.metrics.exposition().decode()
         # The two held streams are untouched, and a slot frees up when one closes.
         version = Flipper(cp)()
         for node in nodes:
