@@ -5,6 +5,9 @@ Real gRPC on 127.0.0.1; a well-behaved node holds its stream throughout and must
 
 from __future__ import annotations
 
+import asyncio
+import random
+import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -103,8 +106,6 @@ async def test_an_oversized_request_is_resource_exhausted_naming_the_limit(
     served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
 ) -> None:
     _, channel, healthy = served
-    import random
-
     request = valid_request(random.Random(1))
     request.resource_names.extend(["x" * 1000] * 1100)  # ~1.1 MB against a 1 MiB limit
     code, details = await send_input(channel, [request.SerializeToString()])
@@ -117,8 +118,6 @@ async def test_a_huge_resource_name_list_is_resource_exhausted_naming_the_field(
     served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
 ) -> None:
     _, channel, _ = served
-    import random
-
     request = valid_request(random.Random(2))
     request.resource_names.extend(str(i) for i in range(100_001))
     code, details = await send_input(channel, [request.SerializeToString()])
@@ -130,8 +129,6 @@ async def test_absurd_version_and_nonce_strings_are_refused_naming_the_field(
     served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
 ) -> None:
     _, channel, _ = served
-    import random
-
     request = valid_request(random.Random(3))
     request.response_nonce = "9" * 10_000
     code, details = await send_input(channel, [request.SerializeToString()])
@@ -146,8 +143,6 @@ async def test_streams_beyond_the_per_peer_limit_are_refused_with_resource_exhau
         for node in nodes:
             await node.start()
             await node.wait_version(cp.snapshot.type_versions[rs.ENDPOINT])
-        import random
-
         code, details = await send_input(channel, [valid_request(random.Random(4)).SerializeToString()])
         assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert details == "127.0.0.1 already holds 2 ADS streams: controlplane.xds.max_streams_per_peer is 2"
@@ -166,3 +161,47 @@ async def test_streams_beyond_the_per_peer_limit_are_refused_with_resource_exhau
             await node.aclose()
         await channel.close()
         await cp.aclose(grace=0)
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+async def garbage_connection(port: int, data: bytes) -> None:
+    """Write `data` on a raw TCP connection and read until the server closes it (or 5 s pass)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            while await reader.read(65536):
+                pass
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_raw_garbage_on_the_xds_port_leaves_other_streams_alone(
+    served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
+) -> None:
+    """Bytes that are not HTTP/2, and HTTP/2 frames that are nonsense, on the raw port (gRPC core's job)."""
+    cp, _, healthy = served
+    rng = random.Random(11)
+    inputs: list[bytes] = []
+    for _ in range(40):
+        inputs.append(rng.randbytes(rng.randint(1, 2000)))  # not HTTP/2 at all
+        frames = b"".join(
+            # length (24 bits), type, flags, stream id, payload: random but well-framed
+            struct.pack(">I", n := rng.randint(0, 64))[1:]
+            + bytes([rng.randrange(12), rng.randrange(256)])
+            + struct.pack(">I", rng.randrange(2**31))
+            + rng.randbytes(n)
+            for _ in range(rng.randint(1, 10))
+        )
+        inputs.append(PREFACE + frames)
+    flip = Flipper(cp)
+    for start in range(0, len(inputs), 20):
+        await asyncio.gather(*(garbage_connection(cp.xds_port, data) for data in inputs[start : start + 20]))
+        await healthy.wait_version(flip())
+    assert healthy.task is not None and not healthy.task.done()
+    assert len(cp.ads.streams) == 1
