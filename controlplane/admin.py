@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 CP_KEY: web.AppKey[ControlPlane] = web.AppKey("controlplane")
 TOKEN_ENV = "HEALTHPLANE_ADMIN_TOKEN"
-MAX_BODY = 4 * 1024 * 1024
 
 
 def _error(status: int, message: str, field: str = "") -> web.Response:
@@ -243,7 +242,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_admin_app(cp: ControlPlane) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    from controlplane.admin_security import guard
+
+    limit = cp.topology.controlplane.security.admin_max_request_bytes
+    app = web.Application(middlewares=[_errors, guard(lambda r: r.app[CP_KEY])], client_max_size=limit)
     app[CP_KEY] = cp
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -264,9 +266,13 @@ def create_admin_app(cp: ControlPlane) -> web.Application:
 
 async def start_admin(cp: ControlPlane, address: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve the admin API; returns the runner and the bound port."""
+    from controlplane.security import admin_ssl_context
+
+    tls = cp.topology.controlplane.security.admin_tls
+    ssl_context = None if tls is None else admin_ssl_context(tls)
     runner = web.AppRunner(create_admin_app(cp), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, address, port)
+    site = web.TCPSite(runner, address, port, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError:

@@ -30,6 +30,7 @@ from controlplane.admin_views import (
 )
 from controlplane.errors import ConfigError
 from controlplane.events import Event
+from controlplane.security import restart_only_change
 from controlplane.topology import parse_topology, parse_topology_text
 
 if TYPE_CHECKING:
@@ -333,6 +334,8 @@ async def put_topology(request: web.Request) -> web.Response:
                 f"controlplane.{name} cannot change while running (restart the control plane to move it)",
                 f"controlplane.{name}",
             )
+    if (fixed := restart_only_change(running.security, topology.controlplane.security)) is not None:
+        return _error(400, f"{fixed} cannot change while running (restart the control plane to apply it)", fixed)
     by = who(request)
     snap = cp.update_topology(topology, detail=f"PUT /topology by {by}", who=by)
     return _json(

@@ -24,7 +24,7 @@ from controlplane.events import EventLog
 from controlplane.health import HealthStatus, HealthStore, Verdict
 from controlplane.metrics import CallbackChain, Metrics, control_plane_state
 from controlplane.nodes import NodeRegistry
-from controlplane.server import AdsServer, SnapshotCache, create_server
+from controlplane.server import SERVER_OPTIONS, AdsServer, SnapshotCache, create_server
 from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
 from controlplane.topology import Topology, load_topology
 
@@ -256,14 +256,22 @@ class ControlPlane:
 
         self.prober_link = ProberLinkService(self)
         from controlplane.csds import CsdsService
+        from controlplane.security import bind_xds, configure_ads, grpc_server_options, xds_limit_metrics
 
-        self._grpc = create_server(self.ads.handler(), self.prober_link.handler(), CsdsService(self).handler())
-        self.xds_port = self._grpc.add_insecure_port(f"{_host(cp.xds.address)}:{cp.xds.port}")
+        sec = cp.security
+        configure_ads(self.ads, sec)
+        self.metrics.add_state(lambda: xds_limit_metrics(self.ads))
+        handlers = (self.ads.handler(), self.prober_link.handler(), CsdsService(self).handler())
+        self._grpc = create_server(*handlers, options=grpc_server_options(SERVER_OPTIONS, sec))
+        self.xds_port = bind_xds(self._grpc, _host(cp.xds.address), cp.xds.port, sec)
         if self.xds_port == 0:
             raise ConfigError(f"cannot listen on {cp.xds.address}:{cp.xds.port}", path="controlplane.xds")
         await self._grpc.start()
         try:
             self._admin, self.admin_port = await start_admin(self, cp.admin.address, cp.admin.port)
+        except ConfigError:  # the admin certificate
+            await self._grpc.stop(None)
+            raise
         except OSError as exc:
             await self._grpc.stop(None)
             raise ConfigError(

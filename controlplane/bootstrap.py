@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -16,6 +18,48 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class XdsTls:
+    """TLS from Envoy to the control plane: trust `ca`; present `cert`/`key` for mutual TLS."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+    sni: str | None = None  # also the SAN the control plane's certificate must carry
+
+    def transport_socket(self) -> dict[str, Any]:
+        validation: dict[str, Any] = {"trusted_ca": {"filename": self.ca}}
+        if self.sni:
+            validation["match_typed_subject_alt_names"] = [
+                {"san_type": "IP_ADDRESS" if _is_ip(self.sni) else "DNS", "matcher": {"exact": self.sni}}
+            ]
+        common: dict[str, Any] = {"validation_context": validation, "alpn_protocols": ["h2"]}
+        if self.cert and self.key:
+            common["tls_certificates"] = [
+                {"certificate_chain": {"filename": self.cert}, "private_key": {"filename": self.key}}
+            ]
+        context: dict[str, Any] = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common,
+        }
+        if self.sni and not _is_ip(self.sni):
+            context["sni"] = self.sni
+        return {"name": "envoy.transport_sockets.tls", "typed_config": context}
+
+
+def xds_tls_from_args(args: argparse.Namespace) -> XdsTls | None:
+    """The `bootstrap --tls-*` options; ConfigError when they do not make a whole."""
+    from controlplane.errors import ConfigError
+
+    if not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_sni):
+        return None
+    if not args.tls_ca:
+        raise ConfigError("TLS to the control plane needs the CA that signed its certificate", path="--tls-ca")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("a client certificate needs both --tls-cert and --tls-key", path="--tls-cert")
+    return XdsTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, sni=args.tls_sni)
+
+
 def make_bootstrap(
     *,
     node_id: str,
@@ -25,13 +69,14 @@ def make_bootstrap(
     admin_port: int = 9901,
     admin_address: str = "127.0.0.1",
     zone: str = "",
+    tls: XdsTls | None = None,
 ) -> dict[str, Any]:
-    """A bootstrap whose listeners, routes, clusters and endpoints all come over ADS."""
+    """A bootstrap whose listeners, routes, clusters and endpoints all come over ADS (over TLS if `tls`)."""
     ads_source = {"ads": {}, "resource_api_version": "V3"}
     node: dict[str, Any] = {"id": node_id, "cluster": service}
     if zone:
         node["locality"] = {"zone": zone}
-    return {
+    bootstrap: dict[str, Any] = {
         "node": node,
         "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
         "dynamic_resources": {
@@ -83,6 +128,9 @@ def make_bootstrap(
             ]
         },
     }
+    if tls is not None:
+        bootstrap["static_resources"]["clusters"][0]["transport_socket"] = tls.transport_socket()
+    return bootstrap
 
 
 def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:

@@ -60,8 +60,14 @@ def _prober(args: argparse.Namespace) -> int:
     _host_port(args.controlplane, "--controlplane")
     prober_id = args.id or socket.gethostname()
 
+    credentials = None
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        from controlplane.security import channel_credentials
+
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+
     async def run() -> None:
-        link = ControlPlaneLink(args.controlplane, prober_id=prober_id)
+        link = ControlPlaneLink(args.controlplane, prober_id=prober_id, credentials=credentials)
         prober = Prober(
             sink=link, source=f"prober:{prober_id}", event_log=args.event_log, max_concurrency=args.concurrency
         )
@@ -98,7 +104,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from controlplane.bootstrap import bootstrap_yaml, make_bootstrap
+    from controlplane.bootstrap import bootstrap_yaml, make_bootstrap, xds_tls_from_args
 
     host, sep, port = args.xds.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -112,6 +118,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
             admin_port=args.admin_port,
             admin_address=args.admin_address,
             zone=args.zone,
+            tls=xds_tls_from_args(args),
         )
     )
     if args.output:
@@ -143,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="prober id (default: the hostname)")
     p.add_argument("--event-log", help="append every status change to this JSON-lines file")
     p.add_argument("--concurrency", type=int, default=512, help="checks in flight at most")
+    p.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM) for the control plane's certificate")
+    p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
+    p.add_argument("--tls-key", help="client key (PEM) for mutual TLS")
     p.set_defaults(func=_prober)
 
     p = sub.add_parser("validate", help="check a topology file and exit")
@@ -157,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-address", default="127.0.0.1")
     p.add_argument("--zone", default="", help="node.locality.zone")
     p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("--tls-ca", help="reach the control plane over TLS, trusting this CA file (path as Envoy sees it)")
+    p.add_argument("--tls-cert", help="Envoy's client certificate file for mutual TLS")
+    p.add_argument("--tls-key", help="Envoy's client key file for mutual TLS")
+    p.add_argument("--tls-sni", help="SNI and the name the control plane's certificate must carry")
     p.set_defaults(func=_bootstrap)
 
     from controlplane.cli_admin import add_admin_commands

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
-from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.errors import ProtocolError
+from controlplane.security import DEFAULT_MAX_MESSAGE_BYTES, PeerStreams, parse_request, status_code
 from controlplane.snapshot import Snapshot, encode_response
 from controlplane.stream import PendingResponse, RequestOutcome, StreamState
 
@@ -107,17 +108,27 @@ class AdsServer:
         self._handlers: dict[int, asyncio.Task[Any]] = {}  # stream id -> its RPC's task, to close it
         self._closing: dict[int, str] = {}  # stream id -> why close_stream closed it
         self._stream_ids = itertools.count(1)
+        # Limits (controlplane.security): requests are parsed here, not by gRPC, to name the field.
+        self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
+        self.peers = PeerStreams()
+        self.ended_with: Counter[str] = Counter()  # streams this server ended with an error, by status code
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(
             self._stream,
-            request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+            request_deserializer=_identity,
             response_serializer=_identity,
         )
         return grpc.method_handlers_generic_handler(ADS_SERVICE, {"StreamAggregatedResources": method})
 
     async def _stream(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         state = StreamState(next(self._stream_ids), peer=context.peer() or "")
+        try:
+            peer_key = self.peers.acquire(state.peer)
+        except ProtocolError as exc:
+            log.warning("stream refused (%s): %s", state.peer, exc)
+            self.ended_with[status_code(exc).name] += 1
+            await context.abort(status_code(exc), str(exc))
         wake = asyncio.Event()
         cancel = self.source.subscribe(wake.set)
         reader = asyncio.create_task(self._read(state, context, wake), name=f"ads-read-{state.stream_id}")
@@ -147,7 +158,12 @@ class AdsServer:
             error = None if reader.cancelled() else reader.exception()
             if isinstance(error, ProtocolError):
                 log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+                self.ended_with[status_code(error).name] += 1
+                await context.abort(status_code(error), str(error))
+            elif error is not None and not isinstance(error, grpc.RpcError | grpc.aio.UsageError):
+                log.error("stream %d (%s, %s) failed", state.stream_id, state.node_id, state.peer, exc_info=error)
+                self.ended_with["INTERNAL"] += 1
+                await context.abort(grpc.StatusCode.INTERNAL, f"the control plane failed on this stream: {error!r}")
         except asyncio.CancelledError:
             reason = self._closing.get(state.stream_id)
             if reason is None or writing:
@@ -155,8 +171,10 @@ class AdsServer:
                 # keeps that one message until the client reads or its connection closes, and
                 # refuses a status meanwhile. The stream's state here is freed all the same.
                 raise
+            self.ended_with[grpc.StatusCode.UNAVAILABLE.name] += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
         finally:
+            self.peers.release(peer_key)
             cancel()
             reader.cancel()
             self.streams.pop(state.stream_id, None)
@@ -177,9 +195,10 @@ class AdsServer:
     async def _read(self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], wake: asyncio.Event) -> None:
         try:
             while True:
-                request = await context.read()
-                if request is grpc.aio.EOF:
+                data = await context.read()
+                if data is grpc.aio.EOF:
                     return
+                request = parse_request(data, self.max_message_bytes)
                 outcome = state.on_request(request)
                 self.callbacks.on_request(state, outcome)
                 if state.needs_due(self.source.current()):
@@ -192,8 +211,8 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-def create_server(*handlers: grpc.GenericRpcHandler) -> grpc.aio.Server:
+def create_server(*handlers: grpc.GenericRpcHandler, options: list[tuple[str, Any]] | None = None) -> grpc.aio.Server:
     """A grpc.aio server with options for thousands of long-lived streams."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS if options is None else options)
     server.add_generic_rpc_handlers(handlers)
     return server

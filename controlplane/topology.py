@@ -21,6 +21,7 @@ from google.protobuf import json_format
 
 from controlplane.durations import parse_duration
 from controlplane.errors import ConfigError
+from controlplane.security import ADMIN_KEYS, XDS_KEYS, SecurityConfig, parse_security
 
 LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"]
 InitialStatus = Literal["unknown", "healthy", "unhealthy"]
@@ -55,6 +56,8 @@ class ControlPlaneConfig:
     mass_failure_min: int = 3
     # An ADS stream with a response unanswered (no ACK/NACK) this long is closed; 0 disables.
     stuck_stream_timeout: float = 120.0
+    # issue 7b: limits and TLS of the xDS and admin ports (controlplane/security.py)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,11 +354,12 @@ def _controlplane(f: _Field) -> ControlPlaneConfig:
     f.mapping({"xds", "admin", "watch_interval"} | _FAULT_KEYS)
     d = ControlPlaneConfig()
     return ControlPlaneConfig(
-        xds=_socket(f.child("xds"), d.xds),
-        admin=_socket(f.child("admin"), d.admin, frozenset({"token"})),
+        xds=_socket(f.child("xds"), d.xds, XDS_KEYS),
+        admin=_socket(f.child("admin"), d.admin, frozenset({"token"}) | ADMIN_KEYS),
         watch_interval=f.child("watch_interval").duration(default=d.watch_interval),
         admin_token=_admin_token(f.child("admin")),
         **_faults(f, d),
+        security=parse_security(f),
     )
 
 

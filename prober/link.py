@@ -108,8 +108,11 @@ class ControlPlaneLink:
         max_pending_events: int = 10_000,
         rng: random.Random | None = None,
         check_report_interval: float = 1.0,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.target = target
+        # TLS (mutual when it holds a client certificate): controlplane.security.channel_credentials.
+        self.credentials = credentials
         self.prober = prober
         self.prober_id = prober_id
         self.backoff_base = backoff_base
@@ -160,7 +163,12 @@ class ControlPlaneLink:
             await asyncio.sleep(next(delays))
 
     async def _connect_once(self) -> None:
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        channel_cm = (
+            grpc.aio.insecure_channel(self.target)
+            if self.credentials is None
+            else grpc.aio.secure_channel(self.target, self.credentials)
+        )
+        async with channel_cm as channel:
             outbox: asyncio.Queue[prober_pb2.ProberMessage | None] = asyncio.Queue()
             call = prober_pb2_grpc.ProberLinkStub(channel).Report(self._requests(outbox))
             hello = prober_pb2.Hello(prober_id=self.prober_id, version=VERSION)

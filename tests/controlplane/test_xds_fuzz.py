@@ -1,0 +1,207 @@
+"""Bad input on the xDS port: fuzzed DiscoveryRequests, oversized messages, too many streams per peer.
+
+Real gRPC on 127.0.0.1; a well-behaved node holds its stream throughout and must get every push.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane import resources as rs
+from controlplane.app import ControlPlane
+from controlplane.health import HealthStatus
+from controlplane.topology import parse_topology
+from tests.controlplane.xds_fuzz import HealthyNode, fuzz, send_input, valid_request
+
+FUZZ_COUNT = 2000
+
+
+def topology(**xds: Any) -> dict[str, Any]:
+    return {
+        "controlplane": {"xds": {"port": 0, **xds}, "admin": {"port": 0}, "watch_interval": 0},
+        "clusters": [{"name": "web", "endpoints": [{"address": "127.0.0.1", "port": 18081 + i} for i in range(3)]}],
+        "listeners": [{"name": "ingress", "port": 10000, "routes": [{"cluster": "web"}]}],
+    }
+
+
+class Flipper:
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+        self.flips = 0
+
+    def __call__(self) -> str:
+        status = HealthStatus.UNHEALTHY if self.flips % 2 == 0 else HealthStatus.HEALTHY
+        self.flips += 1
+        snap = self.cp.set_override("web", "127.0.0.1:18081", status, who="fuzz")
+        assert snap is not None
+        return snap.type_versions[rs.ENDPOINT]
+
+
+async def start(**xds: Any) -> tuple[ControlPlane, grpc.aio.Channel]:
+    cp = ControlPlane(parse_topology(topology(**xds), source="test"))
+    await cp.start()
+    return cp, grpc.aio.insecure_channel(f"127.0.0.1:{cp.xds_port}")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[ControlPlane, grpc.aio.Channel, HealthyNode]]:
+    cp, channel = await start(max_message_bytes=1 << 20)
+    healthy = HealthyNode(channel)
+    await healthy.start()
+    await healthy.wait_version(cp.snapshot.type_versions[rs.ENDPOINT])
+    try:
+        yield cp, channel, healthy
+    finally:
+        await healthy.aclose()
+        await channel.close()
+        await cp.aclose(grace=0)
+
+
+async def test_fuzzed_requests_get_a_clear_status_and_the_healthy_node_keeps_its_pushes(
+    served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
+) -> None:
+    cp, channel, healthy = served
+    report = await fuzz(channel, healthy, Flipper(cp), count=FUZZ_COUNT, seed=7, push_every=50)
+    assert report.findings == []
+    assert report.inputs == FUZZ_COUNT
+    # The generator reaches both sides: inputs the server accepts and inputs it refuses, for each reason.
+    assert report.codes["OK"] > 0 and report.codes["INVALID_ARGUMENT"] > 0 and report.codes["RESOURCE_EXHAUSTED"] > 0
+    assert report.healthy_pushes == FUZZ_COUNT // 50
+    assert healthy.task is not None and not healthy.task.done()
+    assert len(cp.ads.streams) == 1  # every fuzzed stream is gone; the healthy one stays
+    assert cp.ads.peers.open == {"127.0.0.1": 1}
+    exposition = cp.metrics.exposition().decode()
+    for code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"):
+        line = f'healthplane_xds_streams_ended_by_server_total{{code="{code}"}} {float(report.codes[code])}'
+        assert line in exposition
+
+
+async def test_random_bytes_are_invalid_argument_naming_the_message(
+    served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
+) -> None:
+    _, channel, _ = served
+    code, details = await send_input(channel, [b"\xff\xff\xff\xff"])
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "DiscoveryRequest does not parse" in details
+
+
+async def test_a_request_without_node_is_invalid_argument_naming_node(
+    served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
+) -> None:
+    _, channel, _ = served
+    request = discovery_pb2.DiscoveryRequest(type_url=rs.CLUSTER)
+    code, details = await send_input(channel, [request.SerializeToString()])
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "the first request on a stream must carry node")
+
+
+async def test_an_oversized_request_is_resource_exhausted_naming_the_limit(
+    served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
+) -> None:
+    _, channel, healthy = served
+    request = valid_request(random.Random(1))
+    request.resource_names.extend(["x" * 1000] * 1100)  # ~1.1 MB against a 1 MiB limit
+    code, details = await send_input(channel, [request.SerializeToString()])
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "controlplane.xds.max_message_bytes (1048576)" in details
+    assert healthy.task is not None and not healthy.task.done()
+
+
+async def test_a_huge_resource_name_list_is_resource_exhausted_naming_the_field(
+    served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
+) -> None:
+    _, channel, _ = served
+    request = valid_request(random.Random(2))
+    request.resource_names.extend(str(i) for i in range(100_001))
+    code, details = await send_input(channel, [request.SerializeToString()])
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details.startswith("resource_names lists 10000") and details.endswith("more than 100000 allowed")
+
+
+async def test_absurd_version_and_nonce_strings_are_refused_naming_the_field(
+    served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
+) -> None:
+    _, channel, _ = served
+    request = valid_request(random.Random(3))
+    request.response_nonce = "9" * 10_000
+    code, details = await send_input(channel, [request.SerializeToString()])
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("response_nonce is 10000 characters long")
+
+
+async def test_streams_beyond_the_per_peer_limit_are_refused_with_resource_exhausted() -> None:
+    cp, channel = await start(max_streams_per_peer=2)
+    nodes = [HealthyNode(channel, f"n{i}") for i in range(2)]
+    try:
+        for node in nodes:
+            await node.start()
+            await node.wait_version(cp.snapshot.type_versions[rs.ENDPOINT])
+        code, details = await send_input(channel, [valid_request(random.Random(4)).SerializeToString()])
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert details == "127.0.0.1 already holds 2 ADS streams: controlplane.xds.max_streams_per_peer is 2"
+        assert cp.ads.peers.refused == 1
+        assert "healthplane_xds_streams_refused_per_peer_total 1.0" in cp.metrics.exposition().decode()
+        # The two held streams are untouched, and a slot frees up when one closes.
+        version = Flipper(cp)()
+        for node in nodes:
+            await node.wait_version(version)
+        await nodes[0].aclose()
+        nodes.pop(0)
+        code, _ = await send_input(channel, [valid_request(random.Random(5)).SerializeToString()])
+        assert code is grpc.StatusCode.OK
+    finally:
+        for node in nodes:
+            await node.aclose()
+        await channel.close()
+        await cp.aclose(grace=0)
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+async def garbage_connection(port: int, data: bytes) -> None:
+    """Write `data` on a raw TCP connection and read until the server closes it (or 5 s pass)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            while await reader.read(65536):
+                pass
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def test_raw_garbage_on_the_xds_port_leaves_other_streams_alone(
+    served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
+) -> None:
+    """Bytes that are not HTTP/2, and HTTP/2 frames that are nonsense, on the raw port (gRPC core's job)."""
+    cp, _, healthy = served
+    rng = random.Random(11)
+    inputs: list[bytes] = []
+    for _ in range(40):
+        inputs.append(rng.randbytes(rng.randint(1, 2000)))  # not HTTP/2 at all
+        frames = b"".join(
+            # length (24 bits), type, flags, stream id, payload: random but well-framed
+            struct.pack(">I", n := rng.randint(0, 64))[1:]
+            + bytes([rng.randrange(12), rng.randrange(256)])
+            + struct.pack(">I", rng.randrange(2**31))
+            + rng.randbytes(n)
+            for _ in range(rng.randint(1, 10))
+        )
+        inputs.append(PREFACE + frames)
+    flip = Flipper(cp)
+    for start in range(0, len(inputs), 20):
+        await asyncio.gather(*(garbage_connection(cp.xds_port, data) for data in inputs[start : start + 20]))
+        await healthy.wait_version(flip())
+    assert healthy.task is not None and not healthy.task.done()
+    assert len(cp.ads.streams) == 1
