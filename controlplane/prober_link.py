@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controlplane.admin_views import CheckInfo
 from controlplane.errors import ProtocolError
 from controlplane.health import HealthStatus, Verdict
+from controlplane.security import certificate_names
 from controlplane.topology import Topology
 from healthplane.v1 import prober_pb2
 
@@ -143,6 +144,17 @@ class ProberLinkService:
         )
 
     async def Report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
+        tls = self.cp.topology.controlplane.security.xds_tls
+        if tls is not None and tls.prober_names:
+            presented = certificate_names(context.auth_context())
+            if not set(presented) & set(tls.prober_names):
+                shown = ", ".join(presented) or "none"
+                log.warning("prober link refused (%s): certificate names %s", context.peer(), shown)
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"prober link: the client certificate's names ({shown}) are not in "
+                    "controlplane.xds.tls.prober_names",
+                )
         first = await context.read()
         if first is grpc.aio.EOF:
             return

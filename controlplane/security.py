@@ -38,6 +38,9 @@ class TlsFiles:
     cert: Path
     key: Path
     client_ca: Path | None = None
+    # xDS only: the names (certificate SAN DNS or CN) that may open the prober link; empty: any
+    # client the CA signed. Without it an Envoy's certificate could report verdicts too.
+    prober_names: tuple[str, ...] = ()
 
     @property
     def mutual(self) -> bool:
@@ -91,7 +94,7 @@ def parse_security(f: _Field) -> SecurityConfig:
     xds, admin = f.child("xds"), f.child("admin")
     xds_present, admin_present = isinstance(xds.value, dict), isinstance(admin.value, dict)
     return SecurityConfig(
-        xds_tls=_tls(xds.child("tls"), require_ca=False) if xds_present else None,
+        xds_tls=_tls(xds.child("tls"), require_ca=False, prober_names=True) if xds_present else None,
         xds_max_message_bytes=xds.child("max_message_bytes").integer(
             default=d.xds_max_message_bytes, lo=1024, hi=MAX_MESSAGE_CEILING
         )
@@ -110,10 +113,10 @@ def parse_security(f: _Field) -> SecurityConfig:
     )
 
 
-def _tls(f: _Field, *, require_ca: bool) -> TlsFiles | None:
+def _tls(f: _Field, *, require_ca: bool, prober_names: bool = False) -> TlsFiles | None:
     if f.missing:
         return None
-    f.mapping({"cert", "key", "client_ca"})
+    f.mapping({"cert", "key", "client_ca", "prober_names"} if prober_names else {"cert", "key", "client_ca"})
     base = Path(f.source).parent if f.source and Path(f.source).is_file() else Path.cwd()
     paths: dict[str, Path | None] = {}
     for name in ("cert", "key", "client_ca"):
@@ -129,7 +132,23 @@ def _tls(f: _Field, *, require_ca: bool) -> TlsFiles | None:
         paths[name] = path
     cert, key = paths["cert"], paths["key"]
     assert cert is not None and key is not None
-    return TlsFiles(cert=cert, key=key, client_ca=paths["client_ca"])
+    names: list[str] = []
+    nf = f.child("prober_names")
+    if not nf.missing:
+        if not isinstance(nf.value, list) or not nf.value:
+            raise nf.error("must be a non-empty list of certificate names")
+        names = [nf.child(i).string() for i in range(len(nf.value))]
+        if paths["client_ca"] is None:
+            raise nf.error("needs client_ca: a prober is known by the client certificate it presents")
+    return TlsFiles(cert=cert, key=key, client_ca=paths["client_ca"], prober_names=tuple(names))
+
+
+def certificate_names(auth_context: dict[str, list[bytes]]) -> list[str]:
+    """The SAN and CN names of a gRPC peer's verified client certificate (empty without one)."""
+    out: list[str] = []
+    for key in ("x509_subject_alternative_name", "x509_common_name"):
+        out.extend(v.decode(errors="replace") for v in auth_context.get(key, []))
+    return out
 
 
 def _read_token(f: _Field) -> str | None:

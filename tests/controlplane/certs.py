@@ -19,6 +19,8 @@ class Certs:
     client_key: Path
     rogue_cert: Path  # signed by another CA: a client the control plane must refuse
     rogue_key: Path
+    prober_cert: Path  # signed by the CA, named prober.internal: the one allowed on the prober link
+    prober_key: Path
 
 
 def _run(*args: str | Path) -> None:
@@ -58,4 +60,8 @@ def make_certs(directory: Path) -> Certs:
     )  # fmt: skip
     client = _signed(directory, "client", ca, ca_key, "/CN=envoy", "extendedKeyUsage=clientAuth\n")
     rogue = _signed(directory, "rogue", rogue_ca, rogue_ca_key, "/CN=rogue", "extendedKeyUsage=clientAuth\n")
-    return Certs(ca, *server, *client, *rogue)
+    prober = _signed(
+        directory, "prober", ca, ca_key, "/CN=prober-1",
+        "subjectAltName=DNS:prober.internal\nextendedKeyUsage=clientAuth\n",
+    )  # fmt: skip
+    return Certs(ca, *server, *client, *rogue, *prober)

@@ -22,6 +22,7 @@ from controlplane.cli import main as cli_main
 from controlplane.errors import ConfigError
 from controlplane.security import channel_credentials
 from controlplane.topology import load_topology, parse_topology
+from healthplane.v1 import prober_pb2
 from lab.envoyproc import EnvoyProcess, free_port, poll_until
 from prober.link import ControlPlaneLink
 from prober.scheduler import Prober
@@ -116,7 +117,12 @@ def test_tls_paths_are_checked_and_relative_to_the_topology_file(certs: Certs, t
         ("xds", "max_streams_per_peer", -1, "must be 0..1000000"),
         ("admin", "max_request_bytes", "big", "must be an integer, got a string"),
         ("admin", "read_token", "short", "must be at least 8 characters without spaces"),
-        ("xds", "tls", {"cert": "a", "key": "b", "ca": "c"}, "unknown field (expected one of: cert, client_ca, key)"),
+        (
+            "xds",
+            "tls",
+            {"cert": "a", "key": "b", "ca": "c"},
+            "unknown field (expected one of: cert, client_ca, key, prober_names)",
+        ),
     ],
 )
 def test_limit_and_token_fields_are_validated(section: str, field: str, value: Any, message: str) -> None:
@@ -229,6 +235,59 @@ async def test_the_prober_link_over_mutual_tls(certs: Certs, tmp_path: Path) -> 
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await prober.aclose()
+
+
+async def test_prober_names_keep_envoy_certificates_off_the_prober_link(certs: Certs, tmp_path: Path) -> None:
+    doc = document(certs)
+    doc["controlplane"]["xds"]["tls"]["prober_names"] = ["prober.internal"]
+    async with serving(doc, tmp_path) as cp:
+        # An Envoy's certificate, signed by the same CA, still gets its config over ADS...
+        envoy_creds = client_creds(certs, cert=certs.client_cert, key=certs.client_key)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{cp.xds_port}", envoy_creds) as channel:
+            assert await first_eds(channel)
+            # ...but may not report verdicts.
+            report = channel.stream_stream(
+                "/healthplane.v1.ProberLink/Report",
+                request_serializer=prober_pb2.ProberMessage.SerializeToString,
+                response_deserializer=prober_pb2.ControlPlaneMessage.FromString,
+            )
+            call = report()
+            await call.write(prober_pb2.ProberMessage(hello=prober_pb2.Hello(prober_id="impostor")))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call.read()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert err.value.details() == (
+                "prober link: the client certificate's names (envoy) are not in controlplane.xds.tls.prober_names"
+            )
+        assert "impostor" not in cp.prober_link.probers
+
+        # The prober's certificate (SAN prober.internal) is let in.
+        creds = client_creds(certs, cert=certs.prober_cert, key=certs.prober_key)
+        link = ControlPlaneLink(f"127.0.0.1:{cp.xds_port}", prober_id="named-prober", credentials=creds)
+        prober = Prober(sink=link, source="prober:named-prober")
+        link.prober = prober
+        await prober.start()
+        task = asyncio.create_task(link.run())
+        try:
+            await asyncio.wait_for(link.connected.wait(), 10)
+
+            async def registered() -> bool:
+                return "named-prober" in cp.prober_link.probers
+
+            await poll_until(registered, timeout=10, what="the named prober registered")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await prober.aclose()
+
+
+def test_prober_names_need_a_client_ca(certs: Certs) -> None:
+    doc = document(certs, client_ca=False)
+    doc["controlplane"]["xds"]["tls"]["prober_names"] = ["prober.internal"]
+    with pytest.raises(ConfigError) as err:
+        parse_topology(doc, source="t.yaml")
+    assert err.value.path == "controlplane.xds.tls.prober_names"
+    assert err.value.message.startswith("needs client_ca")
 
 
 # --------------------------------------------------------------------------- the admin port
