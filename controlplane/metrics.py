@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from controlplane.app import ControlPlane
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CHECK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -57,6 +58,21 @@ class Metrics(StreamCallbacks):
             "Health check latency (embedded prober), by cluster and check type.",
             ["cluster", "check"],
             buckets=CHECK_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # issue 5: propagation measured at the ACK (controlplane.propagation), by the version's cause.
+        self.propagation_delay = Histogram(
+            "healthplane_propagation_delay_seconds",
+            "Per node and version: the node's ACK minus the time of the version's cause.",
+            ["cause"],
+            buckets=PROPAGATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.convergence = Histogram(
+            "healthplane_convergence_seconds",
+            "Per version: the last concerned node's ACK minus the time of the version's cause.",
+            ["cause"],
+            buckets=PROPAGATION_BUCKETS,
             registry=self.registry,
         )
         short = rs.SHORT_NAMES

@@ -100,9 +100,17 @@ class SnapshotCache:
 class AdsServer:
     """`StreamAggregatedResources` over grpc.aio, one task pair (reader, writer) per stream."""
 
-    def __init__(self, source: SnapshotSource, callbacks: StreamCallbacks | None = None) -> None:
+    def __init__(
+        self,
+        source: SnapshotSource,
+        callbacks: StreamCallbacks | None = None,
+        *,
+        delay: Callable[[StreamState], float] | None = None,
+    ) -> None:
         self.source = source
         self.callbacks = callbacks or StreamCallbacks()
+        # The propagation model (controlplane.delaymodel): seconds to hold a node's responses.
+        self.delay = delay
         self.streams: dict[int, StreamState] = {}
         self._stream_ids = itertools.count(1)
 
@@ -133,7 +141,10 @@ class AdsServer:
                 snapshot = self.source.current()
                 if snapshot is None or state.node_id is None:
                     continue
-                for pending in state.due(snapshot):
+                due = state.due(snapshot)
+                if due and self.delay is not None and (pause := self.delay(state)) > 0:
+                    await asyncio.sleep(pause)  # a modelled slow network, not a wait for an event
+                for pending in due:
                     body = snapshot.response_body(pending.type_url, pending.names)
                     await context.write(encode_response(body, pending.nonce))
                     self.callbacks.on_response(state, pending, snapshot)

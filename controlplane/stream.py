@@ -93,6 +93,7 @@ class StreamState:
         self.node_id: str | None = None
         self.node_cluster = ""
         self.node_locality = ""
+        self.node_zone = ""  # node.locality.zone, which the propagation model matches on
         self.user_agent = ""
         self.types: dict[str, TypeState] = {}
         self._nonce = 0
@@ -114,6 +115,7 @@ class StreamState:
                 self.node_id = request.node.id
                 self.node_cluster = request.node.cluster
                 loc = request.node.locality
+                self.node_zone = loc.zone
                 self.node_locality = "/".join(p for p in (loc.region, loc.zone, loc.sub_zone) if p)
                 self.user_agent = f"{request.node.user_agent_name} {request.node.user_agent_build_version.version.major_number}.{request.node.user_agent_build_version.version.minor_number}.{request.node.user_agent_build_version.version.patch}"  # noqa: E501
             elif request.node.id != self.node_id:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from google.protobuf import json_format
 
+from controlplane.delaymodel import PropagationConfig, parse_propagation
 from controlplane.durations import parse_duration
 from controlplane.errors import ConfigError
 
@@ -43,6 +44,8 @@ class ControlPlaneConfig:
     watch_interval: float = 0.5
     # Bearer token for admin API changes (`admin.token`); None: HEALTHPLANE_ADMIN_TOKEN, if set.
     admin_token: str | None = field(default=None, repr=False)
+    # issue 5: the propagation model and how many versions are tracked (controlplane.propagation).
+    propagation: PropagationConfig = field(default_factory=PropagationConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,13 +331,14 @@ def _socket(f: _Field, default: SocketAddress, extra: frozenset[str] = frozenset
 def _controlplane(f: _Field) -> ControlPlaneConfig:
     if f.missing:
         return ControlPlaneConfig()
-    f.mapping({"xds", "admin", "watch_interval"})
+    f.mapping({"xds", "admin", "watch_interval", "propagation"})
     d = ControlPlaneConfig()
     return ControlPlaneConfig(
         xds=_socket(f.child("xds"), d.xds),
         admin=_socket(f.child("admin"), d.admin, frozenset({"token"})),
         watch_interval=f.child("watch_interval").duration(default=d.watch_interval),
         admin_token=_admin_token(f.child("admin")),
+        propagation=parse_propagation(f.child("propagation").value, path=f.child("propagation").path, source=f.source),
     )
 
 

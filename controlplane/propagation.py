@@ -1,0 +1,365 @@
+"""Which node sees which truth, and since when: propagation measured at every node's ACK.
+
+`PropagationTracker` is fed by the ADS stream callbacks and by every published snapshot. For
+each version it keeps the cause (and its time), when the snapshot was built, and per node that
+the version concerns: when a response carrying it (or a later version) was sent, and when that
+was ACKed or NACKed. From those:
+
+- propagation delay, per node and version: ACK time minus cause time;
+- convergence time, per version: the last expected node's ACK minus the cause time;
+- lag, per node: how many tracked versions it has not ACKed yet, and for how long.
+
+A version concerns a node when the node subscribes to something the version changed (for CDS
+and LDS, whose responses carry every resource, any new type version; for EDS and RDS, a changed
+resource it subscribes to), so EDS-only pushes are measured too and nodes a change does not
+reach are not waited for. A later version ACKed also settles earlier ones: a node that was
+sent version 7 before it ACKed 6 has seen what 6 said. Synchronous and clock-injectable; the
+history is bounded (`limit` versions).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from controlplane import resources as rs
+from controlplane.server import StreamCallbacks
+from controlplane.snapshot import Snapshot, changed_resources, version_key
+from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
+
+if TYPE_CHECKING:
+    from controlplane.app import ControlPlane
+
+# One bit per type URL keeps a node's outstanding types in a plain int (thousands per version).
+_BIT = {t: 1 << i for i, t in enumerate(rs.ADS_ORDER)}
+
+Observe = Callable[[float, str], None]  # (seconds, cause kind)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One version on its way to one node."""
+
+    node: str
+    types: int  # bitmask of the types still to be ACKed (see _BIT)
+    sent: float | None = None  # first response carrying this version (or a later one)
+    acked: float | None = None
+    nacked: float | None = None
+    error: str | None = None
+    disconnected: float | None = None
+
+    @property
+    def status(self) -> str:
+        if self.acked is not None:
+            return "acked"
+        if self.nacked is not None:
+            return "nacked"
+        if self.disconnected is not None:
+            return "disconnected"
+        return "sent" if self.sent is not None else "waiting"
+
+    @property
+    def resolved(self) -> bool:
+        return self.acked is not None or self.nacked is not None or self.disconnected is not None
+
+
+@dataclass(slots=True)
+class VersionRecord:
+    """One snapshot version: its cause and where it has reached."""
+
+    version: str
+    key: tuple[int, int]
+    cause_kind: str
+    cause_detail: str
+    cause_time: float
+    created: float
+    deliveries: dict[str, Delivery] = field(default_factory=dict)
+    pending: int = 0
+    converged_at: float | None = None  # when the last expected node resolved
+    last_ack: float | None = None
+
+    @property
+    def convergence(self) -> float | None:
+        """Seconds from the cause to the last expected node's ACK, once no node is pending."""
+        if self.pending or self.last_ack is None:
+            return None
+        return self.last_ack - self.cause_time
+
+    def delays(self) -> list[float]:
+        """Propagation delays (ACK minus cause, seconds) of the nodes that ACKed, sorted."""
+        return sorted(d.acked - self.cause_time for d in self.deliveries.values() if d.acked is not None)
+
+    def summary(self, now: float) -> dict[str, Any]:
+        counts = {"acked": 0, "nacked": 0, "disconnected": 0, "sent": 0, "waiting": 0}
+        for d in self.deliveries.values():
+            counts[d.status] += 1
+        delays = self.delays()
+        convergence = self.convergence
+        return {
+            "version": self.version,
+            "cause": {"kind": self.cause_kind, "detail": self.cause_detail, "time": self.cause_time},
+            "created": self.created,
+            "snapshot_ms": _ms(self.created - self.cause_time),
+            "nodes": len(self.deliveries),
+            **counts,
+            "pending": self.pending,
+            "converged": self.pending == 0,
+            "convergence_ms": _ms(convergence),
+            # While nodes are pending: how long the fleet has disagreed so far.
+            "age_ms": None if self.pending == 0 else _ms(now - self.cause_time),
+            "delay_p50_ms": _ms(percentile(delays, 50)),
+            "delay_p99_ms": _ms(percentile(delays, 99)),
+            "delay_max_ms": _ms(delays[-1] if delays else None),
+        }
+
+    def detail(self, now: float) -> dict[str, Any]:
+        base = self.cause_time
+        nodes = [
+            {
+                "node": d.node,
+                "status": d.status,
+                "sent_ms": _ms(None if d.sent is None else d.sent - base),
+                "ack_ms": _ms(None if d.acked is None else d.acked - base),
+                "nack_ms": _ms(None if d.nacked is None else d.nacked - base),
+                "error": d.error,
+                "disconnected_ms": _ms(None if d.disconnected is None else d.disconnected - base),
+                "types": [rs.SHORT_NAMES[t] for t, bit in _BIT.items() if d.types & bit],
+            }
+            for d in sorted(self.deliveries.values(), key=lambda d: d.node)
+        ]
+        return {
+            **self.summary(now),
+            "not_acked": sorted(d.node for d in self.deliveries.values() if not d.resolved),
+            "per_node": nodes,
+        }
+
+
+@dataclass(slots=True)
+class NodeLag:
+    node: str
+    version: str | None  # the newest tracked version this node has ACKed
+    acked_at: float | None
+    versions_behind: int
+    behind_ms: float | None  # since the cause of the oldest version it has not ACKed
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "acked_at": self.acked_at,
+            "versions_behind": self.versions_behind,
+            "behind_ms": self.behind_ms,
+        }
+
+
+class PropagationTracker(StreamCallbacks):
+    """Per version and node: sent, ACKed, NACKed; convergence and lag. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        limit: int = 32,
+        clock: Callable[[], float] = time.time,
+        observe_delay: Observe | None = None,
+        observe_convergence: Observe | None = None,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.clock = clock
+        self.observe_delay = observe_delay
+        self.observe_convergence = observe_convergence
+        self.records: OrderedDict[str, VersionRecord] = OrderedDict()
+        self._streams: dict[str, StreamState] = {}
+        # Per stream id and type URL: the version key of the last response sent (the one an ACK answers).
+        self._last_sent: dict[int, dict[str, tuple[int, int]]] = {}
+        # Per node: the records it has not resolved yet, oldest first.
+        self._open: dict[str, list[VersionRecord]] = {}
+        self._acked: dict[str, tuple[str, tuple[int, int], float]] = {}  # node -> (version, key, time)
+
+    # ------------------------------------------------------------------ inputs
+
+    def on_snapshot(self, snapshot: Snapshot, previous: Snapshot | None) -> VersionRecord:
+        """Record a newly published snapshot and the connected nodes it concerns."""
+        record = VersionRecord(
+            version=snapshot.version,
+            key=version_key(snapshot.version),
+            cause_kind=snapshot.cause.kind,
+            cause_detail=snapshot.cause.detail,
+            cause_time=snapshot.cause.time,
+            created=snapshot.created,
+        )
+        changed = changed_resources(previous, snapshot)
+        for node, stream in self._streams.items():
+            mask = affected_types(stream, previous, snapshot, changed)
+            if mask:
+                record.deliveries[node] = Delivery(node, mask)
+                self._open.setdefault(node, []).append(record)
+        record.pending = len(record.deliveries)
+        if record.pending == 0:
+            record.converged_at = record.created
+        self.records[record.version] = record
+        while len(self.records) > self.limit:
+            _, old = self.records.popitem(last=False)
+            for node, d in old.deliveries.items():
+                if not d.resolved and (records := self._open.get(node)):
+                    records.remove(old)
+        return record
+
+    def on_stream_open(self, stream: StreamState) -> None:
+        assert stream.node_id is not None
+        self._streams[stream.node_id] = stream  # the latest stream of a node wins, as in NodeRegistry
+        self._last_sent[stream.stream_id] = {}
+
+    def on_stream_closed(self, stream: StreamState) -> None:
+        self._last_sent.pop(stream.stream_id, None)
+        node = stream.node_id
+        if node is None or self._streams.get(node) is not stream:
+            return
+        del self._streams[node]
+        now = self.clock()
+        for record in self._open.pop(node, []):
+            d = record.deliveries[node]
+            d.disconnected = now
+            self._resolved(record, now)
+        self._acked.pop(node, None)
+
+    def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
+        key = version_key(snapshot.version)
+        sent = self._last_sent.get(stream.stream_id)
+        if sent is None:
+            return
+        sent[response.type_url] = key
+        records = self._open.get(stream.node_id or "")
+        if not records:
+            return
+        bit = _BIT[response.type_url]
+        now = self.clock()
+        for record in records:
+            if record.key > key:
+                break
+            d = record.deliveries[stream.node_id or ""]
+            if d.sent is None and d.types & bit:
+                d.sent = now
+
+    def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
+        kind = outcome.kind
+        if kind is not RequestKind.ACK and kind is not RequestKind.NACK:
+            return
+        node = stream.node_id or ""
+        key = self._last_sent.get(stream.stream_id, {}).get(outcome.type_url)
+        if key is None:
+            return
+        now = self.clock()
+        records = self._open.get(node)
+        bit = _BIT[outcome.type_url]
+        if kind is RequestKind.ACK:
+            if (acked := self._acked.get(node)) is None or acked[1] < key:
+                self._acked[node] = (_version_of(key), key, now)
+        if not records:
+            return
+        done: list[VersionRecord] = []
+        for record in records:
+            if record.key > key:
+                break
+            d = record.deliveries[node]
+            if not d.types & bit:
+                continue
+            if kind is RequestKind.NACK:
+                d.nacked, d.error = now, outcome.error
+                done.append(record)
+                continue
+            d.types &= ~bit
+            if not d.types:
+                d.acked = now
+                record.last_ack = now
+                if self.observe_delay is not None:
+                    self.observe_delay(now - record.cause_time, record.cause_kind)
+                done.append(record)
+        for record in done:
+            records.remove(record)
+            self._resolved(record, now)
+
+    def _resolved(self, record: VersionRecord, now: float) -> None:
+        record.pending -= 1
+        if record.pending == 0:
+            record.converged_at = now
+            convergence = record.convergence
+            if convergence is not None and self.observe_convergence is not None:
+                self.observe_convergence(convergence, record.cause_kind)
+
+    # ------------------------------------------------------------------ views
+
+    def get(self, version: str) -> VersionRecord | None:
+        return self.records.get(version)
+
+    def recent(self, limit: int | None = None) -> list[VersionRecord]:
+        """The tracked versions, newest first."""
+        out = list(reversed(self.records.values()))
+        return out if limit is None else out[: max(0, limit)]
+
+    def lag(self, node: str) -> NodeLag:
+        records = self._open.get(node) or []
+        acked = self._acked.get(node)
+        behind = None
+        if records:
+            behind = _ms(self.clock() - min(r.cause_time for r in records))
+        elif node in self._streams:
+            behind = 0.0
+        return NodeLag(
+            node=node,
+            version=acked[0] if acked else None,
+            acked_at=acked[2] if acked else None,
+            versions_behind=len(records),
+            behind_ms=behind,
+        )
+
+    def nodes(self) -> list[str]:
+        return sorted(self._streams)
+
+
+def track_propagation(cp: ControlPlane) -> PropagationTracker:
+    """A tracker for `cp`: fed by its ADS streams, observed by its Prometheus histograms."""
+    tracker = PropagationTracker(
+        limit=cp.topology.controlplane.propagation.history,
+        observe_delay=lambda seconds, cause: cp.metrics.propagation_delay.labels(cause).observe(seconds),
+        observe_convergence=lambda seconds, cause: cp.metrics.convergence.labels(cause).observe(seconds),
+    )
+    cp.stream_callbacks.add(tracker)
+    return tracker
+
+
+def affected_types(
+    stream: StreamState, previous: Snapshot | None, snapshot: Snapshot, changed: dict[str, list[str]]
+) -> int:
+    """The types (a _BIT mask) in which `snapshot` gives this stream something new to apply."""
+    mask = 0
+    for type_url, ts in stream.types.items():
+        bit = _BIT.get(type_url)
+        if bit is None:
+            continue
+        if type_url in rs.FULL_STATE_TYPES:
+            if previous is None or previous.type_versions[type_url] != snapshot.type_versions[type_url]:
+                mask |= bit
+        elif (names := changed.get(type_url)) and (ts.wildcard or not ts.names.isdisjoint(names)):
+            mask |= bit
+    return mask
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """Nearest-rank percentile of already sorted values; None when there are none."""
+    seq = list(values)
+    if not seq:
+        return None
+    return seq[max(0, math.ceil(q / 100 * len(seq)) - 1)]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _version_of(key: tuple[int, int]) -> str:
+    return f"{key[0]}.{key[1]}"
