@@ -251,6 +251,11 @@ class PropagationTracker(StreamCallbacks):
             return
         node = stream.node_id or ""
         key = self._last_sent.get(stream.stream_id, {}).get(outcome.type_url)
+        if kind is RequestKind.ACK and outcome.version:
+            # The version an ACK names is the type version the node now has: the response it
+            # answers was built from that snapshot or a later one.
+            acked = version_key(outcome.version)
+            key = acked if key is None or acked > key else key
         if key is None:
             return
         now = self.clock()

@@ -68,7 +68,7 @@ class StreamCallbacks:
         pass
 
     def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
-        pass
+        """A response is about to be written: always before the node can answer it."""
 
 
 class SnapshotCache:
@@ -146,8 +146,10 @@ class AdsServer:
                     await asyncio.sleep(pause)  # a modelled slow network, not a wait for an event
                 for pending in due:
                     body = snapshot.response_body(pending.type_url, pending.names)
-                    await context.write(encode_response(body, pending.nonce))
+                    # Before the write: its await lets the reader run, and the node's ACK of this
+                    # response could otherwise be seen before the response itself (propagation.py).
                     self.callbacks.on_response(state, pending, snapshot)
+                    await context.write(encode_response(body, pending.nonce))
             error = None if reader.cancelled() else reader.exception()
             if isinstance(error, ProtocolError):
                 log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)

@@ -236,3 +236,15 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([], 50) is None
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
     assert percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+
+
+def test_an_ack_seen_before_its_response_callback_still_counts() -> None:
+    # The version an ACK names is enough: the server's on_response may run after the node answered.
+    w = World()
+    w.connect("a", ["web"])
+    snap = w.flip("web", "127.0.0.1:8081", at=1000.0)
+    assert w.snapshot is not None
+    w.streams["a"].due(w.snapshot)  # sent, but the tracker has not heard of it yet
+    w.ack("a")
+    record = w.tracker.get(snap.version)
+    assert record is not None and record.pending == 0 and w.tracker.lag("a").version == snap.version
