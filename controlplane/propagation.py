@@ -254,8 +254,8 @@ class PropagationTracker(StreamCallbacks):
         if kind is RequestKind.ACK and outcome.version:
             # The version an ACK names is the type version the node now has: the response it
             # answers was built from that snapshot or a later one.
-            acked = version_key(outcome.version)
-            key = acked if key is None or acked > key else key
+            named = version_key(outcome.version)
+            key = named if key is None or named > key else key
         if key is None:
             return
         now = self.clock()
