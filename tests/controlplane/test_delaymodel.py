@@ -93,3 +93,11 @@ def test_errors_name_the_field(section: object, path: str, message: str) -> None
 def test_distribution_means() -> None:
     assert Distribution("uniform", low=0.0, high=0.2).mean == pytest.approx(0.1)
     assert Distribution("trace", samples=(0.1, 0.3)).mean == pytest.approx(0.2)
+
+
+def test_uniform_model_maximum_matches_theory() -> None:
+    # The expected maximum of N uniform(0, 200 ms) draws is 200*N/(N+1) ms; seeded, so deterministic.
+    model = DelayModel(parse_propagation({"seed": 11, "delays": [{"uniform": ["0ms", "200ms"]}]}))
+    for n in (10, 100):
+        maxima = [max(model.delay(f"n{i}") for i in range(n)) for _ in range(2000)]
+        assert statistics.fmean(maxima) * 1000 == pytest.approx(200 * n / (n + 1), abs=2.0)
