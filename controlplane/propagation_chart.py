@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,21 @@ WIDTH = 900
 
 def _esc(text: object) -> str:
     return html.escape(str(text), quote=True)
+
+
+def _short(version: str) -> str:
+    """`EPOCH.SEQ` as `SEQ`: the epoch is the same for every version of one control plane."""
+    return version.rsplit(".", 1)[-1]
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def colours(versions: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """One colour per version that reached nodes, in cause order, shared by both charts."""
+    drawn = sorted((v for v in versions if v.get("nodes")), key=lambda v: v["cause"]["time"])
+    return {v["version"]: PALETTE[i % len(PALETTE)] for i, v in enumerate(drawn)}
 
 
 def _nice_max(value: float) -> float:
@@ -49,10 +65,11 @@ def _axis(x0: float, x1: float, y: float, top: float, span: float, unit: str) ->
     return out
 
 
-def convergence_svg(versions: Sequence[dict[str, Any]]) -> str:
+def convergence_svg(versions: Sequence[dict[str, Any]], colour: dict[str, str] | None = None) -> str:
     """Share of nodes ACKed against ms since the cause, one step line per version."""
-    drawn = [v for v in versions if v.get("nodes")]
-    left, right, top, bottom = 50, WIDTH - 180, 20, 260
+    colour = colour or colours(versions)
+    drawn = sorted((v for v in versions if v["version"] in colour), key=lambda v: v["cause"]["time"])
+    left, right, top, bottom = 50, WIDTH - 230, 20, 260
     longest = max(
         (n["ack_ms"] for v in drawn for n in v["per_node"] if n.get("ack_ms") is not None),
         default=0.0,
@@ -70,7 +87,7 @@ def convergence_svg(versions: Sequence[dict[str, Any]]) -> str:
     if not drawn:
         parts.append(f'<text x="{left + 20}" y="{(top + bottom) / 2}">no version reached any node yet</text>')
     for i, v in enumerate(drawn):
-        colour = PALETTE[i % len(PALETTE)]
+        stroke = colour[v["version"]]
         acks = sorted(n["ack_ms"] for n in v["per_node"] if n.get("ack_ms") is not None)
         total = v["nodes"]
         points = [(left, bottom)]
@@ -79,31 +96,32 @@ def convergence_svg(versions: Sequence[dict[str, Any]]) -> str:
             points.append((x, points[-1][1]))
             points.append((x, bottom - (bottom - top) * k / total))
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
-        label = f"{v['version']} {v['cause']['kind']}"
+        label = f"{_short(v['version'])} {v['cause']['kind']}"
         conv = v.get("convergence_ms")
         label += f": {conv:g} ms" if conv is not None else f": {v.get('acked', 0)}/{total} ACKed"
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{path}"><title>')
-        parts.append(f"{_esc(label)}</title></polyline>")
+        parts.append(f'<polyline fill="none" stroke="{stroke}" stroke-width="2" points="{path}"><title>')
+        parts.append(f"{_esc(v['version'])}: {_esc(label)}</title></polyline>")
         ly = top + 14 * i + 4
-        parts.append(f'<rect x="{right + 12}" y="{ly - 8}" width="10" height="10" fill="{colour}"/>')
+        parts.append(f'<rect x="{right + 12}" y="{ly - 8}" width="10" height="10" fill="{stroke}"/>')
         parts.append(f'<text x="{right + 26}" y="{ly + 1}">{_esc(label)}</text>')
     parts.append(f'<text x="{(left + right) / 2}" y="{bottom + 30}" text-anchor="middle">ms since the cause</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def timeline_svg(versions: Sequence[dict[str, Any]]) -> str:
+def timeline_svg(versions: Sequence[dict[str, Any]], colour: dict[str, str] | None = None) -> str:
     """Per node, the version it has ACKed over wall time; causes marked, NACKs as red crosses."""
-    ordered = sorted(versions, key=lambda v: v["cause"]["time"])
-    nodes = sorted({n["node"] for v in ordered for n in v["per_node"]})
+    colour = colour or colours(versions)
+    ordered = sorted((v for v in versions if v["version"] in colour), key=lambda v: v["cause"]["time"])
+    nodes = sorted({n["node"] for v in ordered for n in v["per_node"]}, key=_natural)
     sampled = len(nodes) > MAX_ROWS
     if sampled:
         nodes = [nodes[round(i * (len(nodes) - 1) / (MAX_ROWS - 1))] for i in range(MAX_ROWS)]
     row = 12 if len(nodes) > 30 else 18
-    left, right, top = 130, WIDTH - 20, 30
+    left, right, top = 130, WIDTH - 20, 34
     bottom = top + row * max(1, len(nodes))
     if not ordered:
-        return '<svg xmlns="http://www.w3.org/2000/svg" width="300" height="30"><text y="20">no versions</text></svg>'
+        return '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="30"><text y="20">no version reached any node yet</text></svg>'
     t0 = float(ordered[0]["cause"]["time"])
     ends = [
         float(v["cause"]["time"]) + (n.get("ack_ms") or n.get("nack_ms") or 0) / 1000
@@ -115,7 +133,6 @@ def timeline_svg(versions: Sequence[dict[str, Any]]) -> str:
     def x_of(t: float) -> float:
         return left + (right - left) * (t - t0) * 1000 / span
 
-    colour = {v["version"]: PALETTE[i % len(PALETTE)] for i, v in enumerate(ordered)}
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{bottom + 40}" font-size="10" '
         'font-family="sans-serif" role="img" aria-label="each node\'s version over time">',
@@ -127,6 +144,7 @@ def timeline_svg(versions: Sequence[dict[str, Any]]) -> str:
             f'<line x1="{x:.1f}" y1="{top - 8}" x2="{x:.1f}" y2="{bottom}" stroke="{colour[v["version"]]}" '
             f'stroke-dasharray="3,3"><title>{_esc(v["version"])}: {_esc(v["cause"]["detail"])}</title></line>'
         )
+        parts.append(f'<text x="{x:.1f}" y="{top - 10}" text-anchor="middle">{_esc(_short(v["version"]))}</text>')
     for r, node in enumerate(nodes):
         y = top + r * row
         parts.append(f'<text x="{left - 6}" y="{y + row * 0.7:.1f}" text-anchor="end">{_esc(node[:22])}</text>')
@@ -188,6 +206,7 @@ def report_html(versions: Sequence[dict[str, Any]], *, title: str = "healthplane
         + "</tr>"
         for v in ordered
     )
+    palette = colours(ordered)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now or time.time()))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>
@@ -198,9 +217,9 @@ td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}h2{{font-size:15px
 <p>{len(ordered)} versions, drawn {stamp}. Propagation is measured at each node's ACK, from the time of
 the version's cause (a verdict, an override, a topology edit).</p>
 <h2>Convergence: share of each version's nodes that have ACKed it</h2>
-{convergence_svg(ordered)}
+{convergence_svg(ordered, palette)}
 <h2>Each node's version over time</h2>
-{timeline_svg(ordered)}
+{timeline_svg(ordered, palette)}
 <h2>Versions</h2>
 <table><tr><th>version</th><th>cause</th><th>detail</th><th>nodes</th><th>ACKed</th><th>NACKed</th>
 <th>pending</th><th>convergence ms</th><th>p50 ms</th><th>p99 ms</th><th>not ACKed</th></tr>
