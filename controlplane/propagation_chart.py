@@ -121,7 +121,10 @@ def timeline_svg(versions: Sequence[dict[str, Any]], colour: dict[str, str] | No
     left, right, top = 130, WIDTH - 20, 34
     bottom = top + row * max(1, len(nodes))
     if not ordered:
-        return '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="30"><text y="20">no version reached any node yet</text></svg>'
+        return (
+            '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="30">'
+            '<text y="20">no version reached any node yet</text></svg>'
+        )
     t0 = float(ordered[0]["cause"]["time"])
     ends = [
         float(v["cause"]["time"]) + (n.get("ack_ms") or n.get("nack_ms") or 0) / 1000
