@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controlplane import resources as rs
+from controlplane.histograms import LoopHistogram
 from controlplane.server import StreamCallbacks
 from controlplane.snapshot import Snapshot
 from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
@@ -61,20 +62,21 @@ class Metrics(StreamCallbacks):
             registry=self.registry,
         )
         # issue 5: propagation measured at the ACK (controlplane.propagation), by the version's cause.
-        self.propagation_delay = Histogram(
+        # Observed once per node and push: a lock-free histogram (controlplane.histograms).
+        self.propagation_delay = LoopHistogram(
             "healthplane_propagation_delay_seconds",
             "Per node and version: the node's ACK minus the time of the version's cause.",
-            ["cause"],
-            buckets=PROPAGATION_BUCKETS,
-            registry=self.registry,
+            "cause",
+            PROPAGATION_BUCKETS,
         )
-        self.convergence = Histogram(
+        self.convergence = LoopHistogram(
             "healthplane_convergence_seconds",
             "Per version: the last concerned node's ACK minus the time of the version's cause.",
-            ["cause"],
-            buckets=PROPAGATION_BUCKETS,
-            registry=self.registry,
+            "cause",
+            PROPAGATION_BUCKETS,
         )
+        self.registry.register(self.propagation_delay)
+        self.registry.register(self.convergence)
         short = rs.SHORT_NAMES
         self._responses = {t: responses.labels(short[t]) for t in rs.ADS_ORDER}
         self._acks = {t: acks.labels(short[t]) for t in rs.ADS_ORDER}

@@ -178,7 +178,10 @@ class PropagationTracker(StreamCallbacks):
         self._last_sent: dict[int, dict[str, tuple[int, int]]] = {}
         # Per node: the records it has not resolved yet, oldest first.
         self._open: dict[str, list[VersionRecord]] = {}
-        self._acked: dict[str, tuple[str, tuple[int, int], float]] = {}  # node -> (version, key, time)
+        self._acked: dict[str, tuple[tuple[int, int], float]] = {}  # node -> (version key, time)
+        self._keys: dict[str, tuple[int, int]] = {}  # version string -> key, for the ACKs of a push
+        self._sending: Snapshot | None = None
+        self._sending_key = (-1, -1)
 
     # ------------------------------------------------------------------ inputs
 
@@ -192,9 +195,9 @@ class PropagationTracker(StreamCallbacks):
             cause_time=snapshot.cause.time,
             created=snapshot.created,
         )
-        changed = changed_resources(previous, snapshot)
+        changed = changed_types(previous, snapshot)
         for node, stream in self._streams.items():
-            mask = affected_types(stream, previous, snapshot, changed)
+            mask = affected_types(stream, changed) if changed else 0
             if mask:
                 record.deliveries[node] = Delivery(node, mask)
                 self._open.setdefault(node, []).append(record)
@@ -228,7 +231,9 @@ class PropagationTracker(StreamCallbacks):
         self._acked.pop(node, None)
 
     def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
-        key = version_key(snapshot.version)
+        if snapshot is not self._sending:  # a push sends one snapshot to every node: parse its version once
+            self._sending, self._sending_key = snapshot, version_key(snapshot.version)
+        key = self._sending_key
         sent = self._last_sent.get(stream.stream_id)
         if sent is None:
             return
@@ -250,11 +255,16 @@ class PropagationTracker(StreamCallbacks):
         if kind is not RequestKind.ACK and kind is not RequestKind.NACK:
             return
         node = stream.node_id or ""
-        key = self._last_sent.get(stream.stream_id, {}).get(outcome.type_url)
+        sent = self._last_sent.get(stream.stream_id)
+        key = None if sent is None else sent.get(outcome.type_url)
         if kind is RequestKind.ACK and outcome.version:
             # The version an ACK names is the type version the node now has: the response it
             # answers was built from that snapshot or a later one.
-            named = version_key(outcome.version)
+            named = self._keys.get(outcome.version)
+            if named is None:
+                if len(self._keys) > 4 * self.limit:
+                    self._keys.clear()
+                named = self._keys[outcome.version] = version_key(outcome.version)
             key = named if key is None or named > key else key
         if key is None:
             return
@@ -262,8 +272,8 @@ class PropagationTracker(StreamCallbacks):
         records = self._open.get(node)
         bit = _BIT[outcome.type_url]
         if kind is RequestKind.ACK:
-            if (acked := self._acked.get(node)) is None or acked[1] < key:
-                self._acked[node] = (_version_of(key), key, now)
+            if (acked := self._acked.get(node)) is None or acked[0] < key:
+                self._acked[node] = (key, now)
         if not records:
             return
         done: list[VersionRecord] = []
@@ -316,8 +326,8 @@ class PropagationTracker(StreamCallbacks):
             behind = 0.0
         return NodeLag(
             node=node,
-            version=acked[0] if acked else None,
-            acked_at=acked[2] if acked else None,
+            version=_version_of(acked[0]) if acked else None,
+            acked_at=acked[1] if acked else None,
             versions_behind=len(records),
             behind_ms=behind,
         )
@@ -330,26 +340,33 @@ def track_propagation(cp: ControlPlane) -> PropagationTracker:
     """A tracker for `cp`: fed by its ADS streams, observed by its Prometheus histograms."""
     tracker = PropagationTracker(
         limit=cp.topology.controlplane.propagation.history,
-        observe_delay=lambda seconds, cause: cp.metrics.propagation_delay.labels(cause).observe(seconds),
-        observe_convergence=lambda seconds, cause: cp.metrics.convergence.labels(cause).observe(seconds),
+        observe_delay=cp.metrics.propagation_delay.observe,
+        observe_convergence=cp.metrics.convergence.observe,
     )
     cp.stream_callbacks.add(tracker)
     return tracker
 
 
-def affected_types(
-    stream: StreamState, previous: Snapshot | None, snapshot: Snapshot, changed: dict[str, list[str]]
-) -> int:
-    """The types (a _BIT mask) in which `snapshot` gives this stream something new to apply."""
-    mask = 0
-    for type_url, ts in stream.types.items():
-        bit = _BIT.get(type_url)
-        if bit is None:
-            continue
+def changed_types(previous: Snapshot | None, snapshot: Snapshot) -> list[tuple[str, int, frozenset[str] | None]]:
+    """What `snapshot` changed, per type: (type URL, bit, changed names; None for a full-state type)."""
+    changed = changed_resources(previous, snapshot)
+    out: list[tuple[str, int, frozenset[str] | None]] = []
+    for type_url, bit in _BIT.items():
         if type_url in rs.FULL_STATE_TYPES:
             if previous is None or previous.type_versions[type_url] != snapshot.type_versions[type_url]:
-                mask |= bit
-        elif (names := changed.get(type_url)) and (ts.wildcard or not ts.names.isdisjoint(names)):
+                out.append((type_url, bit, None))
+        elif names := changed.get(type_url):
+            out.append((type_url, bit, frozenset(names)))
+    return out
+
+
+def affected_types(stream: StreamState, changed: list[tuple[str, int, frozenset[str] | None]]) -> int:
+    """The types (a _BIT mask) in which a change gives this stream something new to apply."""
+    mask = 0
+    types = stream.types
+    for type_url, bit, names in changed:
+        ts = types.get(type_url)
+        if ts is not None and (names is None or ts.wildcard or not names.isdisjoint(ts.names)):
             mask |= bit
     return mask
 
