@@ -42,7 +42,7 @@ Observe = Callable[[float, str], None]  # (seconds, cause kind)
 
 @dataclass(slots=True)
 class Delivery:
-    """One version on its way to one node."""
+    """One version on its way to one node (a view built from a VersionRecord)."""
 
     node: str
     types: int  # bitmask of the types still to be ACKed (see _BIT)
@@ -69,7 +69,11 @@ class Delivery:
 
 @dataclass(slots=True)
 class VersionRecord:
-    """One snapshot version: its cause and where it has reached."""
+    """One snapshot version: its cause and where it has reached.
+
+    Per node, plain dicts of ints and floats rather than an object each: a push to 5,000 nodes
+    then allocates nothing the garbage collector tracks (bench/propagation.py).
+    """
 
     version: str
     key: tuple[int, int]
@@ -77,7 +81,12 @@ class VersionRecord:
     cause_detail: str
     cause_time: float
     created: float
-    deliveries: dict[str, Delivery] = field(default_factory=dict)
+    types: dict[str, int] = field(default_factory=dict)  # every concerned node -> types not ACKed yet
+    sent: dict[str, float] = field(default_factory=dict)
+    acked: dict[str, float] = field(default_factory=dict)
+    nacked: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    gone: dict[str, float] = field(default_factory=dict)  # disconnected before answering
     pending: int = 0
     converged_at: float | None = None  # when the last expected node resolved
     last_ack: float | None = None
@@ -89,14 +98,33 @@ class VersionRecord:
             return None
         return self.last_ack - self.cause_time
 
+    def resolved(self, node: str) -> bool:
+        return node in self.acked or node in self.nacked or node in self.gone
+
+    def delivery(self, node: str) -> Delivery:
+        return Delivery(
+            node,
+            self.types[node],
+            self.sent.get(node),
+            self.acked.get(node),
+            self.nacked.get(node),
+            self.errors.get(node),
+            self.gone.get(node),
+        )
+
+    @property
+    def deliveries(self) -> dict[str, Delivery]:
+        """Every concerned node's delivery, built on demand (views and tests)."""
+        return {node: self.delivery(node) for node in self.types}
+
     def delays(self) -> list[float]:
         """Propagation delays (ACK minus cause, seconds) of the nodes that ACKed, sorted."""
-        return sorted(d.acked - self.cause_time for d in self.deliveries.values() if d.acked is not None)
+        base = self.cause_time
+        return sorted(t - base for t in self.acked.values())
 
     def summary(self, now: float) -> dict[str, Any]:
-        counts = {"acked": 0, "nacked": 0, "disconnected": 0, "sent": 0, "waiting": 0}
-        for d in self.deliveries.values():
-            counts[d.status] += 1
+        resolved = len(self.acked) + len(self.nacked) + len(self.gone)
+        in_flight = sum(1 for n in self.sent if not self.resolved(n))
         delays = self.delays()
         convergence = self.convergence
         return {
@@ -104,8 +132,12 @@ class VersionRecord:
             "cause": {"kind": self.cause_kind, "detail": self.cause_detail, "time": self.cause_time},
             "created": self.created,
             "snapshot_ms": _ms(self.created - self.cause_time),
-            "nodes": len(self.deliveries),
-            **counts,
+            "nodes": len(self.types),
+            "acked": len(self.acked),
+            "nacked": len(self.nacked),
+            "disconnected": len(self.gone),
+            "sent": in_flight,
+            "waiting": len(self.types) - resolved - in_flight,
             "pending": self.pending,
             "converged": self.pending == 0,
             "convergence_ms": _ms(convergence),
@@ -118,22 +150,24 @@ class VersionRecord:
 
     def detail(self, now: float) -> dict[str, Any]:
         base = self.cause_time
-        nodes = [
-            {
-                "node": d.node,
-                "status": d.status,
-                "sent_ms": _ms(None if d.sent is None else d.sent - base),
-                "ack_ms": _ms(None if d.acked is None else d.acked - base),
-                "nack_ms": _ms(None if d.nacked is None else d.nacked - base),
-                "error": d.error,
-                "disconnected_ms": _ms(None if d.disconnected is None else d.disconnected - base),
-                "types": [rs.SHORT_NAMES[t] for t, bit in _BIT.items() if d.types & bit],
-            }
-            for d in sorted(self.deliveries.values(), key=lambda d: d.node)
-        ]
+        nodes = []
+        for node in sorted(self.types):
+            d = self.delivery(node)
+            nodes.append(
+                {
+                    "node": node,
+                    "status": d.status,
+                    "sent_ms": _ms(None if d.sent is None else d.sent - base),
+                    "ack_ms": _ms(None if d.acked is None else d.acked - base),
+                    "nack_ms": _ms(None if d.nacked is None else d.nacked - base),
+                    "error": d.error,
+                    "disconnected_ms": _ms(None if d.disconnected is None else d.disconnected - base),
+                    "types": [rs.SHORT_NAMES[t] for t, bit in _BIT.items() if d.types & bit],
+                }
+            )
         return {
             **self.summary(now),
-            "not_acked": sorted(d.node for d in self.deliveries.values() if not d.resolved),
+            "not_acked": sorted(n for n in self.types if not self.resolved(n)),
             "per_node": nodes,
         }
 
@@ -178,7 +212,8 @@ class PropagationTracker(StreamCallbacks):
         self._last_sent: dict[int, dict[str, tuple[int, int]]] = {}
         # Per node: the records it has not resolved yet, oldest first.
         self._open: dict[str, list[VersionRecord]] = {}
-        self._acked: dict[str, tuple[tuple[int, int], float]] = {}  # node -> (version key, time)
+        self._acked_key: dict[str, tuple[int, int]] = {}  # node -> key of the newest version it ACKed
+        self._acked_at: dict[str, float] = {}
         self._keys: dict[str, tuple[int, int]] = {}  # version string -> key, for the ACKs of a push
         self._sending: Snapshot | None = None
         self._sending_key = (-1, -1)
@@ -196,19 +231,24 @@ class PropagationTracker(StreamCallbacks):
             created=snapshot.created,
         )
         changed = changed_types(previous, snapshot)
-        for node, stream in self._streams.items():
-            mask = affected_types(stream, changed) if changed else 0
-            if mask:
-                record.deliveries[node] = Delivery(node, mask)
-                self._open.setdefault(node, []).append(record)
-        record.pending = len(record.deliveries)
+        if changed:
+            types, opened = record.types, self._open
+            for node, stream in self._streams.items():
+                mask = affected_types(stream, changed)
+                if mask:
+                    types[node] = mask
+                    mine = opened.get(node)
+                    if mine is None:
+                        mine = opened[node] = []
+                    mine.append(record)
+        record.pending = len(record.types)
         if record.pending == 0:
             record.converged_at = record.created
         self.records[record.version] = record
         while len(self.records) > self.limit:
             _, old = self.records.popitem(last=False)
-            for node, d in old.deliveries.items():
-                if not d.resolved and (records := self._open.get(node)):
+            for node in old.types:
+                if not old.resolved(node) and (records := self._open.get(node)):
                     records.remove(old)
         return record
 
@@ -225,10 +265,10 @@ class PropagationTracker(StreamCallbacks):
         del self._streams[node]
         now = self.clock()
         for record in self._open.pop(node, []):
-            d = record.deliveries[node]
-            d.disconnected = now
+            record.gone[node] = now
             self._resolved(record, now)
-        self._acked.pop(node, None)
+        self._acked_key.pop(node, None)
+        self._acked_at.pop(node, None)
 
     def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
         if snapshot is not self._sending:  # a push sends one snapshot to every node: parse its version once
@@ -243,12 +283,12 @@ class PropagationTracker(StreamCallbacks):
             return
         bit = _BIT[response.type_url]
         now = self.clock()
+        node = stream.node_id or ""
         for record in records:
             if record.key > key:
                 break
-            d = record.deliveries[stream.node_id or ""]
-            if d.sent is None and d.types & bit:
-                d.sent = now
+            if node not in record.sent and record.types[node] & bit:
+                record.sent[node] = now
 
     def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
         kind = outcome.kind
@@ -272,30 +312,33 @@ class PropagationTracker(StreamCallbacks):
         records = self._open.get(node)
         bit = _BIT[outcome.type_url]
         if kind is RequestKind.ACK:
-            if (acked := self._acked.get(node)) is None or acked[0] < key:
-                self._acked[node] = (key, now)
+            if (acked := self._acked_key.get(node)) is None or acked < key:
+                self._acked_key[node], self._acked_at[node] = key, now
         if not records:
             return
-        done: list[VersionRecord] = []
-        for record in records:
+        i = 0  # resolved records leave the node's list in place: no allocation per ACK
+        while i < len(records):
+            record = records[i]
             if record.key > key:
                 break
-            d = record.deliveries[node]
-            if not d.types & bit:
+            mask = record.types[node]
+            if not mask & bit:
+                i += 1
                 continue
             if kind is RequestKind.NACK:
-                d.nacked, d.error = now, outcome.error
-                done.append(record)
-                continue
-            d.types &= ~bit
-            if not d.types:
-                d.acked = now
+                record.nacked[node] = now
+                record.errors[node] = outcome.error or ""
+            else:
+                mask &= ~bit
+                record.types[node] = mask
+                if mask:
+                    i += 1
+                    continue
+                record.acked[node] = now
                 record.last_ack = now
                 if self.observe_delay is not None:
                     self.observe_delay(now - record.cause_time, record.cause_kind)
-                done.append(record)
-        for record in done:
-            records.remove(record)
+            del records[i]
             self._resolved(record, now)
 
     def _resolved(self, record: VersionRecord, now: float) -> None:
@@ -318,7 +361,7 @@ class PropagationTracker(StreamCallbacks):
 
     def lag(self, node: str) -> NodeLag:
         records = self._open.get(node) or []
-        acked = self._acked.get(node)
+        acked = self._acked_key.get(node)
         behind = None
         if records:
             behind = _ms(self.clock() - min(r.cause_time for r in records))
@@ -326,8 +369,8 @@ class PropagationTracker(StreamCallbacks):
             behind = 0.0
         return NodeLag(
             node=node,
-            version=_version_of(acked[0]) if acked else None,
-            acked_at=acked[1] if acked else None,
+            version=_version_of(acked) if acked else None,
+            acked_at=self._acked_at.get(node),
             versions_behind=len(records),
             behind_ms=behind,
         )
