@@ -11,8 +11,9 @@ The parent flips one endpoint's override, one push at a time, and per push the s
 - with the tracker on, its own convergence figure for the version (which should match).
 
 Pushes alternate between the propagation tracker on and off (removed from the stream callbacks
-and from publishing), so both are measured side by side under the same load: the overhead is the
-ratio of their medians. With `--model-nodes`, a second part serves a uniform 0-200 ms modelled
+and from publishing; on, off, off, on, ...), so both are measured side by side under the same
+load: the overhead is the ratio of their medians, in wall time and in the server's CPU time (the
+steadier of the two on a shared machine). With `--model-nodes`, a second part serves a uniform 0-200 ms modelled
 delay to every node and compares the measured convergence with the expected maximum of N
 uniform draws, 200*N/(N+1) ms, plus the push time measured without a model.
 
@@ -266,7 +267,8 @@ def run_nodes(
         results = []
         server.ask("push", nodes, True, limit, limit=limit + 30)  # warm-up, unmeasured
         for i in range(pushes):
-            on = (i % 2 == 0) if alternate else True
+            # on, off, off, on, ...: each mode gets as many UNHEALTHY as HEALTHY flips, early and late.
+            on = (i % 4 in (0, 3)) if alternate else True
             result = server.ask("push", nodes, on, limit, limit=limit + 30)
             if not result["complete"]:
                 raise RuntimeError(f"push {i} at {nodes} nodes: {result['missing']} nodes did not ACK in {limit} s")
@@ -284,6 +286,7 @@ def overhead_row(nodes: int, results: list[dict[str, Any]]) -> dict[str, Any]:
     off = [r for r in results if not r["on"]]
     push_on, push_off = _median([r["push_ms"] for r in on]), _median([r["push_ms"] for r in off])
     cpu_on, cpu_off = _median([r["cpu_ms"] for r in on]), _median([r["cpu_ms"] for r in off])
+    pub_on, pub_off = _median([r["publish_ms"] for r in on]), _median([r["publish_ms"] for r in off])
     return {
         "nodes": nodes,
         "pushes": f"{len(on)}+{len(off)}",
@@ -294,6 +297,8 @@ def overhead_row(nodes: int, results: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_on_ms": cpu_on,
         "cpu_off_ms": cpu_off,
         "cpu_overhead_pct": 100 * (cpu_on / cpu_off - 1),
+        "publish_on_ms": pub_on,
+        "publish_off_ms": pub_off,
     }
 
 
