@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from controlplane import resources as rs
 from controlplane.server import StreamCallbacks
 from controlplane.snapshot import Snapshot, changed_resources, version_key
-from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
+from controlplane.stream import RequestKind, RequestOutcome, StreamState
 
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
@@ -208,15 +208,11 @@ class PropagationTracker(StreamCallbacks):
         self.observe_convergence = observe_convergence
         self.records: OrderedDict[str, VersionRecord] = OrderedDict()
         self._streams: dict[str, StreamState] = {}
-        # Per stream id and type URL: the version key of the last response sent (the one an ACK answers).
-        self._last_sent: dict[int, dict[str, tuple[int, int]]] = {}
         # Per node: the records it has not resolved yet, oldest first.
         self._open: dict[str, list[VersionRecord]] = {}
         self._acked_key: dict[str, tuple[int, int]] = {}  # node -> key of the newest version it ACKed
         self._acked_at: dict[str, float] = {}
         self._keys: dict[str, tuple[int, int]] = {}  # version string -> key, for the ACKs of a push
-        self._sending: Snapshot | None = None
-        self._sending_key = (-1, -1)
 
     # ------------------------------------------------------------------ inputs
 
@@ -255,10 +251,8 @@ class PropagationTracker(StreamCallbacks):
     def on_stream_open(self, stream: StreamState) -> None:
         assert stream.node_id is not None
         self._streams[stream.node_id] = stream  # the latest stream of a node wins, as in NodeRegistry
-        self._last_sent[stream.stream_id] = {}
 
     def on_stream_closed(self, stream: StreamState) -> None:
-        self._last_sent.pop(stream.stream_id, None)
         node = stream.node_id
         if node is None or self._streams.get(node) is not stream:
             return
@@ -270,44 +264,25 @@ class PropagationTracker(StreamCallbacks):
         self._acked_key.pop(node, None)
         self._acked_at.pop(node, None)
 
-    def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
-        if snapshot is not self._sending:  # a push sends one snapshot to every node: parse its version once
-            self._sending, self._sending_key = snapshot, version_key(snapshot.version)
-        key = self._sending_key
-        sent = self._last_sent.get(stream.stream_id)
-        if sent is None:
-            return
-        sent[response.type_url] = key
-        records = self._open.get(stream.node_id or "")
-        if not records:
-            return
-        bit = _BIT[response.type_url]
-        now = self.clock()
-        node = stream.node_id or ""
-        for record in records:
-            if record.key > key:
-                break
-            if node not in record.sent and record.types[node] & bit:
-                record.sent[node] = now
-
     def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
         kind = outcome.kind
         if kind is not RequestKind.ACK and kind is not RequestKind.NACK:
             return
         node = stream.node_id or ""
-        sent = self._last_sent.get(stream.stream_id)
-        key = None if sent is None else sent.get(outcome.type_url)
-        if kind is RequestKind.ACK and outcome.version:
-            # The version an ACK names is the type version the node now has: the response it
-            # answers was built from that snapshot or a later one.
-            named = self._keys.get(outcome.version)
-            if named is None:
-                if len(self._keys) > 4 * self.limit:
-                    self._keys.clear()
-                named = self._keys[outcome.version] = version_key(outcome.version)
-            key = named if key is None or named > key else key
-        if key is None:
+        ts = stream.types.get(outcome.type_url)
+        if ts is None:
             return
+        # An ACK names the type version the node now has; a NACK rejects the last one sent. Either
+        # way the response was built from that version's snapshot or a later one, so it settles
+        # every tracked version up to it. (No on_response hook: one callback less per node.)
+        named = outcome.version if kind is RequestKind.ACK else ts.sent_version
+        if not named:
+            return
+        key = self._keys.get(named)
+        if key is None:
+            if len(self._keys) > 4 * self.limit:
+                self._keys.clear()
+            key = self._keys[named] = version_key(named)
         now = self.clock()
         records = self._open.get(node)
         bit = _BIT[outcome.type_url]
@@ -325,6 +300,8 @@ class PropagationTracker(StreamCallbacks):
             if not mask & bit:
                 i += 1
                 continue
+            if ts.sent_at is not None and node not in record.sent:
+                record.sent[node] = ts.sent_at  # the response this answers (it carried this version or a later one)
             if kind is RequestKind.NACK:
                 record.nacked[node] = now
                 record.errors[node] = outcome.error or ""
@@ -352,12 +329,30 @@ class PropagationTracker(StreamCallbacks):
     # ------------------------------------------------------------------ views
 
     def get(self, version: str) -> VersionRecord | None:
-        return self.records.get(version)
+        """A tracked version, its in-flight nodes' send times filled in from their streams."""
+        record = self.records.get(version)
+        if record is not None:
+            self._fill_sent(record)
+        return record
+
+    def _fill_sent(self, record: VersionRecord) -> None:
+        for node, mask in record.types.items():
+            if node in record.sent or record.resolved(node) or (stream := self._streams.get(node)) is None:
+                continue
+            for type_url, bit in _BIT.items():
+                ts = stream.types.get(type_url)
+                if mask & bit and ts is not None and ts.sent_at is not None and ts.sent_version:
+                    if version_key(ts.sent_version) >= record.key:
+                        record.sent[node] = ts.sent_at
+                        break
 
     def recent(self, limit: int | None = None) -> list[VersionRecord]:
         """The tracked versions, newest first."""
         out = list(reversed(self.records.values()))
-        return out if limit is None else out[: max(0, limit)]
+        out = out if limit is None else out[: max(0, limit)]
+        for record in out:
+            self._fill_sent(record)
+        return out
 
     def lag(self, node: str) -> NodeLag:
         records = self._open.get(node) or []

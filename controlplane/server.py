@@ -144,6 +144,7 @@ class AdsServer:
                 due = state.due(snapshot)
                 if due and self.delay is not None and (pause := self.delay(state)) > 0:
                     await asyncio.sleep(pause)  # a modelled slow network, not a wait for an event
+                    state.stamp_sent(due)
                 for pending in due:
                     body = snapshot.response_body(pending.type_url, pending.names)
                     # Before the write: its await lets the reader run, and the node's ACK of this

@@ -186,6 +186,12 @@ class StreamState:
         self._nonce += 1
         return str(self._nonce)
 
+    def stamp_sent(self, sent: list[PendingResponse]) -> None:
+        """Record that responses `due()` returned leave now (after a modelled delay)."""
+        now = time.time()
+        for pending in sent:
+            self.types[pending.type_url].sent_at = now
+
     def needs_due(self, current: Snapshot | None) -> bool:
         """Whether `due()` could find something to send now that it did not last time."""
         return self.dirty or current is not self.checked_snapshot
