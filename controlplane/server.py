@@ -148,7 +148,7 @@ class AdsServer:
                 for pending in due:
                     body = snapshot.response_body(pending.type_url, pending.names)
                     # Before the write: its await lets the reader run, and the node's ACK of this
-                    # response could otherwise be seen before the response itself (propagation.py).
+                    # response could otherwise reach the callbacks before the response itself.
                     self.callbacks.on_response(state, pending, snapshot)
                     await context.write(encode_response(body, pending.nonce))
             error = None if reader.cancelled() else reader.exception()
