@@ -53,9 +53,10 @@ class Traffic:
     def after(self, t: float) -> list[str]:
         return [who for start, _, who in self.requests if start > t]
 
-    def last_reaching(self, backend: str) -> float | None:
-        ends = [end for _, end, who in self.requests if who == backend]
-        return max(ends) if ends else None
+    def last_reaching(self, backend: str) -> tuple[float, float] | None:
+        """(start, end) of the last request `backend` answered."""
+        answered = [(start, end) for start, end, who in self.requests if who == backend]
+        return max(answered) if answered else None
 
 
 def topology(backends: list[DemoApp], ports: list[int]) -> dict[str, Any]:
@@ -124,9 +125,11 @@ async def test_a_verdict_reaches_every_envoy_and_its_traffic(lab: Lab, backends:
         assert "b1" not in after and set(after) <= {"b2", "b3"}, (i, after[:10])
         assert any(who == "b1" for start, _, who in t.requests if start < cause), "b1 served before the verdict"
         last_b1 = t.last_reaching("b1")
+        assert last_b1 is not None and last_b1[0] <= ack
         print(
-            f"edge-{i}: ACK {1000 * (ack - cause):.1f} ms after the verdict; last request answered by b1 "
-            f"ended {1000 * ((last_b1 or cause) - cause):.1f} ms after it"
+            f"edge-{i}: ACK {1000 * (ack - cause):.1f} ms after the verdict; the last request b1 answered "
+            f"started {1000 * (last_b1[0] - cause):.1f} ms and ended {1000 * (last_b1[1] - cause):.1f} ms after it; "
+            f"{len(after)} requests started after the ACK, none to b1"
         )
     assert record.convergence is not None and record.convergence == max(a or 0.0 for a in acks.values()) - cause
 
