@@ -13,8 +13,10 @@ A version concerns a node when the node subscribes to something the version chan
 and LDS, whose responses carry every resource, any new type version; for EDS and RDS, a changed
 resource it subscribes to), so EDS-only pushes are measured too and nodes a change does not
 reach are not waited for. A later version ACKed also settles earlier ones: a node that was
-sent version 7 before it ACKed 6 has seen what 6 said. Synchronous and clock-injectable; the
-history is bounded (`limit` versions).
+sent version 7 before it ACKed 6 has seen what 6 said. The send time is the answered response's
+`TypeState.sent_at` (stamped after any modelled delay), so only two hooks run per push:
+`on_snapshot` once, `on_request` per ACK. Synchronous and clock-injectable; the history is
+bounded (`limit` versions).
 """
 
 from __future__ import annotations
