@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.health import HealthStatus
+from controlplane.health import HealthStatus, Verdict
 from lab.demoapp import DemoApp
 from lab.envoyproc import free_port, poll_until
 from tests.conftest import Lab
@@ -97,8 +97,11 @@ async def test_a_verdict_reaches_every_envoy_and_its_traffic(lab: Lab, backends:
         try:
             await poll_until(lambda: _settled(traffic), timeout=10, what="traffic flowing through every Envoy")
             b1 = f"127.0.0.1:{backends[0].port}"
-            snapshot = cp.set_override("web", b1, HealthStatus.UNHEALTHY, who="test")
-            assert snapshot is not None
+            # A prober's verdict, as the embedded prober or a remote one hands it over.
+            snapshot = cp.submit_verdicts(
+                [Verdict("web", b1, HealthStatus.UNHEALTHY, "http 503", source="prober:test")]
+            )
+            assert snapshot is not None and snapshot.cause.kind == "verdict"
             record = cp.propagation.get(snapshot.version) if cp.propagation else None
             assert record is not None
 
