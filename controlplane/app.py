@@ -237,6 +237,7 @@ class ControlPlane:
         self.history.append(snapshot)
         del self.history[: -self.history_limit]
         if self.propagation is not None:
+            self.propagation.limit = self.topology.controlplane.propagation.history  # edits apply at once
             self.propagation.on_snapshot(snapshot, previous)
         self.metrics.on_snapshot(snapshot)
         self.cache.publish(snapshot)

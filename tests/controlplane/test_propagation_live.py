@@ -110,3 +110,13 @@ async def test_the_model_holds_back_only_the_nodes_it_matches() -> None:
         by_node = {n["node"]: n for n in detail["per_node"]}
         assert by_node["sim-0"]["sent_ms"] >= 300 and by_node["sim-0"]["ack_ms"] >= 300
         assert detail["convergence_ms"] >= 300
+
+
+async def test_history_follows_the_served_topology(three: Live) -> None:
+    assert three.cp.propagation is not None and three.cp.propagation.limit == 32
+    three.cp.update_topology(parse_topology(document({"history": 2}), source="test"))
+    for status in (HealthStatus.UNHEALTHY, HealthStatus.HEALTHY, HealthStatus.UNHEALTHY):
+        three.cp.set_override("web", "127.0.0.1:8081", status, who="test")
+    listing = await three.get("/versions")
+    assert listing["tracked"] == 2 and len(listing["versions"]) == 2
+    assert listing["versions"][0]["version"] == three.cp.snapshot.version
