@@ -297,7 +297,7 @@ def fleet_command(args: argparse.Namespace) -> int:
         on_answer=on_answer,
     )
 
-    async def run() -> None:
+    async def run() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -322,7 +322,7 @@ def fleet_command(args: argparse.Namespace) -> int:
                 errors = [n.error for n in fleet.nodes if n.error]
                 if errors:
                     print(f"{len(errors)} nodes lost their stream, e.g. {errors[0]}", flush=True)
-                    return
+                    return 1
+        return 0
 
-    asyncio.run(run())
-    return 0
+    return asyncio.run(run())

@@ -103,3 +103,26 @@ async def test_the_fleet_command_reports_versions_and_stops_on_sigint(cp: Contro
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_fleet_command_fails_when_the_control_plane_goes_away() -> None:
+    doc: dict[str, Any] = json.loads(json.dumps(DOCUMENT))
+    doc["controlplane"]["watch_interval"] = 0
+    plane = ControlPlane(parse_topology(doc, source="test"))
+    await plane.start()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controlplane", "fleet", "--nodes", "2", "--controlplane", f"127.0.0.1:{plane.xds_port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            assert (await proc.stdout.readline()).startswith(b"healthplane fleet: 2 nodes connected")
+            await plane.aclose(grace=0)
+            rest = (await proc.stdout.read()).decode()
+            assert "nodes lost their stream" in rest and await proc.wait() == 1
+    finally:
+        await plane.aclose()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
