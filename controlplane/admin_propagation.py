@@ -92,9 +92,12 @@ async def propagation_page(request: web.Request) -> web.Response:
     limit = _limit(request, DEFAULT_REPORT_VERSIONS)
     if isinstance(limit, web.Response):
         return limit
+    text = request.query.get("refresh", "0")
+    if not text.isdigit() or int(text) > 3600:
+        return _error(400, "refresh must be 0..3600 seconds", "refresh")
     now = time.time()
     details = [r.detail(now) for r in tracker.recent(limit)]
-    return web.Response(text=report_html(details, now=now), content_type="text/html")
+    return web.Response(text=report_html(details, now=now, refresh=int(text)), content_type="text/html")
 
 
 def add_propagation_routes(app: web.Application) -> None:

@@ -145,6 +145,7 @@ def document() -> dict[str, Any]:
             "/propagation": _get(
                 "an HTML page: each version's convergence and each node's version over time (inline SVG)",
                 _param("limit", "query", "the last this many versions (default 10)"),
+                _param("refresh", "query", "reload every N seconds (default 0: never)"),
                 ok=_ok("the page", "text/html"),
                 errors=(400, 404),
             ),

@@ -185,8 +185,10 @@ def _cell(value: Any) -> str:
     return "" if value is None else _esc(value)
 
 
-def report_html(versions: Sequence[dict[str, Any]], *, title: str = "healthplane propagation", now: float = 0.0) -> str:
-    """The whole page: both charts and a table of the versions, oldest first."""
+def report_html(
+    versions: Sequence[dict[str, Any]], *, title: str = "healthplane propagation", now: float = 0.0, refresh: int = 0
+) -> str:
+    """The whole page: both charts and a table of the versions, oldest first (reloading every `refresh` s)."""
     ordered = sorted(versions, key=lambda v: v["cause"]["time"])
     rows = "".join(
         "<tr>"
@@ -210,9 +212,10 @@ def report_html(versions: Sequence[dict[str, Any]], *, title: str = "healthplane
         for v in ordered
     )
     palette = colours(ordered)
+    reload = f'<meta http-equiv="refresh" content="{refresh}">' if refresh > 0 else ""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now or time.time()))
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>{reload}
 <style>body{{font-family:sans-serif;margin:1.5em}}table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:left}}h2{{font-size:15px;margin-top:1.5em}}</style>
 </head><body>

@@ -101,3 +101,24 @@ def test_uniform_model_maximum_matches_theory() -> None:
     for n in (10, 100):
         maxima = [max(model.delay(f"n{i}") for i in range(n)) for _ in range(2000)]
         assert statistics.fmean(maxima) * 1000 == pytest.approx(200 * n / (n + 1), abs=2.0)
+
+
+def test_the_server_hook_follows_config_edits() -> None:
+    from envoy.config.core.v3 import base_pb2
+    from envoy.service.discovery.v3 import discovery_pb2
+
+    from controlplane import resources as rs
+    from controlplane.delaymodel import ModelledDelay
+    from controlplane.stream import StreamState
+
+    stream = StreamState(1)
+    request = discovery_pb2.DiscoveryRequest(type_url=rs.CLUSTER, node=base_pb2.Node(id="edge-1", cluster="edge"))
+    request.node.locality.zone = "eu-1"
+    stream.on_request(request)
+    current = [parse_propagation({"delays": [{"zone": "eu-*", "fixed": "40ms"}]})]
+    hook = ModelledDelay(lambda: current[0])
+    assert hook(stream) == 0.04
+    current[0] = parse_propagation({"delays": [{"cluster": "edge", "fixed": "7ms"}]})
+    assert hook(stream) == 0.007
+    current[0] = parse_propagation(None)
+    assert hook(stream) == 0.0

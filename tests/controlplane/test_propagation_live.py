@@ -88,6 +88,10 @@ async def test_unknown_versions_and_bad_limits_are_json_errors(three: Live) -> N
         assert r.status == 404 and (await r.json())["field"] == "version"
     async with three.session.get(f"http://127.0.0.1:{three.cp.admin_port}/versions?limit=x") as r:
         assert r.status == 400 and (await r.json())["field"] == "limit"
+    async with three.session.get(f"http://127.0.0.1:{three.cp.admin_port}/propagation?refresh=-1") as r:
+        assert r.status == 400 and (await r.json())["field"] == "refresh"
+    page = await three.get("/propagation?refresh=5")
+    assert '<meta http-equiv="refresh" content="5">' in page
 
 
 async def test_the_report_command_draws_the_same_chart(three: Live, tmp_path: Path) -> None:
