@@ -302,8 +302,8 @@ class PropagationTracker(StreamCallbacks):
             if not mask & bit:
                 i += 1
                 continue
-            if ts.sent_at is not None and node not in record.sent:
-                record.sent[node] = ts.sent_at  # the response this answers (it carried this version or a later one)
+            if ts.sent_at is not None:  # the response this answers (it carried this version or a later one)
+                record.sent[node] = ts.sent_at
             if kind is RequestKind.NACK:
                 record.nacked[node] = now
                 record.errors[node] = outcome.error or ""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -143,8 +144,9 @@ class AdsServer:
                     continue
                 due = state.due(snapshot)
                 if due and self.delay is not None and (pause := self.delay(state)) > 0:
+                    state.stamp_sent(due, None)  # not sent yet, for the views meanwhile
                     await asyncio.sleep(pause)  # a modelled slow network, not a wait for an event
-                    state.stamp_sent(due)
+                    state.stamp_sent(due, time.time())
                 for pending in due:
                     body = snapshot.response_body(pending.type_url, pending.names)
                     # Before the write: its await lets the reader run, and the node's ACK of this

@@ -186,11 +186,10 @@ class StreamState:
         self._nonce += 1
         return str(self._nonce)
 
-    def stamp_sent(self, sent: list[PendingResponse]) -> None:
-        """Record that responses `due()` returned leave now (after a modelled delay)."""
-        now = time.time()
+    def stamp_sent(self, sent: list[PendingResponse], at: float | None) -> None:
+        """When responses `due()` returned really leave: None while a modelled delay holds them."""
         for pending in sent:
-            self.types[pending.type_url].sent_at = now
+            self.types[pending.type_url].sent_at = at
 
     def needs_due(self, current: Snapshot | None) -> bool:
         """Whether `due()` could find something to send now that it did not last time."""

@@ -248,3 +248,22 @@ def test_an_ack_settles_its_version_whatever_the_order_of_callbacks() -> None:
     w.ack("a")
     record = w.tracker.get(snap.version)
     assert record is not None and record.pending == 0 and w.tracker.lag("a").version == snap.version
+
+
+def test_a_response_held_by_the_model_is_sent_when_it_leaves_not_when_it_was_due() -> None:
+    w = World()
+    w.connect("a", ["web"])
+    snap = w.flip("web", "127.0.0.1:8081", at=1000.0)
+    assert w.snapshot is not None
+    stream = w.streams["a"]
+    due = stream.due(w.snapshot)
+    stream.stamp_sent(due, None)  # as the server does while a modelled delay holds them
+    record = w.tracker.get(snap.version)
+    assert record is not None and record.detail(w.clock.now)["per_node"][0]["status"] == "waiting"
+    w.clock.now = 1000.3
+    stream.stamp_sent(due, w.clock.now)
+    assert w.tracker.get(snap.version) is record and record.detail(w.clock.now)["per_node"][0]["sent_ms"] == 300.0
+    w.clock.now = 1000.35
+    w.ack("a")
+    node = record.detail(w.clock.now)["per_node"][0]
+    assert (node["status"], node["sent_ms"], node["ack_ms"]) == ("acked", 300.0, 350.0)
