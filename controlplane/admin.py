@@ -18,6 +18,7 @@ from aiohttp import web
 from controlplane import resources as rs
 from controlplane.admin_api import add_routes, readiness
 from controlplane.admin_api import who as who_of
+from controlplane.admin_propagation import add_propagation_routes, node_lag
 from controlplane.errors import ConfigError
 from controlplane.health import HealthStatus
 from controlplane.metrics import CONTENT_TYPE
@@ -147,7 +148,10 @@ async def nodes(request: web.Request) -> web.Response:
     return _json(
         {
             "version": snap.version,
-            "nodes": [node_view(s, snap) for s in sorted(cp.nodes.streams(), key=lambda s: s.node_id or "")],
+            "nodes": [
+                {**node_view(s, snap), "lag": node_lag(cp, s.node_id or "")}
+                for s in sorted(cp.nodes.streams(), key=lambda s: s.node_id or "")
+            ],
             "disconnected": [{"id": n, "since": t} for n, t in sorted(cp.nodes.disconnected.items())],
         }
     )
@@ -158,7 +162,7 @@ async def node(request: web.Request) -> web.Response:
     stream = cp.nodes.get(request.match_info["node_id"])
     if stream is None:
         return _error(404, f"no connected node {request.match_info['node_id']!r}", "node_id")
-    return _json(node_view(stream, cp.snapshot))
+    return _json({**node_view(stream, cp.snapshot), "lag": node_lag(cp, stream.node_id or "")})
 
 
 async def override(request: web.Request) -> web.Response:
@@ -261,6 +265,7 @@ def create_admin_app(cp: ControlPlane) -> web.Application:
     from controlplane.faults_api import add_fault_routes  # issue 7a; imports CP_KEY from here
 
     add_fault_routes(app)
+    add_propagation_routes(app)  # issue 5
     return app
 
 

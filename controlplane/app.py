@@ -19,11 +19,13 @@ from typing import Any, Protocol
 
 import grpc
 
+from controlplane.delaymodel import ModelledDelay, PropagationConfig
 from controlplane.errors import ConfigError
 from controlplane.events import EventLog
 from controlplane.health import HealthStatus, HealthStore, Verdict
 from controlplane.metrics import CallbackChain, Metrics, control_plane_state
 from controlplane.nodes import NodeRegistry
+from controlplane.propagation import PropagationTracker, track_propagation
 from controlplane.server import SERVER_OPTIONS, AdsServer, SnapshotCache, create_server
 from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
 from controlplane.topology import Topology, load_topology
@@ -79,7 +81,9 @@ class ControlPlane:
         self.metrics.add_state(lambda: control_plane_state(self))
         # Everything that watches the ADS streams; later stages (propagation) add themselves here.
         self.stream_callbacks = CallbackChain([self.nodes, self.metrics])
-        self.ads = AdsServer(self.cache, self.stream_callbacks)
+        # issue 5: propagation measured at every ACK, and the modelled delay per node.
+        self.propagation: PropagationTracker | None = track_propagation(self)
+        self.ads = AdsServer(self.cache, self.stream_callbacks, delay=ModelledDelay(self._propagation_config))
         self.history: list[Snapshot] = []
         self.history_limit = 100
         self.state = State.UNOPENED
@@ -239,9 +243,15 @@ class ControlPlane:
         )
         self.history.append(snapshot)
         del self.history[: -self.history_limit]
+        if self.propagation is not None:
+            self.propagation.limit = self.topology.controlplane.propagation.history  # edits apply at once
+            self.propagation.on_snapshot(snapshot, previous)
         self.metrics.on_snapshot(snapshot)
         self.cache.publish(snapshot)
         return snapshot
+
+    def _propagation_config(self) -> PropagationConfig:
+        return self.topology.controlplane.propagation
 
     # ------------------------------------------------------------------ lifecycle
 

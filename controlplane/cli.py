@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_admin_commands(sub)
 
+    from controlplane.cli_propagation import add_propagation_commands
+
+    add_propagation_commands(sub)  # issue 5: fleet, propagation report
+
     from lab.topology import add_lab_arguments  # the lab's options; no aiohttp at parse time
 
     p = sub.add_parser("lab", help="the docker-compose lab as real processes here (docs/lab.md)")

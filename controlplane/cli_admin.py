@@ -90,7 +90,9 @@ def _lag(node: dict[str, Any]) -> str:
         return f"{lag:.3f}s"
     if isinstance(lag, dict):
         seconds = lag.get("seconds", lag.get("lag_s"))
-        versions = lag.get("versions")
+        if seconds is None and isinstance(lag.get("behind_ms"), int | float):  # as GET /nodes gives it
+            seconds = lag["behind_ms"] / 1000
+        versions = lag.get("versions", lag.get("versions_behind"))
         parts = [f"{seconds:.3f}s" if isinstance(seconds, int | float) else "", f"{versions}v" if versions else ""]
         return " ".join(p for p in parts if p) or json.dumps(lag, separators=(",", ":"))
     return str(lag)

@@ -15,6 +15,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from controlplane import resources as rs
+from controlplane.histograms import LoopHistogram
 from controlplane.server import StreamCallbacks
 from controlplane.snapshot import Snapshot
 from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from controlplane.app import ControlPlane
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CHECK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -59,6 +61,22 @@ class Metrics(StreamCallbacks):
             buckets=CHECK_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        # issue 5: propagation measured at the ACK (controlplane.propagation), by the version's cause.
+        # Observed once per node and push: a lock-free histogram (controlplane.histograms).
+        self.propagation_delay = LoopHistogram(
+            "healthplane_propagation_delay_seconds",
+            "Per node and version: the node's ACK minus the time of the version's cause.",
+            "cause",
+            PROPAGATION_BUCKETS,
+        )
+        self.convergence = LoopHistogram(
+            "healthplane_convergence_seconds",
+            "Per version: the last concerned node's ACK minus the time of the version's cause.",
+            "cause",
+            PROPAGATION_BUCKETS,
+        )
+        self.registry.register(self.propagation_delay)
+        self.registry.register(self.convergence)
         short = rs.SHORT_NAMES
         self._responses = {t: responses.labels(short[t]) for t in rs.ADS_ORDER}
         self._acks = {t: acks.labels(short[t]) for t in rs.ADS_ORDER}

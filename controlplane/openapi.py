@@ -131,6 +131,24 @@ def document() -> dict[str, Any]:
                 "Prometheus metrics", ok={"200": {"description": "exposition format", "content": {"text/plain": {}}}}
             ),
             "/openapi.json": _get("this document"),
+            # issue 5: propagation measured at every node's ACK
+            "/versions": _get(
+                "tracked versions, newest first: cause, nodes concerned, ACKed, NACKed, pending, convergence",
+                _param("limit", "query", "at most this many"),
+                errors=(400, 404),
+            ),
+            "/versions/{version}": _get(
+                "one version's propagation: per node sent, ACK or NACK (ms since the cause), nodes not ACKed",
+                _param("version", "path", "a version"),
+                errors=(404,),
+            ),
+            "/propagation": _get(
+                "an HTML page: each version's convergence and each node's version over time (inline SVG)",
+                _param("limit", "query", "the last this many versions (default 10)"),
+                _param("refresh", "query", "reload every N seconds (default 0: never)"),
+                ok=_ok("the page", "text/html"),
+                errors=(400, 404),
+            ),
             "/endpoints/{cluster}/{endpoint}/override": {
                 "post": {
                     "summary": "pin an endpoint's status, or clear the pin with auto",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -69,7 +70,7 @@ class StreamCallbacks:
         pass
 
     def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
-        pass
+        """A response is about to be written: always before the node can answer it."""
 
 
 class SnapshotCache:
@@ -101,9 +102,17 @@ class SnapshotCache:
 class AdsServer:
     """`StreamAggregatedResources` over grpc.aio, one task pair (reader, writer) per stream."""
 
-    def __init__(self, source: SnapshotSource, callbacks: StreamCallbacks | None = None) -> None:
+    def __init__(
+        self,
+        source: SnapshotSource,
+        callbacks: StreamCallbacks | None = None,
+        *,
+        delay: Callable[[StreamState], float] | None = None,
+    ) -> None:
         self.source = source
         self.callbacks = callbacks or StreamCallbacks()
+        # The propagation model (controlplane.delaymodel): seconds to hold a node's responses.
+        self.delay = delay
         self.streams: dict[int, StreamState] = {}
         self._handlers: dict[int, asyncio.Task[Any]] = {}  # stream id -> its RPC's task, to close it
         self._closing: dict[int, str] = {}  # stream id -> why close_stream closed it
@@ -149,12 +158,19 @@ class AdsServer:
                 snapshot = self.source.current()
                 if snapshot is None or state.node_id is None:
                     continue
-                for pending in state.due(snapshot):
+                due = state.due(snapshot)
+                if due and self.delay is not None and (pause := self.delay(state)) > 0:
+                    state.stamp_sent(due, None)  # not sent yet, for the views meanwhile
+                    await asyncio.sleep(pause)  # a modelled slow network, not a wait for an event
+                    state.stamp_sent(due, time.time())
+                for pending in due:
                     body = snapshot.response_body(pending.type_url, pending.names)
+                    # Before the write: its await lets the reader run, and the node's ACK of this
+                    # response could otherwise reach the callbacks before the response itself.
+                    self.callbacks.on_response(state, pending, snapshot)
                     writing = True
                     await context.write(encode_response(body, pending.nonce))
                     writing = False
-                    self.callbacks.on_response(state, pending, snapshot)
             error = None if reader.cancelled() else reader.exception()
             if isinstance(error, ProtocolError):
                 log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)

@@ -93,6 +93,7 @@ class StreamState:
         self.node_id: str | None = None
         self.node_cluster = ""
         self.node_locality = ""
+        self.node_zone = ""  # node.locality.zone, which the propagation model matches on
         self.user_agent = ""
         self.types: dict[str, TypeState] = {}
         self._nonce = 0
@@ -114,6 +115,7 @@ class StreamState:
                 self.node_id = request.node.id
                 self.node_cluster = request.node.cluster
                 loc = request.node.locality
+                self.node_zone = loc.zone
                 self.node_locality = "/".join(p for p in (loc.region, loc.zone, loc.sub_zone) if p)
                 self.user_agent = f"{request.node.user_agent_name} {request.node.user_agent_build_version.version.major_number}.{request.node.user_agent_build_version.version.minor_number}.{request.node.user_agent_build_version.version.patch}"  # noqa: E501
             elif request.node.id != self.node_id:
@@ -183,6 +185,11 @@ class StreamState:
     def next_nonce(self) -> str:
         self._nonce += 1
         return str(self._nonce)
+
+    def stamp_sent(self, sent: list[PendingResponse], at: float | None) -> None:
+        """When responses `due()` returned really leave: None while a modelled delay holds them."""
+        for pending in sent:
+            self.types[pending.type_url].sent_at = at
 
     def needs_due(self, current: Snapshot | None) -> bool:
         """Whether `due()` could find something to send now that it did not last time."""

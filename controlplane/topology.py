@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from google.protobuf import json_format
 
+from controlplane.delaymodel import PropagationConfig, parse_propagation
 from controlplane.durations import parse_duration
 from controlplane.errors import ConfigError
 from controlplane.security import ADMIN_KEYS, XDS_KEYS, SecurityConfig, parse_security
@@ -58,6 +59,8 @@ class ControlPlaneConfig:
     stuck_stream_timeout: float = 120.0
     # issue 7b: limits and TLS of the xDS and admin ports (controlplane/security.py)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    # issue 5: the propagation model and how many versions are tracked (controlplane.propagation).
+    propagation: PropagationConfig = field(default_factory=PropagationConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,7 +354,7 @@ def _socket(f: _Field, default: SocketAddress, extra: frozenset[str] = frozenset
 def _controlplane(f: _Field) -> ControlPlaneConfig:
     if f.missing:
         return ControlPlaneConfig()
-    f.mapping({"xds", "admin", "watch_interval"} | _FAULT_KEYS)
+    f.mapping({"xds", "admin", "watch_interval", "propagation"} | _FAULT_KEYS)
     d = ControlPlaneConfig()
     return ControlPlaneConfig(
         xds=_socket(f.child("xds"), d.xds, XDS_KEYS),
@@ -360,6 +363,7 @@ def _controlplane(f: _Field) -> ControlPlaneConfig:
         admin_token=_admin_token(f.child("admin")),
         **_faults(f, d),
         security=parse_security(f),
+        propagation=parse_propagation(f.child("propagation").value, path=f.child("propagation").path, source=f.source),
     )
 
 
