@@ -18,6 +18,7 @@ from aiohttp import web
 from controlplane import resources as rs
 from controlplane.admin_api import add_routes, readiness
 from controlplane.admin_api import who as who_of
+from controlplane.admin_http import CP_KEY, error_response, json_response
 from controlplane.admin_propagation import add_propagation_routes, node_lag
 from controlplane.errors import ConfigError
 from controlplane.health import HealthStatus
@@ -27,19 +28,7 @@ from controlplane.nodes import node_view
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
 
-CP_KEY: web.AppKey[ControlPlane] = web.AppKey("controlplane")
 TOKEN_ENV = "HEALTHPLANE_ADMIN_TOKEN"
-
-
-def _error(status: int, message: str, field: str = "") -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    return web.json_response(body, status=status)
-
-
-def _json(data: Any) -> web.Response:
-    return web.json_response(data, dumps=lambda d: json.dumps(d, indent=1))
 
 
 @web.middleware
@@ -49,7 +38,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return response
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
-            return _error(exc.status, exc.reason)
+            return error_response(exc.status, exc.reason)
         raise
 
 
@@ -59,7 +48,7 @@ def _authorize(request: web.Request) -> web.Response | None:
         return None
     given = request.headers.get("Authorization", "")
     if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
-        return _error(401, "this change needs Authorization: Bearer <token>")
+        return error_response(401, "this change needs Authorization: Bearer <token>")
     return None
 
 
@@ -103,7 +92,7 @@ async def snapshot(request: web.Request) -> web.Response:
                 "endpoints": endpoints,
             }
         )
-    return _json(
+    return json_response(
         {
             "version": snap.version,
             "created": snap.created,
@@ -139,13 +128,13 @@ def _probers(cp: ControlPlane) -> dict[str, Any]:
 
 
 async def probers(request: web.Request) -> web.Response:
-    return _json(_probers(request.app[CP_KEY]))
+    return json_response(_probers(request.app[CP_KEY]))
 
 
 async def nodes(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     snap = cp.snapshot
-    return _json(
+    return json_response(
         {
             "version": snap.version,
             "nodes": [
@@ -161,8 +150,8 @@ async def node(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     stream = cp.nodes.get(request.match_info["node_id"])
     if stream is None:
-        return _error(404, f"no connected node {request.match_info['node_id']!r}", "node_id")
-    return _json({**node_view(stream, cp.snapshot), "lag": node_lag(cp, stream.node_id or "")})
+        return error_response(404, f"no connected node {request.match_info['node_id']!r}", "node_id")
+    return json_response({**node_view(stream, cp.snapshot), "lag": node_lag(cp, stream.node_id or "")})
 
 
 async def override(request: web.Request) -> web.Response:
@@ -172,13 +161,13 @@ async def override(request: web.Request) -> web.Response:
     cluster = request.match_info["cluster"]
     parsed = _split_endpoint(request.match_info["endpoint"])
     if parsed is None:
-        return _error(400, "endpoint must be ADDRESS:PORT", "endpoint")
+        return error_response(400, "endpoint must be ADDRESS:PORT", "endpoint")
     try:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return _error(400, 'body must be JSON such as {"status": "UNHEALTHY"}', "body")
+        return error_response(400, 'body must be JSON such as {"status": "UNHEALTHY"}', "body")
     if not isinstance(body, dict) or not isinstance(body.get("status"), str):
-        return _error(400, 'body needs "status": HEALTHY, UNHEALTHY, DRAINING, DEGRADED or auto', "status")
+        return error_response(400, 'body needs "status": HEALTHY, UNHEALTHY, DRAINING, DEGRADED or auto', "status")
     text = body["status"]
     status: HealthStatus | None
     if text.lower() == "auto":
@@ -187,15 +176,15 @@ async def override(request: web.Request) -> web.Response:
         try:
             status = HealthStatus.parse(text)
         except ValueError as exc:
-            return _error(400, f"{exc}, or auto", "status")
+            return error_response(400, f"{exc}, or auto", "status")
     who = who_of(request, body)
     endpoint = f"{parsed[0]}:{parsed[1]}"
     try:
         snap = cp.set_override(cluster, endpoint, status, who=who)
     except ConfigError as exc:
-        return _error(404, exc.message, exc.path)
+        return error_response(404, exc.message, exc.path)
     h = cp.health.effective(cluster, endpoint)
-    return _json(
+    return json_response(
         {
             "cluster": cluster,
             "endpoint": endpoint,
@@ -214,8 +203,8 @@ async def reload_topology(request: web.Request) -> web.Response:
     try:
         snap = cp.reload(who=who_of(request))
     except ConfigError as exc:
-        return _error(400, str(exc), exc.path)
-    return _json({"version": (snap or cp.snapshot).version})
+        return error_response(400, str(exc), exc.path)
+    return json_response({"version": (snap or cp.snapshot).version})
 
 
 async def events(request: web.Request) -> web.Response:
@@ -223,9 +212,9 @@ async def events(request: web.Request) -> web.Response:
     try:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
-        return _error(400, "limit must be an integer", "limit")
+        return error_response(400, "limit must be an integer", "limit")
     kind = request.query.get("kind")
-    return _json({"events": [e.to_json() for e in cp.events.recent(max(1, min(limit, 10_000)), kind)]})
+    return json_response({"events": [e.to_json() for e in cp.events.recent(max(1, min(limit, 10_000)), kind)]})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -234,7 +223,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -242,7 +231,7 @@ async def readyz(request: web.Request) -> web.Response:
     waiting = readiness(cp)
     if waiting:
         return web.json_response({"status": "not ready", "waiting_for": waiting}, status=503)
-    return _json({"status": "ready", "version": cp.snapshot.version})
+    return json_response({"status": "ready", "version": cp.snapshot.version})
 
 
 def create_admin_app(cp: ControlPlane) -> web.Application:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from controlplane.admin_http import control_plane, error_response, json_response
 from controlplane.admin_views import (
     CheckInfo,
     CheckLookup,
@@ -41,29 +42,6 @@ WHO_HEADER = "X-Healthplane-Who"
 SSE_KEEPALIVE = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 SSE_POLL = 0.5  # how often a quiet stream looks whether its client or the server is going away
 CLOSING: web.AppKey[asyncio.Event] = web.AppKey("closing")
-
-
-def _cp(request: web.Request) -> ControlPlane:
-    from controlplane.admin import CP_KEY
-
-    return request.app[CP_KEY]
-
-
-def _error(status: int, message: str, field: str = "") -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    return web.json_response(body, status=status)
-
-
-def _json(data: Any) -> web.Response:
-    # Compact: with `indent` the json module falls back to its pure-Python encoder, 3.5x slower on
-    # the 10,000-row answers these views give (bench/admin.py); pipe through `jq` to read.
-    return web.json_response(data, dumps=_compact)
-
-
-def _compact(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"))
 
 
 def who(request: web.Request, body: Any = None) -> str:
@@ -117,14 +95,14 @@ def check_info_from_report(report: Any, source: str) -> CheckInfo:
 
 
 def _rows(request: web.Request) -> list[dict[str, Any]] | web.Response:
-    cp = _cp(request)
+    cp = control_plane(request)
     try:
         status = parse_status_filter(request.query.get("status"))
     except ValueError as exc:
-        return _error(400, str(exc), "status")
+        return error_response(400, str(exc), "status")
     cluster = request.query.get("cluster") or None
     if cluster is not None and cp.snapshot.topology.cluster(cluster) is None:
-        return _error(404, f"no cluster named {cluster!r}", "cluster")
+        return error_response(404, f"no cluster named {cluster!r}", "cluster")
     return endpoint_rows(cp.snapshot, cp.health.effective, check_lookup(cp), cluster=cluster, status=status)
 
 
@@ -161,39 +139,39 @@ async def endpoints(request: web.Request) -> web.Response:
     rows = _rows(request)
     if isinstance(rows, web.Response):
         return rows
-    return _json({"version": _cp(request).snapshot.version, "endpoints": rows})
+    return json_response({"version": control_plane(request).snapshot.version, "endpoints": rows})
 
 
 async def status_page(request: web.Request) -> web.Response:
     fmt = request.query.get("format", "html").lower()
     if fmt not in ("html", "csv", "json"):
-        return _error(400, "format must be html, csv or json", "format")
+        return error_response(400, "format must be html, csv or json", "format")
     try:
         refresh = int(request.query.get("refresh", "5"))
     except ValueError:
-        return _error(400, "refresh must be a whole number of seconds", "refresh")
+        return error_response(400, "refresh must be a whole number of seconds", "refresh")
     if not 0 <= refresh <= 3600:
-        return _error(400, "refresh must be 0..3600 seconds", "refresh")
+        return error_response(400, "refresh must be 0..3600 seconds", "refresh")
     rows = _rows(request)
     if isinstance(rows, web.Response):
         return rows
     flat = status_rows(rows)
-    version = _cp(request).snapshot.version
+    version = control_plane(request).snapshot.version
     if fmt == "json":
-        return _json(status_json(flat, version))
+        return json_response(status_json(flat, version))
     if fmt == "csv":
         return web.Response(text=status_csv(flat), content_type="text/csv")
     return web.Response(text=status_html(flat, version=version, refresh=refresh), content_type="text/html")
 
 
 async def snapshots(request: web.Request) -> web.Response:
-    cp = _cp(request)
+    cp = control_plane(request)
     try:
         limit = int(request.query.get("limit", str(cp.history_limit)))
     except ValueError:
-        return _error(400, "limit must be an integer", "limit")
+        return error_response(400, "limit must be an integer", "limit")
     history = cp.history[-max(1, limit) :]
-    return _json(
+    return json_response(
         {
             "current": cp.snapshot.version,
             "kept": cp.history_limit,
@@ -205,27 +183,27 @@ async def snapshots(request: web.Request) -> web.Response:
 def _find(cp: ControlPlane, version: str, field: str) -> Any:
     snap = find_snapshot(reversed(cp.history), version)
     if snap is None:
-        return _error(404, f"no snapshot {version!r} (only the last {cp.history_limit} are kept)", field)
+        return error_response(404, f"no snapshot {version!r} (only the last {cp.history_limit} are kept)", field)
     return snap
 
 
 async def snapshot_version(request: web.Request) -> web.Response:
-    cp = _cp(request)
+    cp = control_plane(request)
     snap = _find(cp, request.match_info["version"], "version")
     if isinstance(snap, web.Response):
         return snap
-    return _json(snapshot_detail(snap))
+    return json_response(snapshot_detail(snap))
 
 
 async def snapshot_diff_view(request: web.Request) -> web.Response:
-    cp = _cp(request)
+    cp = control_plane(request)
     old = _find(cp, request.match_info["a"], "a")
     if isinstance(old, web.Response):
         return old
     new = _find(cp, request.match_info["b"], "b")
     if isinstance(new, web.Response):
         return new
-    return _json(snapshot_diff(old, new))
+    return json_response(snapshot_diff(old, new))
 
 
 def _event_filter(request: web.Request) -> tuple[str | None, int]:
@@ -244,11 +222,11 @@ def _sse(event: Event) -> bytes:
 
 async def events_stream(request: web.Request) -> web.StreamResponse:
     """Server-sent events: everything after Last-Event-ID (or ?since=), then new events as they happen."""
-    cp = _cp(request)
+    cp = control_plane(request)
     try:
         kind, since = _event_filter(request)
     except web.HTTPBadRequest:
-        return _error(400, "Last-Event-ID (or ?since=) must be an event id", "since")
+        return error_response(400, "Last-Event-ID (or ?since=) must be an event id", "since")
     queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=10_000)
     dropped = False
 
@@ -303,20 +281,20 @@ async def put_topology(request: web.Request) -> web.Response:
 
     if (denied := _authorize(request)) is not None:
         return denied
-    cp = _cp(request)
+    cp = control_plane(request)
     raw = await request.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return _error(400, "body must be UTF-8 JSON or YAML", "body")
+        return error_response(400, "body must be UTF-8 JSON or YAML", "body")
     if not text.strip():
-        return _error(400, "body must be a topology document (JSON or YAML)", "body")
+        return error_response(400, "body must be a topology document (JSON or YAML)", "body")
     try:
         if request.content_type == "application/json":
             try:
                 document = json.loads(text)
             except json.JSONDecodeError as exc:
-                return _error(400, f"invalid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "body")
+                return error_response(400, f"invalid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "body")
             topology = parse_topology(document, source=SOURCE)
         else:
             topology = parse_topology_text(text, source=SOURCE)
@@ -325,20 +303,22 @@ async def put_topology(request: web.Request) -> web.Response:
         cp.events.record(
             "topology_rejected", f"PUT /topology by {by} rejected: {exc}", error=str(exc), who=by, what="PUT /topology"
         )
-        return _error(400, exc.message, exc.path or "body")
+        return error_response(400, exc.message, exc.path or "body")
     running = cp.topology.controlplane
     for name in ("xds", "admin"):
         if getattr(topology.controlplane, name) != getattr(running, name):
-            return _error(
+            return error_response(
                 400,
                 f"controlplane.{name} cannot change while running (restart the control plane to move it)",
                 f"controlplane.{name}",
             )
     if (fixed := restart_only_change(running.security, topology.controlplane.security)) is not None:
-        return _error(400, f"{fixed} cannot change while running (restart the control plane to apply it)", fixed)
+        return error_response(
+            400, f"{fixed} cannot change while running (restart the control plane to apply it)", fixed
+        )
     by = who(request)
     snap = cp.update_topology(topology, detail=f"PUT /topology by {by}", who=by)
-    return _json(
+    return json_response(
         {
             "version": (snap or cp.snapshot).version,
             "clusters": len(topology.clusters),
@@ -351,7 +331,7 @@ async def put_topology(request: web.Request) -> web.Response:
 async def openapi(request: web.Request) -> web.Response:
     from controlplane.openapi import document
 
-    return _json(document())
+    return json_response(document())
 
 
 async def _closing(app: web.Application) -> None:

@@ -6,12 +6,12 @@ The data comes from the control plane's `PropagationTracker`; the page from the 
 
 from __future__ import annotations
 
-import json
 import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from controlplane.admin_http import control_plane, error_response, json_response
 from controlplane.propagation import PropagationTracker
 from controlplane.propagation_chart import report_html
 
@@ -21,34 +21,17 @@ if TYPE_CHECKING:
 DEFAULT_REPORT_VERSIONS = 10
 
 
-def _cp(request: web.Request) -> ControlPlane:
-    from controlplane.admin import CP_KEY
-
-    return request.app[CP_KEY]
-
-
-def _error(status: int, message: str, field: str = "") -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if field:
-        body["field"] = field
-    return web.json_response(body, status=status)
-
-
-def _json(data: Any) -> web.Response:
-    return web.json_response(data, dumps=lambda d: json.dumps(d, separators=(",", ":")))
-
-
 def _tracker(request: web.Request) -> PropagationTracker | web.Response:
-    tracker = _cp(request).propagation
+    tracker = control_plane(request).propagation
     if tracker is None:
-        return _error(404, "propagation is not measured by this control plane")
+        return error_response(404, "propagation is not measured by this control plane")
     return tracker
 
 
 def _limit(request: web.Request, default: int) -> int | web.Response:
     text = request.query.get("limit", str(default))
     if not text.isdigit() or int(text) < 1:
-        return _error(400, "limit must be a whole number >= 1", "limit")
+        return error_response(400, "limit must be a whole number >= 1", "limit")
     return int(text)
 
 
@@ -65,10 +48,10 @@ async def versions(request: web.Request) -> web.Response:
     if isinstance(limit, web.Response):
         return limit
     now = time.time()
-    return _json(
+    return json_response(
         {
             "tracked": tracker.limit,
-            "current": _cp(request).snapshot.version,
+            "current": control_plane(request).snapshot.version,
             "versions": [r.summary(now) for r in tracker.recent(limit)],
         }
     )
@@ -81,8 +64,8 @@ async def version(request: web.Request) -> web.Response:
     wanted = request.match_info["version"]
     record = tracker.get(wanted)
     if record is None:
-        return _error(404, f"no tracked version {wanted!r} (only the last {tracker.limit} are kept)", "version")
-    return _json(record.detail(time.time()))
+        return error_response(404, f"no tracked version {wanted!r} (only the last {tracker.limit} are kept)", "version")
+    return json_response(record.detail(time.time()))
 
 
 async def propagation_page(request: web.Request) -> web.Response:
@@ -94,7 +77,7 @@ async def propagation_page(request: web.Request) -> web.Response:
         return limit
     text = request.query.get("refresh", "0")
     if not text.isdigit() or int(text) > 3600:
-        return _error(400, "refresh must be 0..3600 seconds", "refresh")
+        return error_response(400, "refresh must be 0..3600 seconds", "refresh")
     now = time.time()
     details = [r.detail(now) for r in tracker.recent(limit)]
     return web.Response(text=report_html(details, now=now, refresh=int(text)), content_type="text/html")

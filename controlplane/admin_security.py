@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from controlplane.admin_http import error_response
+
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
 
@@ -32,10 +34,6 @@ def _matches(given: str, token: str | None) -> bool:
     return bool(token) and hmac.compare_digest(given.encode(), (token or "").encode())
 
 
-def _error(status: int, message: str, field: str) -> web.Response:
-    return web.json_response({"error": message, "field": field}, status=status)
-
-
 def guard(cp_of: Any) -> Any:
     """The middleware; `cp_of(request)` returns the ControlPlane (its topology is read per request)."""
 
@@ -49,15 +47,15 @@ def guard(cp_of: Any) -> Any:
             given = _bearer(request)
             if request.method in READS:
                 if not (_matches(given, read_token) or _matches(given, change_token)):
-                    return _error(401, "reading needs Authorization: Bearer <read token>", "Authorization")
+                    return error_response(401, "reading needs Authorization: Bearer <read token>", "Authorization")
             elif not change_token and not _matches(given, read_token):
-                return _error(401, "this change needs Authorization: Bearer <token>", "Authorization")
+                return error_response(401, "this change needs Authorization: Bearer <token>", "Authorization")
         try:
             response: web.StreamResponse = await handler(request)
             return response
         except web.HTTPRequestEntityTooLarge:
             limit = config.security.admin_max_request_bytes
-            return _error(
+            return error_response(
                 413,
                 f"request body is over controlplane.admin.max_request_bytes ({limit})",
                 "controlplane.admin.max_request_bytes",

@@ -11,14 +11,15 @@ import json
 
 from aiohttp import web
 
-from controlplane.admin import CP_KEY, _authorize, _error, _json
+from controlplane.admin import _authorize
 from controlplane.admin_api import who
+from controlplane.admin_http import CP_KEY, error_response, json_response
 from controlplane.errors import ConfigError
 
 
 async def alarms(request: web.Request) -> web.Response:
     faults = request.app[CP_KEY].faults
-    return _json(
+    return json_response(
         {
             "active": [a.to_json() for a in faults.alarms.active()],
             "alarms": [a.to_json() for a in faults.alarms.all()],
@@ -33,26 +34,26 @@ async def accept_alarm(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     text = request.match_info["id"]
     if not text.isdigit():
-        return _error(400, "alarm id must be an integer", "id")
+        return error_response(400, "alarm id must be an integer", "id")
     body = None
     if request.can_read_body:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, 'body must be JSON such as {"who": "alice"}, or empty', "body")
+            return error_response(400, 'body must be JSON such as {"who": "alice"}, or empty', "body")
     try:
         alarm, snapshot = cp.faults.accept(int(text), who=who(request, body))
     except ConfigError as exc:
         status = 404 if cp.faults.alarms.get(int(text)) is None else 409
-        return _error(status, exc.message, exc.path)
-    return _json(
+        return error_response(status, exc.message, exc.path)
+    return json_response(
         {"alarm": alarm.to_json(), "version": (snapshot or cp.snapshot).version, "changed": snapshot is not None}
     )
 
 
 async def nacks(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
-    return _json({"version": cp.snapshot.version, "rejected": cp.faults.nacks.to_json()})
+    return json_response({"version": cp.snapshot.version, "rejected": cp.faults.nacks.to_json()})
 
 
 def add_fault_routes(app: web.Application) -> None:
