@@ -1,0 +1,58 @@
+"""Every benchmark still runs: each at a toy size, in its own process, as the docs run it.
+
+The figures are not judged here (the machine is shared and noisy; docs/benchmarks.md holds them);
+what is checked is that a benchmark starts its servers and clients, measures, and prints its table.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+TOY_RUNS = {
+    "fanout.py": (["--nodes", "5", "--pushes", "2", "--warmup", "1", "--repeat", "1", "--workers", "1"], "| 5 |"),
+    "prober.py": (
+        [
+            "--endpoints",
+            "20",
+            "--modes",
+            "http-keepalive",
+            "tcp",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.5",
+            "--backends",
+            "1",
+        ],
+        "http-keepalive",
+    ),
+    "admin.py": (["--endpoints", "20", "--nodes", "2", "--repeat", "1"], "CSDS 2 nodes"),
+    "propagation.py": (
+        ["--nodes", "5", "--pushes", "2", "--model-nodes", "5", "--model-pushes", "2", "--workers", "1"],
+        "200*N/(N+1)",
+    ),
+    "soak.py": (["--nodes", "5", "--minutes", "0.1", "--workers", "1"], '"refused_streams": 0'),
+    "verdicts.py": (["--endpoints", "20", "--repeat", "1"], "| 20 |"),
+    "fuzz_xds.py": (["--fuzz-count", "50"], '"findings": []'),
+}
+
+
+@pytest.mark.parametrize("script", sorted(TOY_RUNS))
+def test_benchmark_runs_at_a_toy_size(script: str, tmp_path: Path) -> None:
+    args, expected = TOY_RUNS[script]
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert expected in output, output[-3000:]
