@@ -137,6 +137,16 @@ class Faults:
             if c is not None:
                 votes.append(v)
                 combined.append(c)
+        # One verdict per endpoint, its last: verdicts queued together may name an endpoint more
+        # than once (several probers' votes, or one prober's consecutive batches), and the guard
+        # applies passing verdicts before failing ones, which would let an older one win.
+        apply = self._guarded(list({c.id: c for c in combined}.values()))
+        if self.store is not None and (votes or apply):
+            self.store.save_batch(verdicts=apply, votes=votes)
+        return apply
+
+    def _guarded(self, combined: list[Verdict]) -> list[Verdict]:
+        """The mass-failure guard over combined verdicts: those to apply now; alarms raised or cleared."""
         out = self.guard.admit(
             combined,
             status_of=self.cp.health.status,
@@ -150,8 +160,6 @@ class Faults:
             self._raise_mass_failure(name)  # updates the count in the message
         for name in out.released:
             self.alarms.resolve(MASS_FAILURE, name, "cleared: the held endpoints passed their checks again")
-        if self.store is not None and (votes or out.apply):
-            self.store.save_batch(verdicts=out.apply, votes=votes)
         return out.apply
 
     def _live_endpoints(self) -> set[tuple[str, str]]:
@@ -201,6 +209,38 @@ class Faults:
             "accept", f"alarm {alarm.id} accepted by {who}: {len(moved)} endpoints of {alarm.subject}", time.time()
         )
         return alarm, self.cp._publish(cause, {alarm.subject})
+
+    def forget_prober(self, prober_id: str, *, who: str) -> Snapshot | None:
+        """Drop a disconnected remote prober for good: its record, votes and staleness alarm.
+
+        The endpoints it voted on are decided again by the probers that remain (through the
+        mass-failure guard, as any verdict). ConfigError (path `id`) if it is unknown or connected.
+        """
+        link = getattr(self.cp, "prober_link", None)
+        record = None if link is None else link.probers.get(prober_id)
+        if link is None or record is None:
+            raise ConfigError(f"no remote prober {prober_id!r} (GET /probers lists them)", path="id")
+        if record.connected:
+            raise ConfigError(f"prober {prober_id!r} is connected: stop it before forgetting it", path="id")
+        source = f"prober:{prober_id}"
+        link.forget(prober_id)
+        self.alarms.resolve(PROBER_STALE, prober_id, f"cleared: the prober was forgotten by {who}")
+        apply = self._guarded(self.quorum.drop_source(source))
+        if self.store is not None:
+            self.store.forget_source(source)
+            if apply:
+                self.store.save_batch(verdicts=apply)
+        moved = [v for v in apply if self.cp.health.apply(v)]
+        self.cp.events.record(
+            "prober",
+            f"prober {prober_id} forgotten by {who}: {len(moved)} endpoints decided again by the other probers",
+            prober=prober_id,
+            who=who,
+        )
+        if not moved:
+            return None
+        cause = Cause("prober", f"prober {prober_id} forgotten by {who}: {len(moved)} endpoints", time.time())
+        return self.cp._publish(cause, {v.cluster for v in moved})
 
     def on_override(self, cluster: str, endpoint: str, override: Verdict | None) -> None:
         if self.store is not None:

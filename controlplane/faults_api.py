@@ -3,6 +3,7 @@
 - `GET /alarms`: active and recently resolved alarms.
 - `POST /alarms/{id}/accept`: apply the failures a mass_failure alarm held (bearer token).
 - `GET /nacks`: NACKs grouped by rejected version, with the change that made the version.
+- `DELETE /probers/{id}`: forget a disconnected prober for good (bearer token).
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ async def accept_alarm(request: web.Request) -> web.Response:
     )
 
 
+async def forget_prober(request: web.Request) -> web.Response:
+    if (denied := _authorize(request)) is not None:
+        return denied
+    cp = request.app[CP_KEY]
+    prober_id = request.match_info["id"]
+    try:
+        snapshot = cp.faults.forget_prober(prober_id, who=who(request))
+    except ConfigError as exc:
+        link = getattr(cp, "prober_link", None)
+        known = link is not None and prober_id in link.probers
+        return error_response(409 if known else 404, exc.message, exc.path)
+    return json_response(
+        {"forgotten": prober_id, "version": (snapshot or cp.snapshot).version, "changed": snapshot is not None}
+    )
+
+
 async def nacks(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     return json_response({"version": cp.snapshot.version, "rejected": cp.faults.nacks.to_json()})
@@ -60,3 +77,4 @@ def add_fault_routes(app: web.Application) -> None:
     app.router.add_get("/alarms", alarms)
     app.router.add_post("/alarms/{id}/accept", accept_alarm)
     app.router.add_get("/nacks", nacks)
+    app.router.add_delete("/probers/{id}", forget_prober)

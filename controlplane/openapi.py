@@ -225,4 +225,19 @@ def _fault_paths(change: list[dict[str, list[str]]], who: Any) -> dict[str, Any]
             }
         },
         "/nacks": _get("NACKs grouped by rejected (type, version), with the change that made the version"),
+        "/probers/{id}": {
+            "delete": {
+                "summary": "forget a disconnected prober for good: its votes, check states and staleness alarm",
+                "security": change,
+                "parameters": [_param("id", "path", "the prober id (GET /probers)"), who],
+                "responses": {
+                    **_ok("the prober forgotten, and the version served after the others decided again"),
+                    **_errors(401, 404),
+                    "409": {
+                        "description": "the prober is connected",
+                        "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+                    },
+                },
+            }
+        },
     }

@@ -115,6 +115,11 @@ class VerdictStore:
         with self._transaction():
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
 
+    def forget_source(self, source: str) -> None:
+        """Delete the votes of one prober (`prober:ID`), forgotten by an operator."""
+        with self._transaction():
+            self._db.execute("DELETE FROM vote WHERE source = ?", (source,))
+
     def forget(self, keep: set[tuple[str, str]]) -> int:
         """Delete rows of endpoints not in `keep` (gone from the topology); how many endpoints."""
         gone = {

@@ -131,6 +131,13 @@ class ProberLinkService:
         # The latest check state per endpoint from any remote prober, for /endpoints and /status.
         self.checks: dict[tuple[str, str], CheckInfo] = {}
 
+    def forget(self, prober_id: str) -> None:
+        """Drop a prober's record and the check states it reported (its votes are the quorum's)."""
+        self.probers.pop(prober_id, None)
+        source = f"prober:{prober_id}"
+        for key in [k for k, info in self.checks.items() if info.prober == source]:
+            del self.checks[key]
+
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(
             "healthplane.v1.ProberLink",

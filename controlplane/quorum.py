@@ -47,6 +47,21 @@ class Quorum:
     def votes(self, cluster: str, endpoint: str) -> list[Verdict]:
         return list(self._votes.get((cluster, endpoint), {}).values())
 
+    def drop_source(self, source: str) -> list[Verdict]:
+        """Remove every vote of `source`; the combined verdicts of the endpoints others still vote on.
+
+        An endpoint only `source` voted on keeps its current verdict: nobody else has a say.
+        """
+        out: list[Verdict] = []
+        for key, votes in list(self._votes.items()):
+            if votes.pop(source, None) is None:
+                continue
+            if votes:
+                out.append(combine(votes.values()))
+            else:
+                del self._votes[key]
+        return out
+
     def forget(self, keep: set[EndpointId]) -> None:
         for key in [k for k in self._votes if k not in keep]:
             del self._votes[key]

@@ -350,6 +350,26 @@ async def _nacked(cp: ControlPlane, n: int, version: str) -> bool:
     return group is not None and len(group.nodes) == n
 
 
+@pytest.mark.parametrize(
+    ("queued", "final"),
+    [
+        pytest.param([("prober:east", U), ("prober:north", H), ("prober:west", H)], H, id="three probers, one batch"),
+        pytest.param([("prober:a", U), ("prober:a", H)], H, id="one prober, two batches"),
+        pytest.param([("prober:a", H), ("prober:a", U)], U, id="one prober, failing last"),
+    ],
+)
+def test_verdicts_queued_together_end_on_the_last_word(
+    queued: list[tuple[str, HealthStatus]], final: HealthStatus
+) -> None:
+    # A flush may carry several verdicts of one endpoint; the guard applies passing ones before
+    # failing ones, so without one verdict per endpoint an older failure was applied last.
+    cp = ControlPlane(parse_topology(document(endpoints=10)))
+    t = time.time()
+    batch = [Verdict("web", "10.0.0.1:8000", st, f"{src} view", t + i, src) for i, (src, st) in enumerate(queued)]
+    cp.submit_verdicts(batch)
+    assert _status(cp, "10.0.0.1:8000") is final
+
+
 async def test_quorum_over_the_prober_link() -> None:
     """Three probers over real gRPC: one that cannot reach an endpoint is outvoted."""
     async with ControlPlane(parse_topology(document(endpoints=2))) as cp:
@@ -386,3 +406,56 @@ async def test_quorum_over_the_prober_link() -> None:
         assert cp.health.effective("web", "10.0.0.1:8000").reason == "2 of 3 probers: north view"
         for name in ("east", "north"):
             await probers[name].aclose()
+
+
+async def test_a_prober_gone_for_good_is_forgotten_and_the_others_decide(
+    session: aiohttp.ClientSession, tmp_path: Any
+) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with ControlPlane(parse_topology(document(endpoints=2, data_dir=str(tmp_path)))) as cp:
+        probers = {name: Prober(cp) for name in ("east", "west", "north")}
+        views = {"east": 2, "west": 1, "north": 1}  # east alone says UNHEALTHY
+        for name, prober in probers.items():
+            await prober.send(hello=prober_pb2.Hello(prober_id=name))
+            v = prober_pb2.Verdict(cluster="web", endpoint="10.0.0.1:8000", status=views[name], reason=f"{name} view")
+            await prober.send(verdicts=prober_pb2.VerdictBatch(full_state=True, verdicts=[v]))
+
+        def sources() -> set[str]:
+            return {v.source for v in cp.faults.quorum.votes("web", "10.0.0.1:8000")}
+
+        await poll_until(lambda: _async(len(sources()) == 3), timeout=10, what="three votes")
+        cp.flush_verdicts()
+        assert _status(cp, "10.0.0.1:8000") is H
+
+        assert (await call(cp, session, "DELETE", "/probers/west"))[0] == 401
+        code, body = await call(cp, session, "DELETE", "/probers/west", headers=auth)
+        assert (code, body["field"]) == (409, "id") and "connected" in body["error"]
+        code, body = await call(cp, session, "DELETE", "/probers/nobody", headers=auth)
+        assert code == 404 and "GET /probers" in body["error"]
+
+        for name in ("west", "north"):
+            await probers[name].aclose()
+        await poll_until(
+            lambda: _async(not any(cp.prober_link.probers[n].connected for n in ("west", "north"))),
+            timeout=10,
+            what="west and north disconnected",
+        )
+        cp.faults.check_probers(now=time.time() + 120)  # east is connected but silent that long too
+        assert {a.subject for a in cp.faults.alarms.active("prober_stale")} == {"east", "west", "north"}
+
+        # west forgotten: east UNHEALTHY against north HEALTHY is a tie, so nothing moves.
+        version = cp.snapshot.version
+        code, body = await call(cp, session, "DELETE", "/probers/west", headers=auth)
+        assert (code, body["changed"], body["version"]) == (200, False, version)
+        assert sources() == {"prober:east", "prober:north"} and "west" not in cp.prober_link.probers
+        assert {a.subject for a in cp.faults.alarms.active("prober_stale")} == {"east", "north"}
+
+        # north forgotten too: east is the only one left to see the endpoint, and it says UNHEALTHY.
+        code, body = await call(cp, session, "DELETE", "/probers/north", headers=auth)
+        assert (code, body["changed"]) == (200, True) and body["version"] != version
+        assert _status(cp, "10.0.0.1:8000") is U
+        assert [a.subject for a in cp.faults.alarms.active("prober_stale")] == ["east"]
+        assert any("prober north forgotten" in e.message for e in cp.events.recent(kind="prober"))
+        assert cp.faults.store is not None
+        assert {v.source for v in cp.faults.store.load().votes} == {"prober:east"}  # not back after a restart
+        await probers["east"].aclose()

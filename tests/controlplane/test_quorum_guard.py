@@ -51,6 +51,25 @@ def test_only_unknown_votes_give_unknown() -> None:
     assert combined is not None and combined.status is K
 
 
+def test_dropping_a_source_lets_the_others_decide() -> None:
+    q = Quorum()
+    q.vote(v(H, "prober:a", endpoint="10.0.0.1:80"))
+    q.vote(v(U, "prober:b", endpoint="10.0.0.1:80", t=2.0))
+    q.vote(v(U, "prober:c", endpoint="10.0.0.1:80", t=3.0))
+    q.vote(v(H, "prober:a", endpoint="10.0.0.2:80"))  # only a sees this one
+    q.vote(v(U, "prober:b", endpoint="10.0.0.3:80"))  # a never saw this one
+    [decided] = q.drop_source("prober:a")
+    assert (decided.endpoint, decided.status, decided.reason) == (
+        "10.0.0.1:80",
+        U,
+        "2 of 2 probers: prober:c says UNHEALTHY",
+    )
+    # Nobody else has a say on 10.0.0.2: no verdict from the drop, no votes left.
+    assert q.votes("web", "10.0.0.2:80") == []
+    assert [x.source for x in q.votes("web", "10.0.0.3:80")] == ["prober:b"]
+    assert q.drop_source("prober:a") == []
+
+
 def test_forget_drops_endpoints_gone_from_the_topology() -> None:
     q = Quorum()
     q.vote(v(U, endpoint="10.0.0.1:80"))
