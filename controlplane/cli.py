@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from controlplane.errors import ConfigError, HealthplaneError
 
 
-def _host_port(text: str, flag: str) -> tuple[str, int]:
+def _host_port(text: str, flag: str, *, lowest_port: int = 1) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) < 65536:
         raise ConfigError("must be HOST:PORT", path=flag)
     return host.strip("[]"), int(port)
 
@@ -66,11 +66,29 @@ def _prober(args: argparse.Namespace) -> int:
 
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
 
+    check_metrics = metrics_server = None
+    if args.metrics:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from prober.metrics import CheckMetrics
+
+        host, port = _host_port(args.metrics, "--metrics", lowest_port=0)
+        registry = CollectorRegistry()
+        check_metrics = CheckMetrics(registry, who=f"prober {prober_id}")
+        try:
+            metrics_server, _ = start_http_server(port, addr=host, registry=registry)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {args.metrics}: {exc.strerror or exc}", path="--metrics") from None
+        bound = metrics_server.server_address[1]
+        print(f"healthplane prober {prober_id}: metrics on http://{args.metrics.rpartition(':')[0]}:{bound}/metrics")
+
     async def run() -> None:
         link = ControlPlaneLink(args.controlplane, prober_id=prober_id, credentials=credentials)
         prober = Prober(
             sink=link, source=f"prober:{prober_id}", event_log=args.event_log, max_concurrency=args.concurrency
         )
+        if check_metrics is not None:
+            prober.check_listeners.append(check_metrics.on_check)
         link.prober = prober
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -87,7 +105,11 @@ def _prober(args: argparse.Namespace) -> int:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
     return 0
 
 
@@ -153,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM) for the control plane's certificate")
     p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", help="client key (PEM) for mutual TLS")
+    p.add_argument(
+        "--metrics", metavar="HOST:PORT", help="serve this prober's Prometheus metrics (checks, latency) at /metrics"
+    )
     p.set_defaults(func=_prober)
 
     p = sub.add_parser("validate", help="check a topology file and exit")

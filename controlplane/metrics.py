@@ -8,9 +8,9 @@ scrape time from the control plane itself, so they can never drift from what it 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,10 +22,10 @@ from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, St
 
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
+    from prober.state import CheckResult, Target
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-CHECK_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class Metrics(StreamCallbacks):
@@ -48,19 +48,9 @@ class Metrics(StreamCallbacks):
             ["cause"],
             registry=self.registry,
         )
-        self.checks = Counter(
-            "healthplane_checks",
-            "Health checks run by the embedded prober, by cluster and outcome (success, http_failure, ...).",
-            ["cluster", "outcome"],
-            registry=self.registry,
-        )
-        self.check_latency = Histogram(
-            "healthplane_check_latency_seconds",
-            "Health check latency (embedded prober), by cluster and check type.",
-            ["cluster", "check"],
-            buckets=CHECK_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        from prober.metrics import CheckMetrics  # the prober's own; a standalone prober serves it too
+
+        self.check_metrics = CheckMetrics(self.registry)
         # issue 5: propagation measured at the ACK (controlplane.propagation), by the version's cause.
         # Observed once per node and push: a lock-free histogram (controlplane.histograms).
         self.propagation_delay = LoopHistogram(
@@ -97,10 +87,9 @@ class Metrics(StreamCallbacks):
     def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
         self._responses[response.type_url].inc()
 
-    def on_check(self, target: Any, result: Any) -> None:
-        """One check result (a prober.state.Target and CheckResult; typed loosely to keep the prober out)."""
-        self.checks.labels(target.cluster, result.kind.value).inc()
-        self.check_latency.labels(target.cluster, target.health_check.kind).observe(result.latency)
+    def on_check(self, target: Target, result: CheckResult) -> None:
+        """One check result of the embedded prober."""
+        self.check_metrics.on_check(target, result)
 
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self.versions.labels(snapshot.cause.kind).inc()

@@ -37,3 +37,65 @@ def test_serve_refuses_to_start_on_an_invalid_file(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert "clusters[0].endpoints[0].address: 'not-an-ip' is not an IP address" in result.stderr
+
+
+async def test_a_standalone_prober_serves_its_own_check_metrics() -> None:
+    """`healthplane prober --metrics`: every check counted where it ran, scraped from the prober."""
+    import asyncio
+    import re
+
+    import aiohttp
+
+    from controlplane.app import ControlPlane
+    from controlplane.topology import parse_topology
+    from lab.demoapp import DemoApp
+    from lab.envoyproc import poll_until
+
+    backend = DemoApp("b1")
+    await backend.start("127.0.0.1", 0)
+    document = {
+        "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}, "watch_interval": 0},
+        "clusters": [
+            {
+                "name": "web",
+                "endpoints": [{"address": "127.0.0.1", "port": backend.port}],
+                "health_check": {"http": {"path": "/livez"}, "interval": "100ms", "timeout": "100ms"},
+            }
+        ],
+    }
+    cp = ControlPlane(parse_topology(document), embedded_prober=False)
+    await cp.start()
+    proc = await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "controlplane", "prober", "--controlplane", f"127.0.0.1:{cp.xds_port}"],
+        *["--id", "m1", "--metrics", "127.0.0.1:0"],
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        found = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", line)
+        assert found, line
+        success = re.compile(r'^healthplane_checks_total\{cluster="web",outcome="success"\} (\S+)$', re.M)
+        latency = re.compile(r'^healthplane_check_latency_seconds_count\{check="http",cluster="web"\} (\S+)$', re.M)
+        async with aiohttp.ClientSession() as session:
+
+            async def checked_three_times() -> bool:
+                async with session.get(found.group(1)) as r:
+                    text = await r.text()
+                ok, timed = success.search(text), latency.search(text)
+                return bool(ok and timed and float(ok.group(1)) >= 3 and float(timed.group(1)) >= 3)
+
+            await poll_until(checked_three_times, timeout=20, what="three checks counted by the prober")
+        assert "m1" in cp.prober_link.probers  # and it reports to the control plane as usual
+    finally:
+        proc.terminate()
+        _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        await cp.aclose(grace=0)
+        await backend.stop()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+
+
+def test_prober_metrics_address_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prober", "--controlplane", "127.0.0.1:18000", "--metrics", "nowhere"]) == 2
+    assert "--metrics: must be HOST:PORT" in capsys.readouterr().err
