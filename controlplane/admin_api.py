@@ -31,8 +31,7 @@ from controlplane.admin_views import (
 )
 from controlplane.errors import ConfigError
 from controlplane.events import Event
-from controlplane.security import restart_only_change
-from controlplane.topology import parse_topology, parse_topology_text
+from controlplane.topology import parse_topology, parse_topology_text, restart_only_changes
 
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
@@ -304,15 +303,8 @@ async def put_topology(request: web.Request) -> web.Response:
             "topology_rejected", f"PUT /topology by {by} rejected: {exc}", error=str(exc), who=by, what="PUT /topology"
         )
         return error_response(400, exc.message, exc.path or "body")
-    running = cp.topology.controlplane
-    for name in ("xds", "admin"):
-        if getattr(topology.controlplane, name) != getattr(running, name):
-            return error_response(
-                400,
-                f"controlplane.{name} cannot change while running (restart the control plane to move it)",
-                f"controlplane.{name}",
-            )
-    if (fixed := restart_only_change(running.security, topology.controlplane.security)) is not None:
+    if changed := restart_only_changes(cp.topology.controlplane, topology.controlplane):
+        fixed = changed[0]
         return error_response(
             400, f"{fixed} cannot change while running (restart the control plane to apply it)", fixed
         )

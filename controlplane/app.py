@@ -14,6 +14,7 @@ import gc
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +29,7 @@ from controlplane.nodes import NodeRegistry
 from controlplane.propagation import PropagationTracker, track_propagation
 from controlplane.server import SERVER_OPTIONS, AdsServer, SnapshotCache, create_server
 from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
-from controlplane.topology import Topology, load_topology
+from controlplane.topology import Topology, keep_running_settings, load_topology, restart_only_changes
 
 log = logging.getLogger("healthplane")
 
@@ -229,6 +230,19 @@ class ControlPlane:
                 "topology_rejected", f"kept the last good topology: {exc}", error=str(exc), who=who, what="reload"
             )
             raise
+        changed = restart_only_changes(self.topology.controlplane, topology.controlplane)
+        if changed:
+            # The ports, data directory, TLS and limits are bound at start: serve the rest of the
+            # edit now and keep running with these as they are, saying so.
+            message = (
+                f"{self.config_path}: {', '.join(changed)} changed; kept as running until the next restart, "
+                "the rest of the edit is served"
+            )
+            log.warning("%s", message)
+            self.events.record("topology_restart_only", message, fields=changed, who=who, what="reload")
+            topology = replace(
+                topology, controlplane=keep_running_settings(self.topology.controlplane, topology.controlplane)
+            )
         return self.update_topology(topology, detail=f"reloaded {self.config_path}", who=who)
 
     def _publish(self, cause: Cause, dirty: set[str] | None) -> Snapshot:

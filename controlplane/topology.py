@@ -22,7 +22,7 @@ from google.protobuf import json_format
 from controlplane.delaymodel import PropagationConfig, parse_propagation
 from controlplane.durations import parse_duration
 from controlplane.errors import ConfigError
-from controlplane.security import ADMIN_KEYS, XDS_KEYS, SecurityConfig, parse_security
+from controlplane.security import ADMIN_KEYS, XDS_KEYS, SecurityConfig, parse_security, restart_only_change
 
 LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"]
 InitialStatus = Literal["unknown", "healthy", "unhealthy"]
@@ -349,6 +349,22 @@ def _socket(f: _Field, default: SocketAddress, extra: frozenset[str] = frozenset
         address=_ip(f.child("address"), allow_hostname=True) if not f.child("address").missing else default.address,
         port=f.child("port").integer(default=default.port, lo=0, hi=65535),
     )
+
+
+def restart_only_changes(running: ControlPlaneConfig, new: ControlPlaneConfig) -> list[str]:
+    """Field paths of settings that differ and apply only when the control plane starts."""
+    out = [f"controlplane.{name}" for name in ("xds", "admin") if getattr(running, name) != getattr(new, name)]
+    if running.data_dir != new.data_dir:
+        out.append("controlplane.data_dir")
+    if (security := restart_only_change(running.security, new.security)) is not None:
+        out.append(security)
+    return out
+
+
+def keep_running_settings(running: ControlPlaneConfig, new: ControlPlaneConfig) -> ControlPlaneConfig:
+    """`new` with the start-only settings of `running` (the ports, data_dir, TLS and limits)."""
+    security = replace(running.security, admin_read_token=new.security.admin_read_token)
+    return replace(new, xds=running.xds, admin=running.admin, data_dir=running.data_dir, security=security)
 
 
 def _controlplane(f: _Field) -> ControlPlaneConfig:

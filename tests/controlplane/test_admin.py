@@ -178,3 +178,33 @@ async def test_metrics_expose_versions_and_endpoints_by_status(admin: Admin) -> 
     assert samples[("healthplane_endpoints", (("cluster", "web"), ("status", "UNHEALTHY")))] == 1
     assert samples[("healthplane_endpoints", (("cluster", "web"), ("status", "UNKNOWN")))] == 1
     assert samples[("healthplane_xds_streams", ())] == 0
+
+
+async def test_a_file_edit_of_start_only_settings_is_kept_for_the_restart(admin: Admin, tmp_path: Path) -> None:
+    admin.cp.config_path = admin.config
+    running = admin.cp.topology.controlplane
+    edited = dict(DOCUMENT, clusters=[*DOCUMENT["clusters"], {"name": "extra", "endpoints": []}])
+    edited["controlplane"] = dict(DOCUMENT["controlplane"], xds={"port": 18999}, data_dir=str(tmp_path / "data"))
+    admin.config.write_text(yaml.safe_dump(edited))
+    code, _ = await admin.call("POST", "/topology/reload")
+    assert code == 200
+    # The rest of the edit is served; the ports and the data directory stay as they run.
+    assert admin.cp.topology.cluster("extra") is not None
+    assert (admin.cp.topology.controlplane.xds, admin.cp.topology.controlplane.data_dir) == (running.xds, None)
+    _, events = await admin.call("GET", "/events?kind=topology_restart_only")
+    [event] = events["events"]
+    assert event["fields"] == ["controlplane.xds", "controlplane.data_dir"]
+    assert "kept as running until the next restart" in event["message"]
+
+
+async def test_put_topology_refuses_start_only_settings(admin: Admin, tmp_path: Path) -> None:
+    version = admin.cp.snapshot.version
+    for controlplane, field in (
+        ({"xds": {"port": 18999}}, "controlplane.xds"),
+        ({"data_dir": str(tmp_path / "data")}, "controlplane.data_dir"),
+    ):
+        document = dict(DOCUMENT, controlplane=dict(DOCUMENT["controlplane"], **controlplane))
+        code, body = await admin.call("PUT", "/topology", json=document)
+        assert (code, body["field"]) == (400, field)
+        assert body["error"] == f"{field} cannot change while running (restart the control plane to apply it)"
+    assert admin.cp.snapshot.version == version
