@@ -1,6 +1,6 @@
 """A lean HTTP/1.1 client for plain-HTTP health checks: one pooled connection per endpoint.
 
-Why not aiohttp here: bench/prober.py measured aiohttp's `ClientSession` at about half of the
+Why not aiohttp here: bench/prober_load.py measured aiohttp's `ClientSession` at about half of the
 prober's CPU for a two-byte answer (request and header objects, connector, response objects per
 check). A health check needs far less: the request bytes are the same every time, and all we
 read is the status line, the framing headers and at most `max_body` bytes of body. With this

@@ -65,7 +65,7 @@ log = logging.getLogger("healthplane.prober")
 def tune_gc_for_checks() -> None:
     """Keep the cyclic garbage collector from stalling the check loop; call once the prober runs.
 
-    Measured in bench/prober.py at 10,000 endpoints: with CPython's default threshold (700) the
+    Measured in bench/prober_load.py at 10,000 endpoints: with CPython's default threshold (700) the
     in-flight checks' objects trigger young collections about 200 times a second, which promote
     them and trigger full collections over every pooled connection: 47% of the time in GC and
     pauses of 267 ms, each delaying every check due during it. Checks leave little cyclic

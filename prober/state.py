@@ -67,7 +67,7 @@ class ResultKind(enum.Enum):
     TIMEOUT = "timeout"
     # The prober cannot tell: its own event loop ran the deadline so late that the answer may have
     # been waiting unread. Counts nothing (see NetworkChecker), so an overloaded prober does not
-    # turn its own lateness into UNHEALTHY verdicts (envoyproxy/envoy#28699, bench/prober.py).
+    # turn its own lateness into UNHEALTHY verdicts (envoyproxy/envoy#28699, bench/prober_load.py).
     INCONCLUSIVE = "inconclusive"
 
 

@@ -16,7 +16,7 @@ BENCH = Path(__file__).parent.parent / "bench"
 
 TOY_RUNS = {
     "fanout.py": (["--nodes", "5", "--pushes", "2", "--warmup", "1", "--repeat", "1", "--workers", "1"], "| 5 |"),
-    "prober.py": (
+    "prober_load.py": (
         [
             "--endpoints",
             "20",
@@ -56,3 +56,14 @@ def test_benchmark_runs_at_a_toy_size(script: str, tmp_path: Path) -> None:
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
     assert expected in output, output[-3000:]
+
+
+def test_no_benchmark_shadows_a_package() -> None:
+    # `python bench/X.py` puts bench/ first on sys.path: a bench/prober.py once hid the prober
+    # package from every module the benchmarks import.
+    packages = {"controlplane", "prober", "lab", "healthplane", "envoy", "xds", "udpa", "validate", "bench"}
+    assert not {p.stem for p in BENCH.glob("*.py")} & packages
+
+
+def test_every_benchmark_has_a_toy_run() -> None:
+    assert {p.name for p in BENCH.glob("*.py")} == set(TOY_RUNS)

@@ -30,9 +30,9 @@ After `--warmup` seconds the parent takes a snapshot of every process, and anoth
 - the backends' CPU, and the CPU every other process on the machine used during the window
   (/proc/stat minus ours), since everything shares the same cores.
 
-    python bench/prober.py --endpoints 1000 5000 10000 --modes http-keepalive http-close tcp \\
+    python bench/prober_load.py --endpoints 1000 5000 10000 --modes http-keepalive http-close tcp \\
         [--interval 1s] [--timeout 0.5s] [--duration 15] [--warmup 5] [--backends 2] [--json out.json]
-    python bench/prober.py --report out.json      # the table of an earlier run, nothing run
+    python bench/prober_load.py --report out.json      # the table of an earlier run, nothing run
 
 `--profile DIR` records the prober with py-spy during the window; `--experiment a,b` runs the
 prober the previous way (see "experiments" below), to compare with the shipped code in one run.
