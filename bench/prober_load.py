@@ -49,8 +49,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and this very module would shadow
-# the `prober` package. Put the repository root there instead (spawned children inherit it).
+# Run as a script, this file's folder comes first on sys.path; put the repository root there
+# instead (spawned children inherit it), so that its packages, not bench's files, are imported.
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
