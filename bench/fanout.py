@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import datetime
 import gc
 import json
@@ -41,10 +40,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +51,8 @@ from typing import Any
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
+
+from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands  # noqa: E402
 
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 CLUSTER = "web"
@@ -69,27 +69,7 @@ TOPOLOGY: dict[str, Any] = {
     "listeners": [{"name": "ingress", "port": 10000, "routes": [{"cluster": CLUSTER}]}],
 }
 
-Handler = Callable[[tuple[Any, ...]], Awaitable[Any]]
-
-
 # --------------------------------------------------------------------------- process plumbing
-
-
-def _child_setup() -> None:
-    """Leave Ctrl-C to the parent, die with it, and allow thousands of sockets."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    _raise_fd_limit()
-
-
-def _raise_fd_limit() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _cpu_seconds() -> float:
@@ -112,46 +92,8 @@ def _machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-async def _serve_commands(conn: Connection, handle: Handler) -> None:
-    """Answer the parent's (command, *args) tuples one at a time until "stop" or EOF."""
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):
-            loop.remove_reader(conn.fileno())
-            inbox.put_nowait(None)
-
-    loop.add_reader(conn.fileno(), readable)
-    try:
-        while (message := await inbox.get()) is not None:
-            reply = await handle(message)
-            try:
-                conn.send(reply)
-            except OSError:  # the parent is gone or gave up on us
-                return
-            if message[0] == "stop":
-                return
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            loop.remove_reader(conn.fileno())
-
-
-# --------------------------------------------------------------------------- server process
-
-
 def server_main(conn: Connection) -> None:
-    _child_setup()
+    child_setup()
     asyncio.run(_server(conn))
 
 
@@ -199,7 +141,7 @@ async def _server(conn: Connection) -> None:
     watch = AckWatch(cp.ads.callbacks)
     cp.ads.callbacks = watch
     await cp.start()
-    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "rss_kb": _rss_kb()})
+    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "rss_kb": rss_kb()})
     flips = 0
 
     def eds_states() -> list[TypeState]:
@@ -215,7 +157,7 @@ async def _server(conn: Connection) -> None:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # the last streams' buffers and tasks settle
-        return {"streams": len(cp.ads.streams), "acked": acked, "rss_kb": _rss_kb()}
+        return {"streams": len(cp.ads.streams), "acked": acked, "rss_kb": rss_kb()}
 
     async def push(expected: int, limit: float) -> dict[str, Any]:
         """One verdict; returns when `expected` clients ACKed it (or `limit` passed)."""
@@ -262,7 +204,7 @@ async def _server(conn: Connection) -> None:
         raise ValueError(f"unknown command {command!r}")
 
     try:
-        await _serve_commands(conn, handle)
+        await serve_commands(conn, handle)
     finally:
         await cp.aclose(grace=0)
 
@@ -271,7 +213,7 @@ async def _server(conn: Connection) -> None:
 
 
 def worker_main(conn: Connection, port: int, first: int, count: int, per_channel: int, bdp_probe: bool) -> None:
-    _child_setup()
+    child_setup()
     asyncio.run(_clients(conn, port, first, count, per_channel, bdp_probe))
 
 
@@ -372,7 +314,7 @@ async def _clients(conn: Connection, port: int, first: int, count: int, per_chan
         raise ValueError(f"unknown command {command!r}")
 
     try:
-        await _serve_commands(conn, handle)
+        await serve_commands(conn, handle)
     finally:
         for task in tasks:
             task.cancel()
@@ -381,47 +323,6 @@ async def _clients(conn: Connection, port: int, first: int, count: int, per_chan
 
 
 # --------------------------------------------------------------------------- parent
-
-
-class Child:
-    """A child process and the parent's end of its command pipe."""
-
-    def __init__(self, ctx: Any, name: str, target: Callable[..., None], *args: Any) -> None:
-        self.conn, child_conn = ctx.Pipe()
-        self.name = name
-        self.process: BaseProcess = ctx.Process(target=target, args=(child_conn, *args), name=name, daemon=True)
-        self.process.start()
-        child_conn.close()
-
-    def send(self, *message: Any) -> None:
-        self.conn.send(message)
-
-    def recv(self, limit: float) -> Any:
-        if not self.conn.poll(limit):
-            raise TimeoutError(f"{self.name}: no answer within {limit:.0f} s")
-        try:
-            return self.conn.recv()
-        except EOFError:
-            self.process.join(1)
-            raise RuntimeError(f"{self.name} exited (code {self.process.exitcode}); see its traceback above") from None
-
-    def ask(self, *message: Any, limit: float) -> Any:
-        self.send(*message)
-        return self.recv(limit)
-
-    def close(self) -> None:
-        """Ask the child to stop, then terminate and kill it if it does not; safe to call twice."""
-        if self.process.is_alive() and not self.conn.closed:
-            with contextlib.suppress(OSError, TimeoutError, EOFError, RuntimeError):
-                self.ask("stop", limit=5)
-        self.conn.close()
-        self.process.join(3)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(3)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
 
 
 @dataclass
@@ -725,7 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    _raise_fd_limit()
+    raise_fd_limit()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     signal.signal(signal.SIGTERM, on_sigterm)
     ctx = mp.get_context("spawn")  # children start clean: no gRPC state forked from the parent

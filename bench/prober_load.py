@@ -57,8 +57,6 @@ sys.path.insert(0, str(_HERE.parent))
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import contextlib  # noqa: E402
-import ctypes  # noqa: E402
 import datetime  # noqa: E402
 import errno  # noqa: E402
 import gc  # noqa: E402
@@ -74,11 +72,12 @@ import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from collections.abc import Awaitable, Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from multiprocessing.connection import Connection  # noqa: E402
-from multiprocessing.process import BaseProcess  # noqa: E402
 from typing import Any  # noqa: E402
+
+from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands  # noqa: E402
 
 MODES = ("http-keepalive", "http-close", "tcp")
 BASE_PORT = 21000  # well below the ephemeral range (32768+), so no outgoing connection holds one
@@ -87,40 +86,12 @@ CLUSTER_SIZE = 100
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
 RESPONSE_CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK"
 
-Handler = Callable[[tuple[Any, ...]], Awaitable[Any]]
-
-
 # --------------------------------------------------------------------------- process plumbing
-
-
-def _child_setup() -> None:
-    """Leave Ctrl-C to the parent, die with it, and allow thousands of sockets."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    _raise_fd_limit()
-
-
-def _raise_fd_limit() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _cpu() -> tuple[float, float]:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime, ru.ru_stime
-
-
-def _rss_kb() -> int:
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def _machine_busy_s() -> tuple[float, float]:
@@ -130,74 +101,6 @@ def _machine_busy_s() -> tuple[float, float]:
     tick = os.sysconf("SC_CLK_TCK")
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
     return (sum(fields[:8]) - idle) / tick, time.monotonic()
-
-
-async def _serve_commands(conn: Connection, handle: Handler) -> None:
-    """Answer the parent's (command, *args) tuples one at a time until "stop" or EOF."""
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
-
-    def readable() -> None:
-        try:
-            inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):
-            loop.remove_reader(conn.fileno())
-            inbox.put_nowait(None)
-
-    loop.add_reader(conn.fileno(), readable)
-    try:
-        while (message := await inbox.get()) is not None:
-            reply = await handle(message)
-            try:
-                conn.send(reply)
-            except OSError:
-                return
-            if message[0] == "stop":
-                return
-    finally:
-        with contextlib.suppress(OSError, ValueError):
-            loop.remove_reader(conn.fileno())
-
-
-class Child:
-    """A spawned process and its command pipe."""
-
-    def __init__(self, ctx: Any, name: str, target: Callable[..., None], *args: Any) -> None:
-        self.name = name
-        self.conn, child_conn = ctx.Pipe()
-        self.process: BaseProcess = ctx.Process(target=target, args=(child_conn, *args), name=name, daemon=True)
-        self.process.start()
-        child_conn.close()
-
-    def send(self, *message: Any) -> None:
-        self.conn.send(message)
-
-    def recv(self, limit: float) -> Any:
-        if not self.conn.poll(limit):
-            raise TimeoutError(f"{self.name}: no answer within {limit:.0f} s")
-        try:
-            return self.conn.recv()
-        except EOFError:
-            self.process.join(1)
-            raise RuntimeError(f"{self.name} exited (code {self.process.exitcode}); see its traceback above") from None
-
-    def ask(self, *message: Any, limit: float) -> Any:
-        self.send(*message)
-        return self.recv(limit)
-
-    def close(self) -> None:
-        """Ask the child to stop, then terminate and kill it if it does not; safe to call twice."""
-        if self.process.is_alive() and not self.conn.closed:
-            with contextlib.suppress(OSError, TimeoutError, EOFError, RuntimeError):
-                self.ask("stop", limit=10)
-        self.conn.close()
-        self.process.join(3)
-        if self.process.is_alive():
-            self.process.terminate()
-            self.process.join(3)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
 
 
 # --------------------------------------------------------------------------- backend process
@@ -258,7 +161,7 @@ def _bind(host: str, port: int) -> socket.socket | None:
 
 
 def backend_main(conn: Connection, index: int, count: int) -> None:
-    _child_setup()
+    child_setup()
     asyncio.run(_backend(conn, index, count))
 
 
@@ -291,7 +194,7 @@ async def _backend(conn: Connection, index: int, count: int) -> None:
             return "stopped"
         raise ValueError(f"unknown command {message[0]!r}")
 
-    await _serve_commands(conn, handle)
+    await serve_commands(conn, handle)
 
 
 # --------------------------------------------------------------------------- prober process
@@ -334,7 +237,7 @@ def topology_document(
 
 
 def prober_main(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
-    _child_setup()
+    child_setup()
     asyncio.run(_prober(conn, mode, endpoints, opt))
 
 
@@ -365,11 +268,11 @@ async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]],
     await asyncio.sleep(0.2)
     await empty.aclose()
     gc.collect()
-    rss_base = _rss_kb()
+    rss_base = rss_kb()
 
     topology = parse_topology(topology_document(mode, endpoints, opt["interval"], opt["timeout"]))
     gc.collect()
-    rss_topology = _rss_kb()
+    rss_topology = rss_kb()
 
     experiments = set(filter(None, (opt.get("experiment") or "").split(",")))
     sink = CountingSink()
@@ -409,7 +312,7 @@ async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]],
             "gc": gcs,
             "gc_s": gc_s,
             "gc_max_s": gc_max,
-            "rss_kb": _rss_kb(),
+            "rss_kb": rss_kb(),
             "checks": stats.checks_started,
             "inconclusive": stats.inconclusive,
             "in_flight": stats.in_flight,
@@ -451,7 +354,7 @@ async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]],
         raise ValueError(f"unknown command {message[0]!r}")
 
     try:
-        await _serve_commands(conn, handle)
+        await serve_commands(conn, handle)
     finally:
         await prober.aclose()
 
@@ -825,7 +728,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    fd_limit = _raise_fd_limit()
+    fd_limit = raise_fd_limit()
     need = max(args.endpoints) + 100
     if fd_limit < need:
         log(f"warning: RLIMIT_NOFILE is {fd_limit}; a keep-alive prober needs about {need} descriptors")

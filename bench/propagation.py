@@ -42,8 +42,9 @@ if str(_HERE.parent) not in sys.path:
 if str(_HERE) not in sys.path:
     sys.path.append(str(_HERE))
 
-# The process plumbing of the fan-out benchmark: children that die with the parent, command pipes.
-from fanout import Child, _child_setup, _cpu_seconds, _raise_fd_limit, _rss_kb, _serve_commands  # noqa: E402
+from fanout import _cpu_seconds  # noqa: E402
+
+from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands  # noqa: E402
 
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 CLUSTER = "web"
@@ -70,7 +71,7 @@ def topology(propagation: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def server_main(conn: Connection, propagation: dict[str, Any] | None) -> None:
-    _child_setup()
+    child_setup()
     asyncio.run(_server(conn, propagation))
 
 
@@ -136,7 +137,7 @@ async def _server(conn: Connection, propagation: dict[str, Any] | None) -> None:
     tracker.on_request = timed(tracker.on_request)  # type: ignore[method-assign]
     tracker.on_snapshot = timed(tracker.on_snapshot)  # type: ignore[method-assign]
     await cp.start()
-    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "rss_kb": _rss_kb()})
+    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "rss_kb": rss_kb()})
     flips = 0
 
     def measuring(on: bool) -> None:
@@ -156,7 +157,7 @@ async def _server(conn: Connection, propagation: dict[str, Any] | None) -> None:
                 1 for s in cp.nodes.streams() if (ts := s.types.get(EDS)) is not None and ts.acked_version == current
             )
             if acked >= expected or time.monotonic() > deadline:
-                return {"acked": acked, "rss_kb": _rss_kb()}
+                return {"acked": acked, "rss_kb": rss_kb()}
             await asyncio.sleep(0.05)
 
     async def push(expected: int, on: bool, limit: float) -> dict[str, Any]:
@@ -207,7 +208,7 @@ async def _server(conn: Connection, propagation: dict[str, Any] | None) -> None:
         raise ValueError(f"unknown command {command!r}")
 
     try:
-        await _serve_commands(conn, handle)
+        await serve_commands(conn, handle)
     finally:
         await cp.aclose(grace=0)
 
@@ -216,7 +217,7 @@ async def _server(conn: Connection, propagation: dict[str, Any] | None) -> None:
 
 
 def worker_main(conn: Connection, port: int, prefix: str, count: int, batch: int) -> None:
-    _child_setup()
+    child_setup()
     asyncio.run(_worker(conn, port, prefix, count, batch))
 
 
@@ -238,7 +239,7 @@ async def _worker(conn: Connection, port: int, prefix: str, count: int, batch: i
         raise ValueError(f"unknown command {command!r}")
 
     try:
-        await _serve_commands(conn, handle)
+        await serve_commands(conn, handle)
     finally:
         await fleet.aclose()
 
@@ -374,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    _raise_fd_limit()
+    raise_fd_limit()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_sigterm)
     ctx = mp.get_context("spawn")

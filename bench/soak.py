@@ -37,18 +37,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/fanout.py, as a sibling module
-from fanout import (
-    CLUSTER,
-    EDS,
-    FLIPPED,
-    TOPOLOGY,
-    Child,
-    _child_setup,
-    _percentile,
-    _raise_fd_limit,
-    _rss_kb,
-    _serve_commands,
-)
+from fanout import CLUSTER, EDS, FLIPPED, TOPOLOGY, _percentile
+
+from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands
 
 RSS_SAMPLE_S = 5.0
 
@@ -57,7 +48,7 @@ RSS_SAMPLE_S = 5.0
 
 
 def server_main(conn: Connection) -> None:
-    _child_setup()
+    child_setup()
     asyncio.run(_server(conn))
 
 
@@ -112,7 +103,7 @@ async def _server(conn: Connection) -> None:
     ledger = Ledger(cp.ads.callbacks)
     cp.ads.callbacks = ledger
     await cp.start()
-    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "rss_kb": _rss_kb()})
+    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "rss_kb": rss_kb()})
     flips = 0
 
     def eds_version() -> str:
@@ -146,7 +137,7 @@ async def _server(conn: Connection) -> None:
             if acked >= expected or time.monotonic() - t0 > limit:
                 break
             await asyncio.sleep(0.02)
-        return {"acked": acked, "seconds": time.monotonic() - t0, "streams": len(cp.ads.streams), "rss_kb": _rss_kb()}
+        return {"acked": acked, "seconds": time.monotonic() - t0, "streams": len(cp.ads.streams), "rss_kb": rss_kb()}
 
     async def soak(seconds: float, interval: float) -> dict[str, Any]:
         t0 = time.monotonic()
@@ -180,7 +171,7 @@ async def _server(conn: Connection) -> None:
                 if now - t0 >= seconds:
                     break
             if now >= next_sample:
-                rss.append(_rss_kb())
+                rss.append(rss_kb())
                 next_sample += RSS_SAMPLE_S
             if now >= next_flip:
                 flip()
@@ -219,7 +210,7 @@ async def _server(conn: Connection) -> None:
         raise ValueError(f"unknown command {command!r}")
 
     try:
-        await _serve_commands(conn, handle)
+        await serve_commands(conn, handle)
     finally:
         await cp.aclose(grace=0)
 
@@ -228,7 +219,7 @@ async def _server(conn: Connection) -> None:
 
 
 def worker_main(conn: Connection, port: int, first: int, count: int) -> None:
-    _child_setup()
+    child_setup()
     asyncio.run(_clients(conn, port, first, count))
 
 
@@ -335,7 +326,7 @@ async def _clients(conn: Connection, port: int, first: int, count: int) -> None:
         raise ValueError(f"unknown command {command!r}")
 
     try:
-        await _serve_commands(conn, handle)
+        await serve_commands(conn, handle)
     finally:
         await drop()
 
@@ -360,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_sigterm(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
-    _raise_fd_limit()
+    raise_fd_limit()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_sigterm)
     ctx = mp.get_context("spawn")

@@ -1,0 +1,115 @@
+"""Process plumbing the benchmarks share (a module, not a benchmark).
+
+Each benchmark runs its servers and clients in spawned processes, driven by (command, *args)
+tuples over a pipe: `Child` is the parent's end, `serve_commands` the child's loop. Every child
+ignores SIGINT, dies with its parent (PR_SET_PDEATHSIG) and exits when its pipe closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import resource
+import signal
+from collections.abc import Awaitable, Callable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+Handler = Callable[[tuple[Any, ...]], Awaitable[Any]]
+
+
+def child_setup() -> None:
+    """Leave Ctrl-C to the parent, die with it, and allow thousands of sockets."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    raise_fd_limit()
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit on open files as far as allowed; the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kb() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+async def serve_commands(conn: Connection, handle: Handler) -> None:
+    """Answer the parent's (command, *args) tuples one at a time until "stop" or EOF."""
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            inbox.put_nowait(None)
+
+    loop.add_reader(conn.fileno(), readable)
+    try:
+        while (message := await inbox.get()) is not None:
+            reply = await handle(message)
+            try:
+                conn.send(reply)
+            except OSError:  # the parent is gone or gave up on us
+                return
+            if message[0] == "stop":
+                return
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(conn.fileno())
+
+
+class Child:
+    """A spawned process and the parent's end of its command pipe."""
+
+    def __init__(self, ctx: Any, name: str, target: Callable[..., None], *args: Any) -> None:
+        self.name = name
+        self.conn, child_conn = ctx.Pipe()
+        self.process: BaseProcess = ctx.Process(target=target, args=(child_conn, *args), name=name, daemon=True)
+        self.process.start()
+        child_conn.close()
+
+    def send(self, *message: Any) -> None:
+        self.conn.send(message)
+
+    def recv(self, limit: float) -> Any:
+        if not self.conn.poll(limit):
+            raise TimeoutError(f"{self.name}: no answer within {limit:.0f} s")
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(1)
+            raise RuntimeError(f"{self.name} exited (code {self.process.exitcode}); see its traceback above") from None
+
+    def ask(self, *message: Any, limit: float) -> Any:
+        self.send(*message)
+        return self.recv(limit)
+
+    def close(self, stop_limit: float = 10) -> None:
+        """Ask the child to stop, then terminate and kill it if it does not; safe to call twice."""
+        if self.process.is_alive() and not self.conn.closed:
+            with contextlib.suppress(OSError, TimeoutError, EOFError, RuntimeError):
+                self.ask("stop", limit=stop_limit)
+        self.conn.close()
+        self.process.join(3)
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(3)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
