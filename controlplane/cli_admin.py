@@ -166,7 +166,24 @@ def events_table(events: Sequence[dict[str, Any]]) -> str:
     return table(["TIME", "KIND", "EVENT"], rows)
 
 
-def status_text(snapshot: dict[str, Any], endpoints: Any, nodes: Any, events: Any, now: float) -> str:
+def alarms_table(alarms: Sequence[dict[str, Any]], now: float) -> str:
+    rows = [
+        [
+            a["id"],
+            a["kind"],
+            a["subject"],
+            f"{_ago(a['raised_at'], now)} ago",
+            "active" if a["active"] else a["resolution"],
+            a["message"][:90],
+        ]
+        for a in alarms
+    ]
+    return table(["ID", "KIND", "SUBJECT", "RAISED", "STATE", "MESSAGE"], rows)
+
+
+def status_text(
+    snapshot: dict[str, Any], endpoints: Any, nodes: Any, events: Any, now: float, alarms: Any = None
+) -> str:
     cause = snapshot["cause"]
     head = (
         f"healthplane version {snapshot['version']} ({cause['kind']}: {cause['detail'][:80]}, "
@@ -175,8 +192,17 @@ def status_text(snapshot: dict[str, Any], endpoints: Any, nodes: Any, events: An
     probers = snapshot.get("probers") or {}
     if probers and not probers.get("connected"):
         head += f"\n{probers.get('note')}"
+    active = (alarms or {}).get("active") or []
     parts = [
         head,
+        *(
+            [
+                "ALARMS (healthplane alarms; accept a held mass failure: healthplane accept ID):\n"
+                + alarms_table(active, now)
+            ]
+            if active
+            else []
+        ),
         clusters_table(endpoints["endpoints"]),
         nodes_table(nodes["nodes"], snapshot["version"]) if nodes["nodes"] else "no nodes connected",
         "recent events:\n" + events_table(events["events"]) if events["events"] else "no events",
@@ -201,10 +227,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     endpoints = client.get("/endpoints")
     nodes = client.get("/nodes")
     events = client.get(f"/events?limit={args.events}")
+    alarms = client.get("/alarms")
     if args.json:
-        _print_json({"snapshot": snapshot, "endpoints": endpoints, "nodes": nodes, "events": events})
+        _print_json({"snapshot": snapshot, "endpoints": endpoints, "nodes": nodes, "events": events, "alarms": alarms})
     else:
-        print(status_text(snapshot, endpoints, nodes, events, time.time()), end="")
+        print(status_text(snapshot, endpoints, nodes, events, time.time(), alarms), end="")
+    return 0
+
+
+def cmd_alarms(args: argparse.Namespace) -> int:
+    body = _client(args).get("/alarms")
+    shown = body["alarms"] if args.all else body["active"]
+    if args.json:
+        _print_json(body)
+    elif shown:
+        print(alarms_table(shown, time.time()))
+    else:
+        print("no active alarms" + ("" if args.all else " (--all shows the resolved ones)"))
+    return 0
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    body = _client(args).call("POST", f"/alarms/{urllib.parse.quote(args.alarm, safe='')}/accept", {})
+    if args.json:
+        _print_json(body)
+    else:
+        alarm = body["alarm"]
+        changed = "new version" if body["changed"] else "unchanged, version"
+        what = f"alarm {alarm['id']} ({alarm['kind']} {alarm['subject']})"
+        print(f"{what} {alarm['resolution']}; {changed} {body['version']}")
+    return 0
+
+
+def cmd_forget_prober(args: argparse.Namespace) -> int:
+    body = _client(args).call("DELETE", f"/probers/{urllib.parse.quote(args.prober, safe='')}")
+    if args.json:
+        _print_json(body)
+    else:
+        changed = "new version" if body["changed"] else "unchanged, version"
+        print(f"prober {body['forgotten']} forgotten; {changed} {body['version']}")
     return 0
 
 
@@ -263,6 +324,18 @@ def add_admin_commands(sub: Any) -> None:
 
     p = sub.add_parser("nodes", parents=[common], help="connected Envoys: versions ACKed, lag, last NACK")
     p.set_defaults(func=cmd_nodes)
+
+    p = sub.add_parser("alarms", parents=[common], help="active alarms: stale probers, held mass failures")
+    p.add_argument("--all", action="store_true", help="the recently resolved ones too")
+    p.set_defaults(func=cmd_alarms)
+
+    p = sub.add_parser("accept", parents=[common], help="apply the failures an active mass_failure alarm held")
+    p.add_argument("alarm", metavar="ALARM_ID")
+    p.set_defaults(func=cmd_accept)
+
+    p = sub.add_parser("forget-prober", parents=[common], help="forget a disconnected prober for good")
+    p.add_argument("prober", metavar="PROBER_ID")
+    p.set_defaults(func=cmd_forget_prober)
 
     p = sub.add_parser("override", parents=[common], help="pin an endpoint's status (auto clears the pin)")
     p.add_argument("cluster")

@@ -97,3 +97,44 @@ async def test_status_endpoints_nodes_and_override(lab: Lab, backends: list[Demo
 async def test_unreachable_admin_api_is_a_clear_error() -> None:
     code, _, err = await healthplane("status", "--admin", f"http://127.0.0.1:{free_port()}")
     assert code == 2 and "cannot reach the admin API at http://127.0.0.1:" in err
+
+
+async def test_alarms_accept_and_forget_prober_commands() -> None:
+    from controlplane.app import ControlPlane
+    from controlplane.health import HealthStatus, Verdict
+    from controlplane.topology import parse_topology
+
+    token = "cli-token-456"
+    document = {
+        "controlplane": {"xds": {"port": 0}, "admin": {"port": 0, "token": token}},
+        "clusters": [{"name": "web", "endpoints": [{"address": "10.0.0.1", "port": 8000 + j} for j in range(4)]}],
+    }
+    async with ControlPlane(parse_topology(document)) as cp:
+        admin = f"http://127.0.0.1:{cp.admin_port}"
+        code, out, err = await healthplane("alarms", "--admin", admin)
+        assert (code, out) == (0, "no active alarms (--all shows the resolved ones)\n"), err
+
+        # The prober loses its network: every endpoint fails at once, and the guard holds them.
+        down = [
+            Verdict("web", f"10.0.0.1:{8000 + j}", HealthStatus.UNHEALTHY, "connect timeout", source="prober:a")
+            for j in range(4)
+        ]
+        assert cp.submit_verdicts(down) is None
+        [alarm] = cp.faults.alarms.active("mass_failure")
+
+        code, out, err = await healthplane("status", "--admin", admin)
+        assert code == 0, err
+        assert "ALARMS" in out and re.search(rf"^{alarm.id} +mass_failure +web +", out, re.M), out
+        code, out, err = await healthplane("alarms", "--admin", admin)
+        assert code == 0 and re.search(rf"^{alarm.id} +mass_failure +web .* active ", out, re.M), out
+
+        code, out, err = await healthplane("accept", str(alarm.id), "--admin", admin)
+        assert code == 2 and "401" in err
+        code, out, err = await healthplane("accept", str(alarm.id), "--admin", admin, "--token", token)
+        assert code == 0, err
+        assert out.startswith(f"alarm {alarm.id} (mass_failure web) accepted by cli:")
+        assert f"new version {cp.snapshot.version}" in out
+        assert cp.health.status("web", "10.0.0.1:8000") is HealthStatus.UNHEALTHY
+
+        code, out, err = await healthplane("forget-prober", "ghost", "--admin", admin, "--token", token)
+        assert code == 2 and "404" in err and "no remote prober 'ghost'" in err
