@@ -6,12 +6,13 @@
 
 `parse_security` validates those fields (as part of `parse_topology`, with the same field paths
 in its errors); `SecurityConfig` is the result. The rest turns it into gRPC server options,
-credentials and an `ssl.SSLContext`, and keeps the per-peer stream count. Certificates are read
-when a port is bound, so a renewed file is picked up at the next start.
+credentials and an `ssl.SSLContext`, and keeps the per-peer stream count. The xDS port reads its
+certificate files again when they change (`RotatingCertificate`); the admin port's are read at start.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from controlplane.errors import ConfigError, ProtocolError
 
 if TYPE_CHECKING:
     from controlplane.topology import _Field
+
+log = logging.getLogger("healthplane.security")
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -220,9 +223,54 @@ def bind_xds(server: grpc.aio.Server, host: str, port: int, security: SecurityCo
     return bound
 
 
+class RotatingCertificate:
+    """The xDS port's certificate files, read again when they change (a renewed certificate is
+    served from the next handshake, no restart). gRPC core calls `fetch` on each handshake."""
+
+    def __init__(self, tls: TlsFiles, where: str) -> None:
+        self.tls, self.where = tls, where
+        self.reloads = 0
+        self._stamp = self._mtimes()
+        self.initial = self._configuration()
+
+    def _paths(self) -> list[Path]:
+        return [p for p in (self.tls.cert, self.tls.key, self.tls.client_ca) if p is not None]
+
+    def _mtimes(self) -> tuple[int, ...]:
+        return tuple(p.stat().st_mtime_ns for p in self._paths())
+
+    def _configuration(self) -> Any:
+        cert, key, ca = self.tls.read(self.where)
+        # A cert and key that do not match (half-way through a rotation) would fail every
+        # handshake: check the pair before serving it.
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls.cert, self.tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the certificate and key: {exc}", path=f"{self.where}.tls") from None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def fetch(self) -> Any:
+        """A new configuration when the files changed and are a valid pair; None keeps the current one."""
+        try:
+            stamp = self._mtimes()
+            if stamp == self._stamp:
+                return None
+            configuration = self._configuration()
+        except (OSError, ConfigError) as exc:
+            # Mid-rotation or broken: keep serving the last good certificate, try again next handshake.
+            log.warning("%s.tls: keeping the current certificate: %s", self.where, exc)
+            return None
+        self._stamp = stamp
+        self.reloads += 1
+        log.info("%s.tls: serving the renewed certificate %s", self.where, self.tls.cert)
+        return configuration
+
+
 def server_credentials(tls: TlsFiles, where: str) -> grpc.ServerCredentials:
-    cert, key, ca = tls.read(where)
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+    rotating = RotatingCertificate(tls, where)
+    return grpc.dynamic_ssl_server_credentials(
+        rotating.initial, rotating.fetch, require_client_authentication=tls.client_ca is not None
+    )
 
 
 def channel_credentials(

@@ -26,7 +26,7 @@ from healthplane.v1 import prober_pb2
 from lab.envoyproc import EnvoyProcess, free_port, poll_until
 from prober.link import ControlPlaneLink
 from prober.scheduler import Prober
-from tests.controlplane.certs import Certs, make_certs
+from tests.controlplane.certs import Certs, _signed, make_certs
 from tests.controlplane.xds_fuzz import HealthyNode
 
 READ_TOKEN = "read-token-123"
@@ -279,6 +279,39 @@ async def test_prober_names_keep_envoy_certificates_off_the_prober_link(certs: C
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await prober.aclose()
+
+
+async def test_a_renewed_xds_certificate_is_served_from_the_next_handshake(certs: Certs, tmp_path: Path) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "cp.pem", live / "cp.key"
+    cert.write_bytes(certs.server_cert.read_bytes())
+    key.write_bytes(certs.server_key.read_bytes())
+    doc = document(certs, client_ca=False)
+    doc["controlplane"]["xds"]["tls"] = {"cert": str(cert), "key": str(key)}
+    # The renewal is signed by another CA, so a client can tell which certificate it was served.
+    other_ca = certs.ca.parent / "rogue-ca.pem"
+    renewed = _signed(
+        tmp_path, "renewed", other_ca, certs.ca.parent / "rogue-ca.key", "/CN=healthplane",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )  # fmt: skip
+
+    async with serving(doc, tmp_path) as cp:
+
+        async def served_to(trusting: Path) -> str:
+            # A channel of its own: a new connection, so a new handshake.
+            options = [("grpc.use_local_subchannel_pool", 1)]
+            creds = channel_credentials(trusting, None, None)
+            async with grpc.aio.secure_channel(f"127.0.0.1:{cp.xds_port}", creds, options=options) as channel:
+                return await first_eds(channel)
+
+        assert await served_to(certs.ca)
+        key.write_bytes(renewed[1].read_bytes())  # half-way: a key that does not match the cert
+        assert await served_to(certs.ca)  # ...so the last good certificate is still served
+        cert.write_bytes(renewed[0].read_bytes())
+        assert await served_to(other_ca)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await served_to(certs.ca)
 
 
 def test_prober_names_need_a_client_ca(certs: Certs) -> None:
