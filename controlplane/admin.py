@@ -7,10 +7,13 @@ token is set (environment variable HEALTHPLANE_ADMIN_TOKEN).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import os
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -27,8 +30,10 @@ from controlplane.nodes import node_view
 
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
+    from controlplane.security import AdminCertificate
 
 TOKEN_ENV = "HEALTHPLANE_ADMIN_TOKEN"
+CERTIFICATE_KEY: web.AppKey[AdminCertificate] = web.AppKey("admin_certificate")
 
 
 @web.middleware
@@ -260,11 +265,30 @@ def create_admin_app(cp: ControlPlane) -> web.Application:
 
 async def start_admin(cp: ControlPlane, address: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve the admin API; returns the runner and the bound port."""
-    from controlplane.security import admin_ssl_context
+    from controlplane.security import ADMIN_CERT_POLL, AdminCertificate
 
     tls = cp.topology.controlplane.security.admin_tls
-    ssl_context = None if tls is None else admin_ssl_context(tls)
-    runner = web.AppRunner(create_admin_app(cp), access_log=None)
+    app = create_admin_app(cp)
+    ssl_context = None
+    if tls is not None:
+        certificate = AdminCertificate(tls)
+        ssl_context = certificate.context
+        app[CERTIFICATE_KEY] = certificate
+
+        async def watch_certificate(app: web.Application) -> AsyncIterator[None]:
+            async def poll() -> None:
+                while True:
+                    await asyncio.sleep(ADMIN_CERT_POLL)  # a timer: file renewals come with no event
+                    certificate.check()
+
+            task = asyncio.create_task(poll())
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+        app.cleanup_ctx.append(watch_certificate)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, address, port, ssl_context=ssl_context)
     try:

@@ -7,7 +7,8 @@
 `parse_security` validates those fields (as part of `parse_topology`, with the same field paths
 in its errors); `SecurityConfig` is the result. The rest turns it into gRPC server options,
 credentials and an `ssl.SSLContext`, and keeps the per-peer stream count. The xDS port reads its
-certificate files again when they change (`RotatingCertificate`); the admin port's are read at start.
+certificate files again when they change (`RotatingCertificate`), the admin port polls for them
+(`AdminCertificate`).
 """
 
 from __future__ import annotations
@@ -341,6 +342,41 @@ class PeerStreams:
 
 
 # --------------------------------------------------------------------------- the admin port
+
+
+class AdminCertificate:
+    """The admin API's SSLContext; `check` loads renewed certificate files into it (new
+    connections get them; the admin app polls every `ADMIN_CERT_POLL` seconds)."""
+
+    def __init__(self, tls: TlsFiles) -> None:
+        self.tls = tls
+        self.context = admin_ssl_context(tls)
+        self.reloads = 0
+        self._stamp = self._mtimes()
+
+    def _mtimes(self) -> tuple[int, ...]:
+        return tuple(p.stat().st_mtime_ns for p in (self.tls.cert, self.tls.key, self.tls.client_ca) if p is not None)
+
+    def check(self) -> bool:
+        """Load the files again if they changed and make a valid pair; True when they were loaded."""
+        try:
+            stamp = self._mtimes()
+            if stamp == self._stamp:
+                return False
+            admin_ssl_context(self.tls)  # a fresh context first: a half-written rotation is not served
+            self.context.load_cert_chain(self.tls.cert, self.tls.key)
+            if self.tls.client_ca is not None:
+                self.context.load_verify_locations(cafile=str(self.tls.client_ca))
+        except (OSError, ssl.SSLError, ConfigError) as exc:
+            log.warning("controlplane.admin.tls: keeping the current certificate: %s", exc)
+            return False
+        self._stamp = stamp
+        self.reloads += 1
+        log.info("controlplane.admin.tls: serving the renewed certificate %s", self.tls.cert)
+        return True
+
+
+ADMIN_CERT_POLL = 10.0
 
 
 def admin_ssl_context(tls: TlsFiles) -> ssl.SSLContext:

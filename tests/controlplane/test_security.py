@@ -326,6 +326,41 @@ def test_prober_names_need_a_client_ca(certs: Certs) -> None:
 # --------------------------------------------------------------------------- the admin port
 
 
+async def test_a_renewed_admin_certificate_is_loaded_without_a_restart(certs: Certs, tmp_path: Path) -> None:
+    from controlplane.admin import CERTIFICATE_KEY
+
+    live = tmp_path / "live"
+    live.mkdir()
+    cert, key = live / "admin.pem", live / "admin.key"
+    cert.write_bytes(certs.server_cert.read_bytes())
+    key.write_bytes(certs.server_key.read_bytes())
+    other_ca = certs.ca.parent / "rogue-ca.pem"
+    renewed = _signed(
+        tmp_path, "renewed-admin", other_ca, certs.ca.parent / "rogue-ca.key", "/CN=healthplane",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    )  # fmt: skip
+    async with serving(document(certs, admin={"tls": {"cert": str(cert), "key": str(key)}}), tmp_path) as cp:
+        certificate = cp._admin.app[CERTIFICATE_KEY]
+
+        async def healthz(trusting: Path) -> int:
+            context = ssl.create_default_context(cafile=str(trusting))
+            connector = aiohttp.TCPConnector(force_close=True)  # a new handshake each time
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async with session.get(f"https://127.0.0.1:{cp.admin_port}/healthz", ssl=context) as r:
+                    return r.status
+
+        assert await healthz(certs.ca) == 200
+        assert certificate.check() is False  # nothing changed
+        key.write_bytes(renewed[1].read_bytes())  # half-way: the key no longer matches the cert
+        assert certificate.check() is False
+        assert await healthz(certs.ca) == 200
+        cert.write_bytes(renewed[0].read_bytes())
+        assert certificate.check() is True  # what the admin app's poll calls every ADMIN_CERT_POLL s
+        assert await healthz(other_ca) == 200
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await healthz(certs.ca)
+
+
 async def test_admin_tls_read_token_change_token_and_body_limit(certs: Certs, tmp_path: Path) -> None:
     admin = {
         "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key)},
