@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -23,7 +21,9 @@ from controlplane.admin_api import add_routes, readiness
 from controlplane.admin_api import who as who_of
 from controlplane.admin_http import CP_KEY, error_response, json_response
 from controlplane.admin_propagation import add_propagation_routes, node_lag
+from controlplane.admin_security import authorize_change, guard
 from controlplane.errors import ConfigError
+from controlplane.faults_api import add_fault_routes
 from controlplane.health import HealthStatus
 from controlplane.metrics import CONTENT_TYPE
 from controlplane.nodes import node_view
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from controlplane.app import ControlPlane
     from controlplane.security import AdminCertificate
 
-TOKEN_ENV = "HEALTHPLANE_ADMIN_TOKEN"
 CERTIFICATE_KEY: web.AppKey[AdminCertificate] = web.AppKey("admin_certificate")
 
 
@@ -45,16 +44,6 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if exc.status >= 400 and exc.content_type != "application/json":
             return error_response(exc.status, exc.reason)
         raise
-
-
-def _authorize(request: web.Request) -> web.Response | None:
-    token = request.app[CP_KEY].topology.controlplane.admin_token or os.environ.get(TOKEN_ENV, "")
-    if not token:
-        return None
-    given = request.headers.get("Authorization", "")
-    if not given.startswith("Bearer ") or not hmac.compare_digest(given[7:].encode(), token.encode()):
-        return error_response(401, "this change needs Authorization: Bearer <token>")
-    return None
 
 
 def _split_endpoint(text: str) -> tuple[str, int] | None:
@@ -160,7 +149,7 @@ async def node(request: web.Request) -> web.Response:
 
 
 async def override(request: web.Request) -> web.Response:
-    if (denied := _authorize(request)) is not None:
+    if (denied := authorize_change(request)) is not None:
         return denied
     cp = request.app[CP_KEY]
     cluster = request.match_info["cluster"]
@@ -202,7 +191,7 @@ async def override(request: web.Request) -> web.Response:
 
 
 async def reload_topology(request: web.Request) -> web.Response:
-    if (denied := _authorize(request)) is not None:
+    if (denied := authorize_change(request)) is not None:
         return denied
     cp = request.app[CP_KEY]
     try:
@@ -240,10 +229,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_admin_app(cp: ControlPlane) -> web.Application:
-    from controlplane.admin_security import guard
-
     limit = cp.topology.controlplane.security.admin_max_request_bytes
-    app = web.Application(middlewares=[_errors, guard(lambda r: r.app[CP_KEY])], client_max_size=limit)
+    app = web.Application(middlewares=[_errors, guard], client_max_size=limit)
     app[CP_KEY] = cp
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -256,10 +243,8 @@ def create_admin_app(cp: ControlPlane) -> web.Application:
     app.router.add_post("/endpoints/{cluster}/{endpoint}/override", override)
     app.router.add_post("/topology/reload", reload_topology)
     add_routes(app)
-    from controlplane.faults_api import add_fault_routes  # issue 7a; imports CP_KEY from here
-
     add_fault_routes(app)
-    add_propagation_routes(app)  # issue 5
+    add_propagation_routes(app)
     return app
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from controlplane.admin_http import control_plane, error_response, json_response
+from controlplane.admin_security import authorize_change
 from controlplane.admin_views import (
     CheckInfo,
     CheckLookup,
@@ -276,9 +277,7 @@ async def events_stream(request: web.Request) -> web.StreamResponse:
 
 async def put_topology(request: web.Request) -> web.Response:
     """Serve a whole new topology, validated exactly as the file is; nothing changes on any error."""
-    from controlplane.admin import _authorize
-
-    if (denied := _authorize(request)) is not None:
+    if (denied := authorize_change(request)) is not None:
         return denied
     cp = control_plane(request)
     raw = await request.read()

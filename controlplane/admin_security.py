@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from controlplane.admin_http import error_response
+from controlplane.admin_http import control_plane, error_response
 
 if TYPE_CHECKING:
     from controlplane.app import ControlPlane
@@ -34,31 +34,40 @@ def _matches(given: str, token: str | None) -> bool:
     return bool(token) and hmac.compare_digest(given.encode(), (token or "").encode())
 
 
-def guard(cp_of: Any) -> Any:
-    """The middleware; `cp_of(request)` returns the ControlPlane (its topology is read per request)."""
+def change_token(cp: ControlPlane) -> str:
+    """The bearer token changes need: `controlplane.admin.token`, else $HEALTHPLANE_ADMIN_TOKEN ("": none)."""
+    return cp.topology.controlplane.admin_token or os.environ.get(TOKEN_ENV, "")
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        cp: ControlPlane = cp_of(request)
-        config = cp.topology.controlplane
-        read_token = config.security.admin_read_token
-        change_token = config.admin_token or os.environ.get(TOKEN_ENV, "")
-        if read_token and request.path not in OPEN_PATHS:
-            given = _bearer(request)
-            if request.method in READS:
-                if not (_matches(given, read_token) or _matches(given, change_token)):
-                    return error_response(401, "reading needs Authorization: Bearer <read token>", "Authorization")
-            elif not change_token and not _matches(given, read_token):
-                return error_response(401, "this change needs Authorization: Bearer <token>", "Authorization")
-        try:
-            response: web.StreamResponse = await handler(request)
-            return response
-        except web.HTTPRequestEntityTooLarge:
-            limit = config.security.admin_max_request_bytes
-            return error_response(
-                413,
-                f"request body is over controlplane.admin.max_request_bytes ({limit})",
-                "controlplane.admin.max_request_bytes",
-            )
 
-    return middleware
+def authorize_change(request: web.Request) -> web.Response | None:
+    """None when the request may change something; else the 401 to answer (called by the change routes)."""
+    token = change_token(control_plane(request))
+    if token and not _matches(_bearer(request), token):
+        return error_response(401, "this change needs Authorization: Bearer <token>")
+    return None
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The read token and the request-size limit (the topology is read per request)."""
+    cp = control_plane(request)
+    config = cp.topology.controlplane
+    read_token = config.security.admin_read_token
+    if read_token and request.path not in OPEN_PATHS:
+        given = _bearer(request)
+        token = change_token(cp)
+        if request.method in READS:
+            if not (_matches(given, read_token) or _matches(given, token)):
+                return error_response(401, "reading needs Authorization: Bearer <read token>", "Authorization")
+        elif not token and not _matches(given, read_token):
+            return error_response(401, "this change needs Authorization: Bearer <token>", "Authorization")
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPRequestEntityTooLarge:
+        limit = config.security.admin_max_request_bytes
+        return error_response(
+            413,
+            f"request body is over controlplane.admin.max_request_bytes ({limit})",
+            "controlplane.admin.max_request_bytes",
+        )

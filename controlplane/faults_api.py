@@ -12,9 +12,9 @@ import json
 
 from aiohttp import web
 
-from controlplane.admin import _authorize
 from controlplane.admin_api import who
 from controlplane.admin_http import CP_KEY, error_response, json_response
+from controlplane.admin_security import authorize_change
 from controlplane.errors import ConfigError
 
 
@@ -30,7 +30,7 @@ async def alarms(request: web.Request) -> web.Response:
 
 
 async def accept_alarm(request: web.Request) -> web.Response:
-    if (denied := _authorize(request)) is not None:
+    if (denied := authorize_change(request)) is not None:
         return denied
     cp = request.app[CP_KEY]
     text = request.match_info["id"]
@@ -53,7 +53,7 @@ async def accept_alarm(request: web.Request) -> web.Response:
 
 
 async def forget_prober(request: web.Request) -> web.Response:
-    if (denied := _authorize(request)) is not None:
+    if (denied := authorize_change(request)) is not None:
         return denied
     cp = request.app[CP_KEY]
     prober_id = request.match_info["id"]
