@@ -50,6 +50,10 @@ class TlsFiles:
     def mutual(self) -> bool:
         return self.client_ca is not None
 
+    def stamp(self) -> tuple[int, ...]:
+        """The files' modification times: when they change, a renewal is there to load."""
+        return tuple(p.stat().st_mtime_ns for p in (self.cert, self.key, self.client_ca) if p is not None)
+
     def read(self, where: str) -> tuple[bytes, bytes, bytes | None]:
         """(cert, key, client_ca) bytes; ConfigError naming the field of a file that cannot be read."""
         out: list[bytes | None] = []
@@ -108,7 +112,7 @@ def parse_security(f: _Field) -> SecurityConfig:
         if xds_present
         else 0,
         admin_tls=_tls(admin.child("tls"), require_ca=False) if admin_present else None,
-        admin_read_token=_read_token(admin.child("read_token")) if admin_present else None,
+        admin_read_token=parse_token(admin.child("read_token")) if admin_present else None,
         admin_max_request_bytes=admin.child("max_request_bytes").integer(
             default=d.admin_max_request_bytes, lo=1024, hi=MAX_MESSAGE_CEILING
         )
@@ -155,7 +159,8 @@ def certificate_names(auth_context: dict[str, list[bytes]]) -> list[str]:
     return out
 
 
-def _read_token(f: _Field) -> str | None:
+def parse_token(f: _Field) -> str | None:
+    """An admin bearer token (`admin.token`, `admin.read_token`): 8 characters or more, no spaces."""
     if f.missing:
         return None
     token = f.string()
@@ -231,14 +236,8 @@ class RotatingCertificate:
     def __init__(self, tls: TlsFiles, where: str) -> None:
         self.tls, self.where = tls, where
         self.reloads = 0
-        self._stamp = self._mtimes()
+        self._stamp = tls.stamp()
         self.initial = self._configuration()
-
-    def _paths(self) -> list[Path]:
-        return [p for p in (self.tls.cert, self.tls.key, self.tls.client_ca) if p is not None]
-
-    def _mtimes(self) -> tuple[int, ...]:
-        return tuple(p.stat().st_mtime_ns for p in self._paths())
 
     def _configuration(self) -> Any:
         cert, key, ca = self.tls.read(self.where)
@@ -253,7 +252,7 @@ class RotatingCertificate:
     def fetch(self) -> Any:
         """A new configuration when the files changed and are a valid pair; None keeps the current one."""
         try:
-            stamp = self._mtimes()
+            stamp = self.tls.stamp()
             if stamp == self._stamp:
                 return None
             configuration = self._configuration()
@@ -352,15 +351,12 @@ class AdminCertificate:
         self.tls = tls
         self.context = admin_ssl_context(tls)
         self.reloads = 0
-        self._stamp = self._mtimes()
-
-    def _mtimes(self) -> tuple[int, ...]:
-        return tuple(p.stat().st_mtime_ns for p in (self.tls.cert, self.tls.key, self.tls.client_ca) if p is not None)
+        self._stamp = tls.stamp()
 
     def check(self) -> bool:
         """Load the files again if they changed and make a valid pair; True when they were loaded."""
         try:
-            stamp = self._mtimes()
+            stamp = self.tls.stamp()
             if stamp == self._stamp:
                 return False
             admin_ssl_context(self.tls)  # a fresh context first: a half-written rotation is not served
