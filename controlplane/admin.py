@@ -110,7 +110,7 @@ async def snapshot(request: web.Request) -> web.Response:
 
 def _probers(cp: ControlPlane) -> dict[str, Any]:
     """Where verdicts come from now: the embedded prober, connected probers, or nobody."""
-    link = getattr(cp, "prober_link", None)
+    link = cp.prober_link
     remote = [r.to_json() for r in link.probers.values()] if link is not None else []
     connected = cp.prober is not None or any(r["connected"] for r in remote)
     return {

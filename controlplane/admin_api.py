@@ -59,8 +59,8 @@ def who(request: web.Request, body: Any = None) -> str:
 def check_lookup(cp: ControlPlane) -> CheckLookup:
     """A function (cluster, endpoint) -> CheckInfo | None from the embedded prober or remote probers."""
     prober = cp.prober
-    link = getattr(cp, "prober_link", None)
-    remote: dict[tuple[str, str], CheckInfo] = getattr(link, "checks", {}) if link is not None else {}
+    link = cp.prober_link
+    remote: dict[tuple[str, str], CheckInfo] = link.checks if link is not None else {}
 
     def lookup(cluster: str, endpoint: str) -> CheckInfo | None:
         if prober is not None:
@@ -124,7 +124,7 @@ def readiness(cp: ControlPlane) -> list[str]:
             waiting.append(f"embedded prober: {len(unchecked)} endpoints not checked yet")
     elif cp.embedded_prober:
         waiting.append("embedded prober not started yet")
-    link = getattr(cp, "prober_link", None)
+    link = cp.prober_link
     remote = list(link.probers.values()) if link is not None else []
     if (remote or cp.expect_remote_prober) and not any(r.connected and r.full_state_at is not None for r in remote):
         waiting.append("no connected remote prober has sent its full state")

@@ -16,13 +16,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from controlplane.delaymodel import ModelledDelay, PropagationConfig
 from controlplane.errors import ConfigError
 from controlplane.events import EventLog
+from controlplane.faults import Faults
 from controlplane.health import HealthStatus, HealthStore, Verdict
 from controlplane.metrics import CallbackChain, Metrics, control_plane_state
 from controlplane.nodes import NodeRegistry
@@ -30,6 +31,9 @@ from controlplane.propagation import PropagationTracker, track_propagation
 from controlplane.server import SERVER_OPTIONS, AdsServer, SnapshotCache, create_server
 from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
 from controlplane.topology import Topology, keep_running_settings, load_topology, restart_only_changes
+
+if TYPE_CHECKING:
+    from controlplane.prober_link import ProberLinkService
 
 log = logging.getLogger("healthplane")
 
@@ -102,8 +106,8 @@ class ControlPlane:
         self.prober: Any = None  # the embedded prober.scheduler.Prober, when one runs here
         # Probers run elsewhere (`serve --no-prober`): /readyz waits for one's full state.
         self.expect_remote_prober = False
-        from controlplane.faults import Faults  # issue 7a: quorum, guard, persistence, alarms, watchdogs
-
+        # Remote probers' link, served on the xDS port once started (None before).
+        self.prober_link: ProberLinkService | None = None
         self.faults = Faults(self)
         self.faults.restore()
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)

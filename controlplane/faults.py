@@ -216,7 +216,7 @@ class Faults:
         The endpoints it voted on are decided again by the probers that remain (through the
         mass-failure guard, as any verdict). ConfigError (path `id`) if it is unknown or connected.
         """
-        link = getattr(self.cp, "prober_link", None)
+        link = self.cp.prober_link
         record = None if link is None else link.probers.get(prober_id)
         if link is None or record is None:
             raise ConfigError(f"no remote prober {prober_id!r} (GET /probers lists them)", path="id")
@@ -255,7 +255,7 @@ class Faults:
 
     def check_probers(self, now: float | None = None) -> None:
         """Raise or resolve the staleness alarm of each remote prober."""
-        link = getattr(self.cp, "prober_link", None)
+        link = self.cp.prober_link
         if link is None:
             return
         now = time.time() if now is None else now
@@ -325,7 +325,7 @@ class Faults:
         for cluster, verdicts in sorted(self.guard.held.items()):
             held.add_metric([cluster], len(verdicts))
         yield held
-        link = getattr(self.cp, "prober_link", None)
+        link = self.cp.prober_link
         if link is not None:
             age = GaugeMetricFamily(
                 "healthplane_prober_silence_seconds",

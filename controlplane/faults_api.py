@@ -60,7 +60,7 @@ async def forget_prober(request: web.Request) -> web.Response:
     try:
         snapshot = cp.faults.forget_prober(prober_id, who=who(request))
     except ConfigError as exc:
-        link = getattr(cp, "prober_link", None)
+        link = cp.prober_link
         known = link is not None and prober_id in link.probers
         return error_response(409 if known else 404, exc.message, exc.path)
     return json_response(
