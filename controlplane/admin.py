@@ -48,7 +48,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 def _split_endpoint(text: str) -> tuple[str, int] | None:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         return None
     return host.strip("[]"), int(port)
 

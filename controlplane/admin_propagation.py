@@ -30,7 +30,7 @@ def _tracker(request: web.Request) -> PropagationTracker | web.Response:
 
 def _limit(request: web.Request, default: int) -> int | web.Response:
     text = request.query.get("limit", str(default))
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         return error_response(400, "limit must be a whole number >= 1", "limit")
     return int(text)
 
@@ -76,7 +76,7 @@ async def propagation_page(request: web.Request) -> web.Response:
     if isinstance(limit, web.Response):
         return limit
     text = request.query.get("refresh", "0")
-    if not text.isdigit() or int(text) > 3600:
+    if not (text.isascii() and text.isdigit()) or int(text) > 3600:
         return error_response(400, "refresh must be 0..3600 seconds", "refresh")
     now = time.time()
     details = [r.detail(now) for r in tracker.recent(limit)]

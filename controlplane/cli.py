@@ -15,7 +15,7 @@ from controlplane.errors import ConfigError, HealthplaneError
 
 def _host_port(text: str, flag: str, *, lowest_port: int = 1) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not lowest_port <= int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or not lowest_port <= int(port) < 65536:
         raise ConfigError("must be HOST:PORT", path=flag)
     return host.strip("[]"), int(port)
 
@@ -129,7 +129,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
     from controlplane.bootstrap import bootstrap_yaml, make_bootstrap, xds_tls_from_args
 
     host, sep, port = args.xds.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ConfigError("must be HOST:PORT", path="--xds")
     text = bootstrap_yaml(
         make_bootstrap(

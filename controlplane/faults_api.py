@@ -34,7 +34,7 @@ async def accept_alarm(request: web.Request) -> web.Response:
         return denied
     cp = request.app[CP_KEY]
     text = request.match_info["id"]
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         return error_response(400, "alarm id must be an integer", "id")
     body = None
     if request.can_read_body:

@@ -155,7 +155,7 @@ async def poll_until(
 
 def _split_host_port(text: str) -> tuple[str, int] | None:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         return None
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]

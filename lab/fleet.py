@@ -277,7 +277,7 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
 def fleet_command(args: argparse.Namespace) -> int:
     """Run the fleet until Ctrl-C, printing each new version and how fast the fleet ACKed it."""
     host, sep, port = args.controlplane.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ConfigError("must be HOST:PORT", path="--controlplane")
     seen: dict[str, list[float]] = {}  # version -> answer times (EDS, CDS, LDS, RDS alike)
 

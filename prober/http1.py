@@ -198,7 +198,7 @@ class ResponseParser:
         del self._buffer[: end + 4]
         version, _, rest = lines[0].partition(" ")
         code = rest[:3]
-        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not (code.isascii() and code.isdigit()):
             raise HttpProtocolError(f"bad status line {lines[0][:60]!r}")
         status = int(code)
         length: int | None = None
@@ -211,7 +211,7 @@ class ResponseParser:
             lname = name.lower()
             value = value.strip()
             if lname == "content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
+                if not (value.isascii() and value.isdigit()) or (length is not None and int(value) != length):
                     raise HttpProtocolError(f"bad Content-Length {value[:20]!r}")
                 length = int(value)
             elif lname == "transfer-encoding":

@@ -459,3 +459,12 @@ async def test_a_prober_gone_for_good_is_forgotten_and_the_others_decide(
         assert cp.faults.store is not None
         assert {v.source for v in cp.faults.store.load().votes} == {"prober:east"}  # not back after a restart
         await probers["east"].aclose()
+
+
+async def test_an_alarm_id_of_non_ascii_digits_is_a_400(session: aiohttp.ClientSession) -> None:
+    # str.isdigit() accepts "¹", which int() refuses: this once answered 500 (found by the fuzzer).
+    async with ControlPlane(parse_topology(document(endpoints=2))) as cp:
+        code, body = await call(
+            cp, session, "POST", "/alarms/%C2%B9/accept", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert (code, body["field"]) == (400, "id")

@@ -81,6 +81,8 @@ def test_body_longer_than_max_body_is_bounded_and_incomplete() -> None:
     [
         (b"SSH-2.0-OpenSSH\r\n\r\n", "bad status line"),
         (b"HTTP/1.1 2x0 OK\r\n\r\n", "bad status line"),
+        (b"HTTP/1.1 2\xb90 OK\r\n\r\n", "bad status line"),  # latin-1 superscript one: isdigit(), not int()
+        (b"HTTP/1.1 200 OK\r\nContent-Length: \xb9\r\n\r\n", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", "bad Content-Length"),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "unsupported Transfer-Encoding"),
