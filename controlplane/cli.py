@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from controlplane.errors import ConfigError, HealthplaneError
 
 
-def _host_port(text: str, flag: str, *, lowest_port: int = 1) -> tuple[str, int]:
+def host_port(text: str, flag: str, *, lowest_port: int = 1) -> tuple[str, int]:
+    """A HOST:PORT command-line value ([IPv6]:PORT too); ConfigError naming `flag` otherwise."""
     host, sep, port = text.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()) or not lowest_port <= int(port) < 65536:
         raise ConfigError("must be HOST:PORT", path=flag)
@@ -57,7 +58,7 @@ def _prober(args: argparse.Namespace) -> int:
     from prober.link import ControlPlaneLink
     from prober.scheduler import Prober, tune_gc_for_checks
 
-    _host_port(args.controlplane, "--controlplane")
+    host_port(args.controlplane, "--controlplane")
     prober_id = args.id or socket.gethostname()
 
     credentials = None
@@ -72,7 +73,7 @@ def _prober(args: argparse.Namespace) -> int:
 
         from prober.metrics import CheckMetrics
 
-        host, port = _host_port(args.metrics, "--metrics", lowest_port=0)
+        host, port = host_port(args.metrics, "--metrics", lowest_port=0)
         registry = CollectorRegistry()
         check_metrics = CheckMetrics(registry, who=f"prober {prober_id}")
         try:
@@ -128,15 +129,13 @@ def _validate(args: argparse.Namespace) -> int:
 def _bootstrap(args: argparse.Namespace) -> int:
     from controlplane.bootstrap import bootstrap_yaml, make_bootstrap, xds_tls_from_args
 
-    host, sep, port = args.xds.rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ConfigError("must be HOST:PORT", path="--xds")
+    host, port = host_port(args.xds, "--xds")
     text = bootstrap_yaml(
         make_bootstrap(
             node_id=args.node_id,
             service=args.service,
-            xds_host=host.strip("[]"),
-            xds_port=int(port),
+            xds_host=host,
+            xds_port=port,
             admin_port=args.admin_port,
             admin_address=args.admin_address,
             zone=args.zone,

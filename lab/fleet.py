@@ -276,9 +276,9 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
 
 def fleet_command(args: argparse.Namespace) -> int:
     """Run the fleet until Ctrl-C, printing each new version and how fast the fleet ACKed it."""
-    host, sep, port = args.controlplane.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()):
-        raise ConfigError("must be HOST:PORT", path="--controlplane")
+    from controlplane.cli import host_port
+
+    host_port(args.controlplane, "--controlplane")
     seen: dict[str, list[float]] = {}  # version -> answer times (EDS, CDS, LDS, RDS alike)
 
     def on_answer(node: SimNode, received: Received) -> None:
