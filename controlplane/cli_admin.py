@@ -303,14 +303,20 @@ def cmd_override(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_admin_commands(sub: Any) -> None:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def admin_arguments() -> argparse.ArgumentParser:
+    """`--admin URL` and `--token T`, for every command that talks to the admin API (a parent parser)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
         "--admin",
         default=os.environ.get(ADMIN_ENV, DEFAULT_ADMIN),
         help=f"admin API base URL (default ${ADMIN_ENV} or {DEFAULT_ADMIN})",
     )
-    common.add_argument("--token", default=os.environ.get(TOKEN_ENV, ""), help=f"bearer token (default ${TOKEN_ENV})")
+    parent.add_argument("--token", default=os.environ.get(TOKEN_ENV, ""), help=f"bearer token (default ${TOKEN_ENV})")
+    return parent
+
+
+def add_admin_commands(sub: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False, parents=[admin_arguments()])
     common.add_argument("--json", action="store_true", help="print the admin API's JSON instead of a table")
 
     p = sub.add_parser("status", parents=[common], help="the fleet at a glance: clusters, nodes, recent events")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import time
 import urllib.parse
 from typing import Any
 
-from controlplane.cli_admin import ADMIN_ENV, DEFAULT_ADMIN, TOKEN_ENV, AdminClient
+from controlplane.cli_admin import AdminClient, admin_arguments
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -40,9 +39,9 @@ def add_propagation_commands(sub: Any) -> None:
 
     p = sub.add_parser("propagation", help="propagation of versions to nodes, from the admin API")
     commands = p.add_subparsers(dest="propagation_command", required=True)
-    r = commands.add_parser("report", help="write an HTML page charting the last versions' propagation")
-    r.add_argument("--admin", default=os.environ.get(ADMIN_ENV, DEFAULT_ADMIN), help="admin API base URL")
-    r.add_argument("--token", default=os.environ.get(TOKEN_ENV, ""), help=f"bearer token (default ${TOKEN_ENV})")
+    r = commands.add_parser(
+        "report", parents=[admin_arguments()], help="write an HTML page charting the last versions' propagation"
+    )
     r.add_argument("--versions", type=int, default=10, help="how many of the last versions (default 10)")
     r.add_argument("--out", "-o", default="propagation.html", help="the HTML file to write")
     r.set_defaults(func=cmd_report)
