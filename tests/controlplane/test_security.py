@@ -215,26 +215,33 @@ async def test_an_envoy_with_a_cert_from_another_ca_gets_nothing(certs: Certs, t
             assert await envoy.listeners() == []
 
 
+@contextlib.asynccontextmanager
+async def linked_prober(cp: ControlPlane, prober_id: str, creds: grpc.ChannelCredentials) -> AsyncIterator[None]:
+    """A real prober reporting over the prober link with `creds`, connected."""
+    link = ControlPlaneLink(f"127.0.0.1:{cp.xds_port}", prober_id=prober_id, credentials=creds)
+    prober = Prober(sink=link, source=f"prober:{prober_id}")
+    link.prober = prober
+    await prober.start()
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.wait_for(link.connected.wait(), 10)
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await prober.aclose()
+
+
 async def test_the_prober_link_over_mutual_tls(certs: Certs, tmp_path: Path) -> None:
     async with serving(document(certs), tmp_path) as cp:
         creds = client_creds(certs, cert=certs.client_cert, key=certs.client_key)
-        link = ControlPlaneLink(f"127.0.0.1:{cp.xds_port}", prober_id="tls-prober", credentials=creds)
-        prober = Prober(sink=link, source="prober:tls-prober")
-        link.prober = prober
-        await prober.start()
-        task = asyncio.create_task(link.run())
-        try:
-            await asyncio.wait_for(link.connected.wait(), 10)
+        async with linked_prober(cp, "tls-prober", creds):
 
             async def registered() -> bool:
                 record = cp.prober_link.probers.get("tls-prober")
                 return record is not None and record.connected and record.full_state_at is not None
 
             await poll_until(registered, timeout=10, what="the prober's full state over mTLS")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await prober.aclose()
 
 
 async def test_prober_names_keep_envoy_certificates_off_the_prober_link(certs: Certs, tmp_path: Path) -> None:
@@ -263,38 +270,36 @@ async def test_prober_names_keep_envoy_certificates_off_the_prober_link(certs: C
 
         # The prober's certificate (SAN prober.internal) is let in.
         creds = client_creds(certs, cert=certs.prober_cert, key=certs.prober_key)
-        link = ControlPlaneLink(f"127.0.0.1:{cp.xds_port}", prober_id="named-prober", credentials=creds)
-        prober = Prober(sink=link, source="prober:named-prober")
-        link.prober = prober
-        await prober.start()
-        task = asyncio.create_task(link.run())
-        try:
-            await asyncio.wait_for(link.connected.wait(), 10)
+        async with linked_prober(cp, "named-prober", creds):
 
             async def registered() -> bool:
                 return "named-prober" in cp.prober_link.probers
 
             await poll_until(registered, timeout=10, what="the named prober registered")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            await prober.aclose()
 
 
-async def test_a_renewed_xds_certificate_is_served_from_the_next_handshake(certs: Certs, tmp_path: Path) -> None:
+def renewable(certs: Certs, tmp_path: Path) -> tuple[Path, Path, tuple[Path, Path], Path]:
+    """(cert, key) files holding the server certificate, a renewal of it, and the renewal's CA.
+
+    The renewal is signed by another CA, so a client can tell which certificate it was served.
+    """
     live = tmp_path / "live"
     live.mkdir()
-    cert, key = live / "cp.pem", live / "cp.key"
+    cert, key = live / "server.pem", live / "server.key"
     cert.write_bytes(certs.server_cert.read_bytes())
     key.write_bytes(certs.server_key.read_bytes())
-    doc = document(certs, client_ca=False)
-    doc["controlplane"]["xds"]["tls"] = {"cert": str(cert), "key": str(key)}
-    # The renewal is signed by another CA, so a client can tell which certificate it was served.
     other_ca = certs.ca.parent / "rogue-ca.pem"
     renewed = _signed(
         tmp_path, "renewed", other_ca, certs.ca.parent / "rogue-ca.key", "/CN=healthplane",
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
     )  # fmt: skip
+    return cert, key, renewed, other_ca
+
+
+async def test_a_renewed_xds_certificate_is_served_from_the_next_handshake(certs: Certs, tmp_path: Path) -> None:
+    cert, key, renewed, other_ca = renewable(certs, tmp_path)
+    doc = document(certs, client_ca=False)
+    doc["controlplane"]["xds"]["tls"] = {"cert": str(cert), "key": str(key)}
 
     async with serving(doc, tmp_path) as cp:
 
@@ -329,16 +334,7 @@ def test_prober_names_need_a_client_ca(certs: Certs) -> None:
 async def test_a_renewed_admin_certificate_is_loaded_without_a_restart(certs: Certs, tmp_path: Path) -> None:
     from controlplane.admin import CERTIFICATE_KEY
 
-    live = tmp_path / "live"
-    live.mkdir()
-    cert, key = live / "admin.pem", live / "admin.key"
-    cert.write_bytes(certs.server_cert.read_bytes())
-    key.write_bytes(certs.server_key.read_bytes())
-    other_ca = certs.ca.parent / "rogue-ca.pem"
-    renewed = _signed(
-        tmp_path, "renewed-admin", other_ca, certs.ca.parent / "rogue-ca.key", "/CN=healthplane",
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )  # fmt: skip
+    cert, key, renewed, other_ca = renewable(certs, tmp_path)
     async with serving(document(certs, admin={"tls": {"cert": str(cert), "key": str(key)}}), tmp_path) as cp:
         certificate = cp._admin.app[CERTIFICATE_KEY]
 
