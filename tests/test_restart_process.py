@@ -11,7 +11,6 @@ import asyncio
 import collections
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +63,6 @@ class Serve:
         if self.process is not None and self.process.returncode is None:
             await self.kill()
         await self.session.close()
-
-
-@pytest.fixture
-async def backends() -> AsyncIterator[list[DemoApp]]:
-    apps = [DemoApp(f"b{i}") for i in (1, 2, 3)]
-    for app in apps:
-        await app.start("127.0.0.1", 0)
-    try:
-        yield apps
-    finally:
-        for app in apps:
-            await app.stop()
 
 
 async def served(serve: Serve) -> dict[int, str]:
