@@ -13,7 +13,7 @@ import enum
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -121,13 +121,20 @@ class ControlPlane:
         return current
 
     def submit_verdicts(self, verdicts: Sequence[Verdict]) -> Snapshot | None:
-        """Apply verdicts; publish one snapshot if any endpoint's effective status moved."""
-        verdicts = self.faults.admit(verdicts)
+        """Apply verdicts (through the quorum and the mass-failure guard); publish one snapshot if
+        any endpoint's effective status moved."""
+        return self.apply_verdicts(self.faults.admit(verdicts))
+
+    def apply_verdicts(
+        self, verdicts: Sequence[Verdict], cause: Callable[[list[Verdict]], Cause] | None = None
+    ) -> Snapshot | None:
+        """Apply verdicts already admitted, recording each move; publish one snapshot, its cause
+        made from the verdicts that moved (default: a `verdict` cause listing them)."""
+        live = self.faults.live_endpoints()
         dirty: set[str] = set()
         moved: list[Verdict] = []
         for verdict in verdicts:
-            cluster = self.topology.cluster(verdict.cluster)
-            if cluster is None or cluster.endpoint(verdict.endpoint) is None:
+            if verdict.id not in live:
                 log.debug("verdict for unknown endpoint %s/%s ignored", verdict.cluster, verdict.endpoint)
                 continue
             before = self.health.status(verdict.cluster, verdict.endpoint)
@@ -147,11 +154,7 @@ class ControlPlane:
                 )
         if not dirty:
             return None
-        detail = ", ".join(f"{v.cluster} {v.endpoint} {v.status.name}" for v in moved[:5])
-        if len(moved) > 5:
-            detail += f" and {len(moved) - 5} more"
-        first = min(v.time for v in moved)
-        return self._publish(Cause("verdict", detail, first), dirty)
+        return self._publish((cause or _verdict_cause)(moved), dirty)
 
     def submit_verdicts_soon(self, verdicts: Sequence[Verdict]) -> None:
         """Queue verdicts to be applied together with any others within `verdict_batch_window`."""
@@ -369,6 +372,13 @@ class ControlPlane:
         if self._grpc is None:
             raise RuntimeError("start() first")
         await self._grpc.wait_for_termination()
+
+
+def _verdict_cause(moved: list[Verdict]) -> Cause:
+    detail = ", ".join(f"{v.cluster} {v.endpoint} {v.status.name}" for v in moved[:5])
+    if len(moved) > 5:
+        detail += f" and {len(moved) - 5} more"
+    return Cause("verdict", detail, min(v.time for v in moved))
 
 
 class _EmbeddedSink:

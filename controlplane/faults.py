@@ -125,7 +125,7 @@ class Faults:
 
     def admit(self, verdicts: Sequence[Verdict]) -> list[Verdict]:
         """Votes in, the verdicts to apply now out (quorum, then the guard); the batch is saved."""
-        live = self._live_endpoints()
+        live = self.live_endpoints()
         cfg, g = self.cp.topology.controlplane, self.guard  # an edited topology's settings apply at once
         g.share, g.window, g.min_failures = cfg.mass_failure_share, cfg.mass_failure_window, cfg.mass_failure_min
         votes: list[Verdict] = []
@@ -162,7 +162,7 @@ class Faults:
             self.alarms.resolve(MASS_FAILURE, name, "cleared: the held endpoints passed their checks again")
         return out.apply
 
-    def _live_endpoints(self) -> set[tuple[str, str]]:
+    def live_endpoints(self) -> set[tuple[str, str]]:
         # Cached per topology object: a scan of the cluster's endpoints per verdict cost more
         # than the quorum and the guard together at 10,000 endpoints (bench/verdicts.py).
         topology = self.cp.topology
@@ -200,15 +200,14 @@ class Faults:
             )
         held = self.guard.accept(alarm.subject)
         self.alarms.resolve(MASS_FAILURE, alarm.subject, f"accepted by {who}")
-        moved = [v for v in held if self.cp.health.apply(v)]
         if self.store is not None and held:
             self.store.save_batch(verdicts=held)
-        if not moved:
-            return alarm, None
-        cause = Cause(
-            "accept", f"alarm {alarm.id} accepted by {who}: {len(moved)} endpoints of {alarm.subject}", time.time()
-        )
-        return alarm, self.cp._publish(cause, {alarm.subject})
+
+        def cause(moved: list[Verdict]) -> Cause:
+            detail = f"alarm {alarm.id} accepted by {who}: {len(moved)} endpoints of {alarm.subject}"
+            return Cause("accept", detail, time.time())
+
+        return alarm, self.cp.apply_verdicts(held, cause)
 
     def forget_prober(self, prober_id: str, *, who: str) -> Snapshot | None:
         """Drop a disconnected remote prober for good: its record, votes and staleness alarm.
@@ -230,17 +229,20 @@ class Faults:
             self.store.forget_source(source)
             if apply:
                 self.store.save_batch(verdicts=apply)
-        moved = [v for v in apply if self.cp.health.apply(v)]
+        moved: list[Verdict] = []
+
+        def cause(changed: list[Verdict]) -> Cause:
+            moved.extend(changed)
+            return Cause("prober", f"prober {prober_id} forgotten by {who}: {len(changed)} endpoints", time.time())
+
+        snapshot = self.cp.apply_verdicts(apply, cause)
         self.cp.events.record(
             "prober",
             f"prober {prober_id} forgotten by {who}: {len(moved)} endpoints decided again by the other probers",
             prober=prober_id,
             who=who,
         )
-        if not moved:
-            return None
-        cause = Cause("prober", f"prober {prober_id} forgotten by {who}: {len(moved)} endpoints", time.time())
-        return self.cp._publish(cause, {v.cluster for v in moved})
+        return snapshot
 
     def on_override(self, cluster: str, endpoint: str, override: Verdict | None) -> None:
         if self.store is not None:
