@@ -20,7 +20,6 @@ from controlplane.admin_views import (
     CheckInfo,
     CheckLookup,
     endpoint_rows,
-    find_snapshot,
     parse_status_filter,
     snapshot_detail,
     snapshot_diff,
@@ -32,6 +31,7 @@ from controlplane.admin_views import (
 )
 from controlplane.errors import ConfigError
 from controlplane.events import Event
+from controlplane.snapshot import find_snapshot
 from controlplane.topology import parse_topology, parse_topology_text, restart_only_changes
 
 if TYPE_CHECKING:

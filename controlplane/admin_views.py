@@ -154,13 +154,6 @@ def snapshot_detail(snapshot: Snapshot) -> dict[str, Any]:
     }
 
 
-def find_snapshot(history: Iterable[Snapshot], version: str) -> Snapshot | None:
-    for snap in history:
-        if snap.version == version:
-            return snap
-    return None
-
-
 def _endpoint_map(snapshot: Snapshot) -> dict[EndpointId, EndpointView]:
     return {(e.cluster, f"{e.address}:{e.port}"): e for e in snapshot.endpoints}
 

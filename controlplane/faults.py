@@ -32,7 +32,7 @@ from controlplane.health import Verdict
 from controlplane.nacks import NackGroups
 from controlplane.persist import VerdictStore
 from controlplane.quorum import Quorum
-from controlplane.snapshot import Cause, Snapshot
+from controlplane.snapshot import Cause, Snapshot, find_snapshot
 from controlplane.topology import Topology
 
 if TYPE_CHECKING:
@@ -309,10 +309,8 @@ class Faults:
     # ------------------------------------------------------------------ views
 
     def cause_of(self, version: str) -> Cause | None:
-        for snapshot in reversed(self.cp.history):
-            if snapshot.version == version:
-                return snapshot.cause
-        return None
+        snapshot = find_snapshot(reversed(self.cp.history), version)
+        return None if snapshot is None else snapshot.cause
 
     def _metrics(self) -> Iterator[Metric]:
         alarms = GaugeMetricFamily("healthplane_alarms_active", "Active alarms, by kind.", labels=["kind"])

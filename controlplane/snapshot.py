@@ -251,3 +251,11 @@ def changed_resources(old: Snapshot | None, new: Snapshot) -> dict[str, list[str
         if names:
             out[type_url] = names
     return out
+
+
+def find_snapshot(history: Iterable[Snapshot], version: str) -> Snapshot | None:
+    """The snapshot of `version` in `history` (newest first for recent versions), or None."""
+    for snap in history:
+        if snap.version == version:
+            return snap
+    return None
