@@ -99,11 +99,11 @@ def server_main(conn: Connection) -> None:
 
 async def _server(conn: Connection) -> None:
     from controlplane.app import ControlPlane, tune_gc_for_streams
-    from controlplane.health import HealthStatus
-    from controlplane.server import StreamCallbacks
-    from controlplane.snapshot import Snapshot
-    from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, StreamState, TypeState
-    from controlplane.topology import parse_topology
+    from controlplane.health.store import HealthStatus
+    from controlplane.snapshots.snapshot import Snapshot
+    from controlplane.topology.parse import parse_topology
+    from controlplane.xds.server import StreamCallbacks
+    from controlplane.xds.stream import PendingResponse, RequestKind, RequestOutcome, StreamState, TypeState
 
     class AckWatch(StreamCallbacks):
         """Passes every callback on to the node registry; notes when a push's last ACK is processed."""

@@ -29,9 +29,9 @@ async def run(count: int, seed: int, concurrency: int) -> int:
 
     import grpc
 
-    from controlplane import resources as rs
     from controlplane.app import ControlPlane
-    from controlplane.topology import parse_topology
+    from controlplane.snapshots import resources as rs
+    from controlplane.topology.parse import parse_topology
     from tests.controlplane.test_xds_fuzz import Flipper, topology
     from tests.controlplane.xds_fuzz import FuzzReport, HealthyNode, fuzz
 

@@ -242,8 +242,8 @@ def prober_main(conn: Connection, mode: str, endpoints: list[tuple[str, int]], o
 
 
 async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
-    from controlplane.health import HealthStatus, Verdict
-    from controlplane.topology import parse_topology
+    from controlplane.health.store import HealthStatus, Verdict
+    from controlplane.topology.parse import parse_topology
     from prober.events import NullSink, ProbeEvent
     from prober.scheduler import Prober
 

@@ -77,10 +77,10 @@ def server_main(conn: Connection, propagation: dict[str, Any] | None) -> None:
 
 async def _server(conn: Connection, propagation: dict[str, Any] | None) -> None:
     from controlplane.app import ControlPlane, tune_gc_for_streams
-    from controlplane.health import HealthStatus
-    from controlplane.server import StreamCallbacks
-    from controlplane.stream import RequestKind, RequestOutcome, StreamState
-    from controlplane.topology import parse_topology
+    from controlplane.health.store import HealthStatus
+    from controlplane.topology.parse import parse_topology
+    from controlplane.xds.server import StreamCallbacks
+    from controlplane.xds.stream import RequestKind, RequestOutcome, StreamState
 
     class LastAck(StreamCallbacks):
         """Notes when the push's last EDS ACK is processed; present whether the tracker is on or off."""

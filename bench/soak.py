@@ -54,11 +54,11 @@ def server_main(conn: Connection) -> None:
 
 async def _server(conn: Connection) -> None:
     from controlplane.app import ControlPlane, tune_gc_for_streams
-    from controlplane.health import HealthStatus
-    from controlplane.server import StreamCallbacks
-    from controlplane.snapshot import Snapshot
-    from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
-    from controlplane.topology import parse_topology
+    from controlplane.health.store import HealthStatus
+    from controlplane.snapshots.snapshot import Snapshot
+    from controlplane.topology.parse import parse_topology
+    from controlplane.xds.server import StreamCallbacks
+    from controlplane.xds.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
 
     class Ledger(StreamCallbacks):
         """Counts EDS responses and ACKs per stream, and the latency of each ACK, without holding on to streams."""

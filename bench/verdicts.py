@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 from controlplane.app import ControlPlane
-from controlplane.health import HealthStatus, Verdict
-from controlplane.topology import parse_topology
+from controlplane.health.store import HealthStatus, Verdict
+from controlplane.topology.parse import parse_topology
 
 H, U = HealthStatus.HEALTHY, HealthStatus.UNHEALTHY
 

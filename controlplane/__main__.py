@@ -1,5 +1,5 @@
 import sys
 
-from controlplane.cli import main
+from controlplane.cli.main import main
 
 sys.exit(main())

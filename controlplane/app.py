@@ -20,20 +20,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
-from controlplane.delaymodel import ModelledDelay, PropagationConfig
 from controlplane.errors import ConfigError
 from controlplane.events import EventLog
-from controlplane.faults import Faults
-from controlplane.health import HealthStatus, HealthStore, Verdict
-from controlplane.metrics import CallbackChain, Metrics, control_plane_state
-from controlplane.nodes import NodeRegistry
-from controlplane.propagation import PropagationTracker, track_propagation
-from controlplane.server import SERVER_OPTIONS, AdsServer, SnapshotCache, create_server
-from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
-from controlplane.topology import Topology, keep_running_settings, load_topology, restart_only_changes
+from controlplane.health.admission import Faults
+from controlplane.health.store import HealthStatus, HealthStore, Verdict
+from controlplane.observe.metrics import CallbackChain, Metrics, control_plane_state
+from controlplane.observe.nodes import NodeRegistry
+from controlplane.observe.propagation import PropagationTracker, track_propagation
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.snapshots.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
+from controlplane.topology.model import Topology, keep_running_settings, restart_only_changes
+from controlplane.topology.parse import load_topology
+from controlplane.topology.propagation import PropagationConfig
+from controlplane.xds.delay import ModelledDelay
+from controlplane.xds.server import SERVER_OPTIONS, AdsServer, create_server
 
 if TYPE_CHECKING:
-    from controlplane.prober_link import ProberLinkService
+    from controlplane.probers.link import ProberLinkService
 
 log = logging.getLogger("healthplane")
 
@@ -280,14 +283,15 @@ class ControlPlane:
         """Bind the xDS and admin ports and start watching the topology file."""
         if self.state is not State.UNOPENED:
             raise RuntimeError(f"control plane is {self.state.value}")
-        from controlplane.admin import start_admin  # aiohttp stays at the edge
+        from controlplane.admin.app import start_admin  # aiohttp stays at the edge
 
         cp = self.topology.controlplane
-        from controlplane.prober_link import ProberLinkService  # generated code stays at the edge
+        from controlplane.probers.link import ProberLinkService  # generated code stays at the edge
 
         self.prober_link = ProberLinkService(self)
-        from controlplane.csds import CsdsService
-        from controlplane.security import bind_xds, configure_ads, grpc_server_options, xds_limit_metrics
+        from controlplane.xds.csds import CsdsService
+        from controlplane.xds.limits import configure_ads, xds_limit_metrics
+        from controlplane.xds.tls import bind_xds, grpc_server_options
 
         sec = cp.security
         configure_ads(self.ads, sec)
@@ -312,7 +316,7 @@ class ControlPlane:
         if self.embedded_prober:
             await self._start_prober()
         if self.config_path is not None and cp.watch_interval > 0:
-            from controlplane.watch import watch_file
+            from controlplane.topology.watch import watch_file
 
             self._tasks.append(
                 asyncio.create_task(

@@ -32,9 +32,9 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
-from controlplane import resources as rs
-from controlplane.durations import parse_duration
 from controlplane.errors import ConfigError
+from controlplane.snapshots import resources as rs
+from controlplane.topology.durations import parse_duration
 
 log = logging.getLogger("healthplane.fleet")
 
@@ -276,7 +276,7 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
 
 def fleet_command(args: argparse.Namespace) -> int:
     """Run the fleet until Ctrl-C, printing each new version and how fast the fleet ACKed it."""
-    from controlplane.cli import host_port
+    from controlplane.cli.main import host_port
 
     host_port(args.controlplane, "--controlplane")
     seen: dict[str, list[float]] = {}  # version -> answer times (EDS, CDS, LDS, RDS alike)

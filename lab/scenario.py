@@ -31,9 +31,9 @@ from typing import Any, Self
 
 import aiohttp
 
-from controlplane.durations import format_duration
 from controlplane.errors import ConfigError
-from controlplane.snapshot import version_key
+from controlplane.snapshots.snapshot import version_key
+from controlplane.topology.durations import format_duration
 from lab.run import Interrupted, Lab, run_until_signal
 from lab.topology import WEB_CLUSTER, HealthCheckSpec, Mode, config_from_args
 

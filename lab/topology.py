@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.bootstrap import make_bootstrap
-from controlplane.durations import format_duration, parse_duration
 from controlplane.errors import ConfigError, HealthplaneError
+from controlplane.topology.durations import format_duration, parse_duration
+from controlplane.xds.bootstrap import make_bootstrap
 
 __all__ = [
     "BACKENDS",

@@ -42,7 +42,7 @@ from aiohttp.tracing import Trace
 from multidict import CIMultiDict
 from yarl import URL
 
-from controlplane.topology import GrpcCheck, HealthCheck, HttpCheck, TcpCheck
+from controlplane.topology.model import GrpcCheck, HealthCheck, HttpCheck, TcpCheck
 from prober.http1 import Http1Pool, HttpProtocolError, build_request
 from prober.state import CheckResult, ResultKind, Target
 

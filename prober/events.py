@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from controlplane.health import Verdict
+from controlplane.health.store import Verdict
 from prober.state import Transition
 
 __all__ = ["JsonLinesLog", "NullSink", "ProbeEvent", "ProberSink", "QueueSink"]

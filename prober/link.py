@@ -22,8 +22,8 @@ from typing import Any
 import grpc
 
 from controlplane.errors import ConfigError
-from controlplane.health import Verdict
-from controlplane.topology import parse_topology
+from controlplane.health.store import Verdict
+from controlplane.topology.parse import parse_topology
 from healthplane.v1 import prober_pb2, prober_pb2_grpc
 from prober.events import ProbeEvent
 from prober.scheduler import EndpointReport, Prober

@@ -41,8 +41,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from controlplane.health import EndpointId, HealthStatus, Verdict
-from controlplane.topology import HealthCheck, Topology
+from controlplane.health.store import EndpointId, HealthStatus, Verdict
+from controlplane.topology.model import HealthCheck, Topology
 from prober.checks import Checker, NetworkChecker
 from prober.events import JsonLinesLog, NullSink, ProbeEvent, ProberSink
 from prober.state import CheckResult, Counters, EndpointState, PendingEdge, ResultKind, Target

@@ -40,8 +40,8 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
-from controlplane.health import EndpointId, HealthStatus
-from controlplane.topology import HealthCheck
+from controlplane.health.store import EndpointId, HealthStatus
+from controlplane.topology.model import HealthCheck
 
 __all__ = [
     "CheckResult",

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from controlplane.app import ControlPlane
-from controlplane.bootstrap import make_bootstrap
-from controlplane.topology import load_topology
+from controlplane.topology.parse import load_topology
+from controlplane.xds.bootstrap import make_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, free_port
 

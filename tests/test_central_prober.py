@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.health import HealthStatus
+from controlplane.health.store import HealthStatus
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, poll_until
 from prober.link import ControlPlaneLink

@@ -19,10 +19,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane import resources as rs
 from controlplane.app import ControlPlane
-from controlplane.health import HealthStatus
-from controlplane.snapshot import version_key
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots import resources as rs
+from controlplane.snapshots.snapshot import version_key
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
 from tests.conftest import Lab, web_topology

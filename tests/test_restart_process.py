@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 import yaml
 
-from controlplane.bootstrap import make_bootstrap
-from controlplane.snapshot import version_key
+from controlplane.snapshots.snapshot import version_key
+from controlplane.xds.bootstrap import make_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, free_port, poll_until
 from tests.conftest import web_topology

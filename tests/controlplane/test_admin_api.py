@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from controlplane.app import ControlPlane
-from controlplane.health import HealthStatus, Verdict
-from controlplane.topology import load_topology
+from controlplane.health.store import HealthStatus, Verdict
+from controlplane.topology.parse import load_topology
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
 from tests.conftest import Lab, web_topology

@@ -7,11 +7,11 @@ import io
 
 import pytest
 
-from controlplane.admin_views import snapshot_diff, status_csv, status_html, status_rows
+from controlplane.admin.views import snapshot_diff, status_csv, status_html, status_rows
 from controlplane.errors import ConfigError
-from controlplane.health import HealthStatus
-from controlplane.snapshot import Cause, VersionClock, build_snapshot
-from controlplane.topology import parse_topology, parse_topology_text
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots.snapshot import Cause, VersionClock, build_snapshot
+from controlplane.topology.parse import parse_topology, parse_topology_text
 
 TOPOLOGY = """\
 clusters:

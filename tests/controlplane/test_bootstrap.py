@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controlplane.bootstrap import make_bootstrap
-from controlplane.cli import main
+from controlplane.cli.main import main
+from controlplane.xds.bootstrap import make_bootstrap
 from lab.envoyproc import find_envoy
 
 CONFIGS = sorted((Path(__file__).parents[2] / "envoy-configs").glob("*.yaml"))

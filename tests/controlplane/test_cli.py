@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.cli import main
+from controlplane.cli.main import main
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "topology.yaml"
 
@@ -47,7 +47,7 @@ async def test_a_standalone_prober_serves_its_own_check_metrics() -> None:
     import aiohttp
 
     from controlplane.app import ControlPlane
-    from controlplane.topology import parse_topology
+    from controlplane.topology.parse import parse_topology
     from lab.demoapp import DemoApp
     from lab.envoyproc import poll_until
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.cli_admin import clusters_table, nodes_table, table
+from controlplane.cli.admin import clusters_table, nodes_table, table
 from lab.demoapp import DemoApp
 from lab.envoyproc import free_port, poll_until
 from tests.conftest import Lab, web_topology
@@ -101,8 +101,8 @@ async def test_unreachable_admin_api_is_a_clear_error() -> None:
 
 async def test_alarms_accept_and_forget_prober_commands() -> None:
     from controlplane.app import ControlPlane
-    from controlplane.health import HealthStatus, Verdict
-    from controlplane.topology import parse_topology
+    from controlplane.health.store import HealthStatus, Verdict
+    from controlplane.topology.parse import parse_topology
 
     token = "cli-token-456"
     document = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from controlplane.topology import load_topology
+from controlplane.topology.parse import load_topology
 
 ROOT = Path(__file__).parents[2]
 MOUNTS = {"/etc/envoy": ROOT / "envoy-configs", "/etc/healthplane": ROOT / "examples"}

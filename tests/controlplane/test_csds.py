@@ -12,9 +12,9 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from envoy.type.matcher.v3 import node_pb2, string_pb2
 
-from controlplane.csds import client_config, client_status
 from controlplane.errors import ProtocolError
-from controlplane.snapshot import Snapshot
+from controlplane.snapshots.snapshot import Snapshot
+from controlplane.xds.csds import client_config, client_status
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
 from tests.conftest import Lab, web_topology

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.delaymodel import DelayModel, Distribution, PropagationConfig, parse_propagation
 from controlplane.errors import ConfigError
-from controlplane.topology import parse_topology_text
+from controlplane.topology.parse import parse_topology_text
+from controlplane.topology.propagation import Distribution, PropagationConfig, parse_propagation
+from controlplane.xds.delay import DelayModel
 
 
 def test_no_section_means_no_delay() -> None:
@@ -107,9 +108,9 @@ def test_the_server_hook_follows_config_edits() -> None:
     from envoy.config.core.v3 import base_pb2
     from envoy.service.discovery.v3 import discovery_pb2
 
-    from controlplane import resources as rs
-    from controlplane.delaymodel import ModelledDelay
-    from controlplane.stream import StreamState
+    from controlplane.snapshots import resources as rs
+    from controlplane.xds.delay import ModelledDelay
+    from controlplane.xds.stream import StreamState
 
     stream = StreamState(1)
     request = discovery_pb2.DiscoveryRequest(type_url=rs.CLUSTER, node=base_pb2.Node(id="edge-1", cluster="edge"))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane.durations import format_duration, parse_duration
+from controlplane.topology.durations import format_duration, parse_duration
 
 CONFIG_EXAMPLES = ["1s", "500ms", "1m30s", "0.25s"]
 

@@ -9,7 +9,7 @@ import contextlib
 import aiohttp
 import pytest
 
-from controlplane.snapshot import version_key
+from controlplane.snapshots.snapshot import version_key
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, HostStatus, poll_until
 from tests.conftest import Lab, web_topology

@@ -15,13 +15,13 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
-from controlplane import resources as rs
 from controlplane.app import ControlPlane
-from controlplane.health import HealthStatus, Verdict
-from controlplane.server import StreamCallbacks
-from controlplane.snapshot import Snapshot
-from controlplane.stream import PendingResponse, StreamState
-from controlplane.topology import parse_topology
+from controlplane.health.store import HealthStatus, Verdict
+from controlplane.snapshots import resources as rs
+from controlplane.snapshots.snapshot import Snapshot
+from controlplane.topology.parse import parse_topology
+from controlplane.xds.server import StreamCallbacks
+from controlplane.xds.stream import PendingResponse, StreamState
 from healthplane.v1 import prober_pb2
 from lab.envoyproc import poll_until
 from tests.controlplane.test_prober_link import Prober

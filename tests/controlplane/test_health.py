@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pytest
 from envoy.config.core.v3 import health_check_pb2
 
-from controlplane import health
-from controlplane.health import HealthStatus, HealthStore, Verdict
-from controlplane.topology import parse_topology
+from controlplane.health import store as health
+from controlplane.health.store import HealthStatus, HealthStore, Verdict
+from controlplane.topology.parse import parse_topology
 
 HEALTHY, UNHEALTHY, UNKNOWN, DRAINING = (
     HealthStatus.HEALTHY, HealthStatus.UNHEALTHY, HealthStatus.UNKNOWN, HealthStatus.DRAINING,

@@ -28,10 +28,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from controlplane.admin.openapi import document as openapi_document
 from controlplane.app import ControlPlane
 from controlplane.errors import ConfigError
-from controlplane.openapi import document as openapi_document
-from controlplane.topology import load_topology, parse_topology, parse_topology_text
+from controlplane.topology.parse import load_topology, parse_topology, parse_topology_text
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "topology.yaml"
 TOKEN = "fuzz-change-token"

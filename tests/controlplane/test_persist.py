@@ -10,10 +10,10 @@ import pytest
 
 from controlplane.app import ControlPlane
 from controlplane.errors import ConfigError
-from controlplane.health import HealthStatus, Verdict
-from controlplane.persist import VerdictStore
-from controlplane.snapshot import version_key
-from controlplane.topology import parse_topology
+from controlplane.health.persist import VerdictStore
+from controlplane.health.store import HealthStatus, Verdict
+from controlplane.snapshots.snapshot import version_key
+from controlplane.topology.parse import parse_topology
 
 H, U = HealthStatus.HEALTHY, HealthStatus.UNHEALTHY
 

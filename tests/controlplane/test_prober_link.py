@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from controlplane.app import ControlPlane
-from controlplane.health import HealthStatus
-from controlplane.topology import parse_topology
+from controlplane.health.store import HealthStatus
+from controlplane.topology.parse import parse_topology
 from healthplane.v1 import prober_pb2, prober_pb2_grpc
 from lab.envoyproc import poll_until
 

@@ -6,12 +6,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
-from controlplane import resources as rs
-from controlplane.health import HealthStatus
-from controlplane.propagation import PropagationTracker, percentile
-from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot
-from controlplane.stream import StreamState
-from controlplane.topology import parse_topology_text
+from controlplane.health.store import HealthStatus
+from controlplane.observe.propagation import PropagationTracker, percentile
+from controlplane.snapshots import resources as rs
+from controlplane.snapshots.snapshot import Cause, Snapshot, VersionClock, build_snapshot
+from controlplane.topology.parse import parse_topology_text
+from controlplane.xds.stream import StreamState
 
 CDS, EDS, LDS, RDS = rs.CLUSTER, rs.ENDPOINT, rs.LISTENER, rs.ROUTE
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controlplane.propagation_chart import MAX_ROWS, colours, report_html
+from controlplane.observe.chart import MAX_ROWS, colours, report_html
 
 
 def version(seq: int, at: float, nodes: dict[str, tuple[float | None, float | None]]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.health import HealthStatus, Verdict
+from controlplane.health.store import HealthStatus, Verdict
 from lab.demoapp import DemoApp
 from lab.envoyproc import free_port, poll_until
 from tests.conftest import Lab

@@ -11,11 +11,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane import resources as rs
 from controlplane.app import ControlPlane
-from controlplane.cli import main
-from controlplane.health import HealthStatus
-from controlplane.topology import parse_topology
+from controlplane.cli.main import main
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots import resources as rs
+from controlplane.topology.parse import parse_topology
 from lab.envoyproc import poll_until
 from lab.fleet import Fleet
 from tests.controlplane.test_admin import DOCUMENT

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from controlplane.guard import Admitted, MassFailureGuard
-from controlplane.health import HealthStatus, Verdict
-from controlplane.quorum import Quorum, combine
+from controlplane.health.guard import Admitted, MassFailureGuard
+from controlplane.health.quorum import Quorum, combine
+from controlplane.health.store import HealthStatus, Verdict
 
 H, U, T, K = HealthStatus.HEALTHY, HealthStatus.UNHEALTHY, HealthStatus.TIMEOUT, HealthStatus.UNKNOWN
 

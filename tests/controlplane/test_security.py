@@ -15,13 +15,13 @@ import grpc
 import pytest
 import yaml
 
-from controlplane import resources as rs
 from controlplane.app import ControlPlane
-from controlplane.bootstrap import XdsTls, make_bootstrap
-from controlplane.cli import main as cli_main
+from controlplane.cli.main import main as cli_main
 from controlplane.errors import ConfigError
-from controlplane.security import channel_credentials
-from controlplane.topology import load_topology, parse_topology
+from controlplane.snapshots import resources as rs
+from controlplane.topology.parse import load_topology, parse_topology
+from controlplane.xds.bootstrap import XdsTls, make_bootstrap
+from controlplane.xds.tls import channel_credentials
 from healthplane.v1 import prober_pb2
 from lab.envoyproc import EnvoyProcess, free_port, poll_until
 from prober.link import ControlPlaneLink
@@ -332,7 +332,7 @@ def test_prober_names_need_a_client_ca(certs: Certs) -> None:
 
 
 async def test_a_renewed_admin_certificate_is_loaded_without_a_restart(certs: Certs, tmp_path: Path) -> None:
-    from controlplane.admin import CERTIFICATE_KEY
+    from controlplane.admin.app import CERTIFICATE_KEY
 
     cert, key, renewed, other_ca = renewable(certs, tmp_path)
     async with serving(document(certs, admin={"tls": {"cert": str(cert), "key": str(key)}}), tmp_path) as cp:

@@ -9,9 +9,9 @@ import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import Message
 
-from controlplane import resources as rs
-from controlplane.health import HealthStatus
-from controlplane.snapshot import (
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots import resources as rs
+from controlplane.snapshots.snapshot import (
     Cause,
     EndpointView,
     Snapshot,
@@ -21,7 +21,8 @@ from controlplane.snapshot import (
     encode_response,
     version_key,
 )
-from controlplane.topology import Topology, parse_topology_text
+from controlplane.topology.model import Topology
+from controlplane.topology.parse import parse_topology_text
 
 HEALTHY, UNHEALTHY, UNKNOWN = HealthStatus.HEALTHY, HealthStatus.UNHEALTHY, HealthStatus.UNKNOWN
 EPOCH = 1_700_000_000_000
@@ -124,7 +125,7 @@ def test_version_clock_counts_within_an_epoch() -> None:
 
 
 def test_version_clock_epoch_defaults_to_now_in_ms(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("controlplane.snapshot.time.time", lambda: 1234.5678)
+    monkeypatch.setattr("controlplane.snapshots.snapshot.time.time", lambda: 1234.5678)
     assert VersionClock().epoch == 1234567
 
 

@@ -16,12 +16,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
-from controlplane import resources as rs
 from controlplane.errors import ProtocolError
-from controlplane.health import HealthStatus
-from controlplane.snapshot import Cause, Snapshot, VersionClock, build_snapshot, encode_response
-from controlplane.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
-from controlplane.topology import parse_topology_text
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots import resources as rs
+from controlplane.snapshots.snapshot import Cause, Snapshot, VersionClock, build_snapshot, encode_response
+from controlplane.topology.parse import parse_topology_text
+from controlplane.xds.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
 
 CDS, EDS, LDS, RDS = rs.CLUSTER, rs.ENDPOINT, rs.LISTENER, rs.ROUTE
 SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from controlplane.errors import ConfigError
-from controlplane.health import HealthStatus
-from controlplane.snapshot import Cause, build_snapshot
-from controlplane.topology import (
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots.snapshot import Cause, build_snapshot
+from controlplane.topology.model import (
     ControlPlaneConfig,
     GrpcCheck,
     HealthCheck,
@@ -26,10 +26,8 @@ from controlplane.topology import (
     SocketAddress,
     TcpCheck,
     Topology,
-    load_topology,
-    parse_topology,
-    parse_topology_text,
 )
+from controlplane.topology.parse import load_topology, parse_topology, parse_topology_text
 
 SOURCE = "topology.yaml"
 

@@ -15,10 +15,10 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2
 
-from controlplane import resources as rs
 from controlplane.app import ControlPlane
-from controlplane.health import HealthStatus
-from controlplane.topology import parse_topology
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots import resources as rs
+from controlplane.topology.parse import parse_topology
 from tests.controlplane.xds_fuzz import HealthyNode, fuzz, send_input, valid_request
 
 FUZZ_COUNT = 2000

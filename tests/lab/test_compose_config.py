@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane.topology import load_topology
+from controlplane.topology.parse import load_topology
 
 ROOT = Path(__file__).parents[2]
 COMPOSE = ROOT / "docker-compose.yaml"

@@ -14,11 +14,11 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
-from controlplane import resources as rs
 from controlplane.app import ControlPlane
 from controlplane.errors import ConfigError
-from controlplane.health import HealthStatus
-from controlplane.topology import parse_topology
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots import resources as rs
+from controlplane.topology.parse import parse_topology
 from lab.envoyproc import poll_until
 from lab.fleet import CHANNEL_OPTIONS, Fleet, SimNode, parse_apply
 from tests.controlplane.test_admin import DOCUMENT

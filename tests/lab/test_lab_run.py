@@ -27,9 +27,9 @@ import aiohttp
 import pytest
 import yaml
 
-from controlplane.cli import build_parser, main
+from controlplane.cli.main import build_parser, main
 from controlplane.errors import ConfigError
-from controlplane.topology import parse_topology
+from controlplane.topology.parse import parse_topology
 from lab.envoyproc import EnvoyTimeout, find_envoy, poll_until
 from lab.run import Lab, netns_unavailable_reason
 from lab.topology import (

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.cli import main
+from controlplane.cli.main import main
 from lab.compare import Comparison, format_table, run_compare
 from lab.demoapp import DemoApp
 from lab.run import Lab, netns_unavailable_reason

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from grpc_health.v1 import health_pb2
 
-from controlplane.topology import GrpcCheck, HealthCheck, HttpCheck, TcpCheck
+from controlplane.topology.model import GrpcCheck, HealthCheck, HttpCheck, TcpCheck
 from prober.checks import NetworkChecker, decode_health_response, encode_health_request, timeout_reason
 from prober.state import ResultKind, Target
 from tests.prober.backends import (

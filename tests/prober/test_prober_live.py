@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.health import HealthStatus, Verdict
-from controlplane.topology import Cluster, Endpoint, GrpcCheck, HealthCheck, HttpCheck, TcpCheck, Topology
+from controlplane.health.store import HealthStatus, Verdict
+from controlplane.topology.model import Cluster, Endpoint, GrpcCheck, HealthCheck, HttpCheck, TcpCheck, Topology
 from prober.events import ProbeEvent
 from prober.scheduler import Prober
 from tests.prober.backends import LOCALHOST, GrpcHealthBackend, HttpBackend, TcpBackend, eventually

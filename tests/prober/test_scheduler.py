@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.health import EndpointId, HealthStatus, Verdict
-from controlplane.topology import Cluster, Endpoint, HealthCheck, Topology
+from controlplane.health.store import EndpointId, HealthStatus, Verdict
+from controlplane.topology.model import Cluster, Endpoint, HealthCheck, Topology
 from prober.events import NullSink, ProbeEvent, QueueSink
 from prober.scheduler import (
     MIN_DELAY,

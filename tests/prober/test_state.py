@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.health import HealthStatus
-from controlplane.topology import HealthCheck
+from controlplane.health.store import HealthStatus
+from controlplane.topology.model import HealthCheck
 from prober.state import (
     CheckResult,
     Counters,

@@ -1,0 +1,1 @@
+"""admin: stage package (docstring to write)."""

@@ -1,0 +1,335 @@
+"""What the admin API shows, as plain data: endpoint rows, snapshot history and diffs, the status page.
+
+Pure and synchronous: every function takes snapshots, health records and check details and
+returns JSON-ready values (or text), so they are unit-tested without a server. The aiohttp
+handlers in `controlplane.admin.api` only pick the inputs and serialize the outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from controlplane.health.store import EndpointHealth, EndpointId, HealthStatus
+from controlplane.snapshots import resources as rs
+from controlplane.snapshots.snapshot import EndpointView, Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class CheckInfo:
+    """What the prober knows about one endpoint's checks: the policy, counters and last result."""
+
+    check: str  # "http", "tcp" or "grpc"
+    rise: int  # healthy_threshold
+    fall: int  # unhealthy_threshold
+    successes: int
+    http_failures: int
+    tcp_failures: int
+    timeouts: int
+    checks: int  # results observed since the policy was last set
+    last_result: str | None  # "success", "http_failure", "tcp_failure", "timeout"; None before the first
+    last_reason: str
+    last_time: float | None  # wall clock, seconds
+    last_latency: float | None  # seconds
+    prober: str
+
+    @property
+    def failures(self) -> int:
+        """The failure counter closest to its threshold (what nginx shows as the fall count)."""
+        return max(self.http_failures, self.tcp_failures, self.timeouts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "check_type": self.check,
+            "prober": self.prober,
+            "rise": self.rise,
+            "fall": self.fall,
+            "counters": {
+                "successes": self.successes,
+                "http_failures": self.http_failures,
+                "tcp_failures": self.tcp_failures,
+                "timeouts": self.timeouts,
+            },
+            "checks": self.checks,
+            "last_check": None
+            if self.last_result is None
+            else {
+                "result": self.last_result,
+                "reason": self.last_reason,
+                "time": self.last_time,
+                "latency_ms": None if self.last_latency is None else round(self.last_latency * 1000, 3),
+            },
+        }
+
+
+HealthLookup = Callable[[str, str], EndpointHealth]
+CheckLookup = Callable[[str, str], CheckInfo | None]
+
+
+def endpoint_row(view: EndpointView, health: EndpointHealth, check: CheckInfo | None) -> dict[str, Any]:
+    """One endpoint as `/endpoints` shows it: the status served, why, since when, and its checks."""
+    return {
+        "cluster": view.cluster,
+        "address": view.address,
+        "port": view.port,
+        "endpoint": f"{view.address}:{view.port}",
+        "zone": view.zone,
+        "weight": view.weight,
+        "status": view.status.name,
+        "reason": health.reason,
+        "source": health.source,
+        "since": health.since or None,
+        "override": health.override.status.name if health.override else None,
+        "override_by": health.override.source.removeprefix("override:") if health.override else None,
+        "check": check.to_json() if check is not None else None,
+    }
+
+
+def parse_status_filter(text: str | None) -> HealthStatus | None:
+    """`?status=` as a HealthStatus (case-insensitive); ValueError names the choices."""
+    if text is None or text == "":
+        return None
+    return HealthStatus.parse(text)
+
+
+def endpoint_rows(
+    snapshot: Snapshot,
+    health: HealthLookup,
+    check: CheckLookup,
+    *,
+    cluster: str | None = None,
+    status: HealthStatus | None = None,
+) -> list[dict[str, Any]]:
+    """Every endpoint of `snapshot` in topology order, filtered by cluster and served status."""
+    return [
+        endpoint_row(v, health(v.cluster, f"{v.address}:{v.port}"), check(v.cluster, f"{v.address}:{v.port}"))
+        for v in snapshot.endpoints
+        if (cluster is None or v.cluster == cluster) and (status is None or v.status is status)
+    ]
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def status_counts(endpoints: Iterable[EndpointView]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for ep in endpoints:
+        counts[ep.status.name] = counts.get(ep.status.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def snapshot_summary(snapshot: Snapshot) -> dict[str, Any]:
+    """One line of history: the version, why it exists and when, and what it serves."""
+    cause = snapshot.cause
+    return {
+        "version": snapshot.version,
+        "created": snapshot.created,
+        "cause": {"kind": cause.kind, "detail": cause.detail, "time": cause.time},
+        "type_versions": {rs.SHORT_NAMES[t]: v for t, v in snapshot.type_versions.items()},
+        "endpoints": status_counts(snapshot.endpoints),
+    }
+
+
+def snapshot_detail(snapshot: Snapshot) -> dict[str, Any]:
+    """A whole snapshot: its summary, every endpoint as served, and every resource's version."""
+    clusters: dict[str, list[dict[str, Any]]] = {c.name: [] for c in snapshot.topology.clusters}
+    for ep in snapshot.endpoints:
+        clusters[ep.cluster].append(
+            {"address": ep.address, "port": ep.port, "zone": ep.zone, "weight": ep.weight, "status": ep.status.name}
+        )
+    return {
+        **snapshot_summary(snapshot),
+        "clusters": [
+            {"name": name, "version": snapshot.resources[rs.ENDPOINT][name].version, "endpoints": eps}
+            for name, eps in clusters.items()
+        ],
+        "resources": {
+            rs.SHORT_NAMES[t]: {name: r.version for name, r in table.items()} for t, table in snapshot.resources.items()
+        },
+    }
+
+
+def _endpoint_map(snapshot: Snapshot) -> dict[EndpointId, EndpointView]:
+    return {(e.cluster, f"{e.address}:{e.port}"): e for e in snapshot.endpoints}
+
+
+def snapshot_diff(old: Snapshot, new: Snapshot) -> dict[str, Any]:
+    """What changed from `old` to `new`: endpoints added, removed and moved, and resources by type."""
+    before, after = _endpoint_map(old), _endpoint_map(new)
+
+    def ep(key: EndpointId, view: EndpointView) -> dict[str, Any]:
+        return {"cluster": key[0], "endpoint": key[1], "status": view.status.name}
+
+    changed = [
+        {"cluster": k[0], "endpoint": k[1], "from": before[k].status.name, "to": v.status.name}
+        for k, v in after.items()
+        if k in before and before[k].status is not v.status
+    ]
+    resources: dict[str, dict[str, list[str]]] = {}
+    for type_url in rs.ADS_ORDER:
+        a, b = old.resources.get(type_url, {}), new.resources.get(type_url, {})
+        entry = {
+            "added": sorted(set(b) - set(a)),
+            "removed": sorted(set(a) - set(b)),
+            "changed": sorted(n for n in set(a) & set(b) if a[n].version != b[n].version),
+        }
+        if any(entry.values()):
+            resources[rs.SHORT_NAMES[type_url]] = entry
+    return {
+        "from": {"version": old.version, "created": old.created},
+        "to": {"version": new.version, "created": new.created},
+        "endpoints": {
+            "added": [ep(k, v) for k, v in after.items() if k not in before],
+            "removed": [ep(k, v) for k, v in before.items() if k not in after],
+            "status_changed": changed,
+        },
+        "resources": resources,
+    }
+
+
+# --------------------------------------------------------------------------- status page
+
+STATUS_COLUMNS = (
+    "index",
+    "cluster",
+    "endpoint",
+    "status",
+    "rise",
+    "fall",
+    "check_type",
+    "last_result",
+    "last_check",
+    "latency_ms",
+    "override",
+)
+
+_UP = {HealthStatus.HEALTHY.name: "up", HealthStatus.UNHEALTHY.name: "down"}
+
+
+def status_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`/endpoints` rows flattened to the status page's columns (nginx check_status, plus ours)."""
+    out = []
+    for i, row in enumerate(rows):
+        check = row["check"] or {}
+        counters = check.get("counters") or {}
+        last = check.get("last_check") or {}
+        out.append(
+            {
+                "index": i,
+                "cluster": row["cluster"],
+                "endpoint": row["endpoint"],
+                "status": row["status"],
+                "rise": counters.get("successes", 0),
+                "fall": max(
+                    (counters.get(k, 0) for k in ("http_failures", "tcp_failures", "timeouts")),
+                    default=0,
+                ),
+                "check_type": check.get("check_type", "none"),
+                "last_result": last.get("result") or "",
+                "last_check": last.get("time"),
+                "latency_ms": last.get("latency_ms"),
+                "override": row["override"] or "",
+                "reason": row["reason"],
+            }
+        )
+    return out
+
+
+def status_json(rows: list[dict[str, Any]], generation: str) -> dict[str, Any]:
+    """The nginx check_status JSON shape (`servers.server[]`), with healthplane's extra fields."""
+    return {
+        "servers": {
+            "total": len(rows),
+            "generation": generation,
+            "server": [
+                {
+                    **r,
+                    "upstream": r["cluster"],
+                    "name": r["endpoint"],
+                    "up": _UP.get(r["status"], r["status"].lower()),
+                    "type": r["check_type"],
+                }
+                for r in rows
+            ],
+        }
+    }
+
+
+def status_csv(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(STATUS_COLUMNS)
+    for r in rows:
+        writer.writerow(["" if r[c] is None else r[c] for c in STATUS_COLUMNS])
+    return out.getvalue()
+
+
+def _ago(t: float | None, now: float) -> str:
+    if t is None:
+        return "-"
+    age = max(now - t, 0.0)
+    return f"{age:.1f}s ago" if age < 120 else f"{age / 60:.0f}m ago"
+
+
+def status_html(rows: list[dict[str, Any]], *, version: str, refresh: int, now: float | None = None) -> str:
+    """The status page: one row per endpoint, refreshing itself every `refresh` seconds (0: never)."""
+    now = time.time() if now is None else now
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no endpoints"
+    e = html.escape
+    body = []
+    for r in rows:
+        body.append(
+            f'<tr class="{e(r["status"].lower())}" data-cluster="{e(r["cluster"])}" '
+            f'data-endpoint="{e(r["endpoint"])}" data-status="{e(r["status"])}">'
+            f"<td>{r['index']}</td><td>{e(r['cluster'])}</td><td>{e(r['endpoint'])}</td>"
+            f'<td class="status">{e(r["status"])}</td><td>{r["rise"]}</td><td>{r["fall"]}</td>'
+            f'<td>{e(r["check_type"])}</td><td title="{e(r["reason"])}">{e(r["last_result"] or "-")}</td>'
+            f"<td>{_ago(r['last_check'], now)}</td>"
+            f"<td>{'-' if r['latency_ms'] is None else r['latency_ms']}</td><td>{e(r['override'] or '-')}</td></tr>"
+        )
+    meta = f'<meta http-equiv="refresh" content="{refresh}">' if refresh > 0 else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">{meta}
+<title>healthplane status</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #999; padding: 2px 8px; text-align: left; }}
+th {{ background: #ddd; }}
+tr.healthy td.status {{ background: #bfb; }}
+tr.unhealthy td.status {{ background: #fbb; }}
+tr.draining td.status, tr.degraded td.status {{ background: #ffb; }}
+</style></head>
+<body>
+<h1>healthplane status</h1>
+<p id="summary">Version <span id="version">{e(version)}</span>: {len(rows)} endpoints ({e(summary)}).
+{"Refreshing every " + str(refresh) + " s." if refresh > 0 else ""}</p>
+<table id="endpoints">
+<thead><tr><th>Index</th><th>Cluster</th><th>Endpoint</th><th>Status</th><th>Rise counts</th>
+<th>Fall counts</th><th>Check type</th><th>Last result</th><th>Last check</th><th>Latency (ms)</th>
+<th>Override</th></tr></thead>
+<tbody>
+{chr(10).join(body)}
+</tbody></table>
+</body></html>
+"""
+
+
+def type_short(type_url: str) -> str:
+    return rs.SHORT_NAMES.get(type_url, type_url)
+
+
+def counts_by_cluster(rows: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for r in rows:
+        c = out.setdefault(r["cluster"], {})
+        c[r["status"]] = c.get(r["status"], 0) + 1
+    return out

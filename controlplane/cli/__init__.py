@@ -1,0 +1,1 @@
+"""cli: stage package (docstring to write)."""

@@ -1,0 +1,1 @@
+"""health: stage package (docstring to write)."""

@@ -1,0 +1,1 @@
+"""observe: stage package (docstring to write)."""

@@ -1,0 +1,1 @@
+"""probers: stage package (docstring to write)."""

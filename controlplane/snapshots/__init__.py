@@ -1,0 +1,1 @@
+"""snapshots: stage package (docstring to write)."""

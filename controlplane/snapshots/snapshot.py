@@ -1,0 +1,261 @@
+"""Immutable, versioned snapshots of every xDS resource, each serialized once per version.
+
+A snapshot is what the control plane serves at one moment. Building one from a topology and
+the endpoints' health reuses the previous snapshot's resources (and their bytes and versions)
+wherever nothing changed, so a health flip re-serializes one ClusterLoadAssignment and nothing
+else. Response bodies are encoded once per (type, resource set) and shared by every stream;
+a stream only appends its own nonce (see `encode_response`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from google.protobuf.message import Message
+
+from controlplane.health.store import HealthStatus
+from controlplane.snapshots import resources as rs
+from controlplane.topology.model import Topology
+
+# --------------------------------------------------------------------------- versions
+
+
+class VersionClock:
+    """Versions `EPOCH.SEQ`: EPOCH is the start time in ms, so versions never repeat across
+    restarts and a restarted control plane's versions sort after its predecessor's."""
+
+    def __init__(self, epoch: int | None = None) -> None:
+        self.epoch = epoch if epoch is not None else int(time.time() * 1000)
+        self.seq = 0
+
+    def next(self) -> str:
+        self.seq += 1
+        return f"{self.epoch}.{self.seq}"
+
+
+def version_key(version: str) -> tuple[int, int]:
+    """Sort key of a version string; unparseable versions (another server's) sort first."""
+    try:
+        epoch, seq = version.split(".", 1)
+        return int(epoch), int(seq)
+    except ValueError:
+        return (-1, -1)
+
+
+# --------------------------------------------------------------------------- wire encoding
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        bits = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(bits | 0x80)
+        else:
+            out.append(bits)
+            return bytes(out)
+
+
+def _length_delimited(field_number: int, data: bytes) -> bytes:
+    return _varint((field_number << 3) | 2) + _varint(len(data)) + data
+
+
+# DiscoveryResponse field numbers (envoy/service/discovery/v3/discovery.proto).
+_VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE = 1, 2, 4, 5, 6
+
+
+def encode_response(body: bytes, nonce: str) -> bytes:
+    """The shared response body plus this stream's nonce: a complete DiscoveryResponse.
+
+    Protobuf parsers accept fields in any order, so appending the nonce field to bytes that were
+    encoded once is the same message as encoding it with the nonce.
+    """
+    return body + _length_delimited(_NONCE, nonce.encode())
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One xDS resource at one version, with its bytes computed once."""
+
+    name: str
+    type_url: str
+    version: str
+    serialized: bytes
+    # The resource wrapped in an Any and framed as DiscoveryResponse.resources, ready to join.
+    response_field: bytes
+
+    @classmethod
+    def of(cls, name: str, message: Message, version: str) -> Resource:
+        type_url = rs.type_name(message)
+        serialized = message.SerializeToString(deterministic=True)
+        any_bytes = _length_delimited(1, type_url.encode()) + _length_delimited(2, serialized)
+        return cls(name, type_url, version, serialized, _length_delimited(_RESOURCES, any_bytes))
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """Why a snapshot exists: a verdict, an override, a topology edit."""
+
+    kind: str  # "verdict", "override", "topology", "start"
+    detail: str
+    time: float
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointView:
+    """An endpoint as a snapshot serves it, for the admin API and diffs."""
+
+    cluster: str
+    address: str
+    port: int
+    status: HealthStatus
+    zone: str
+    weight: int
+
+
+@dataclass(eq=False)
+class Snapshot:
+    """Every resource served at one version. Never mutated once published."""
+
+    version: str
+    cause: Cause
+    created: float
+    topology: Topology
+    resources: Mapping[str, Mapping[str, Resource]]  # type_url -> name -> resource
+    type_versions: Mapping[str, str]
+    endpoints: tuple[EndpointView, ...]
+    _bodies: dict[tuple[str, tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
+
+    def listener_names_for(self, node_cluster: str) -> tuple[str, ...]:
+        return tuple(lst.name for lst in self.topology.listeners if lst.for_node(node_cluster))
+
+    def response_body(self, type_url: str, names: tuple[str, ...]) -> bytes:
+        """DiscoveryResponse bytes (all but the nonce) carrying `names`, encoded once."""
+        key = (type_url, names)
+        body = self._bodies.get(key)
+        if body is None:
+            table = self.resources[type_url]
+            parts = [_length_delimited(_VERSION_INFO, self.type_versions[type_url].encode())]
+            parts.extend(table[name].response_field for name in names)
+            parts.append(_length_delimited(_TYPE_URL, type_url.encode()))
+            body = b"".join(parts)
+            self._bodies[key] = body
+        return body
+
+    def consistent(self) -> list[str]:
+        """Problems that would leave Envoy waiting: EDS names not in CDS, RDS not in LDS."""
+        problems = [
+            f"ClusterLoadAssignment {n!r} has no Cluster"
+            for n in self.resources[rs.ENDPOINT]
+            if n not in self.resources[rs.CLUSTER]
+        ]
+        problems += [
+            f"RouteConfiguration {n!r} has no Listener"
+            for n in self.resources[rs.ROUTE]
+            if n not in self.resources[rs.LISTENER]
+        ]
+        return problems
+
+
+def build_snapshot(
+    topology: Topology,
+    health: rs.HealthLookup,
+    *,
+    version: str,
+    cause: Cause,
+    previous: Snapshot | None = None,
+    dirty_clusters: Iterable[str] | None = None,
+) -> Snapshot:
+    """The snapshot for `topology` and `health` at `version`.
+
+    With `previous` built from the same topology and `dirty_clusters` given, only those
+    clusters' endpoints are rebuilt. Otherwise everything is rebuilt, and any resource whose
+    bytes did not change keeps its previous version (and bytes).
+    """
+    same_topology = previous is not None and previous.topology is topology and dirty_clusters is not None
+    tables: dict[str, dict[str, Resource]] = {}
+
+    def table(type_url: str, built: Iterable[tuple[str, Message]]) -> dict[str, Resource]:
+        old = previous.resources[type_url] if previous is not None else {}
+        out: dict[str, Resource] = {}
+        for name, message in built:
+            fresh = Resource.of(name, message, version)
+            prior = old.get(name)
+            out[name] = prior if prior is not None and prior.serialized == fresh.serialized else fresh
+        return out
+
+    if same_topology:
+        assert previous is not None and dirty_clusters is not None
+        dirty = set(dirty_clusters)
+        for type_url in (rs.CLUSTER, rs.LISTENER, rs.ROUTE):
+            tables[type_url] = dict(previous.resources[type_url])
+        eds = dict(previous.resources[rs.ENDPOINT])
+        eds.update(
+            table(
+                rs.ENDPOINT,
+                ((c.name, rs.build_load_assignment(c, health)) for c in topology.clusters if c.name in dirty),
+            )
+        )
+        tables[rs.ENDPOINT] = eds
+    else:
+        tables[rs.CLUSTER] = table(rs.CLUSTER, ((c.name, rs.build_cluster(c)) for c in topology.clusters))
+        tables[rs.ENDPOINT] = table(
+            rs.ENDPOINT, ((c.name, rs.build_load_assignment(c, health)) for c in topology.clusters)
+        )
+        tables[rs.LISTENER] = table(rs.LISTENER, ((ln.name, rs.build_listener(ln)) for ln in topology.listeners))
+        tables[rs.ROUTE] = table(rs.ROUTE, ((ln.name, rs.build_route_configuration(ln)) for ln in topology.listeners))
+
+    type_versions: dict[str, str] = {}
+    for type_url, entries in tables.items():
+        old_entries = previous.resources[type_url] if previous is not None else None
+        unchanged = (
+            old_entries is not None
+            and old_entries.keys() == entries.keys()
+            and all(old_entries[n] is r for n, r in entries.items())
+        )
+        type_versions[type_url] = previous.type_versions[type_url] if unchanged and previous else version
+
+    endpoints = tuple(
+        EndpointView(c.name, e.address, e.port, health(c.name, e.key), e.zone, e.weight)
+        for c in topology.clusters
+        for e in c.endpoints
+    )
+    snapshot = Snapshot(
+        version=version,
+        cause=cause,
+        created=time.time(),
+        topology=topology,
+        resources=MappingProxyType({t: MappingProxyType(v) for t, v in tables.items()}),
+        type_versions=MappingProxyType(type_versions),
+        endpoints=endpoints,
+    )
+    problems = snapshot.consistent()
+    if problems:  # by construction this cannot happen; a bug here must not reach Envoy
+        raise AssertionError("inconsistent snapshot: " + "; ".join(problems))
+    return snapshot
+
+
+def changed_resources(old: Snapshot | None, new: Snapshot) -> dict[str, list[str]]:
+    """Per type, the names whose version differs between two snapshots (added ones included)."""
+    out: dict[str, list[str]] = {}
+    for type_url, entries in new.resources.items():
+        before = old.resources.get(type_url, {}) if old is not None else {}
+        names = [n for n, r in entries.items() if n not in before or before[n].version != r.version]
+        if names:
+            out[type_url] = names
+    return out
+
+
+def find_snapshot(history: Iterable[Snapshot], version: str) -> Snapshot | None:
+    """The snapshot of `version` in `history` (newest first for recent versions), or None."""
+    for snap in history:
+        if snap.version == version:
+            return snap
+    return None

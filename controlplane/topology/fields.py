@@ -1,0 +1,130 @@
+"""topology.fields: split from topology.py (docstring to write)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from controlplane.errors import ConfigError
+from controlplane.topology.durations import parse_duration
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Field:
+    """A value in the document with the path that reached it, for precise errors."""
+
+    def __init__(self, value: Any, path: str, source: str) -> None:
+        self.value = value
+        self.path = path
+        self.source = source
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(message, path=self.path, source=self.source)
+
+    def child(self, key: str | int) -> _Field:
+        if isinstance(key, int):
+            return _Field(self.value[key], f"{self.path}[{key}]", self.source)
+        return _Field(self.value.get(key), f"{self.path}.{key}" if self.path else key, self.source)
+
+    @property
+    def missing(self) -> bool:
+        return self.value is None
+
+    def mapping(self, allowed: set[str]) -> _Field:
+        if not isinstance(self.value, dict):
+            raise self.error(f"must be a mapping, got {_kind(self.value)}")
+        for key in self.value:
+            if not isinstance(key, str):
+                raise self.error(f"keys must be strings, got {key!r}")
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                raise self.child(key).error(f"unknown field (expected one of: {hint})")
+        return self
+
+    def items(self) -> Iterator[_Field]:
+        if not isinstance(self.value, list):
+            raise self.error(f"must be a list, got {_kind(self.value)}")
+        for i in range(len(self.value)):
+            yield self.child(i)
+
+    def string(self, *, default: str | None = None, pattern: re.Pattern[str] | None = None) -> str:
+        if self.value is None:
+            if default is None:
+                raise self.error("is required")
+            return default
+        if not isinstance(self.value, str):
+            raise self.error(f"must be a string, got {_kind(self.value)}")
+        if pattern is not None and not pattern.fullmatch(self.value):
+            raise self.error(f"{self.value!r} does not match {pattern.pattern}")
+        return self.value
+
+    def opt_str(self) -> str | None:
+        return None if self.value is None else self.string()
+
+    def integer(self, *, default: int | None = None, lo: int | None = None, hi: int | None = None) -> int:
+        if self.value is None:
+            if default is None:
+                raise self.error("is required")
+            return default
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            raise self.error(f"must be an integer, got {_kind(self.value)}")
+        if (lo is not None and self.value < lo) or (hi is not None and self.value > hi):
+            raise self.error(_range_text(lo, hi))
+        return self.value
+
+    def number(self, *, default: float, lo: float, hi: float) -> float:
+        if self.value is None:
+            return default
+        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
+            raise self.error(f"must be a number, got {_kind(self.value)}")
+        if not lo <= self.value <= hi:
+            raise self.error(f"must be {lo:g}..{hi:g}")
+        return float(self.value)
+
+    def boolean(self, *, default: bool) -> bool:
+        if self.value is None:
+            return default
+        if not isinstance(self.value, bool):
+            raise self.error(f"must be true or false, got {_kind(self.value)}")
+        return self.value
+
+    def duration(self, *, default: float | None = None, positive: bool = False) -> float:
+        if self.value is None:
+            if default is None:
+                raise self.error("is required")
+            return default
+        if isinstance(self.value, bool):
+            raise self.error("must be a duration such as 1s or 500ms")
+        if isinstance(self.value, int | float):
+            seconds = float(self.value)
+        elif isinstance(self.value, str):
+            try:
+                seconds = parse_duration(self.value)
+            except ValueError as exc:
+                raise self.error(str(exc)) from None
+        else:
+            raise self.error(f"must be a duration such as 1s or 500ms, got {_kind(self.value)}")
+        if seconds != seconds:  # NaN passes every comparison below
+            raise self.error("must be a duration such as 1s or 500ms, got NaN")
+        if seconds < 0 or (positive and seconds == 0):
+            raise self.error("must be greater than 0" if positive else "must not be negative")
+        if seconds > 86400 * 365:
+            raise self.error("is absurdly long (more than a year)")
+        return seconds
+
+    def opt_duration(self, *, positive: bool = True) -> float | None:
+        return None if self.value is None else self.duration(positive=positive)
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _range_text(lo: int | None, hi: int | None) -> str:
+    if lo is not None and hi is not None:
+        return f"must be {lo}..{hi}"
+    return f"must be >= {lo}" if lo is not None else f"must be <= {hi}"

@@ -1,0 +1,471 @@
+"""The topology: clusters, endpoints, listeners and health-check policy, read from YAML.
+
+`load_topology(path)` and `parse_topology(document, source=...)` validate everything up front
+and raise `ConfigError` naming the file, the field path (`clusters[1].endpoints[0].port`) and
+what is wrong. The result is a tree of frozen dataclasses: it never changes once built.
+The whole schema is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+from google.protobuf import json_format
+
+from controlplane.errors import ConfigError
+from controlplane.topology.fields import _Field
+from controlplane.topology.model import (
+    Cluster,
+    ControlPlaneConfig,
+    Endpoint,
+    GrpcCheck,
+    HealthCheck,
+    HttpCheck,
+    Listener,
+    Route,
+    SocketAddress,
+    TcpCheck,
+    Topology,
+)
+from controlplane.topology.propagation import parse_propagation
+from controlplane.topology.security import (
+    ADMIN_KEYS,
+    XDS_KEYS,
+    parse_security,
+    parse_token,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
+_HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+def _ip(f: _Field, *, allow_hostname: bool) -> str:
+    text = f.string()
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        if allow_hostname and re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9\-.]{0,252})", text):
+            return text
+        raise f.error(f"{text!r} is not an IP address" + ("" if not allow_hostname else " or hostname")) from None
+
+
+# --------------------------------------------------------------------------- sections
+
+_HC_COMMON = {
+    "port", "interval", "timeout", "initial_jitter", "interval_jitter", "unhealthy_interval",
+    "healthy_edge_interval", "unhealthy_edge_interval", "healthy_threshold", "unhealthy_threshold",
+    "http_failures", "tcp_failures", "timeouts", "initial_status",
+}  # fmt: skip
+_HC_KINDS = {"http", "tcp", "grpc"}
+
+
+def _socket(f: _Field, default: SocketAddress, extra: frozenset[str] = frozenset()) -> SocketAddress:
+    if f.missing:
+        return default
+    f.mapping({"address", "port"} | extra)
+    return SocketAddress(
+        address=_ip(f.child("address"), allow_hostname=True) if not f.child("address").missing else default.address,
+        port=f.child("port").integer(default=default.port, lo=0, hi=65535),
+    )
+
+
+def _controlplane(f: _Field) -> ControlPlaneConfig:
+    if f.missing:
+        return ControlPlaneConfig()
+    f.mapping({"xds", "admin", "watch_interval", "propagation"} | _FAULT_KEYS)
+    d = ControlPlaneConfig()
+    return ControlPlaneConfig(
+        xds=_socket(f.child("xds"), d.xds, XDS_KEYS),
+        admin=_socket(f.child("admin"), d.admin, frozenset({"token"}) | ADMIN_KEYS),
+        watch_interval=f.child("watch_interval").duration(default=d.watch_interval),
+        admin_token=None if f.child("admin").missing else parse_token(f.child("admin").child("token")),
+        **_faults(f, d),
+        security=parse_security(f),
+        propagation=parse_propagation(f.child("propagation").value, path=f.child("propagation").path, source=f.source),
+    )
+
+
+_FAULT_KEYS = {"data_dir", "prober_staleness", "mass_failure", "stuck_stream_timeout"}
+
+
+def _faults(f: _Field, d: ControlPlaneConfig) -> dict[str, Any]:
+    """issue 7a: `data_dir`, `prober_staleness`, `mass_failure: {share, window, min_endpoints}`,
+    `stuck_stream_timeout`."""
+    out: dict[str, Any] = {
+        "data_dir": None if f.child("data_dir").missing else f.child("data_dir").string(),
+        "prober_staleness": f.child("prober_staleness").duration(default=d.prober_staleness),
+        "stuck_stream_timeout": f.child("stuck_stream_timeout").duration(default=d.stuck_stream_timeout),
+    }
+    mf = f.child("mass_failure")
+    if not mf.missing:
+        mf.mapping({"share", "window", "min_endpoints"})
+        out["mass_failure_share"] = mf.child("share").number(default=d.mass_failure_share, lo=0.0, hi=1.0)
+        out["mass_failure_window"] = mf.child("window").duration(default=d.mass_failure_window, positive=True)
+        out["mass_failure_min"] = mf.child("min_endpoints").integer(default=d.mass_failure_min, lo=1)
+    return out
+
+
+def _statuses(f: _Field) -> tuple[tuple[int, int], ...]:
+    ranges: list[tuple[int, int]] = []
+    for item in f.items():
+        if isinstance(item.value, int) and not isinstance(item.value, bool):
+            code = item.integer(lo=100, hi=599)
+            ranges.append((code, code))
+            continue
+        if not isinstance(item.value, list) or len(item.value) != 2:
+            raise item.error("must be a status code or a [first, last] range such as [200, 399]")
+        lo = item.child(0).integer(lo=100, hi=599)
+        hi = item.child(1).integer(lo=100, hi=599)
+        if lo > hi:
+            raise item.error(f"range [{lo}, {hi}] is empty: first must be <= last")
+        ranges.append((lo, hi))
+    if not ranges:
+        raise f.error("must list at least one status or range")
+    return tuple(ranges)
+
+
+def _payload(f: _Field) -> bytes | None:
+    """A TCP payload: a string (sent as UTF-8) or {hex: "..."}/{text: "..."}."""
+    if f.missing:
+        return None
+    if isinstance(f.value, str):
+        return f.value.encode()
+    f.mapping({"hex", "text"})
+    if not f.child("hex").missing:
+        try:
+            return bytes.fromhex(f.child("hex").string())
+        except ValueError:
+            raise f.child("hex").error("is not valid hex") from None
+    return f.child("text").string().encode()
+
+
+def _http(f: _Field) -> HttpCheck:
+    if f.value is None or f.value == {}:
+        return HttpCheck()
+    f.mapping({
+        "path", "method", "host", "headers", "body", "expected_statuses", "expected_body", "https",
+        "sni", "verify_tls", "keepalive", "keepalive_requests",
+    })  # fmt: skip
+    headers: list[tuple[str, str]] = []
+    hf = f.child("headers")
+    if not hf.missing:
+        if not isinstance(hf.value, dict):
+            raise hf.error("must be a mapping of header name to value")
+        for name in hf.value:
+            value = hf.child(name).string()
+            if not isinstance(name, str) or not _HEADER.fullmatch(name):
+                raise hf.error(f"{name!r} is not a valid header name")
+            if any(c in value for c in "\r\n\0"):
+                raise hf.child(name).error("header values cannot contain CR, LF or NUL")
+            headers.append((name, value))
+    path = f.child("path").string(default="/")
+    if not path.startswith("/"):
+        raise f.child("path").error("must start with /")
+    method = f.child("method").string(default="GET").upper()
+    if method not in {"GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE"}:
+        raise f.child("method").error(f"{method!r} is not a supported HTTP method")
+    sf = f.child("expected_statuses")
+    return HttpCheck(
+        path=path,
+        method=method,
+        host=f.child("host").opt_str(),
+        headers=tuple(headers),
+        body=f.child("body").opt_str(),
+        expected_statuses=((200, 399),) if sf.missing else _statuses(sf),
+        expected_body=f.child("expected_body").opt_str(),
+        https=f.child("https").boolean(default=False),
+        sni=f.child("sni").opt_str(),
+        verify_tls=f.child("verify_tls").boolean(default=True),
+        keepalive=f.child("keepalive").boolean(default=True),
+        keepalive_requests=f.child("keepalive_requests").integer(default=0, lo=0),
+    )
+
+
+def _grpc(f: _Field) -> GrpcCheck:
+    if isinstance(f.value, dict) and "verify_tls" in f.value:
+        # grpc's channel credentials always verify; there is no switch to turn that off.
+        raise f.child("verify_tls").error("is not supported for gRPC checks: give ca_file with the endpoint's CA")
+    f.mapping({"service", "authority", "tls", "ca_file", "cert_file", "key_file", "sni"})
+    tls = f.child("tls").boolean(default=False)
+    files = {name: f.child(name).opt_str() for name in ("ca_file", "cert_file", "key_file")}
+    sni = f.child("sni").opt_str()
+    if not tls:
+        for name, value in (*files.items(), ("sni", sni)):
+            if value is not None:
+                raise f.child(name).error("needs tls: true")
+    if (files["cert_file"] is None) != (files["key_file"] is None):
+        missing = "key_file" if files["key_file"] is None else "cert_file"
+        raise f.child(missing).error("is required with " + ("cert_file" if missing == "key_file" else "key_file"))
+    return GrpcCheck(
+        service=f.child("service").string(default=""),
+        authority=f.child("authority").opt_str(),
+        tls=tls,
+        ca_file=files["ca_file"],
+        cert_file=files["cert_file"],
+        key_file=files["key_file"],
+        sni=sni,
+    )
+
+
+def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
+    """A health_check section; with `base`, a partial override of it (per endpoint)."""
+    if f.missing:
+        return base
+    f.mapping(_HC_COMMON | _HC_KINDS)
+    kinds = [k for k in ("http", "tcp", "grpc") if k in f.value]
+    if len(kinds) > 1:
+        raise f.error(f"give one check kind, not {' and '.join(kinds)}")
+    if not kinds and base is None:
+        raise f.error("needs one check kind: http, tcp or grpc")
+    hc = base or HealthCheck(kind="http")
+    if kinds:
+        kind = kinds[0]
+        kf = f.child(kind)
+        if kind == "http":
+            hc = replace(hc, kind="http", http=_http(kf), tcp=None, grpc=None)
+        elif kind == "tcp":
+            if kf.value not in (None, {}):
+                kf.mapping({"send", "receive"})
+            tcp = (
+                TcpCheck()
+                if kf.value in (None, {})
+                else TcpCheck(send=_payload(kf.child("send")), receive=_payload(kf.child("receive")))
+            )
+            hc = replace(hc, kind="tcp", tcp=tcp, http=None, grpc=None)
+        else:
+            grpc = GrpcCheck() if kf.value in (None, {}) else _grpc(kf)
+            hc = replace(hc, kind="grpc", grpc=grpc, http=None, tcp=None)
+    updates: dict[str, Any] = {}
+    for name in ("interval", "timeout"):
+        if not f.child(name).missing:
+            updates[name] = f.child(name).duration(positive=True)
+    if not f.child("initial_jitter").missing:
+        updates["initial_jitter"] = f.child("initial_jitter").duration()
+    if not f.child("interval_jitter").missing:
+        updates["interval_jitter_percent"] = f.child("interval_jitter").number(default=0, lo=0, hi=100)
+    for name in ("unhealthy_interval", "healthy_edge_interval", "unhealthy_edge_interval"):
+        if not f.child(name).missing:
+            updates[name] = f.child(name).duration(positive=True)
+    for name in ("healthy_threshold", "unhealthy_threshold", "http_failures", "tcp_failures", "timeouts"):
+        if not f.child(name).missing:
+            updates[name] = f.child(name).integer(lo=1, hi=1000)
+    if not f.child("port").missing:
+        updates["port"] = f.child("port").integer(lo=1, hi=65535)
+    if not f.child("initial_status").missing:
+        status = f.child("initial_status").string()
+        if status not in ("unknown", "healthy", "unhealthy"):
+            raise f.child("initial_status").error("must be unknown, healthy or unhealthy")
+        updates["initial_status"] = status
+    hc = replace(hc, **updates)
+    if hc.timeout > hc.interval and "timeout" in updates:
+        raise f.child("timeout").error(
+            f"must not exceed the interval ({hc.interval:g}s): a check would still run when the next starts"
+        )
+    if hc.timeout > hc.interval and "interval" in updates:
+        raise f.child("interval").error(
+            f"must not be shorter than the timeout ({hc.timeout:g}s): a check would still run when the next starts"
+        )
+    return hc
+
+
+def _endpoint(f: _Field, cluster_hc: HealthCheck | None) -> Endpoint:
+    f.mapping({"address", "port", "zone", "region", "sub_zone", "weight", "hostname", "health_check"})
+    hcf = f.child("health_check")
+    if not hcf.missing and cluster_hc is None and isinstance(hcf.value, dict) and not (set(hcf.value) & _HC_KINDS):
+        raise hcf.error("overrides a cluster health_check, but the cluster has none")
+    return Endpoint(
+        address=_ip(f.child("address"), allow_hostname=False),
+        port=f.child("port").integer(lo=1, hi=65535),
+        zone=f.child("zone").string(default=""),
+        region=f.child("region").string(default=""),
+        sub_zone=f.child("sub_zone").string(default=""),
+        weight=f.child("weight").integer(default=1, lo=1, hi=128),
+        hostname=f.child("hostname").string(default=""),
+        health_check=_health_check(hcf, cluster_hc),
+    )
+
+
+# Cluster fields the topology owns: a fragment overriding them would make Envoy's cluster differ
+# from the one the snapshot claims (another name, a static type, endpoints outside EDS).
+_OWNED_CLUSTER_FIELDS = frozenset(
+    {
+        "name",
+        "type",
+        "cluster_type",
+        "clusterType",
+        "eds_cluster_config",
+        "edsClusterConfig",
+        "load_assignment",
+        "loadAssignment",
+    }
+)
+
+
+def _envoy_fragment(f: _Field, message_cls: Any) -> dict[str, Any]:
+    if f.missing:
+        return {}
+    if not isinstance(f.value, dict):
+        raise f.error("must be a mapping of Envoy fields (proto3 JSON names)")
+    for key in f.value:
+        if key in _OWNED_CLUSTER_FIELDS:
+            raise f.child(key).error(
+                "is set by healthplane from the topology (name, type and endpoints come over EDS); "
+                "change the topology instead"
+            )
+    try:
+        json_format.ParseDict(json.loads(json.dumps(f.value)), message_cls())
+    # Not only ParseError: json_format raises AttributeError/KeyError on a malformed Any or Struct.
+    except Exception as exc:
+        raise f.error(f"not a valid {message_cls.DESCRIPTOR.full_name} fragment: {exc}") from None
+    copy: dict[str, Any] = json.loads(json.dumps(f.value))  # deep and plain: nothing shared stays mutable
+    return copy
+
+
+def _cluster(f: _Field) -> Cluster:
+    from envoy.config.cluster.v3 import cluster_pb2
+
+    f.mapping({
+        "name", "endpoints", "health_check", "connect_timeout", "lb_policy", "healthy_panic_threshold",
+        "update_merge_window", "envoy",
+    })  # fmt: skip
+    name = f.child("name").string(pattern=_NAME)
+    hc = _health_check(f.child("health_check"), None)
+    endpoints: list[Endpoint] = []
+    seen: dict[str, int] = {}
+    ef = f.child("endpoints")
+    if not ef.missing:
+        for i, item in enumerate(ef.items()):
+            ep = _endpoint(item, hc)
+            if ep.key in seen:
+                raise item.error(f"duplicate endpoint {ep.key} (also at endpoints[{seen[ep.key]}])")
+            seen[ep.key] = i
+            endpoints.append(ep)
+    lb = f.child("lb_policy").string(default="ROUND_ROBIN").upper()
+    if lb not in ("ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"):
+        raise f.child("lb_policy").error(f"{lb!r} is not one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, RING_HASH, MAGLEV")
+    return Cluster(
+        name=name,
+        endpoints=tuple(endpoints),
+        health_check=hc,
+        connect_timeout=f.child("connect_timeout").duration(default=1.0, positive=True),
+        lb_policy=lb,  # type: ignore[arg-type]
+        healthy_panic_threshold=f.child("healthy_panic_threshold").number(default=0.0, lo=0, hi=100),
+        update_merge_window=f.child("update_merge_window").duration(default=0.0),
+        envoy=_envoy_fragment(f.child("envoy"), cluster_pb2.Cluster),
+    )
+
+
+def _route(f: _Field, clusters: set[str]) -> Route:
+    f.mapping({"prefix", "path", "cluster", "timeout", "prefix_rewrite"})
+    if not f.child("prefix").missing and not f.child("path").missing:
+        raise f.error("give prefix or path, not both")
+    cluster = f.child("cluster").string()
+    if cluster not in clusters:
+        raise f.child("cluster").error(f"no cluster named {cluster!r}")
+    path = f.child("path").opt_str()
+    prefix = None if path is not None else f.child("prefix").string(default="/")
+    for key, value in (("path", path), ("prefix", prefix)):
+        if value is not None and not value.startswith("/"):
+            raise f.child(key).error("must start with /")
+    return Route(
+        cluster=cluster,
+        prefix=prefix,
+        path=path,
+        timeout=f.child("timeout").opt_duration(positive=False),
+        prefix_rewrite=f.child("prefix_rewrite").opt_str(),
+    )
+
+
+def _listener(f: _Field, clusters: set[str]) -> Listener:
+    f.mapping({"name", "address", "port", "routes", "domains", "nodes"})
+    routes = tuple(_route(r, clusters) for r in f.child("routes").items())
+    if not routes:
+        raise f.child("routes").error("must have at least one route")
+    nodes_f = f.child("nodes")
+    nodes = None if nodes_f.missing else tuple(n.string() for n in nodes_f.items())
+    domains_f = f.child("domains")
+    domains = ("*",) if domains_f.missing else tuple(d.string() for d in domains_f.items())
+    if not domains:
+        raise domains_f.error('must have at least one domain (use "*" for any)')
+    return Listener(
+        name=f.child("name").string(pattern=_NAME),
+        address=_ip(f.child("address"), allow_hostname=False) if not f.child("address").missing else "0.0.0.0",
+        port=f.child("port").integer(lo=1, hi=65535),
+        routes=routes,
+        domains=domains,
+        nodes=nodes,
+    )
+
+
+def parse_topology(document: Any, *, source: str = "") -> Topology:
+    """Validate a topology document (already parsed from YAML or JSON)."""
+    root = _Field(document if document is not None else {}, "", source)
+    root.mapping({"controlplane", "clusters", "listeners"})
+    clusters: list[Cluster] = []
+    names: dict[str, int] = {}
+    cf = root.child("clusters")
+    if not cf.missing:
+        for i, item in enumerate(cf.items()):
+            cluster = _cluster(item)
+            if cluster.name in names:
+                raise item.child("name").error(
+                    f"duplicate cluster name {cluster.name!r} (also clusters[{names[cluster.name]}])"
+                )
+            names[cluster.name] = i
+            clusters.append(cluster)
+    listeners: list[Listener] = []
+    lnames: dict[str, int] = {}
+    lf = root.child("listeners")
+    if not lf.missing:
+        for i, item in enumerate(lf.items()):
+            listener = _listener(item, set(names))
+            if listener.name in lnames:
+                raise item.child("name").error(
+                    f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])"
+                )
+            for j, other in enumerate(listeners):
+                shared = other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
+                if shared and (other.address, other.port) == (listener.address, listener.port):
+                    raise item.child("port").error(
+                        f"{listener.address}:{listener.port} is already used by listeners[{j}] "
+                        f"({other.name}) on the same nodes"
+                    )
+            lnames[listener.name] = i
+            listeners.append(listener)
+    return Topology(
+        controlplane=_controlplane(root.child("controlplane")),
+        clusters=tuple(clusters),
+        listeners=tuple(listeners),
+        source=source,
+        document=json.loads(json.dumps(document if document is not None else {})),
+    )
+
+
+def parse_topology_text(text: str, *, source: str = "") -> Topology:
+    """Parse YAML (or JSON, which is YAML) text into a validated Topology."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML: {problem}", path=where, source=source) from None
+    return parse_topology(document, source=source)
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read and validate the topology file at `path`."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", source=str(p)) from None
+    except UnicodeDecodeError:
+        raise ConfigError("is not UTF-8 text", source=str(p)) from None
+    return parse_topology_text(text, source=str(p))

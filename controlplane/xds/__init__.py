@@ -1,0 +1,1 @@
+"""xds: stage package (docstring to write)."""

@@ -1,0 +1,242 @@
+"""CSDS (envoy.service.status.v3.ClientStatusDiscoveryService) from the per-node ACK/NACK records.
+
+For every connected node, every resource it subscribes to (or was sent) with its status as the
+control plane knows it, and the resource as sent:
+
+- DOES_NOT_EXIST: subscribed by name, but no such resource is served.
+- REQUESTED: served and subscribed, but not sent yet, or sent and not answered yet.
+- ACKED: the node ACKed a response carrying this version of the resource (or a later response
+  in which it was unchanged).
+- NACKED: the node rejected the latest response, which changed this resource; `error_state`
+  holds Envoy's error text and the rejected version.
+
+`config_status` says how that compares with what is served now: SYNCED (ACKed the current
+version), STALE (ACKed or sent an older version, or not answered yet), ERROR (NACKed), NOT_SENT.
+
+Everything here is pure: `client_status` takes the streams and snapshots and returns the
+response message. `CsdsService` puts it on the gRPC server next to ADS.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from envoy.admin.v3 import config_dump_shared_pb2 as dump
+from envoy.config.core.v3 import base_pb2
+from envoy.service.status.v3 import csds_pb2
+from envoy.type.matcher.v3 import node_pb2, string_pb2
+from google.protobuf.any_pb2 import Any as AnyMessage
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controlplane.errors import ProtocolError
+from controlplane.snapshots import resources as rs
+from controlplane.snapshots.snapshot import Resource, Snapshot, version_key
+from controlplane.xds.stream import StreamState, TypeState
+
+if TYPE_CHECKING:
+    from controlplane.app import ControlPlane
+
+CSDS_SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
+
+RS = dump.ClientResourceStatus
+CS = csds_pb2.ConfigStatus
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def find_resource(snapshots: Sequence[Snapshot], type_url: str, name: str, version: str) -> Resource | None:
+    """The resource `name` at `version`, from the newest snapshot that still has it."""
+    for snap in reversed(snapshots):
+        r = snap.resources.get(type_url, {}).get(name)
+        if r is not None and r.version == version:
+            return r
+        if r is not None and version_key(r.version) < version_key(version):
+            return None  # older than what we look for: it is not further back either
+    return None
+
+
+def _acked_resource(snapshots: Sequence[Snapshot], ts: TypeState, name: str) -> Resource | None:
+    for snap in reversed(snapshots):
+        if snap.version == ts.acked_version:
+            return snap.resources.get(ts.type_url, {}).get(name)
+    return None
+
+
+def _any(resource: Resource | None) -> AnyMessage | None:
+    if resource is None:
+        return None
+    return AnyMessage(type_url=resource.type_url, value=resource.serialized)
+
+
+def _not_after(version: str, acked: str | None) -> bool:
+    return acked is not None and version_key(version) <= version_key(acked)
+
+
+def resource_status(ts: TypeState, name: str, current: Resource | None) -> tuple[int, int]:
+    """(ClientResourceStatus, ConfigStatus) of one resource on one stream."""
+    sent = ts.sent.get(name)
+    if sent is None:
+        if current is None:
+            return RS.DOES_NOT_EXIST, CS.UNKNOWN
+        return RS.REQUESTED, CS.NOT_SENT
+    if _not_after(sent, ts.acked_version):
+        synced = current is not None and current.version == sent
+        return RS.ACKED, CS.SYNCED if synced else CS.STALE
+    nack = ts.last_nack
+    if nack is not None and not ts.awaiting_ack and nack.version == ts.sent_version:
+        return RS.NACKED, CS.ERROR
+    return RS.REQUESTED, CS.STALE
+
+
+def type_configs(
+    stream: StreamState,
+    ts: TypeState,
+    snapshots: Sequence[Snapshot],
+    *,
+    include_contents: bool = True,
+) -> list[csds_pb2.ClientConfig.GenericXdsConfig]:
+    snapshot = snapshots[-1]
+    table = snapshot.resources.get(ts.type_url, {})
+    if ts.type_url == rs.LISTENER:
+        available = list(snapshot.listener_names_for(stream.node_cluster))
+    else:
+        available = list(table)
+    names = list(ts.subscribed(available))
+    if not ts.wildcard:
+        names += sorted(n for n in ts.names if n not in table)  # asked for, but not served
+    names += sorted(n for n in ts.sent if n not in names)
+    out = []
+    for name in names:
+        current = table.get(name)
+        status, config_status = resource_status(ts, name, current)
+        sent_version = ts.sent.get(name)
+        config = csds_pb2.ClientConfig.GenericXdsConfig(
+            type_url=ts.type_url, name=name, client_status=status, config_status=config_status
+        )
+        if sent_version is not None:
+            config.version_info = sent_version
+            as_sent = find_resource(snapshots, ts.type_url, name, sent_version) if include_contents else None
+            when = ts.acked_at if status == RS.ACKED else ts.sent_at
+            if (stamp := _timestamp(when)) is not None:
+                config.last_updated.CopyFrom(stamp)
+            if status == RS.NACKED and ts.last_nack is not None:
+                nack = ts.last_nack
+                config.error_state.details = nack.error
+                config.error_state.version_info = nack.version
+                if (stamp := _timestamp(nack.time)) is not None:
+                    config.error_state.last_update_attempt.CopyFrom(stamp)
+                if (failed := _any(as_sent)) is not None:
+                    config.error_state.failed_configuration.CopyFrom(failed)
+                # What the node runs is the resource as it was in the version it last ACKed.
+                as_sent = _acked_resource(snapshots, ts, name) if include_contents else None
+            if (packed := _any(as_sent)) is not None:
+                config.xds_config.CopyFrom(packed)
+        out.append(config)
+    return out
+
+
+def client_config(
+    stream: StreamState, snapshots: Sequence[Snapshot], *, include_contents: bool = True
+) -> csds_pb2.ClientConfig:
+    """One node's ClientConfig: every resource of every type it subscribes to, in ADS order."""
+    config = csds_pb2.ClientConfig(node=base_pb2.Node(id=stream.node_id or "", cluster=stream.node_cluster))
+    for type_url in rs.ADS_ORDER:
+        ts = stream.types.get(type_url)
+        if ts is not None:
+            config.generic_xds_configs.extend(type_configs(stream, ts, snapshots, include_contents=include_contents))
+    return config
+
+
+def string_matches(matcher: string_pb2.StringMatcher, value: str) -> bool:
+    kind = str(matcher.WhichOneof("match_pattern") or "")
+    if kind == "safe_regex":
+        try:
+            return re.fullmatch(str(matcher.safe_regex.regex), value) is not None
+        except re.error as exc:
+            raise ProtocolError(f"node_matchers: node_id.safe_regex: {exc}") from None
+    if kind not in ("exact", "prefix", "suffix", "contains"):
+        raise ProtocolError(f"node_matchers: node_id: unsupported match {kind or '(none)'}")
+    pattern = str(getattr(matcher, kind))
+    if matcher.ignore_case:
+        pattern, value = pattern.lower(), value.lower()
+    if kind == "exact":
+        return value == pattern
+    if kind == "prefix":
+        return value.startswith(pattern)
+    if kind == "suffix":
+        return value.endswith(pattern)
+    return pattern in value
+
+
+def node_matches(matcher: node_pb2.NodeMatcher, stream: StreamState) -> bool:
+    if matcher.node_metadatas:
+        raise ProtocolError("node_matchers: node_metadatas is not supported (match on node_id)")
+    if not matcher.HasField("node_id"):
+        return True
+    return bool(string_matches(matcher.node_id, stream.node_id or ""))
+
+
+def client_status(
+    request: csds_pb2.ClientStatusRequest, streams: Iterable[StreamState], snapshots: Sequence[Snapshot]
+) -> csds_pb2.ClientStatusResponse:
+    """The CSDS answer: one ClientConfig per connected node matching any of the request's matchers."""
+    response = csds_pb2.ClientStatusResponse()
+    for stream in sorted(streams, key=lambda s: s.node_id or ""):
+        if request.node_matchers and not any(node_matches(m, stream) for m in request.node_matchers):
+            continue
+        response.config.append(client_config(stream, snapshots, include_contents=not request.exclude_resource_contents))
+    return response
+
+
+class CsdsService:
+    """Serves CSDS (both the streaming and the unary method) from a ControlPlane's node records."""
+
+    def __init__(self, cp: ControlPlane) -> None:
+        self.cp = cp
+
+    def answer(self, request: csds_pb2.ClientStatusRequest) -> csds_pb2.ClientStatusResponse:
+        history = self.cp.history or [self.cp.snapshot]
+        if history[-1] is not self.cp.snapshot:
+            history = [*history, self.cp.snapshot]
+        return client_status(request, self.cp.nodes.streams(), history)
+
+    async def FetchClientStatus(self, request: csds_pb2.ClientStatusRequest, context: Any) -> Any:
+        try:
+            return self.answer(request)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def StreamClientStatus(
+        self, requests: AsyncIterator[csds_pb2.ClientStatusRequest], context: Any
+    ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
+        async for request in requests:
+            try:
+                yield self.answer(request)
+            except ProtocolError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            CSDS_SERVICE,
+            {
+                "StreamClientStatus": grpc.stream_stream_rpc_method_handler(
+                    self.StreamClientStatus,
+                    request_deserializer=csds_pb2.ClientStatusRequest.FromString,
+                    response_serializer=csds_pb2.ClientStatusResponse.SerializeToString,
+                ),
+                "FetchClientStatus": grpc.unary_unary_rpc_method_handler(
+                    self.FetchClientStatus,
+                    request_deserializer=csds_pb2.ClientStatusRequest.FromString,
+                    response_serializer=csds_pb2.ClientStatusResponse.SerializeToString,
+                ),
+            },
+        )

@@ -1,0 +1,118 @@
+"""xds.limits: split from security.py (docstring to write)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from controlplane.errors import ProtocolError
+
+if TYPE_CHECKING:
+    pass
+
+from controlplane.topology.security import SecurityConfig
+
+log = logging.getLogger("healthplane.security")
+
+
+def xds_limit_metrics(ads: Any) -> Iterator[Metric]:
+    """Scrape-time counters of the streams the limits and the request checks ended."""
+    ended = CounterMetricFamily(
+        "healthplane_xds_streams_ended_by_server",
+        "ADS streams the server ended with an error status (bad or oversized requests, limits), by code.",
+        labels=["code"],
+    )
+    for code, n in sorted(ads.ended_with.items()):
+        ended.add_metric([code], n)
+    yield ended
+    refused = CounterMetricFamily(
+        "healthplane_xds_streams_refused_per_peer",
+        "ADS streams refused because their peer held controlplane.xds.max_streams_per_peer already.",
+    )
+    refused.add_metric([], ads.peers.refused)
+    yield refused
+
+
+def configure_ads(ads: Any, security: SecurityConfig) -> None:
+    """Apply the message and per-peer stream limits to an `AdsServer`."""
+    ads.max_message_bytes = security.xds_max_message_bytes
+    ads.peers.limit = security.xds_max_streams_per_peer
+
+
+class LimitExceeded(ProtocolError):
+    """A peer went over a configured limit; answered with RESOURCE_EXHAUSTED."""
+
+
+def status_code(error: ProtocolError) -> grpc.StatusCode:
+    return grpc.StatusCode.RESOURCE_EXHAUSTED if isinstance(error, LimitExceeded) else grpc.StatusCode.INVALID_ARGUMENT
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer string (`ipv4:1.2.3.4:5678`, `ipv6:[::1]:5678`)."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        host, _, _port = rest.rpartition(":")
+        return host.strip("[]")
+    return peer
+
+
+class PeerStreams:
+    """Open ADS streams per peer address, against `controlplane.xds.max_streams_per_peer`."""
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}
+        self.refused = 0
+
+    def acquire(self, peer: str) -> str:
+        """Count one more stream for `peer`; LimitExceeded when it already holds `limit`. Returns the key."""
+        host = peer_host(peer)
+        held = self.open.get(host, 0)
+        if self.limit and held >= self.limit:
+            self.refused += 1
+            raise LimitExceeded(
+                f"{host} already holds {held} ADS streams: controlplane.xds.max_streams_per_peer is {self.limit}"
+            )
+        self.open[host] = held + 1
+        return host
+
+    def release(self, host: str) -> None:
+        held = self.open.get(host, 0) - 1
+        if held > 0:
+            self.open[host] = held
+        else:
+            self.open.pop(host, None)
+
+
+# --------------------------------------------------------------------------- DiscoveryRequests
+
+MAX_RESOURCE_NAMES = 100_000
+MAX_FIELD_BYTES = 4096
+
+
+def parse_request(data: bytes, max_bytes: int) -> Any:
+    """One DiscoveryRequest from the wire, within the limits; LimitExceeded or ProtocolError naming the field."""
+    from envoy.service.discovery.v3 import discovery_pb2
+    from google.protobuf.message import DecodeError
+
+    if len(data) > max_bytes:
+        raise LimitExceeded(
+            f"DiscoveryRequest of {len(data)} bytes is over controlplane.xds.max_message_bytes ({max_bytes})"
+        )
+    try:
+        request = discovery_pb2.DiscoveryRequest.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ProtocolError(f"DiscoveryRequest does not parse ({len(data)} bytes): {exc}") from None
+    if len(request.resource_names) > MAX_RESOURCE_NAMES:
+        raise LimitExceeded(
+            f"resource_names lists {len(request.resource_names)} names, more than {MAX_RESOURCE_NAMES} allowed"
+        )
+    for name in ("type_url", "version_info", "response_nonce"):
+        value: str = getattr(request, name)
+        if len(value) > MAX_FIELD_BYTES:
+            raise ProtocolError(f"{name} is {len(value)} characters long, more than {MAX_FIELD_BYTES} allowed")
+    return request
