@@ -28,8 +28,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
-from controlplane.admin.views import CheckInfo
 from controlplane.app import ControlPlane
+from controlplane.health.checks import CheckInfo
 from controlplane.health.store import HealthStatus, Verdict
 from controlplane.snapshots import resources as rs
 from controlplane.topology.parse import parse_topology

@@ -52,7 +52,7 @@ def measure(n: int, repeat: int, data_dir: str | None, *, baseline: bool = False
     cp = ControlPlane(parse_topology(topology(n, data_dir)))
     if baseline:
         # What submit_verdicts did before issue 7a: every verdict straight to the health store.
-        cp.faults.admit = list  # type: ignore[method-assign]
+        cp.admission.admit = list  # type: ignore[method-assign]
     keys = [(e.cluster, f"{e.address}:{e.port}") for e in cp.snapshot.endpoints]
     full, rounds = [], []
     for r in range(repeat):
@@ -62,7 +62,7 @@ def measure(n: int, repeat: int, data_dir: str | None, *, baseline: bool = False
         flips = [Verdict(c, e, U if r % 2 == 0 else H, "http 506", source="prober:a") for c, e in keys[::100]]
         rounds.append(timed(lambda: cp.submit_verdicts(flips)))  # noqa: B023 (called at once)
     out = {f"{label}_full_ms": statistics.median(full), f"{label}_round_ms": statistics.median(rounds)}
-    store = cp.faults.store
+    store = cp.admission.store
     if store is not None:
         batch = [Verdict(c, e, H, "ok", source="prober:a") for c, e in keys]
         small = batch[::100]
@@ -72,7 +72,7 @@ def measure(n: int, repeat: int, data_dir: str | None, *, baseline: bool = False
         out["sqlite_write_round_ms"] = statistics.median(
             timed(lambda: store.save_batch(verdicts=small, votes=small)) for _ in range(repeat)
         )
-    cp.faults.close()
+    cp.admission.close()
     return out
 
 
@@ -84,7 +84,7 @@ def start_ms(n: int, repeat: int, data_dir: str | None) -> float:
         t0 = time.process_time()
         cp = ControlPlane(document)
         times.append((time.process_time() - t0) * 1000)
-        cp.faults.close()
+        cp.admission.close()
     return statistics.median(times)
 
 

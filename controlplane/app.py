@@ -1,42 +1,49 @@
-"""The control plane process: topology and verdicts in, snapshots out, over ADS and the admin API.
+"""The composition root: one control plane's stages wired together, inputs in, one snapshot out.
 
-`ControlPlane` wires the stages together (topology -> health -> snapshot -> ADS streams ->
-node records) and owns their lifecycle. Its synchronous methods (`submit_verdicts`,
-`set_override`, `update_topology`) are the health and topology inputs; each accepted change that
-moves what Envoy should see publishes exactly one new snapshot.
+    topology ─┐
+    verdicts ─┼─> health (admission, store) ─> snapshots (build, cache) ─> xds (ADS, CSDS) ─> observe
+    overrides ┘
+
+`ControlPlane` is the only object that knows every stage; each stage sees its neighbours through
+a narrow protocol (a snapshot source, a verdict sink, an event sink), and nothing imports this
+module back. Its synchronous methods (`submit_verdicts`, `set_override`, `update_topology`) are the
+health and topology inputs; each accepted change that moves what Envoy should see publishes
+exactly one new snapshot. The sockets, timers and file watcher live in `controlplane.process`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-import grpc
+from typing import Protocol
 
 from controlplane.errors import ConfigError
 from controlplane.events import EventLog
-from controlplane.health.admission import Faults
+from controlplane.health.admission import Admission
+from controlplane.health.alarms import Alarm
 from controlplane.health.store import HealthStatus, HealthStore, Verdict
-from controlplane.observe.metrics import CallbackChain, Metrics, control_plane_state
+from controlplane.observe.metrics import CallbackChain, Metrics, served_state
+from controlplane.observe.nacks import NackGroups
 from controlplane.observe.nodes import NodeRegistry
-from controlplane.observe.propagation import PropagationTracker, track_propagation
+from controlplane.observe.propagation import PropagationTracker
+from controlplane.probers.link import ProberLinkService
+from controlplane.probers.sources import LocalProber
+from controlplane.probers.staleness import check_probers, silence_metrics
+from controlplane.process import Process, State
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
 from controlplane.topology.model import Topology, keep_running_settings, restart_only_changes
 from controlplane.topology.parse import load_topology
 from controlplane.topology.propagation import PropagationConfig
+from controlplane.xds.csds import CsdsService
 from controlplane.xds.delay import ModelledDelay
-from controlplane.xds.server import SERVER_OPTIONS, AdsServer, create_server
-
-if TYPE_CHECKING:
-    from controlplane.probers.link import ProberLinkService
+from controlplane.xds.server import AdsServer
+from controlplane.xds.watchdog import Watchdog
 
 log = logging.getLogger("healthplane")
 
@@ -60,14 +67,8 @@ class HealthInput(Protocol):
     def submit_verdicts(self, verdicts: Sequence[Verdict]) -> Snapshot | None: ...
 
 
-class State(enum.Enum):
-    UNOPENED = "unopened"
-    RUNNING = "running"
-    CLOSED = "closed"
-
-
 class ControlPlane:
-    """One control plane: snapshot building, the ADS server, the admin API and the file watcher."""
+    """One control plane: health admission, snapshot building, the ADS and CSDS services, node records."""
 
     def __init__(
         self,
@@ -76,7 +77,6 @@ class ControlPlane:
         config_path: str | Path | None = None,
         epoch: int | None = None,
         verdict_batch_window: float = 0.005,
-        embedded_prober: bool = False,
     ) -> None:
         self.topology = topology
         self.config_path = Path(config_path) if config_path is not None else None
@@ -84,35 +84,39 @@ class ControlPlane:
         self.health = HealthStore()
         self.clock = VersionClock(epoch)
         self.cache = SnapshotCache()
-        self.nodes = NodeRegistry(self.events)
         self.metrics = Metrics()
-        self.metrics.add_state(lambda: control_plane_state(self))
-        # Everything that watches the ADS streams; later stages (propagation) add themselves here.
-        self.stream_callbacks = CallbackChain([self.nodes, self.metrics])
-        # issue 5: propagation measured at every ACK, and the modelled delay per node.
-        self.propagation: PropagationTracker | None = track_propagation(self)
+        self.metrics.add_state(lambda: served_state(lambda: len(self.nodes.streams()), self.cache))
+        # What watches the ADS streams, in order: node records, counters, propagation (issue 5),
+        # NACK groups with the change behind each rejected version (issue 7).
+        self.nodes = NodeRegistry(self.events)
+        self.propagation: PropagationTracker | None = PropagationTracker(
+            limit=topology.controlplane.propagation.history,
+            observe_delay=self.metrics.propagation_delay.observe,
+            observe_convergence=self.metrics.convergence.observe,
+        )
+        self.nacks = NackGroups(self.events, self.cache.cause_of)
+        self.stream_callbacks = CallbackChain([self.nodes, self.metrics, self.propagation, self.nacks])
         self.ads = AdsServer(self.cache, self.stream_callbacks, delay=ModelledDelay(self._propagation_config))
-        self.history: list[Snapshot] = []
-        self.history_limit = 100
-        self.state = State.UNOPENED
-        self.embedded_prober = embedded_prober
-        self.xds_port = 0
-        self.admin_port = 0
-        self._grpc: grpc.aio.Server | None = None
-        self._admin: object | None = None  # aiohttp AppRunner, typed loosely to keep aiohttp at the edge
-        self._tasks: list[asyncio.Task[None]] = []
+        self.watchdog = Watchdog(self.ads, self.events, self.metrics.registry)
+        self.csds = CsdsService(self.nodes.streams, self.cache)
+        self.admission = Admission(lambda: self.topology, self.health, self.events)
+        self.metrics.add_state(self.admission.metrics)
+        # Remote probers connect over the prober link, served on the xDS port.
+        self.prober_link = ProberLinkService(
+            self, self.cache, self.events, tls=lambda: self.topology.controlplane.security.xds_tls
+        )
+        self.metrics.add_state(lambda: silence_metrics(self.prober_link.probers.values()))
+        # A prober in this process (`prober.embedded` attaches one; `serve` does unless --no-prober).
+        self.local_prober: LocalProber | None = None
+        # Probers run elsewhere (`serve --no-prober`): /readyz waits for one's full state.
+        self.expect_remote_prober = False
         # Verdicts that arrive close together (a prober's first round, a flapping rack) become one
         # version instead of one each: they are applied together after this window.
         self.verdict_batch_window = verdict_batch_window
         self._pending_verdicts: list[Verdict] = []
         self._flush_handle: asyncio.TimerHandle | None = None
-        self.prober: Any = None  # the embedded prober.scheduler.Prober, when one runs here
-        # Probers run elsewhere (`serve --no-prober`): /readyz waits for one's full state.
-        self.expect_remote_prober = False
-        # Remote probers' link, served on the xDS port once started (None before).
-        self.prober_link: ProberLinkService | None = None
-        self.faults = Faults(self)
-        self.faults.restore()
+        self._process: Process | None = None
+        self.clock.epoch = self.admission.restore(self.clock.epoch)
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
 
     # ------------------------------------------------------------------ inputs
@@ -126,14 +130,14 @@ class ControlPlane:
     def submit_verdicts(self, verdicts: Sequence[Verdict]) -> Snapshot | None:
         """Apply verdicts (through the quorum and the mass-failure guard); publish one snapshot if
         any endpoint's effective status moved."""
-        return self.apply_verdicts(self.faults.admit(verdicts))
+        return self.apply_verdicts(self.admission.admit(verdicts))
 
     def apply_verdicts(
         self, verdicts: Sequence[Verdict], cause: Callable[[list[Verdict]], Cause] | None = None
     ) -> Snapshot | None:
         """Apply verdicts already admitted, recording each move; publish one snapshot, its cause
         made from the verdicts that moved (default: a `verdict` cause listing them)."""
-        live = self.faults.live_endpoints()
+        live = self.admission.live_endpoints()
         dirty: set[str] = set()
         moved: list[Verdict] = []
         for verdict in verdicts:
@@ -191,7 +195,7 @@ class ControlPlane:
         )
         before = self.health.status(cluster, endpoint)
         changed = self.health.set_override(override, cluster=cluster, endpoint=endpoint)
-        self.faults.on_override(cluster, endpoint, override)
+        self.admission.on_override(cluster, endpoint, override)
         after = self.health.status(cluster, endpoint)
         self.events.record(
             "override",
@@ -208,15 +212,53 @@ class ControlPlane:
             return None
         return self._publish(Cause("override", f"{cluster} {endpoint} {after.name} by {who}", now), {cluster})
 
+    def accept_alarm(self, alarm_id: int, *, who: str) -> tuple[Alarm, Snapshot | None]:
+        """Apply the failures a mass-failure alarm held; ConfigError if there is no such alarm."""
+        alarm, held = self.admission.accept(alarm_id, who=who)
+
+        def cause(moved: list[Verdict]) -> Cause:
+            detail = f"alarm {alarm.id} accepted by {who}: {len(moved)} endpoints of {alarm.subject}"
+            return Cause("accept", detail, time.time())
+
+        return alarm, self.apply_verdicts(held, cause)
+
+    def forget_prober(self, prober_id: str, *, who: str) -> Snapshot | None:
+        """Drop a disconnected remote prober for good: its record, votes and staleness alarm.
+
+        The endpoints it voted on are decided again by the probers that remain (through the
+        mass-failure guard, as any verdict). ConfigError (path `id`) if it is unknown or connected.
+        """
+        record = self.prober_link.probers.get(prober_id)
+        if record is None:
+            raise ConfigError(f"no remote prober {prober_id!r} (GET /probers lists them)", path="id")
+        if record.connected:
+            raise ConfigError(f"prober {prober_id!r} is connected: stop it before forgetting it", path="id")
+        self.prober_link.forget(prober_id)
+        apply = self.admission.forget_prober(prober_id, who=who)
+        moved: list[Verdict] = []
+
+        def cause(changed: list[Verdict]) -> Cause:
+            moved.extend(changed)
+            return Cause("prober", f"prober {prober_id} forgotten by {who}: {len(changed)} endpoints", time.time())
+
+        snapshot = self.apply_verdicts(apply, cause)
+        self.events.record(
+            "prober",
+            f"prober {prober_id} forgotten by {who}: {len(moved)} endpoints decided again by the other probers",
+            prober=prober_id,
+            who=who,
+        )
+        return snapshot
+
     def update_topology(
         self, topology: Topology, *, detail: str = "topology updated", who: str = "file watcher"
     ) -> Snapshot | None:
         """Serve a new (already validated) topology; None when it changes nothing Envoy sees."""
         self.topology = topology
         self.health.prune(topology)
-        self.faults.on_topology(topology)
-        if self.prober is not None:
-            self.prober.update_topology(topology)
+        self.admission.on_topology(topology)
+        if self.local_prober is not None:
+            self.local_prober.update_topology(topology)
         before = self.snapshot
         snapshot = self._publish(Cause("topology", detail, time.time()), None)
         changed = changed_resources(before, snapshot)
@@ -265,9 +307,7 @@ class ControlPlane:
             previous=previous,
             dirty_clusters=dirty,
         )
-        self.history.append(snapshot)
-        del self.history[: -self.history_limit]
-        if self.propagation is not None:
+        if self.propagation is not None:  # bench/propagation.py measures without it
             self.propagation.limit = self.topology.controlplane.propagation.history  # edits apply at once
             self.propagation.on_snapshot(snapshot, previous)
         self.metrics.on_snapshot(snapshot)
@@ -277,93 +317,47 @@ class ControlPlane:
     def _propagation_config(self) -> PropagationConfig:
         return self.topology.controlplane.propagation
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ fault checks (run by the process's timers)
+
+    def check_probers(self, now: float | None = None) -> None:
+        """Raise or resolve the staleness alarm of each remote prober."""
+        limit = self.topology.controlplane.prober_staleness
+        check_probers(self.prober_link.probers.values(), self.admission.alarms, limit, now)
+
+    def close_stuck_streams(self, now: float | None = None) -> list[int]:
+        """Close streams with a response unanswered past `stuck_stream_timeout`; their stream ids."""
+        return self.watchdog.close_stuck_streams(self.topology.controlplane.stuck_stream_timeout, now)
+
+    # ------------------------------------------------------------------ lifecycle (controlplane.process)
+
+    @property
+    def state(self) -> State:
+        return State.UNOPENED if self._process is None else self._process.state
+
+    @property
+    def xds_port(self) -> int:
+        return 0 if self._process is None else self._process.xds_port
+
+    @property
+    def admin_port(self) -> int:
+        return 0 if self._process is None else self._process.admin_port
 
     async def start(self) -> None:
-        """Bind the xDS and admin ports and start watching the topology file."""
-        if self.state is not State.UNOPENED:
-            raise RuntimeError(f"control plane is {self.state.value}")
-        from controlplane.admin.app import start_admin  # aiohttp stays at the edge
-
-        cp = self.topology.controlplane
-        from controlplane.probers.link import ProberLinkService  # generated code stays at the edge
-
-        self.prober_link = ProberLinkService(self)
-        from controlplane.xds.csds import CsdsService
-        from controlplane.xds.limits import configure_ads, xds_limit_metrics
-        from controlplane.xds.tls import bind_xds, grpc_server_options
-
-        sec = cp.security
-        configure_ads(self.ads, sec)
-        self.metrics.add_state(lambda: xds_limit_metrics(self.ads))
-        handlers = (self.ads.handler(), self.prober_link.handler(), CsdsService(self).handler())
-        self._grpc = create_server(*handlers, options=grpc_server_options(SERVER_OPTIONS, sec))
-        self.xds_port = bind_xds(self._grpc, _host(cp.xds.address), cp.xds.port, sec)
-        if self.xds_port == 0:
-            raise ConfigError(f"cannot listen on {cp.xds.address}:{cp.xds.port}", path="controlplane.xds")
-        await self._grpc.start()
-        try:
-            self._admin, self.admin_port = await start_admin(self, cp.admin.address, cp.admin.port)
-        except ConfigError:  # the admin certificate
-            await self._grpc.stop(None)
-            raise
-        except OSError as exc:
-            await self._grpc.stop(None)
-            raise ConfigError(
-                f"cannot listen on {cp.admin.address}:{cp.admin.port}: {exc.strerror}",
-                path="controlplane.admin",
-            ) from exc
-        if self.embedded_prober:
-            await self._start_prober()
-        if self.config_path is not None and cp.watch_interval > 0:
-            from controlplane.topology.watch import watch_file
-
-            self._tasks.append(
-                asyncio.create_task(
-                    watch_file(self.config_path, cp.watch_interval, self._on_file_change),
-                    name="topology-watch",
-                )
-            )
-        self._tasks.extend(self.faults.start())
-        self.state = State.RUNNING
-        log.info(
-            "xDS on %s:%d, admin on %s:%d, version %s",
-            cp.xds.address,
-            self.xds_port,
-            cp.admin.address,
-            self.admin_port,
-            self.snapshot.version,
-        )
-
-    async def _start_prober(self) -> None:
-        from prober.scheduler import Prober
-
-        self.prober = Prober(self.topology, sink=_EmbeddedSink(self), source="prober:embedded")
-        self.prober.check_listeners.append(self.metrics.on_check)
-        await self.prober.start()
-
-    def _on_file_change(self) -> None:
-        try:
-            self.reload()
-        except ConfigError as exc:
-            log.error("topology file rejected, still serving the last good one: %s", exc)
+        """Bind the xDS and admin ports, start the local prober, the timers and the file watcher."""
+        if self._process is not None:
+            raise RuntimeError(f"control plane is {self._process.state.value}")
+        self._process = Process(self)
+        await self._process.start()
 
     async def aclose(self, grace: float | None = 0.5) -> None:
         """Stop serving; safe to call twice."""
-        if self.state is State.CLOSED:
-            return
-        self.state = State.CLOSED
-        if self.prober is not None:
-            await self.prober.aclose()
-        self.flush_verdicts()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._admin is not None:
-            await self._admin.cleanup()  # type: ignore[attr-defined]
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
-        self.faults.close()
+        if self._process is None:
+            self._process = Process(self)
+        await self._process.aclose(grace)
+
+    def close(self) -> None:
+        """Release what the stages hold outside the process (the verdict store)."""
+        self.admission.close()
 
     async def __aenter__(self) -> ControlPlane:
         await self.start()
@@ -373,9 +367,9 @@ class ControlPlane:
         await self.aclose()
 
     async def serve_forever(self) -> None:
-        if self._grpc is None:
+        if self._process is None:
             raise RuntimeError("start() first")
-        await self._grpc.wait_for_termination()
+        await self._process.serve_forever()
 
 
 def _verdict_cause(moved: list[Verdict]) -> Cause:
@@ -383,29 +377,3 @@ def _verdict_cause(moved: list[Verdict]) -> Cause:
     if len(moved) > 5:
         detail += f" and {len(moved) - 5} more"
     return Cause("verdict", detail, min(v.time for v in moved))
-
-
-class _EmbeddedSink:
-    """The embedded prober's verdicts and events, straight into this process's control plane."""
-
-    def __init__(self, cp: ControlPlane) -> None:
-        self.cp = cp
-
-    async def on_verdict(self, verdict: Verdict) -> None:
-        self.cp.submit_verdicts_soon([verdict])
-
-    async def on_event(self, event: Any) -> None:
-        self.cp.events.record(
-            "probe",
-            f"{event.cluster} {event.endpoint}: {event.old.name} -> {event.new.name} ({event.reason})",
-            cluster=event.cluster,
-            endpoint=event.endpoint,
-            reason=event.reason,
-            source=event.source,
-            counters=event.counters.to_json(),
-            latency=event.latency,
-        )
-
-
-def _host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address

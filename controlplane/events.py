@@ -8,7 +8,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 log = logging.getLogger("healthplane.events")
 
@@ -23,6 +23,12 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "time": self.time, "kind": self.kind, "message": self.message, **self.fields}
+
+
+class EventSink(Protocol):
+    """Where a stage records what happened (the control plane's `EventLog`)."""
+
+    def record(self, kind: str, message: str, **fields: Any) -> Event: ...
 
 
 class EventLog:

@@ -17,6 +17,7 @@ from controlplane.topology.parse import load_topology
 from controlplane.xds.bootstrap import make_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, free_port
+from prober.embedded import attach_embedded_prober
 
 _SERVER_NAME = re.compile(r"ServerName: ([^,\s]+)")
 
@@ -75,9 +76,9 @@ class Lab:
         document = dict(document)
         document["controlplane"] = {**document["controlplane"], "xds": {"port": xds_port}}
         self.write(document)
-        self.cp = ControlPlane(
-            load_topology(self.config), config_path=self.config, embedded_prober=self.embedded_prober
-        )
+        self.cp = ControlPlane(load_topology(self.config), config_path=self.config)
+        if self.embedded_prober:
+            attach_embedded_prober(self.cp)
         await self.cp.start()
         return self.cp
 

@@ -113,8 +113,8 @@ async def raised(lab: Lab) -> list[dict[str, Any]] | None:
 async def _held(lab: Lab, n: int) -> bool:
     assert lab.cp is not None
     print(
-        lab.cp.faults.guard.held,
-        lab.cp.faults.guard.recent,
+        lab.cp.admission.guard.held,
+        lab.cp.admission.guard.recent,
         [(e.kind, e.message) for e in lab.cp.events.recent(30) if e.kind != "node"],
     )
-    return len(lab.cp.faults.guard.held.get("web", {})) == n
+    return len(lab.cp.admission.guard.held.get("web", {})) == n

@@ -97,7 +97,7 @@ async def envoy_caught_up(cp: ControlPlane) -> bool:
 
 def assert_never_unknown(cp: ControlPlane, endpoint: str) -> None:
     """Every snapshot this control plane built served the endpoint UNHEALTHY: no reset, no flap."""
-    for snapshot in cp.history:
+    for snapshot in cp.cache.history:
         status = {f"{e.address}:{e.port}": e.status for e in snapshot.endpoints}[endpoint]
         assert status is HealthStatus.UNHEALTHY, (snapshot.version, snapshot.cause, status)
 
@@ -154,7 +154,7 @@ async def test_restart_with_the_prober_restarting_late(
 
         async def prober_decided() -> bool:
             new_cp.flush_verdicts()
-            votes = new_cp.faults.quorum.votes("web", endpoint)
+            votes = new_cp.admission.quorum.votes("web", endpoint)
             return any(v.source == "prober:ext-1" and v.time > restarted for v in votes)
 
         await poll_until(prober_decided, timeout=20, what="the late prober's own verdict on the dead backend")

@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from controlplane.admin.auth import authorize_change
-from controlplane.admin.http import control_plane, error_response, json_response
+from controlplane.admin.http import ControlPlaneView, control_plane, error_response, json_response
 from controlplane.admin.views import (
-    CheckInfo,
     CheckLookup,
     endpoint_rows,
     parse_status_filter,
@@ -31,12 +30,9 @@ from controlplane.admin.views import (
 )
 from controlplane.errors import ConfigError
 from controlplane.events import Event
-from controlplane.snapshots.snapshot import find_snapshot
+from controlplane.health.checks import CheckInfo
 from controlplane.topology.model import restart_only_changes
 from controlplane.topology.parse import parse_topology, parse_topology_text
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
 
 SOURCE = "admin API"
 WHO_HEADER = "X-Healthplane-Who"
@@ -57,42 +53,19 @@ def who(request: web.Request, body: Any = None) -> str:
 # --------------------------------------------------------------------------- check details
 
 
-def check_lookup(cp: ControlPlane) -> CheckLookup:
-    """A function (cluster, endpoint) -> CheckInfo | None from the embedded prober or remote probers."""
-    prober = cp.prober
-    link = cp.prober_link
-    remote: dict[tuple[str, str], CheckInfo] = link.checks if link is not None else {}
+def check_lookup(cp: ControlPlaneView) -> CheckLookup:
+    """A function (cluster, endpoint) -> CheckInfo | None from the local prober or remote probers."""
+    local = cp.local_prober
+    remote: dict[tuple[str, str], CheckInfo] = cp.prober_link.checks
 
     def lookup(cluster: str, endpoint: str) -> CheckInfo | None:
-        if prober is not None:
-            report = prober.endpoint(cluster, endpoint)
-            if report is not None:
-                return check_info_from_report(report, prober.source)
+        if local is not None:
+            info = local.check_info(cluster, endpoint)
+            if info is not None:
+                return info
         return remote.get((cluster, endpoint))
 
     return lookup
-
-
-def check_info_from_report(report: Any, source: str) -> CheckInfo:
-    """A `prober.scheduler.EndpointReport` as a CheckInfo."""
-    hc = report.target.health_check
-    c = report.counters
-    last = report.last_result
-    return CheckInfo(
-        check=hc.kind,
-        rise=hc.healthy_threshold,
-        fall=hc.unhealthy_threshold,
-        successes=c.successes,
-        http_failures=c.http_failures,
-        tcp_failures=c.tcp_failures,
-        timeouts=c.timeouts,
-        checks=report.checks,
-        last_result=None if last is None else last.kind.value,
-        last_reason="" if last is None else last.reason,
-        last_time=None if last is None else last.time,
-        last_latency=None if last is None else last.latency,
-        prober=source,
-    )
 
 
 def _rows(request: web.Request) -> list[dict[str, Any]] | web.Response:
@@ -107,7 +80,7 @@ def _rows(request: web.Request) -> list[dict[str, Any]] | web.Response:
     return endpoint_rows(cp.snapshot, cp.health.effective, check_lookup(cp), cluster=cluster, status=status)
 
 
-def readiness(cp: ControlPlane) -> list[str]:
+def readiness(cp: ControlPlaneView) -> list[str]:
     """Why the control plane is not ready yet (empty: ready).
 
     Ready once the first full snapshot exists and, when a prober is configured, its first full
@@ -118,18 +91,15 @@ def readiness(cp: ControlPlane) -> list[str]:
     waiting: list[str] = []
     if cp.cache.current() is None:
         waiting.append("no snapshot yet")
-    prober = cp.prober
-    if prober is not None:
-        unchecked = [k for k in prober.endpoints() if (r := prober.endpoint(*k)) is not None and r.checks == 0]
-        if unchecked:
-            waiting.append(f"embedded prober: {len(unchecked)} endpoints not checked yet")
-    elif cp.embedded_prober:
+    local = cp.local_prober
+    if local is not None and not local.running:
         waiting.append("embedded prober not started yet")
-    link = cp.prober_link
-    remote = list(link.probers.values()) if link is not None else []
+    elif local is not None and (unchecked := local.unchecked()):
+        waiting.append(f"embedded prober: {unchecked} endpoints not checked yet")
+    remote = list(cp.prober_link.probers.values())
     if (remote or cp.expect_remote_prober) and not any(r.connected and r.full_state_at is not None for r in remote):
         waiting.append("no connected remote prober has sent its full state")
-    waiting.extend(f"alarm {a.id}: {a.message}" for a in cp.faults.alarms.active("prober_stale"))  # issue 7a
+    waiting.extend(f"alarm {a.id}: {a.message}" for a in cp.admission.alarms.active("prober_stale"))  # issue 7a
     return waiting
 
 
@@ -168,23 +138,23 @@ async def status_page(request: web.Request) -> web.Response:
 async def snapshots(request: web.Request) -> web.Response:
     cp = control_plane(request)
     try:
-        limit = int(request.query.get("limit", str(cp.history_limit)))
+        limit = int(request.query.get("limit", str(cp.cache.history_limit)))
     except ValueError:
         return error_response(400, "limit must be an integer", "limit")
-    history = cp.history[-max(1, limit) :]
+    history = cp.cache.history[-max(1, limit) :]
     return json_response(
         {
             "current": cp.snapshot.version,
-            "kept": cp.history_limit,
+            "kept": cp.cache.history_limit,
             "snapshots": [snapshot_summary(s) for s in reversed(history)],
         }
     )
 
 
-def _find(cp: ControlPlane, version: str, field: str) -> Any:
-    snap = find_snapshot(reversed(cp.history), version)
+def _find(cp: ControlPlaneView, version: str, field: str) -> Any:
+    snap = cp.cache.find(version)
     if snap is None:
-        return error_response(404, f"no snapshot {version!r} (only the last {cp.history_limit} are kept)", field)
+        return error_response(404, f"no snapshot {version!r} (only the last {cp.cache.history_limit} are kept)", field)
     return snap
 
 

@@ -20,7 +20,7 @@ from controlplane.admin.api import add_routes, readiness
 from controlplane.admin.api import who as who_of
 from controlplane.admin.auth import authorize_change, guard
 from controlplane.admin.faults import add_fault_routes
-from controlplane.admin.http import CP_KEY, error_response, json_response
+from controlplane.admin.http import CP_KEY, ControlPlaneView, error_response, json_response
 from controlplane.admin.propagation import add_propagation_routes, node_lag
 from controlplane.errors import ConfigError
 from controlplane.health.store import HealthStatus
@@ -30,7 +30,6 @@ from controlplane.snapshots import resources as rs
 
 if TYPE_CHECKING:
     from controlplane.admin.tls import AdminCertificate
-    from controlplane.app import ControlPlane
 
 CERTIFICATE_KEY: web.AppKey[AdminCertificate] = web.AppKey("admin_certificate")
 
@@ -108,13 +107,13 @@ async def snapshot(request: web.Request) -> web.Response:
     )
 
 
-def _probers(cp: ControlPlane) -> dict[str, Any]:
+def _probers(cp: ControlPlaneView) -> dict[str, Any]:
     """Where verdicts come from now: the embedded prober, connected probers, or nobody."""
-    link = cp.prober_link
-    remote = [r.to_json() for r in link.probers.values()] if link is not None else []
-    connected = cp.prober is not None or any(r["connected"] for r in remote)
+    remote = [r.to_json() for r in cp.prober_link.probers.values()]
+    local = cp.local_prober
+    connected = (local is not None and local.running) or any(r["connected"] for r in remote)
     return {
-        "embedded": cp.prober is not None,
+        "embedded": local is not None,
         "remote": remote,
         "connected": connected,
         "note": "" if connected else "no prober connected: the last verdicts are kept as they were",
@@ -228,7 +227,7 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready", "version": cp.snapshot.version})
 
 
-def create_admin_app(cp: ControlPlane) -> web.Application:
+def create_admin_app(cp: ControlPlaneView) -> web.Application:
     limit = cp.topology.controlplane.security.admin_max_request_bytes
     app = web.Application(middlewares=[_errors, guard], client_max_size=limit)
     app[CP_KEY] = cp
@@ -248,7 +247,7 @@ def create_admin_app(cp: ControlPlane) -> web.Application:
     return app
 
 
-async def start_admin(cp: ControlPlane, address: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_admin(cp: ControlPlaneView, address: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve the admin API; returns the runner and the bound port."""
     from controlplane.admin.tls import ADMIN_CERT_POLL, AdminCertificate
 

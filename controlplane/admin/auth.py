@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import hmac
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from controlplane.admin.http import control_plane, error_response
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
+from controlplane.admin.http import ControlPlaneView, control_plane, error_response
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 READS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -34,7 +31,7 @@ def _matches(given: str, token: str | None) -> bool:
     return bool(token) and hmac.compare_digest(given.encode(), (token or "").encode())
 
 
-def change_token(cp: ControlPlane) -> str:
+def change_token(cp: ControlPlaneView) -> str:
     """The bearer token changes need: `controlplane.admin.token`, else $HEALTHPLANE_ADMIN_TOKEN ("": none)."""
     return cp.topology.controlplane.admin_token or os.environ.get(TOKEN_ENV, "")
 

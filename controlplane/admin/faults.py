@@ -19,7 +19,7 @@ from controlplane.errors import ConfigError
 
 
 async def alarms(request: web.Request) -> web.Response:
-    faults = request.app[CP_KEY].faults
+    faults = request.app[CP_KEY].admission
     return json_response(
         {
             "active": [a.to_json() for a in faults.alarms.active()],
@@ -43,9 +43,9 @@ async def accept_alarm(request: web.Request) -> web.Response:
         except (json.JSONDecodeError, UnicodeDecodeError):
             return error_response(400, 'body must be JSON such as {"who": "alice"}, or empty', "body")
     try:
-        alarm, snapshot = cp.faults.accept(int(text), who=who(request, body))
+        alarm, snapshot = cp.accept_alarm(int(text), who=who(request, body))
     except ConfigError as exc:
-        status = 404 if cp.faults.alarms.get(int(text)) is None else 409
+        status = 404 if cp.admission.alarms.get(int(text)) is None else 409
         return error_response(status, exc.message, exc.path)
     return json_response(
         {"alarm": alarm.to_json(), "version": (snapshot or cp.snapshot).version, "changed": snapshot is not None}
@@ -58,7 +58,7 @@ async def forget_prober(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
     prober_id = request.match_info["id"]
     try:
-        snapshot = cp.faults.forget_prober(prober_id, who=who(request))
+        snapshot = cp.forget_prober(prober_id, who=who(request))
     except ConfigError as exc:
         link = cp.prober_link
         known = link is not None and prober_id in link.probers
@@ -70,7 +70,7 @@ async def forget_prober(request: web.Request) -> web.Response:
 
 async def nacks(request: web.Request) -> web.Response:
     cp = request.app[CP_KEY]
-    return json_response({"version": cp.snapshot.version, "rejected": cp.faults.nacks.to_json()})
+    return json_response({"version": cp.snapshot.version, "rejected": cp.nacks.to_json()})
 
 
 def add_fault_routes(app: web.Application) -> None:

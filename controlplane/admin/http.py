@@ -1,4 +1,4 @@
-"""What every admin API handler shares: the app key of the ControlPlane, JSON answers, 4xx errors.
+"""What every admin API handler shares: the control plane's view and app key, JSON answers, 4xx errors.
 
 Errors are `{"error": "...", "field": "..."}` with a 4xx status, so a client always learns what
 was wrong and where.
@@ -7,18 +7,82 @@ was wrong and where.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
+from controlplane.events import EventLog
+from controlplane.health.admission import Admission
+from controlplane.health.alarms import Alarm
+from controlplane.health.store import HealthStatus, HealthStore
+from controlplane.observe.metrics import Metrics
+from controlplane.observe.nacks import NackGroups
+from controlplane.observe.nodes import NodeRegistry
+from controlplane.observe.propagation import PropagationTracker
+from controlplane.probers.link import ProberLinkService
+from controlplane.probers.sources import LocalProber
+from controlplane.snapshots.cache import SnapshotCache
+from controlplane.snapshots.snapshot import Snapshot
+from controlplane.topology.model import Topology
 
-CP_KEY: web.AppKey[ControlPlane] = web.AppKey("controlplane")
+
+class ControlPlaneView(Protocol):
+    """The control plane as the admin API sees and changes it (`controlplane.app.ControlPlane` is one)."""
+
+    # What is served and why
+    @property
+    def topology(self) -> Topology: ...
+    @property
+    def config_path(self) -> Path | None: ...
+    @property
+    def snapshot(self) -> Snapshot: ...
+    @property
+    def cache(self) -> SnapshotCache: ...
+    @property
+    def health(self) -> HealthStore: ...
+    @property
+    def events(self) -> EventLog: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    # Who sees it
+    @property
+    def nodes(self) -> NodeRegistry: ...
+    @property
+    def propagation(self) -> PropagationTracker | None: ...
+    @property
+    def nacks(self) -> NackGroups: ...
+    # Where verdicts come from
+    @property
+    def admission(self) -> Admission: ...
+    @property
+    def prober_link(self) -> ProberLinkService: ...
+    @property
+    def local_prober(self) -> LocalProber | None: ...
+    @property
+    def expect_remote_prober(self) -> bool: ...
+
+    # Changes
+    def set_override(
+        self, cluster: str, endpoint: str, status: HealthStatus | None, *, who: str = "operator"
+    ) -> Snapshot | None: ...
+
+    def update_topology(
+        self, topology: Topology, *, detail: str = "topology updated", who: str = "file watcher"
+    ) -> Snapshot | None: ...
+
+    def reload(self, *, who: str = "file watcher") -> Snapshot | None: ...
+
+    def accept_alarm(self, alarm_id: int, *, who: str) -> tuple[Alarm, Snapshot | None]: ...
+
+    def forget_prober(self, prober_id: str, *, who: str) -> Snapshot | None: ...
 
 
-def control_plane(request: web.Request) -> ControlPlane:
-    """The ControlPlane an admin request is for."""
+CP_KEY: web.AppKey[ControlPlaneView] = web.AppKey("controlplane")
+
+
+def control_plane(request: web.Request) -> ControlPlaneView:
+    """The ControlPlaneView an admin request is for."""
     return request.app[CP_KEY]
 
 

@@ -7,16 +7,13 @@ The data comes from the control plane's `PropagationTracker`; the page from the 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
-from controlplane.admin.http import control_plane, error_response, json_response
+from controlplane.admin.http import ControlPlaneView, control_plane, error_response, json_response
 from controlplane.observe.chart import report_html
 from controlplane.observe.propagation import PropagationTracker
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
 
 DEFAULT_REPORT_VERSIONS = 10
 
@@ -35,7 +32,7 @@ def _limit(request: web.Request, default: int) -> int | web.Response:
     return int(text)
 
 
-def node_lag(cp: ControlPlane, node: str) -> dict[str, Any] | None:
+def node_lag(cp: ControlPlaneView, node: str) -> dict[str, Any] | None:
     """How far behind `node` is (versions and ms), for `/nodes`; None when nothing is measured."""
     return None if cp.propagation is None else cp.propagation.lag(node).to_json()
 

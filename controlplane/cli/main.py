@@ -28,8 +28,13 @@ def _serve(args: argparse.Namespace) -> int:
     topology = load_topology(args.config)
 
     async def run() -> None:
-        cp = ControlPlane(topology, config_path=args.config, embedded_prober=not args.no_prober)
-        cp.expect_remote_prober = args.no_prober
+        cp = ControlPlane(topology, config_path=args.config)
+        if args.no_prober:
+            cp.expect_remote_prober = True
+        else:
+            from prober.embedded import attach_embedded_prober
+
+            attach_embedded_prober(cp)
         tune_gc_for_streams()
         await cp.start()
         stop = asyncio.Event()

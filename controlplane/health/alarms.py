@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from controlplane.events import EventLog
+from controlplane.events import EventSink
 
 
 @dataclass(slots=True)
@@ -48,7 +48,7 @@ class Alarm:
 class Alarms:
     """Active alarms by (kind, subject), and the last `keep` resolved ones."""
 
-    def __init__(self, events: EventLog, keep: int = 100) -> None:
+    def __init__(self, events: EventSink, keep: int = 100) -> None:
         self.events = events
         self.keep = keep
         self._ids = itertools.count(1)

@@ -1,14 +1,13 @@
-"""Prometheus metrics for the control plane: one registry per `ControlPlane`, served at `/metrics`.
+"""Prometheus metrics for the control plane: one registry per control plane, served at `/metrics`.
 
 Counters on the ADS path are bound per type URL once, so a push to N streams costs N plain
 increments. Gauges that describe state (endpoints by status, connected streams) are computed at
-scrape time from the control plane itself, so they can never drift from what it serves.
+scrape time from what is served, so they can never drift from what it serves.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -16,13 +15,10 @@ from prometheus_client.registry import Collector
 
 from controlplane.observe.histograms import LoopHistogram
 from controlplane.snapshots import resources as rs
+from controlplane.snapshots.cache import SnapshotSource
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.xds.server import StreamCallbacks
 from controlplane.xds.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
-    from prober.state import CheckResult, Target
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -48,9 +44,6 @@ class Metrics(StreamCallbacks):
             ["cause"],
             registry=self.registry,
         )
-        from prober.metrics import CheckMetrics  # the prober's own; a standalone prober serves it too
-
-        self.check_metrics = CheckMetrics(self.registry)
         # issue 5: propagation measured at the ACK (controlplane.observe.propagation), by the version's cause.
         # Observed once per node and push: a lock-free histogram (controlplane.observe.histograms).
         self.propagation_delay = LoopHistogram(
@@ -87,10 +80,6 @@ class Metrics(StreamCallbacks):
     def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
         self._responses[response.type_url].inc()
 
-    def on_check(self, target: Target, result: CheckResult) -> None:
-        """One check result of the embedded prober."""
-        self.check_metrics.on_check(target, result)
-
     def on_snapshot(self, snapshot: Snapshot) -> None:
         self.versions.labels(snapshot.cause.kind).inc()
 
@@ -113,23 +102,26 @@ class _StateCollector(Collector):
         return iter(())  # computed at scrape time; names are not known up front
 
 
-def control_plane_state(cp: ControlPlane) -> Iterator[Metric]:
-    """Gauges read from the control plane at scrape time."""
-    streams = GaugeMetricFamily("healthplane_xds_streams", "ADS streams with an identified node, now.")
-    streams.add_metric([], len(cp.nodes.streams()))
-    yield streams
+def served_state(streams: Callable[[], int], snapshots: SnapshotSource) -> Iterator[Metric]:
+    """Gauges read at scrape time: identified streams, endpoints by status, the served snapshot's age."""
+    snapshot = snapshots.current()
+    if snapshot is None:
+        return
+    gauge = GaugeMetricFamily("healthplane_xds_streams", "ADS streams with an identified node, now.")
+    gauge.add_metric([], streams())
+    yield gauge
     endpoints = GaugeMetricFamily(
         "healthplane_endpoints", "Endpoints served, by cluster and health_status.", labels=["cluster", "status"]
     )
     counts: dict[tuple[str, str], int] = {}
-    for ep in cp.snapshot.endpoints:
+    for ep in snapshot.endpoints:
         key = (ep.cluster, ep.status.name)
         counts[key] = counts.get(key, 0) + 1
     for (cluster, status), n in sorted(counts.items()):
         endpoints.add_metric([cluster, status], n)
     yield endpoints
     version = GaugeMetricFamily("healthplane_snapshot_created_seconds", "When the served snapshot was built.")
-    version.add_metric([], cp.snapshot.created)
+    version.add_metric([], snapshot.created)
     yield version
 
 

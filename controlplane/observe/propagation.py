@@ -26,15 +26,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import Snapshot, changed_resources, version_key
 from controlplane.xds.server import StreamCallbacks
 from controlplane.xds.stream import RequestKind, RequestOutcome, StreamState
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
 
 # One bit per type URL keeps a node's outstanding types in a plain int (thousands per version).
 _BIT = {t: 1 << i for i, t in enumerate(rs.ADS_ORDER)}
@@ -374,17 +371,6 @@ class PropagationTracker(StreamCallbacks):
 
     def nodes(self) -> list[str]:
         return sorted(self._streams)
-
-
-def track_propagation(cp: ControlPlane) -> PropagationTracker:
-    """A tracker for `cp`: fed by its ADS streams, observed by its Prometheus histograms."""
-    tracker = PropagationTracker(
-        limit=cp.topology.controlplane.propagation.history,
-        observe_delay=cp.metrics.propagation_delay.observe,
-        observe_convergence=cp.metrics.convergence.observe,
-    )
-    cp.stream_callbacks.add(tracker)
-    return tracker
 
 
 def changed_types(previous: Snapshot | None, snapshot: Snapshot) -> list[tuple[str, int, frozenset[str] | None]]:

@@ -12,22 +12,22 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.admin.views import CheckInfo
 from controlplane.errors import ProtocolError
+from controlplane.events import EventSink
+from controlplane.health.checks import CheckInfo
 from controlplane.health.store import HealthStatus, Verdict
+from controlplane.snapshots.cache import SnapshotSource
 from controlplane.topology.model import Topology
+from controlplane.topology.security import TlsFiles
 from controlplane.xds.tls import certificate_names
 from healthplane.v1 import prober_pb2
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
 
 log = logging.getLogger("healthplane.prober_link")
 
@@ -122,11 +122,27 @@ def check_info(state: prober_pb2.CheckState, source: str) -> CheckInfo:
     )
 
 
-class ProberLinkService:
-    """Serves `healthplane.v1.ProberLink/Report`."""
+class VerdictSink(Protocol):
+    """Where the link hands verdicts: applied together with others that arrive close by."""
 
-    def __init__(self, cp: ControlPlane) -> None:
-        self.cp = cp
+    def submit_verdicts_soon(self, verdicts: Sequence[Verdict]) -> None: ...
+
+
+class ProberLinkService:
+    """Serves `healthplane.v1.ProberLink/Report`: verdicts in, the topology to check out."""
+
+    def __init__(
+        self,
+        verdicts: VerdictSink,
+        snapshots: SnapshotSource,
+        events: EventSink,
+        *,
+        tls: Callable[[], TlsFiles | None] = lambda: None,
+    ) -> None:
+        self.verdicts = verdicts
+        self.snapshots = snapshots
+        self.events = events
+        self.tls = tls
         self.probers: dict[str, ProberRecord] = {}
         # The latest check state per endpoint from any remote prober, for /endpoints and /status.
         self.checks: dict[tuple[str, str], CheckInfo] = {}
@@ -151,7 +167,7 @@ class ProberLinkService:
         )
 
     async def Report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
-        tls = self.cp.topology.controlplane.security.xds_tls
+        tls = self.tls()
         if tls is not None and tls.prober_names:
             presented = certificate_names(context.auth_context())
             if not set(presented) & set(tls.prober_names):
@@ -173,20 +189,21 @@ class ProberLinkService:
         if previous is not None and previous.connected:
             log.warning("prober %s reconnected while its old stream was open", hello.prober_id)
         self.probers[hello.prober_id] = record
-        self.cp.events.record(
+        self.events.record(
             "prober",
             f"prober {hello.prober_id} connected from {record.peer}",
             prober=hello.prober_id,
             peer=record.peer,
         )
         wake = asyncio.Event()
-        cancel = self.cp.cache.subscribe(wake.set)
+        cancel = self.snapshots.subscribe(wake.set)
         reader = asyncio.create_task(self._read(record, context, wake), name=f"prober-read-{hello.prober_id}")
         sent: Topology | None = None
         try:
             # The only writer on this call: a write in flight and an error status cannot overlap.
             while not reader.done():
-                snapshot = self.cp.snapshot
+                snapshot = self.snapshots.current()
+                assert snapshot is not None  # the control plane publishes before it serves
                 if snapshot.topology is not sent:
                     sent = snapshot.topology
                     await context.write(topology_message(sent, snapshot.version))
@@ -200,7 +217,7 @@ class ProberLinkService:
             cancel()
             reader.cancel()
             record.disconnected_at = time.time()
-            self.cp.events.record(
+            self.events.record(
                 "prober",
                 f"prober {hello.prober_id} disconnected; its last verdicts are kept",
                 prober=hello.prober_id,
@@ -222,13 +239,13 @@ class ProberLinkService:
                     self._record_event(record, event)
                 for state in message.verdicts.checks:
                     self.checks[(state.cluster, state.endpoint)] = check_info(state, source)
-                self.cp.submit_verdicts_soon(verdicts)
+                self.verdicts.submit_verdicts_soon(verdicts)
         finally:
             wake.set()
 
     def _record_event(self, record: ProberRecord, event: prober_pb2.ProbeEvent) -> None:
         counters = event.counters
-        self.cp.events.record(
+        self.events.record(
             "probe",
             f"{event.cluster} {event.endpoint}: {_status_name(event.old_status)} -> "
             f"{_status_name(event.new_status)} ({event.reason})",

@@ -90,7 +90,7 @@ class DelayRule:
 
 @dataclass(frozen=True, slots=True)
 class PropagationConfig:
-    """The `controlplane.observe.propagation` section: history kept and the delay rules."""
+    """The `controlplane.propagation` section: history kept and the delay rules."""
 
     history: int = 32  # versions kept with their per-node detail
     seed: int | None = None  # None: a different draw each run

@@ -20,8 +20,8 @@ response message. `CsdsService` puts it on the gRPC server next to ADS.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 from envoy.admin.v3 import config_dump_shared_pb2 as dump
@@ -33,11 +33,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from controlplane.errors import ProtocolError
 from controlplane.snapshots import resources as rs
+from controlplane.snapshots.cache import SnapshotHistory
 from controlplane.snapshots.snapshot import Resource, Snapshot, version_key
 from controlplane.xds.stream import StreamState, TypeState
-
-if TYPE_CHECKING:
-    from controlplane.app import ControlPlane
 
 CSDS_SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
 
@@ -198,16 +196,14 @@ def client_status(
 
 
 class CsdsService:
-    """Serves CSDS (both the streaming and the unary method) from a ControlPlane's node records."""
+    """Serves CSDS (both the streaming and the unary method) from the node streams and the snapshot history."""
 
-    def __init__(self, cp: ControlPlane) -> None:
-        self.cp = cp
+    def __init__(self, streams: Callable[[], Sequence[StreamState]], history: SnapshotHistory) -> None:
+        self.streams = streams
+        self.history = history
 
     def answer(self, request: csds_pb2.ClientStatusRequest) -> csds_pb2.ClientStatusResponse:
-        history = self.cp.history or [self.cp.snapshot]
-        if history[-1] is not self.cp.snapshot:
-            history = [*history, self.cp.snapshot]
-        return client_status(request, self.cp.nodes.streams(), history)
+        return client_status(request, self.streams(), self.history.recent())
 
     async def FetchClientStatus(self, request: csds_pb2.ClientStatusRequest, context: Any) -> Any:
         try:

@@ -19,6 +19,7 @@ from controlplane.health.store import HealthStatus, Verdict
 from controlplane.topology.parse import load_topology
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
+from prober.embedded import attach_embedded_prober
 from tests.conftest import Lab, web_topology
 from tests.controlplane.test_admin import DOCUMENT, Admin
 
@@ -189,7 +190,7 @@ async def test_events_stream_sends_new_events_live_and_resumes(admin: Admin) -> 
 async def test_every_route_is_in_the_openapi_document(admin: Admin) -> None:
     code, doc = await admin.call("GET", "/openapi.json")
     assert code == 200 and doc["openapi"].startswith("3.")
-    app = admin.cp._admin.app  # type: ignore[attr-defined]
+    app = admin.cp._process._admin.app  # type: ignore[union-attr]
     routes = {(r.method.lower(), r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert routes <= documented, routes - documented
@@ -249,8 +250,10 @@ async def test_readyz_waits_for_the_embedded_probers_first_round(tmp_path: Path,
     document["clusters"][0]["health_check"] = {**HEALTH_CHECK, "interval": "1h", "initial_jitter": "1h"}
     config = tmp_path / "t.yaml"
     config.write_text(yaml.safe_dump(document))
+    cp = ControlPlane(load_topology(config))
+    attach_embedded_prober(cp)
     async with (
-        ControlPlane(load_topology(config), embedded_prober=True) as cp,
+        cp,
         aiohttp.ClientSession() as session,
         session.get(f"http://127.0.0.1:{cp.admin_port}/readyz") as r,
     ):

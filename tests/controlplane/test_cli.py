@@ -63,7 +63,7 @@ async def test_a_standalone_prober_serves_its_own_check_metrics() -> None:
             }
         ],
     }
-    cp = ControlPlane(parse_topology(document), embedded_prober=False)
+    cp = ControlPlane(parse_topology(document))
     await cp.start()
     proc = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "controlplane", "prober", "--controlplane", f"127.0.0.1:{cp.xds_port}"],

@@ -120,7 +120,7 @@ async def test_alarms_accept_and_forget_prober_commands() -> None:
             for j in range(4)
         ]
         assert cp.submit_verdicts(down) is None
-        [alarm] = cp.faults.alarms.active("mass_failure")
+        [alarm] = cp.admission.alarms.active("mass_failure")
 
         code, out, err = await healthplane("status", "--admin", admin)
         assert code == 0, err

@@ -149,7 +149,7 @@ async def test_a_stuck_node_delays_nobody_holds_one_response_and_is_closed_and_c
         assert len(set(normal.versions)) >= 20
 
         # The watchdog (called with a clock past the limit) closes it, and only it.
-        closed = cp.faults.close_stuck_streams(now=time.time() + 61)
+        closed = cp.close_stuck_streams(now=time.time() + 61)
         assert closed == [stuck_id]
         await poll_until(lambda: _async(cp.nodes.get("stuck") is None), timeout=10, what="stuck stream gone")
         assert cp.nodes.get("normal") is not None
@@ -182,7 +182,7 @@ async def test_a_write_blocked_by_a_client_that_stopped_reading_is_closed() -> N
         # Handed to its write (on_response comes before it), which the unread 64 kB window blocks.
         assert stream.types[rs.ENDPOINT].awaiting_ack and sent.per_stream[stream.stream_id] == 1
 
-        assert cp.faults.close_stuck_streams(now=time.time() + 61) == [stream.stream_id]
+        assert cp.close_stuck_streams(now=time.time() + 61) == [stream.stream_id]
         await poll_until(lambda: _async(stream.stream_id not in cp.ads.streams), timeout=10, what="state freed")
         assert cp.nodes.get("stuck") is None and cp.nodes.get("normal") is not None
         cp.submit_verdicts([Verdict(names[0], "10.0.0.1:8000", U, source="p")])
@@ -254,11 +254,11 @@ async def test_a_silent_prober_raises_an_alarm_and_readyz_says_why(session: aioh
         await prober.aclose()  # the prober goes away: nothing changes because of that alone
         await poll_until(lambda: _async(not cp.prober_link.probers["p1"].connected), timeout=10, what="disconnect seen")
         version = cp.snapshot.version
-        cp.faults.check_probers()
-        assert cp.faults.alarms.active() == [] and cp.snapshot.version == version
+        cp.check_probers()
+        assert cp.admission.alarms.active() == [] and cp.snapshot.version == version
 
-        cp.faults.check_probers(now=time.time() + 31)  # past the staleness limit
-        [alarm] = cp.faults.alarms.active("prober_stale")
+        cp.check_probers(now=time.time() + 31)  # past the staleness limit
+        [alarm] = cp.admission.alarms.active("prober_stale")
         assert "p1" in alarm.message and "disconnected" in alarm.message
         assert _status(cp, "10.0.0.1:8000") is U and cp.snapshot.version == version  # held, not guessed
         code, body = await call(cp, session, "GET", "/readyz")
@@ -274,8 +274,8 @@ async def test_a_silent_prober_raises_an_alarm_and_readyz_says_why(session: aioh
             timeout=10,
             what="the new connection's full state",
         )
-        cp.faults.check_probers()
-        assert cp.faults.alarms.active() == []
+        cp.check_probers()
+        assert cp.admission.alarms.active() == []
         assert await call(cp, session, "GET", "/readyz") == (200, {"status": "ready", "version": version})
         await again.aclose()
 
@@ -309,9 +309,9 @@ async def test_a_mass_failure_is_held_until_an_operator_accepts(session: aiohttp
 async def test_held_failures_that_pass_again_clear_the_alarm() -> None:
     async with ControlPlane(parse_topology(document(endpoints=10))) as cp:
         cp.submit_verdicts([Verdict("web", f"10.0.0.1:{8000 + j}", U, source="prober:a") for j in range(10)])
-        assert len(cp.faults.alarms.active("mass_failure")) == 1
+        assert len(cp.admission.alarms.active("mass_failure")) == 1
         cp.submit_verdicts([Verdict("web", f"10.0.0.1:{8000 + j}", H, source="prober:a") for j in range(10)])
-        assert cp.faults.alarms.active() == [] and {e.status for e in cp.snapshot.endpoints} == {H}
+        assert cp.admission.alarms.active() == [] and {e.status for e in cp.snapshot.endpoints} == {H}
 
 
 async def test_one_prober_of_three_cannot_take_endpoints_out() -> None:
@@ -346,7 +346,7 @@ async def _acked(cp: ControlPlane, node: str) -> bool:
 
 
 async def _nacked(cp: ControlPlane, n: int, version: str) -> bool:
-    group = cp.faults.nacks.groups.get((rs.ENDPOINT, version))
+    group = cp.nacks.groups.get((rs.ENDPOINT, version))
     return group is not None and len(group.nodes) == n
 
 
@@ -384,7 +384,7 @@ async def test_quorum_over_the_prober_link() -> None:
             await report(name, 1, full=True)
 
         def votes() -> dict[str, str]:
-            return {v.source: v.status.name for v in cp.faults.quorum.votes("web", "10.0.0.1:8000")}
+            return {v.source: v.status.name for v in cp.admission.quorum.votes("web", "10.0.0.1:8000")}
 
         all_healthy = {f"prober:{n}": "HEALTHY" for n in probers}
         await poll_until(lambda: _async(votes() == all_healthy), timeout=10, what="three HEALTHY votes")
@@ -421,7 +421,7 @@ async def test_a_prober_gone_for_good_is_forgotten_and_the_others_decide(
             await prober.send(verdicts=prober_pb2.VerdictBatch(full_state=True, verdicts=[v]))
 
         def sources() -> set[str]:
-            return {v.source for v in cp.faults.quorum.votes("web", "10.0.0.1:8000")}
+            return {v.source for v in cp.admission.quorum.votes("web", "10.0.0.1:8000")}
 
         await poll_until(lambda: _async(len(sources()) == 3), timeout=10, what="three votes")
         cp.flush_verdicts()
@@ -440,24 +440,24 @@ async def test_a_prober_gone_for_good_is_forgotten_and_the_others_decide(
             timeout=10,
             what="west and north disconnected",
         )
-        cp.faults.check_probers(now=time.time() + 120)  # east is connected but silent that long too
-        assert {a.subject for a in cp.faults.alarms.active("prober_stale")} == {"east", "west", "north"}
+        cp.check_probers(now=time.time() + 120)  # east is connected but silent that long too
+        assert {a.subject for a in cp.admission.alarms.active("prober_stale")} == {"east", "west", "north"}
 
         # west forgotten: east UNHEALTHY against north HEALTHY is a tie, so nothing moves.
         version = cp.snapshot.version
         code, body = await call(cp, session, "DELETE", "/probers/west", headers=auth)
         assert (code, body["changed"], body["version"]) == (200, False, version)
         assert sources() == {"prober:east", "prober:north"} and "west" not in cp.prober_link.probers
-        assert {a.subject for a in cp.faults.alarms.active("prober_stale")} == {"east", "north"}
+        assert {a.subject for a in cp.admission.alarms.active("prober_stale")} == {"east", "north"}
 
         # north forgotten too: east is the only one left to see the endpoint, and it says UNHEALTHY.
         code, body = await call(cp, session, "DELETE", "/probers/north", headers=auth)
         assert (code, body["changed"]) == (200, True) and body["version"] != version
         assert _status(cp, "10.0.0.1:8000") is U
-        assert [a.subject for a in cp.faults.alarms.active("prober_stale")] == ["east"]
+        assert [a.subject for a in cp.admission.alarms.active("prober_stale")] == ["east"]
         assert any("prober north forgotten" in e.message for e in cp.events.recent(kind="prober"))
-        assert cp.faults.store is not None
-        assert {v.source for v in cp.faults.store.load().votes} == {"prober:east"}  # not back after a restart
+        assert cp.admission.store is not None
+        assert {v.source for v in cp.admission.store.load().votes} == {"prober:east"}  # not back after a restart
         await probers["east"].aclose()
 
 

@@ -75,7 +75,7 @@ async def test_restart_serves_the_last_verdicts_and_overrides_at_the_first_versi
     )  # fmt: skip
     first.set_override("web", "127.0.0.1:8083", HealthStatus.DRAINING, who="alice")
     before, last_version = served(first), first.snapshot.version
-    first.faults.close()
+    first.admission.close()
 
     second = ControlPlane(topology)
     # The very first snapshot of the new process already carries them: nothing reset to UNKNOWN.
@@ -93,25 +93,25 @@ async def test_restart_serves_the_last_verdicts_and_overrides_at_the_first_versi
     assert [e.kind for e in second.events.recent(kind="restore")] == ["restore"]
     # The restarted prober's UNKNOWN (it has not decided yet) does not flap the endpoint.
     assert second.submit_verdicts([Verdict("web", "127.0.0.1:8081", HealthStatus.UNKNOWN, source="prober:a")]) is None
-    second.faults.close()
+    second.admission.close()
 
 
 async def test_versions_stay_monotonic_when_the_clock_steps_back(tmp_path: Path) -> None:
     topology = parse_topology(document(tmp_path))
     first = ControlPlane(topology, epoch=5_000)
-    first.faults.close()
+    first.admission.close()
     second = ControlPlane(topology, epoch=1_000)  # the wall clock went back
     assert version_key(second.snapshot.version) > version_key(first.snapshot.version)
-    second.faults.close()
+    second.admission.close()
 
 
 async def test_endpoints_gone_from_the_topology_are_dropped_at_start(tmp_path: Path) -> None:
     first = ControlPlane(parse_topology(document(tmp_path)))
     first.submit_verdicts([Verdict("web", "127.0.0.1:8083", U, "gone", source="p")])
-    first.faults.close()
+    first.admission.close()
     second = ControlPlane(parse_topology(document(tmp_path, (8081, 8082))))
     assert "127.0.0.1:8083" not in served(second)
-    second.faults.close()
+    second.admission.close()
     assert VerdictStore(tmp_path).load().verdicts == []
 
 
@@ -120,7 +120,7 @@ def test_without_data_dir_nothing_is_written(tmp_path: Path) -> None:
     del doc["controlplane"]["data_dir"]
     cp = ControlPlane(parse_topology(doc))
     cp.submit_verdicts([Verdict("web", "127.0.0.1:8081", U, "x", source="p")])
-    assert cp.faults.store is None and list(tmp_path.iterdir()) == []
+    assert cp.admission.store is None and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(

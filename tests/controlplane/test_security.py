@@ -336,7 +336,7 @@ async def test_a_renewed_admin_certificate_is_loaded_without_a_restart(certs: Ce
 
     cert, key, renewed, other_ca = renewable(certs, tmp_path)
     async with serving(document(certs, admin={"tls": {"cert": str(cert), "key": str(key)}}), tmp_path) as cp:
-        certificate = cp._admin.app[CERTIFICATE_KEY]
+        certificate = cp._process._admin.app[CERTIFICATE_KEY]  # type: ignore[union-attr]
 
         async def healthz(trusting: Path) -> int:
             context = ssl.create_default_context(cafile=str(trusting))
