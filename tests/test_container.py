@@ -290,7 +290,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
         )
     probe = engine.run("run", "--rm", "--network", "host", BASE_IMAGE, "python3", "-c", "pass")
     if probe.returncode != 0:
-        pytest.skip(f"podman cannot run a container here: {probe.stderr.strip().splitlines()[-1:]}")
+        reason = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+        pytest.skip(f"podman cannot run a container here: {reason}")
     return engine
 
 
