@@ -12,6 +12,8 @@ ARG BASE=python:3.11-slim
 # Build stage: setup.py compiles protos/ into the `healthplane` package, which needs grpcio-tools;
 # pip fetches it into its isolated build environment here, so it never reaches the final image.
 FROM ${BASE} AS build
+# Lets tests/test_container.py prune its own leftover build stages, and nothing else.
+LABEL io.healthplane.stage=build
 ARG EXTRAS=lab
 WORKDIR /src
 COPY pyproject.toml setup.py README.md LICENSE ./

@@ -306,7 +306,10 @@ def image(podman: Podman) -> Iterator[str]:
     after = podman.run("image", "inspect", "--format", "{{.Id}} {{.Size}}", IMAGE).stdout.split()
     print(f"\nimage {IMAGE} on {BASE_IMAGE}: built in {time.monotonic() - started:.0f} s, {int(after[1]) / 1e6:.0f} MB")
     if before and before != after[0]:
-        podman.run("rmi", before)  # the previous build of this test, now untagged
+        # The previous build of this test, now untagged, and the untagged build stages of earlier
+        # builds (the Dockerfile labels them): a CI machine that keeps its images stays bounded.
+        podman.run("rmi", before)
+        podman.run("image", "prune", "--force", "--filter", "label=io.healthplane.stage=build")
     yield IMAGE
 
 
