@@ -29,6 +29,8 @@ from typing import Any, Self, TypeVar
 import aiohttp
 import yaml
 
+from controlplane.topology.addresses import split_host_port
+
 __all__ = [
     "EnvoyAdminError",
     "EnvoyError",
@@ -153,15 +155,6 @@ async def poll_until(
         await asyncio.sleep(interval)
 
 
-def _split_host_port(text: str) -> tuple[str, int] | None:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()):
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
 def parse_clusters_text(text: str) -> dict[str, list[HostStatus]]:
     """Hosts from the text form of /clusters (`cluster::host:port::stat::value` lines)."""
     # Fields per (cluster, address, port), keeping the order hosts first appear in.
@@ -177,7 +170,7 @@ def parse_clusters_text(text: str) -> dict[str, list[HostStatus]]:
         if not sep:
             clusters.setdefault(prefix, [])  # a cluster-level line such as observability_name
             continue
-        host_port = _split_host_port(address)
+        host_port = split_host_port(address)
         if host_port is None:
             clusters.setdefault(cluster, [])  # circuit-breaker and outlier lines
             continue
@@ -361,7 +354,7 @@ class EnvoyProcess:
         except FileNotFoundError:
             return None
         # The file may be caught half-written; only a complete host:port counts.
-        host_port = _split_host_port(text)
+        host_port = split_host_port(text)
         if host_port is None or host_port[1] == 0:
             return None
         return f"http://{text}"

@@ -34,6 +34,7 @@ from google.rpc import status_pb2
 
 from controlplane.errors import ConfigError
 from controlplane.snapshots import resources as rs
+from controlplane.topology.addresses import host_port
 from controlplane.topology.durations import parse_duration
 
 log = logging.getLogger("healthplane.fleet")
@@ -276,8 +277,6 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
 
 def fleet_command(args: argparse.Namespace) -> int:
     """Run the fleet until Ctrl-C, printing each new version and how fast the fleet ACKed it."""
-    from controlplane.cli.main import host_port
-
     host_port(args.controlplane, "--controlplane")
     seen: dict[str, list[float]] = {}  # version -> answer times (EDS, CDS, LDS, RDS alike)
 
