@@ -2,9 +2,10 @@
 
 One control plane runs in its own process (`ControlPlane` on ephemeral ports, one cluster `web`
 with three endpoints, one listener). W worker processes hold N simulated Envoys between them:
-grpc.aio ADS streams, one TCP connection each by default, that subscribe to EDS for `web` and
-ACK every response at once, as Envoy does (node on the first request only). The parent then
-flips one endpoint's override UNHEALTHY/HEALTHY, one push at a time, and measures per push:
+grpc.aio ADS streams (lab/adsclient.py), one TCP connection each by default, that subscribe to
+EDS for `web` and ACK every response at once, as Envoy does (node on the first request only).
+The parent then flips one endpoint's override UNHEALTHY/HEALTHY, one push at a time, and
+measures per push:
 
 - per client, the time from the verdict (taken in the server process right before
   `ControlPlane.set_override`) to its ACK: as the server processed it (`TypeState.acked_at`, the
@@ -220,7 +221,9 @@ def worker_main(conn: Connection, port: int, first: int, count: int, per_channel
 async def _clients(conn: Connection, port: int, first: int, count: int, per_channel: int, bdp_probe: bool) -> None:
     import grpc
     from envoy.config.core.v3 import base_pb2
-    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc
+
+    from lab.adsclient import AdsClient, AdsStream
 
     # One channel per `per_channel` streams; a private subchannel pool makes each channel its own
     # TCP connection (gRPC otherwise shares one connection among channels to the same target).
@@ -242,26 +245,14 @@ async def _clients(conn: Connection, port: int, first: int, count: int, per_chan
 
     async def client(index: int, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
         nonlocal started
-        call = stub.StreamAggregatedResources()
+        ads = AdsClient(base_pb2.Node(id=f"bench-{first + index}", cluster="bench"))
+        stream = AdsStream(stub, ads)
         mine = records[index]
         try:
-            await call.write(
-                discovery_pb2.DiscoveryRequest(
-                    node=base_pb2.Node(id=f"bench-{first + index}", cluster="bench"),
-                    type_url=EDS,
-                    resource_names=[CLUSTER],
-                )
-            )
-            while (response := await call.read()) is not grpc.aio.EOF:
+            await stream.send(ads.subscribe(EDS, [CLUSTER]))
+            while (response := await stream.read()) is not None:
                 read_at = time.time()
-                await call.write(
-                    discovery_pb2.DiscoveryRequest(
-                        version_info=response.version_info,
-                        response_nonce=response.nonce,
-                        type_url=EDS,
-                        resource_names=[CLUSTER],
-                    )
-                )
+                await stream.send(ads.ack(response))
                 version = response.version_info
                 mine[version] = (read_at, time.time())
                 if len(mine) == 1:
