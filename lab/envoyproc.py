@@ -29,6 +29,7 @@ from typing import Any, Self, TypeVar
 import aiohttp
 import yaml
 
+from controlplane.errors import EnvoyAdminError, EnvoyError, EnvoyNotFound, EnvoyStartError, EnvoyTimeout
 from controlplane.topology.addresses import split_host_port
 
 __all__ = [
@@ -72,31 +73,6 @@ _JSON_EDS_FLAGS = {
     "DEGRADED": "degraded_eds_health",
     "DRAINING": "eds_status_draining",
 }
-
-
-class EnvoyError(RuntimeError):
-    """Base of the errors this module raises about an Envoy process."""
-
-
-class EnvoyNotFound(EnvoyError):
-    """No `envoy` binary next to the Python interpreter nor on PATH."""
-
-
-class EnvoyStartError(EnvoyError):
-    """Envoy exited, or never answered on its admin port, while starting."""
-
-
-class EnvoyTimeout(EnvoyError, TimeoutError):
-    """A wait on Envoy (or on a polled condition) ran past its deadline."""
-
-
-class EnvoyAdminError(EnvoyError):
-    """The admin API answered with a non-2xx status."""
-
-    def __init__(self, method: str, path: str, status: int, body: str) -> None:
-        self.status = status
-        self.body = body
-        super().__init__(f"admin {method} {path} answered {status}: {body.strip()[:500]}")
 
 
 @dataclass(frozen=True, slots=True)
