@@ -144,7 +144,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from lab.run import lab_command
+    from lab.cli import lab_command
 
     return lab_command(args)
 
