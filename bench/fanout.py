@@ -2,9 +2,10 @@
 
 One control plane runs in its own process (`ControlPlane` on ephemeral ports, one cluster `web`
 with three endpoints, one listener). W worker processes hold N simulated Envoys between them:
-grpc.aio ADS streams, one TCP connection each by default, that subscribe to EDS for `web` and
-ACK every response at once, as Envoy does (node on the first request only). The parent then
-flips one endpoint's override UNHEALTHY/HEALTHY, one push at a time, and measures per push:
+grpc.aio ADS streams (lab/adsclient.py), one TCP connection each by default, that subscribe to
+EDS for `web` and ACK every response at once, as Envoy does (node on the first request only).
+The parent then flips one endpoint's override UNHEALTHY/HEALTHY, one push at a time, and
+measures per push:
 
 - per client, the time from the verdict (taken in the server process right before
   `ControlPlane.set_override`) to its ACK: as the server processed it (`TypeState.acked_at`, the
@@ -33,7 +34,6 @@ import multiprocessing as mp
 import os
 import platform
 import resource
-import shutil
 import signal
 import statistics
 import subprocess
@@ -52,7 +52,15 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands  # noqa: E402
+from bench.procs import (  # noqa: E402
+    Child,
+    child_setup,
+    raise_fd_limit,
+    rss_kb,
+    serve_commands,
+    start_py_spy,
+    stop_py_spy,
+)
 
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 CLUSTER = "web"
@@ -220,7 +228,9 @@ def worker_main(conn: Connection, port: int, first: int, count: int, per_channel
 async def _clients(conn: Connection, port: int, first: int, count: int, per_channel: int, bdp_probe: bool) -> None:
     import grpc
     from envoy.config.core.v3 import base_pb2
-    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+    from envoy.service.discovery.v3 import ads_pb2_grpc
+
+    from lab.adsclient import AdsClient, AdsStream
 
     # One channel per `per_channel` streams; a private subchannel pool makes each channel its own
     # TCP connection (gRPC otherwise shares one connection among channels to the same target).
@@ -242,26 +252,14 @@ async def _clients(conn: Connection, port: int, first: int, count: int, per_chan
 
     async def client(index: int, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
         nonlocal started
-        call = stub.StreamAggregatedResources()
+        ads = AdsClient(base_pb2.Node(id=f"bench-{first + index}", cluster="bench"))
+        stream = AdsStream(stub, ads)
         mine = records[index]
         try:
-            await call.write(
-                discovery_pb2.DiscoveryRequest(
-                    node=base_pb2.Node(id=f"bench-{first + index}", cluster="bench"),
-                    type_url=EDS,
-                    resource_names=[CLUSTER],
-                )
-            )
-            while (response := await call.read()) is not grpc.aio.EOF:
+            await stream.send(ads.subscribe(EDS, [CLUSTER]))
+            while (response := await stream.read()) is not None:
                 read_at = time.time()
-                await call.write(
-                    discovery_pb2.DiscoveryRequest(
-                        version_info=response.version_info,
-                        response_nonce=response.nonce,
-                        type_url=EDS,
-                        resource_names=[CLUSTER],
-                    )
-                )
+                await stream.send(ads.ack(response))
                 version = response.version_info
                 mine[version] = (read_at, time.time())
                 if len(mine) == 1:
@@ -458,7 +456,14 @@ def run_once(ctx: Any, children: list[Child], nodes: int, opt: Options, log: Cal
         log(f"  {nodes} streams on {run.channels} connections in {run.connect_s:.1f} s, RSS {settled['rss_kb']} kB")
 
         if opt.profile is not None:
-            spy = _start_py_spy(server_pid, opt.profile / f"server-{nodes}.txt", native=opt.native)
+            spy = start_py_spy(
+                server_pid,
+                opt.profile / f"server-{nodes}.txt",
+                rate=250,
+                native=opt.native,
+                options=["--threads", "--idle"],
+                attach_wait=1.0,
+            )
         limit = 30 + nodes * 0.01
         for i in range(opt.warmup + opt.pushes):
             time.sleep(opt.pause)
@@ -508,50 +513,10 @@ def run_once(ctx: Any, children: list[Child], nodes: int, opt: Options, log: Cal
         return run
     finally:
         if spy is not None:
-            _stop_py_spy(spy, log)
+            stop_py_spy(spy, log)
         for c in [*clients, server]:
             c.close()
             children.remove(c)
-
-
-def _start_py_spy(pid: int, out: Path, *, native: bool) -> subprocess.Popen[bytes]:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Native frames (gRPC core, Cython) need py-spy to pause the server at every sample, which
-    # slows the pushes down; Python frames alone do not.
-    mode = ["--native"] if native else ["--nonblocking"]
-    spy = subprocess.Popen(
-        [
-            exe,
-            "record",
-            "--pid",
-            str(pid),
-            "--rate",
-            "250",
-            "--format",
-            "raw",
-            *mode,
-            "--threads",
-            "--idle",
-            "-o",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    time.sleep(1.0)  # attaching takes a moment
-    return spy
-
-
-def _stop_py_spy(spy: subprocess.Popen[bytes], log: Callable[[str], None]) -> None:
-    spy.send_signal(signal.SIGINT)
-    try:
-        _, err = spy.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        spy.kill()
-        _, err = spy.communicate()
-    lines = err.decode(errors="replace").strip().splitlines()
-    log(f"  py-spy: {lines[-1] if lines else 'done'}")
 
 
 COLUMNS = [

@@ -66,7 +66,6 @@ import multiprocessing as mp  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -77,7 +76,15 @@ from dataclasses import dataclass  # noqa: E402
 from multiprocessing.connection import Connection  # noqa: E402
 from typing import Any  # noqa: E402
 
-from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands  # noqa: E402
+from bench.procs import (  # noqa: E402
+    Child,
+    child_setup,
+    raise_fd_limit,
+    rss_kb,
+    serve_commands,
+    start_py_spy,
+    stop_py_spy,
+)
 
 MODES = ("http-keepalive", "http-close", "tcp")
 BASE_PORT = 21000  # well below the ephemeral range (32768+), so no outgoing connection holds one
@@ -515,7 +522,12 @@ def run_once(
 
         if opt.profile is not None:
             label = f"{mode}-{n}" + (f"-{opt.experiment}" if opt.experiment else "")
-            spy = _start_py_spy(info["pid"], opt.profile / f"{label}.txt", opt.duration)
+            spy = start_py_spy(
+                info["pid"],
+                opt.profile / f"{label}.txt",
+                rate=200,
+                options=["--duration", str(math.ceil(opt.duration))],
+            )
         counts0 = [b.ask("counts", limit=30) for b in backends]
         machine0 = _machine_busy_s()
         s0 = prober.ask("snap", True, limit=30)
@@ -526,7 +538,7 @@ def run_once(
         end = prober.ask("report", limit=60)
     finally:
         if spy is not None:
-            _stop_py_spy(spy, log)
+            stop_py_spy(spy, log, finish=30, limit=10)
         for c in [*([prober] if prober else []), *backends]:
             c.close()
             children.remove(c)
@@ -590,44 +602,6 @@ def run_once(
         f"user {result['user_core'] * 100:.0f}%"
     )
     return result
-
-
-def _start_py_spy(pid: int, out: Path, duration: float) -> subprocess.Popen[bytes]:
-    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
-        [
-            exe,
-            "record",
-            "--pid",
-            str(pid),
-            "--rate",
-            "200",
-            "--format",
-            "raw",
-            "--nonblocking",
-            "--duration",
-            str(math.ceil(duration)),
-            "-o",
-            str(out),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _stop_py_spy(spy: subprocess.Popen[bytes], log: Callable[[str], None]) -> None:
-    try:
-        _, err = spy.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        spy.send_signal(signal.SIGINT)
-        try:
-            _, err = spy.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-            _, err = spy.communicate()
-    lines = err.decode(errors="replace").strip().splitlines()
-    log(f"  py-spy: {lines[-1] if lines else 'done'}")
 
 
 COLUMNS = [

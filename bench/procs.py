@@ -3,6 +3,7 @@
 Each benchmark runs its servers and clients in spawned processes, driven by (command, *args)
 tuples over a pipe: `Child` is the parent's end, `serve_commands` the child's loop. Every child
 ignores SIGINT, dies with its parent (PR_SET_PDEATHSIG) and exits when its pipe closes.
+`start_py_spy` and `stop_py_spy` record one child's stacks during a measurement.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ import asyncio
 import contextlib
 import ctypes
 import resource
+import shutil
 import signal
-from collections.abc import Awaitable, Callable
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 Handler = Callable[[tuple[Any, ...]], Awaitable[Any]]
@@ -113,3 +119,47 @@ class Child:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+
+
+def start_py_spy(
+    pid: int,
+    out: Path,
+    *,
+    rate: int,
+    native: bool = False,
+    options: Sequence[str] = (),
+    attach_wait: float = 0.0,
+) -> subprocess.Popen[bytes]:
+    """`py-spy record` of `pid` into `out` (raw, collapsed stacks) until `stop_py_spy`, or its --duration."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Native frames (gRPC core, Cython) need py-spy to pause the process at every sample, which
+    # slows it down; Python frames alone do not.
+    mode = ["--native"] if native else ["--nonblocking"]
+    spy = subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw", *mode, *options, "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    if attach_wait > 0:
+        time.sleep(attach_wait)  # attaching takes a moment
+    return spy
+
+
+def stop_py_spy(
+    spy: subprocess.Popen[bytes], log: Callable[[str], None], *, finish: float = 0.0, limit: float = 30.0
+) -> None:
+    """Let py-spy end within `finish` s, else SIGINT it (it then writes what it has); kill it after `limit` s."""
+    err: bytes | None = None
+    if finish > 0:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _, err = spy.communicate(timeout=finish)
+    if err is None:
+        spy.send_signal(signal.SIGINT)
+        try:
+            _, err = spy.communicate(timeout=limit)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            _, err = spy.communicate()
+    lines = err.decode(errors="replace").strip().splitlines()
+    log(f"  py-spy: {lines[-1] if lines else 'done'}")

@@ -1,14 +1,40 @@
-"""Errors raised by healthplane, one type per domain.
+"""Errors raised by healthplane, one type per domain: the whole tree.
 
     HealthplaneError
-    ├── ConfigError      a topology or option is invalid; names the file and the field path
-    └── ProtocolError    a peer sent something the xDS protocol does not allow
+    ├── ConfigError          a topology or option is invalid; names the file and the field path
+    ├── ProtocolError        a peer sent something the xDS protocol does not allow  (INVALID_ARGUMENT)
+    │   └── LimitExceeded    a peer went over a configured limit                    (RESOURCE_EXHAUSTED)
+    ├── AdminError           the CLI could not reach the admin API, or it answered an error
+    ├── LabError             the lab could not start or stop cleanly (a process, a namespace, a port)
+    └── EnvoyError           an Envoy process the lab runs (also a RuntimeError)
+        ├── EnvoyNotFound    no `envoy` binary next to the interpreter nor on PATH
+        ├── EnvoyStartError  Envoy exited, or never answered on its admin port, while starting
+        ├── EnvoyTimeout     a wait on Envoy ran past its deadline (also a TimeoutError)
+        └── EnvoyAdminError  Envoy's admin API answered a non-2xx status
 
 They are turned into messages at the edges: the CLI prints them, the admin API answers
-4xx JSON, the gRPC server maps them to a status code.
+4xx JSON, the gRPC server maps them to a status code (`xds.limits.status_code`).
+
+Outside the tree on purpose: `lab.run.Interrupted` (a signal stopped a command: control
+flow, not an error) and `prober.http1.HttpProtocolError` (a probed endpoint's bad HTTP answer:
+a ValueError the prober turns into a failed check, never raised to an operator).
 """
 
 from __future__ import annotations
+
+__all__ = [
+    "AdminError",
+    "ConfigError",
+    "EnvoyAdminError",
+    "EnvoyError",
+    "EnvoyNotFound",
+    "EnvoyStartError",
+    "EnvoyTimeout",
+    "HealthplaneError",
+    "LabError",
+    "LimitExceeded",
+    "ProtocolError",
+]
 
 
 class HealthplaneError(Exception):
@@ -31,3 +57,40 @@ class ConfigError(HealthplaneError):
 
 class ProtocolError(HealthplaneError):
     """A DiscoveryRequest or stream that breaks the xDS protocol."""
+
+
+class LimitExceeded(ProtocolError):
+    """A peer went over a configured limit; answered with RESOURCE_EXHAUSTED."""
+
+
+class AdminError(HealthplaneError):
+    """The admin API could not be reached, or answered an error."""
+
+
+class LabError(HealthplaneError):
+    """The lab could not start or stop cleanly (a process, a namespace, a port)."""
+
+
+class EnvoyError(HealthplaneError, RuntimeError):
+    """Base of the errors lab/envoyproc.py raises about an Envoy process."""
+
+
+class EnvoyNotFound(EnvoyError):
+    """No `envoy` binary next to the Python interpreter nor on PATH."""
+
+
+class EnvoyStartError(EnvoyError):
+    """Envoy exited, or never answered on its admin port, while starting."""
+
+
+class EnvoyTimeout(EnvoyError, TimeoutError):
+    """A wait on Envoy (or on a polled condition) ran past its deadline."""
+
+
+class EnvoyAdminError(EnvoyError):
+    """The admin API answered with a non-2xx status."""
+
+    def __init__(self, method: str, path: str, status: int, body: str) -> None:
+        self.status = status
+        self.body = body
+        super().__init__(f"admin {method} {path} answered {status}: {body.strip()[:500]}")

@@ -29,6 +29,9 @@ from typing import Any, Self, TypeVar
 import aiohttp
 import yaml
 
+from controlplane.errors import EnvoyAdminError, EnvoyError, EnvoyNotFound, EnvoyStartError, EnvoyTimeout
+from controlplane.topology.addresses import split_host_port
+
 __all__ = [
     "EnvoyAdminError",
     "EnvoyError",
@@ -70,31 +73,6 @@ _JSON_EDS_FLAGS = {
     "DEGRADED": "degraded_eds_health",
     "DRAINING": "eds_status_draining",
 }
-
-
-class EnvoyError(RuntimeError):
-    """Base of the errors this module raises about an Envoy process."""
-
-
-class EnvoyNotFound(EnvoyError):
-    """No `envoy` binary next to the Python interpreter nor on PATH."""
-
-
-class EnvoyStartError(EnvoyError):
-    """Envoy exited, or never answered on its admin port, while starting."""
-
-
-class EnvoyTimeout(EnvoyError, TimeoutError):
-    """A wait on Envoy (or on a polled condition) ran past its deadline."""
-
-
-class EnvoyAdminError(EnvoyError):
-    """The admin API answered with a non-2xx status."""
-
-    def __init__(self, method: str, path: str, status: int, body: str) -> None:
-        self.status = status
-        self.body = body
-        super().__init__(f"admin {method} {path} answered {status}: {body.strip()[:500]}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,15 +135,6 @@ async def poll_until(
         await asyncio.sleep(interval)
 
 
-def _split_host_port(text: str) -> tuple[str, int] | None:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()):
-        return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
 def parse_clusters_text(text: str) -> dict[str, list[HostStatus]]:
     """Hosts from the text form of /clusters (`cluster::host:port::stat::value` lines)."""
     # Fields per (cluster, address, port), keeping the order hosts first appear in.
@@ -181,7 +150,7 @@ def parse_clusters_text(text: str) -> dict[str, list[HostStatus]]:
         if not sep:
             clusters.setdefault(prefix, [])  # a cluster-level line such as observability_name
             continue
-        host_port = _split_host_port(address)
+        host_port = split_host_port(address)
         if host_port is None:
             clusters.setdefault(cluster, [])  # circuit-breaker and outlier lines
             continue
@@ -365,7 +334,7 @@ class EnvoyProcess:
         except FileNotFoundError:
             return None
         # The file may be caught half-written; only a complete host:port counts.
-        host_port = _split_host_port(text)
+        host_port = split_host_port(text)
         if host_port is None or host_port[1] == 0:
             return None
         return f"http://{text}"

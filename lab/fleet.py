@@ -30,11 +30,12 @@ from envoy.config.core.v3 import base_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.rpc import status_pb2
 
 from controlplane.errors import ConfigError
 from controlplane.snapshots import resources as rs
+from controlplane.topology.addresses import host_port
 from controlplane.topology.durations import parse_duration
+from lab.adsclient import AdsClient, AdsStream
 
 log = logging.getLogger("healthplane.fleet")
 
@@ -94,38 +95,22 @@ class SimNode:
 
     async def run(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
         """Hold the stream until the server ends it or the task is cancelled."""
-        call = stub.StreamAggregatedResources()
-        names: dict[str, list[str]] = {CDS: [], EDS: [], LDS: [], RDS: []}
-        subscribed: set[str] = set()
         node = base_pb2.Node(id=self.node_id, cluster=self.node_cluster)
         if self.zone:
             node.locality.zone = self.zone
-
-        async def request(type_url: str, version: str = "", nonce: str = "", error: str | None = None) -> None:
-            req = discovery_pb2.DiscoveryRequest(
-                type_url=type_url, version_info=version, response_nonce=nonce, resource_names=names[type_url]
-            )
-            if not subscribed:
-                req.node.CopyFrom(node)
-            if error is not None:
-                req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-            subscribed.add(type_url)
-            await call.write(req)
-
+        client = AdsClient(node)
+        stream = AdsStream(stub, client)
+        client.acked = self.acked  # the node's own record, kept across streams
         try:
-            await request(CDS)
-            while (response := await call.read()) is not grpc.aio.EOF:
+            await stream.send(client.subscribe(CDS))
+            while (response := await stream.read()) is not None:
                 read_at = time.time()
                 type_url = response.type_url
                 pause = self.apply(self.rng)
                 if pause > 0:
                     await asyncio.sleep(pause)  # the modelled time Envoy takes to apply the update
                 nack = self.nack_rate > 0 and self.rng.random() < self.nack_rate
-                if nack:
-                    await request(type_url, self.acked.get(type_url, ""), response.nonce, "simulated NACK")
-                else:
-                    await request(type_url, response.version_info, response.nonce)
-                    self.acked[type_url] = response.version_info
+                await stream.send(client.nack(response, "simulated NACK") if nack else client.ack(response))
                 received = Received(type_url, response.version_info, read_at, time.time(), nack)
                 self.history.append(received)
                 if self.on_answer is not None:
@@ -135,16 +120,14 @@ class SimNode:
                 # Make-before-break, as Envoy: EDS after CDS, LDS after the first CDS, RDS after LDS.
                 if type_url == CDS:
                     clusters = sorted(_names(response, cluster_pb2.Cluster))
-                    if clusters != names[EDS] or EDS not in subscribed:
-                        names[EDS] = clusters
-                        await request(EDS, self.acked.get(EDS, ""))
-                    if LDS not in subscribed:
-                        await request(LDS)
+                    if clusters != client.names.get(EDS, []) or not client.subscribed(EDS):
+                        await stream.send(client.subscribe(EDS, clusters))
+                    if not client.subscribed(LDS):
+                        await stream.send(client.subscribe(LDS))
                 elif type_url == LDS:
                     routes = sorted(_route_names(response))
-                    if routes != names[RDS] or RDS not in subscribed:
-                        names[RDS] = routes
-                        await request(RDS, self.acked.get(RDS, ""))
+                    if routes != client.names.get(RDS, []) or not client.subscribed(RDS):
+                        await stream.send(client.subscribe(RDS, routes))
                 if {CDS, LDS} <= self.acked.keys() and not self.ready.is_set():
                     self.ready.set()
             self.error = "the server ended the stream"
@@ -152,7 +135,7 @@ class SimNode:
             self.error = f"{exc.code().name}: {exc.details()}"
         finally:
             self.ready.set()  # whoever waits for readiness learns of the error at once
-            call.cancel()
+            stream.cancel()
 
 
 def _names(response: discovery_pb2.DiscoveryResponse, message_type: Any) -> list[str]:
@@ -276,8 +259,6 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
 
 def fleet_command(args: argparse.Namespace) -> int:
     """Run the fleet until Ctrl-C, printing each new version and how fast the fleet ACKed it."""
-    from controlplane.cli.main import host_port
-
     host_port(args.controlplane, "--controlplane")
     seen: dict[str, list[float]] = {}  # version -> answer times (EDS, CDS, LDS, RDS alike)
 

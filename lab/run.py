@@ -16,7 +16,6 @@ lab, which stops them in order: Envoys, demo apps, control plane, then the names
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import enum
@@ -49,7 +48,6 @@ from lab.topology import (
     Mode,
     PortPlan,
     check_ports_free,
-    config_from_args,
     front_bootstrap,
     make_layout,
     sidecar_bootstrap,
@@ -61,9 +59,9 @@ __all__ = [
     "ChildProcess",
     "Lab",
     "LabNetwork",
-    "lab_command",
     "netns_unavailable_reason",
     "run_until_signal",
+    "say",
 ]
 
 log = logging.getLogger("healthplane.lab")
@@ -736,7 +734,7 @@ async def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
         signalled.append(sig)
         task.cancel()
         # After the cancel: a closed stderr (`| head`) must not keep the lab running.
-        _say(f"\nhealthplane lab: {signal.Signals(sig).name}, stopping everything...", file=sys.stderr)
+        say(f"\nhealthplane lab: {signal.Signals(sig).name}, stopping everything...", file=sys.stderr)
 
     installed = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -754,48 +752,7 @@ async def run_until_signal(main: Coroutine[Any, Any, T]) -> T:
             loop.remove_signal_handler(sig)
 
 
-def _say(text: str, *, file: TextIO | None = None) -> None:
+def say(text: str, *, file: TextIO | None = None) -> None:
     """Print, unless the terminal or pipe is gone: stopping cleanly matters more."""
     with contextlib.suppress(OSError, ValueError):
         print(text, file=file or sys.stdout, flush=True)
-
-
-async def _interactive(config: LabConfig) -> None:
-    async with Lab(config) as lab:
-        await lab.wait_healthy()
-        _say(lab.describe())
-        # Until a signal; report a process that exits on its own (someone killed a demo app?).
-        watched = {p.exited: p for p in [*lab.apps.values(), *lab.sidecars.values()]}
-        if lab.controlplane is not None:
-            watched[lab.controlplane.exited] = lab.controlplane
-        while True:
-            if not watched:
-                await asyncio.Future()
-            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-            for fut in done:
-                proc = watched.pop(fut)
-                _say(f"healthplane lab: {proc.name} exited with code {fut.result()}; log: {proc.log_path}")
-
-
-def lab_command(args: argparse.Namespace) -> int:
-    """`healthplane lab [scenario|compare]`: the CLI's entry into the lab."""
-    command = getattr(args, "lab_command", None)
-    # Every lab runs Envoys: say how to get one before starting anything that would need cleaning up.
-    try:
-        find_envoy()
-    except EnvoyError as exc:
-        raise LabError(str(exc)) from exc
-    if command == "scenario":
-        from lab.scenario import scenario_command
-
-        return scenario_command(args)
-    if command == "compare":
-        from lab.compare import compare_command
-
-        return compare_command(args)
-    config = config_from_args(args)
-    try:
-        asyncio.run(run_until_signal(_interactive(config)))
-    except Interrupted:
-        _say("healthplane lab: stopped, everything cleaned up")
-    return 0

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.errors import ConfigError, HealthplaneError
+from controlplane.errors import ConfigError, LabError
 from controlplane.topology.durations import format_duration, parse_duration
 from controlplane.xds.bootstrap import make_bootstrap
 
@@ -67,10 +67,6 @@ _BRIDGE_HOST = 1
 _FIRST_BACKEND_HOST = 11
 _PREFIX = re.compile(r"[a-z][a-z0-9]{0,7}")
 DEFAULT_SUBNET = ipaddress.IPv4Network("10.200.0.0/24")
-
-
-class LabError(HealthplaneError):
-    """The lab could not start or stop cleanly (a process, a namespace, a port)."""
 
 
 class Mode(enum.Enum):

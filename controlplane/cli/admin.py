@@ -16,16 +16,12 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
-from controlplane.errors import HealthplaneError
+from controlplane.errors import AdminError
 
 DEFAULT_ADMIN = "http://127.0.0.1:19000"
 ADMIN_ENV = "HEALTHPLANE_ADMIN"
 TOKEN_ENV = "HEALTHPLANE_ADMIN_TOKEN"
 STATUS_COLUMNS = ("HEALTHY", "UNHEALTHY", "DRAINING", "DEGRADED", "UNKNOWN")
-
-
-class AdminError(HealthplaneError):
-    """The admin API could not be reached, or answered an error."""
 
 
 class AdminClient:

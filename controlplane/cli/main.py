@@ -11,14 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from controlplane.errors import ConfigError, HealthplaneError
-
-
-def host_port(text: str, flag: str, *, lowest_port: int = 1) -> tuple[str, int]:
-    """A HOST:PORT command-line value ([IPv6]:PORT too); ConfigError naming `flag` otherwise."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not (port.isascii() and port.isdigit()) or not lowest_port <= int(port) < 65536:
-        raise ConfigError("must be HOST:PORT", path=flag)
-    return host.strip("[]"), int(port)
+from controlplane.topology.addresses import host_port
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -156,7 +149,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
 
 
 def _lab(args: argparse.Namespace) -> int:
-    from lab.run import lab_command
+    from lab.cli import lab_command
 
     return lab_command(args)
 

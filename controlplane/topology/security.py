@@ -51,19 +51,18 @@ class TlsFiles:
 
     def read(self, where: str) -> tuple[bytes, bytes, bytes | None]:
         """(cert, key, client_ca) bytes; ConfigError naming the field of a file that cannot be read."""
-        out: list[bytes | None] = []
-        for name in ("cert", "key", "client_ca"):
-            path: Path | None = getattr(self, name)
-            if path is None:
-                out.append(None)
-                continue
-            try:
-                out.append(path.read_bytes())
-            except OSError as exc:
-                raise ConfigError(f"cannot read {path}: {exc.strerror}", path=f"{where}.tls.{name}") from None
-        cert, key, ca = out
-        assert cert is not None and key is not None
+        cert = read_pem(self.cert, f"{where}.tls.cert")
+        key = read_pem(self.key, f"{where}.tls.key")
+        ca = None if self.client_ca is None else read_pem(self.client_ca, f"{where}.tls.client_ca")
         return cert, key, ca
+
+
+def read_pem(path: str | Path, field: str) -> bytes:
+    """The bytes of a PEM file; ConfigError naming `field` (a topology path or a flag) if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", path=field) from None
 
 
 @dataclass(frozen=True, slots=True)

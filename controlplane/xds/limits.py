@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from controlplane.errors import ProtocolError
+from controlplane.errors import LimitExceeded, ProtocolError
 
 if TYPE_CHECKING:
     pass
@@ -41,10 +41,6 @@ def configure_ads(ads: Any, security: SecurityConfig) -> None:
     """Apply the message and per-peer stream limits to an `AdsServer`."""
     ads.max_message_bytes = security.xds_max_message_bytes
     ads.peers.limit = security.xds_max_streams_per_peer
-
-
-class LimitExceeded(ProtocolError):
-    """A peer went over a configured limit; answered with RESOURCE_EXHAUSTED."""
 
 
 def status_code(error: ProtocolError) -> grpc.StatusCode:

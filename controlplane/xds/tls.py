@@ -5,16 +5,12 @@ from __future__ import annotations
 import logging
 import ssl
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 
 from controlplane.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
-from controlplane.topology.security import MAX_MESSAGE_CEILING, SecurityConfig, TlsFiles
+from controlplane.topology.security import MAX_MESSAGE_CEILING, SecurityConfig, TlsFiles, read_pem
 
 log = logging.getLogger("healthplane.security")
 
@@ -100,16 +96,8 @@ def channel_credentials(
     if (cert is None) != (key is None):
         raise ConfigError("a client certificate needs both --tls-cert and --tls-key", path="--tls-cert")
 
-    def read(path: str | Path | None, flag: str) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}", path=flag) from None
-
     return grpc.ssl_channel_credentials(
-        root_certificates=read(ca, "--tls-ca"),
-        private_key=read(key, "--tls-key"),
-        certificate_chain=read(cert, "--tls-cert"),
+        root_certificates=None if ca is None else read_pem(ca, "--tls-ca"),
+        private_key=None if key is None else read_pem(key, "--tls-key"),
+        certificate_chain=None if cert is None else read_pem(cert, "--tls-cert"),
     )

@@ -23,6 +23,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
 from controlplane.snapshots import resources as rs
+from lab.adsclient import AdsClient, AdsStream
 
 METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -152,31 +153,21 @@ class HealthyNode:
     def __init__(self, channel: grpc.aio.Channel, node_id: str = "healthy") -> None:
         from envoy.service.discovery.v3 import ads_pb2_grpc
 
-        self.call = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+        self.client = AdsClient(base_pb2.Node(id=node_id, cluster="fuzz"))
+        self.stream = AdsStream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), self.client)
         self.node_id = node_id
         self.versions: list[str] = []
         self.changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.call.write(
-            discovery_pb2.DiscoveryRequest(
-                node=base_pb2.Node(id=self.node_id, cluster="fuzz"), type_url=rs.ENDPOINT, resource_names=["web"]
-            )
-        )
+        await self.stream.send(self.client.subscribe(rs.ENDPOINT, ["web"]))
         self.task = asyncio.create_task(self._run())
 
     async def _run(self) -> None:
         try:
-            while (response := await self.call.read()) is not grpc.aio.EOF:
-                await self.call.write(
-                    discovery_pb2.DiscoveryRequest(
-                        type_url=rs.ENDPOINT,
-                        resource_names=["web"],
-                        version_info=response.version_info,
-                        response_nonce=response.nonce,
-                    )
-                )
+            while (response := await self.stream.read()) is not None:
+                await self.stream.send(self.client.ack(response))
                 self.versions.append(response.version_info)
                 self.changed.set()
         finally:
@@ -191,7 +182,7 @@ class HealthyNode:
                 await self.changed.wait()
 
     async def aclose(self) -> None:
-        self.call.cancel()
+        self.stream.cancel()
         if self.task is not None:
             await asyncio.gather(self.task, return_exceptions=True)
 
