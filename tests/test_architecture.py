@@ -64,3 +64,25 @@ def test_no_folder_is_crowded(package: str) -> None:
             continue
         modules = [p for p in folder.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
         assert len(modules) <= MAX_MODULES_PER_FOLDER, f"{folder.relative_to(ROOT)}: {len(modules)} modules"
+
+
+def test_the_public_names_are_exactly_all() -> None:
+    import controlplane
+
+    assert sorted(controlplane.__all__) == controlplane.__all__
+    for name in controlplane.__all__:
+        assert getattr(controlplane, name).__name__ == name
+    with pytest.raises(AttributeError):
+        _ = controlplane.Faults  # type: ignore[attr-defined]
+
+
+def test_the_topology_model_does_not_load_the_servers() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, controlplane.topology.model; "
+        "print(sorted(m for m in ('aiohttp', 'controlplane.app') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"

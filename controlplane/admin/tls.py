@@ -1,16 +1,13 @@
-"""admin.tls: split from security.py (docstring to write)."""
+"""TLS on the admin port: an `ssl.SSLContext` from the topology's files, reloaded when they are renewed
+(polled: file renewals come with no event).
+"""
 
 from __future__ import annotations
 
 import logging
 import ssl
-from typing import TYPE_CHECKING
 
 from controlplane.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
 from controlplane.topology.security import TlsFiles
 
 log = logging.getLogger("healthplane.security")

@@ -1,4 +1,6 @@
-"""topology.fields: split from topology.py (docstring to write)."""
+"""`Field`: one value of a YAML document with its path, and the typed readers every parser uses, so each
+error is a `ConfigError` naming the file and the field path (`clusters[1].endpoints[0].port`).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from controlplane.topology.durations import parse_duration
 # --------------------------------------------------------------------------- reading
 
 
-class _Field:
+class Field:
     """A value in the document with the path that reached it, for precise errors."""
 
     def __init__(self, value: Any, path: str, source: str) -> None:
@@ -23,18 +25,18 @@ class _Field:
     def error(self, message: str) -> ConfigError:
         return ConfigError(message, path=self.path, source=self.source)
 
-    def child(self, key: str | int) -> _Field:
+    def child(self, key: str | int) -> Field:
         if isinstance(key, int):
-            return _Field(self.value[key], f"{self.path}[{key}]", self.source)
-        return _Field(self.value.get(key), f"{self.path}.{key}" if self.path else key, self.source)
+            return Field(self.value[key], f"{self.path}[{key}]", self.source)
+        return Field(self.value.get(key), f"{self.path}.{key}" if self.path else key, self.source)
 
     @property
     def missing(self) -> bool:
         return self.value is None
 
-    def mapping(self, allowed: set[str]) -> _Field:
+    def mapping(self, allowed: set[str]) -> Field:
         if not isinstance(self.value, dict):
-            raise self.error(f"must be a mapping, got {_kind(self.value)}")
+            raise self.error(f"must be a mapping, got {kind_of(self.value)}")
         for key in self.value:
             if not isinstance(key, str):
                 raise self.error(f"keys must be strings, got {key!r}")
@@ -43,9 +45,9 @@ class _Field:
                 raise self.child(key).error(f"unknown field (expected one of: {hint})")
         return self
 
-    def items(self) -> Iterator[_Field]:
+    def items(self) -> Iterator[Field]:
         if not isinstance(self.value, list):
-            raise self.error(f"must be a list, got {_kind(self.value)}")
+            raise self.error(f"must be a list, got {kind_of(self.value)}")
         for i in range(len(self.value)):
             yield self.child(i)
 
@@ -55,7 +57,7 @@ class _Field:
                 raise self.error("is required")
             return default
         if not isinstance(self.value, str):
-            raise self.error(f"must be a string, got {_kind(self.value)}")
+            raise self.error(f"must be a string, got {kind_of(self.value)}")
         if pattern is not None and not pattern.fullmatch(self.value):
             raise self.error(f"{self.value!r} does not match {pattern.pattern}")
         return self.value
@@ -69,16 +71,16 @@ class _Field:
                 raise self.error("is required")
             return default
         if isinstance(self.value, bool) or not isinstance(self.value, int):
-            raise self.error(f"must be an integer, got {_kind(self.value)}")
+            raise self.error(f"must be an integer, got {kind_of(self.value)}")
         if (lo is not None and self.value < lo) or (hi is not None and self.value > hi):
-            raise self.error(_range_text(lo, hi))
+            raise self.error(range_text(lo, hi))
         return self.value
 
     def number(self, *, default: float, lo: float, hi: float) -> float:
         if self.value is None:
             return default
         if isinstance(self.value, bool) or not isinstance(self.value, int | float):
-            raise self.error(f"must be a number, got {_kind(self.value)}")
+            raise self.error(f"must be a number, got {kind_of(self.value)}")
         if not lo <= self.value <= hi:
             raise self.error(f"must be {lo:g}..{hi:g}")
         return float(self.value)
@@ -87,7 +89,7 @@ class _Field:
         if self.value is None:
             return default
         if not isinstance(self.value, bool):
-            raise self.error(f"must be true or false, got {_kind(self.value)}")
+            raise self.error(f"must be true or false, got {kind_of(self.value)}")
         return self.value
 
     def duration(self, *, default: float | None = None, positive: bool = False) -> float:
@@ -105,7 +107,7 @@ class _Field:
             except ValueError as exc:
                 raise self.error(str(exc)) from None
         else:
-            raise self.error(f"must be a duration such as 1s or 500ms, got {_kind(self.value)}")
+            raise self.error(f"must be a duration such as 1s or 500ms, got {kind_of(self.value)}")
         if seconds != seconds:  # NaN passes every comparison below
             raise self.error("must be a duration such as 1s or 500ms, got NaN")
         if seconds < 0 or (positive and seconds == 0):
@@ -118,13 +120,13 @@ class _Field:
         return None if self.value is None else self.duration(positive=positive)
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), type(value).__name__
     )
 
 
-def _range_text(lo: int | None, hi: int | None) -> str:
+def range_text(lo: int | None, hi: int | None) -> str:
     if lo is not None and hi is not None:
         return f"must be {lo}..{hi}"
     return f"must be >= {lo}" if lo is not None else f"must be <= {hi}"

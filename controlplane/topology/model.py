@@ -1,4 +1,6 @@
-"""topology.model: split from topology.py (docstring to write)."""
+"""The topology as frozen dataclasses: clusters, endpoints, health checks, listeners, routes and the
+control plane's own settings; `restart_only_changes` names the settings bound at start.
+"""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import yaml
 from google.protobuf import json_format
 
 from controlplane.errors import ConfigError
-from controlplane.topology.fields import _Field
+from controlplane.topology.fields import Field
 from controlplane.topology.model import (
     Cluster,
     ControlPlaneConfig,
@@ -45,7 +45,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
 
-def _ip(f: _Field, *, allow_hostname: bool) -> str:
+def _ip(f: Field, *, allow_hostname: bool) -> str:
     text = f.string()
     try:
         return str(ipaddress.ip_address(text))
@@ -65,7 +65,7 @@ _HC_COMMON = {
 _HC_KINDS = {"http", "tcp", "grpc"}
 
 
-def _socket(f: _Field, default: SocketAddress, extra: frozenset[str] = frozenset()) -> SocketAddress:
+def _socket(f: Field, default: SocketAddress, extra: frozenset[str] = frozenset()) -> SocketAddress:
     if f.missing:
         return default
     f.mapping({"address", "port"} | extra)
@@ -75,7 +75,7 @@ def _socket(f: _Field, default: SocketAddress, extra: frozenset[str] = frozenset
     )
 
 
-def _controlplane(f: _Field) -> ControlPlaneConfig:
+def _controlplane(f: Field) -> ControlPlaneConfig:
     if f.missing:
         return ControlPlaneConfig()
     f.mapping({"xds", "admin", "watch_interval", "propagation"} | _FAULT_KEYS)
@@ -94,7 +94,7 @@ def _controlplane(f: _Field) -> ControlPlaneConfig:
 _FAULT_KEYS = {"data_dir", "prober_staleness", "mass_failure", "stuck_stream_timeout"}
 
 
-def _faults(f: _Field, d: ControlPlaneConfig) -> dict[str, Any]:
+def _faults(f: Field, d: ControlPlaneConfig) -> dict[str, Any]:
     """issue 7a: `data_dir`, `prober_staleness`, `mass_failure: {share, window, min_endpoints}`,
     `stuck_stream_timeout`."""
     out: dict[str, Any] = {
@@ -111,7 +111,7 @@ def _faults(f: _Field, d: ControlPlaneConfig) -> dict[str, Any]:
     return out
 
 
-def _statuses(f: _Field) -> tuple[tuple[int, int], ...]:
+def _statuses(f: Field) -> tuple[tuple[int, int], ...]:
     ranges: list[tuple[int, int]] = []
     for item in f.items():
         if isinstance(item.value, int) and not isinstance(item.value, bool):
@@ -130,7 +130,7 @@ def _statuses(f: _Field) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def _payload(f: _Field) -> bytes | None:
+def _payload(f: Field) -> bytes | None:
     """A TCP payload: a string (sent as UTF-8) or {hex: "..."}/{text: "..."}."""
     if f.missing:
         return None
@@ -145,7 +145,7 @@ def _payload(f: _Field) -> bytes | None:
     return f.child("text").string().encode()
 
 
-def _http(f: _Field) -> HttpCheck:
+def _http(f: Field) -> HttpCheck:
     if f.value is None or f.value == {}:
         return HttpCheck()
     f.mapping({
@@ -187,7 +187,7 @@ def _http(f: _Field) -> HttpCheck:
     )
 
 
-def _grpc(f: _Field) -> GrpcCheck:
+def _grpc(f: Field) -> GrpcCheck:
     if isinstance(f.value, dict) and "verify_tls" in f.value:
         # grpc's channel credentials always verify; there is no switch to turn that off.
         raise f.child("verify_tls").error("is not supported for gRPC checks: give ca_file with the endpoint's CA")
@@ -213,7 +213,7 @@ def _grpc(f: _Field) -> GrpcCheck:
     )
 
 
-def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
+def _health_check(f: Field, base: HealthCheck | None) -> HealthCheck | None:
     """A health_check section; with `base`, a partial override of it (per endpoint)."""
     if f.missing:
         return base
@@ -274,7 +274,7 @@ def _health_check(f: _Field, base: HealthCheck | None) -> HealthCheck | None:
     return hc
 
 
-def _endpoint(f: _Field, cluster_hc: HealthCheck | None) -> Endpoint:
+def _endpoint(f: Field, cluster_hc: HealthCheck | None) -> Endpoint:
     f.mapping({"address", "port", "zone", "region", "sub_zone", "weight", "hostname", "health_check"})
     hcf = f.child("health_check")
     if not hcf.missing and cluster_hc is None and isinstance(hcf.value, dict) and not (set(hcf.value) & _HC_KINDS):
@@ -307,7 +307,7 @@ _OWNED_CLUSTER_FIELDS = frozenset(
 )
 
 
-def _envoy_fragment(f: _Field, message_cls: Any) -> dict[str, Any]:
+def _envoy_fragment(f: Field, message_cls: Any) -> dict[str, Any]:
     if f.missing:
         return {}
     if not isinstance(f.value, dict):
@@ -327,7 +327,7 @@ def _envoy_fragment(f: _Field, message_cls: Any) -> dict[str, Any]:
     return copy
 
 
-def _cluster(f: _Field) -> Cluster:
+def _cluster(f: Field) -> Cluster:
     from envoy.config.cluster.v3 import cluster_pb2
 
     f.mapping({
@@ -361,7 +361,7 @@ def _cluster(f: _Field) -> Cluster:
     )
 
 
-def _route(f: _Field, clusters: set[str]) -> Route:
+def _route(f: Field, clusters: set[str]) -> Route:
     f.mapping({"prefix", "path", "cluster", "timeout", "prefix_rewrite"})
     if not f.child("prefix").missing and not f.child("path").missing:
         raise f.error("give prefix or path, not both")
@@ -382,7 +382,7 @@ def _route(f: _Field, clusters: set[str]) -> Route:
     )
 
 
-def _listener(f: _Field, clusters: set[str]) -> Listener:
+def _listener(f: Field, clusters: set[str]) -> Listener:
     f.mapping({"name", "address", "port", "routes", "domains", "nodes"})
     routes = tuple(_route(r, clusters) for r in f.child("routes").items())
     if not routes:
@@ -405,7 +405,7 @@ def _listener(f: _Field, clusters: set[str]) -> Listener:
 
 def parse_topology(document: Any, *, source: str = "") -> Topology:
     """Validate a topology document (already parsed from YAML or JSON)."""
-    root = _Field(document if document is not None else {}, "", source)
+    root = Field(document if document is not None else {}, "", source)
     root.mapping({"controlplane", "clusters", "listeners"})
     clusters: list[Cluster] = []
     names: dict[str, int] = {}

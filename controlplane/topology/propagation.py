@@ -1,7 +1,7 @@
 """The propagation model: a modelled delay before a response is sent to a node.
 
 One machine can then show what a fleet across zones and slow networks looks like. The
-`controlplane.observe.propagation` section of the topology holds the rules; the first rule whose match
+`controlplane.propagation` section of the topology holds the rules; the first rule whose match
 fits a node gives its delay distribution (fixed, uniform, normal with a floor, or a recorded
 trace), drawn once per push to that node from one seeded RNG. No rule, no delay.
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from controlplane.errors import ConfigError
 
 if TYPE_CHECKING:
-    from controlplane.topology.fields import _Field
+    from controlplane.topology.fields import Field
 
 log = logging.getLogger("healthplane.security")
 
@@ -88,7 +88,7 @@ ADMIN_KEYS = frozenset({"tls", "read_token", "max_request_bytes"})
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_security(f: _Field) -> SecurityConfig:
+def parse_security(f: Field) -> SecurityConfig:
     """The limits and TLS fields of a `controlplane` section (`f`), validated."""
     d = SecurityConfig()
     if f.missing:
@@ -115,7 +115,7 @@ def parse_security(f: _Field) -> SecurityConfig:
     )
 
 
-def _tls(f: _Field, *, require_ca: bool, prober_names: bool = False) -> TlsFiles | None:
+def _tls(f: Field, *, require_ca: bool, prober_names: bool = False) -> TlsFiles | None:
     if f.missing:
         return None
     f.mapping({"cert", "key", "client_ca", "prober_names"} if prober_names else {"cert", "key", "client_ca"})
@@ -145,7 +145,7 @@ def _tls(f: _Field, *, require_ca: bool, prober_names: bool = False) -> TlsFiles
     return TlsFiles(cert=cert, key=key, client_ca=paths["client_ca"], prober_names=tuple(names))
 
 
-def parse_token(f: _Field) -> str | None:
+def parse_token(f: Field) -> str | None:
     """An admin bearer token (`admin.token`, `admin.read_token`): 8 characters or more, no spaces."""
     if f.missing:
         return None

@@ -1,4 +1,6 @@
-"""xds.delay: split from delaymodel.py (docstring to write)."""
+"""The modelled delay at run time: seconds to hold a node's responses, drawn from the topology's
+propagation rules (topology/propagation.py) once per push, from one seeded RNG.
+"""
 
 from __future__ import annotations
 

@@ -1,19 +1,17 @@
-"""xds.limits: split from security.py (docstring to write)."""
+"""Limits on the xDS port: request size and shape (parsed here, not by gRPC, to name the field), streams
+per peer, and their counters; a refused request is a `LimitExceeded` mapped to a gRPC status.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from controlplane.errors import LimitExceeded, ProtocolError
-
-if TYPE_CHECKING:
-    pass
-
 from controlplane.topology.security import SecurityConfig
 
 log = logging.getLogger("healthplane.security")

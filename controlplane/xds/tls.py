@@ -1,4 +1,6 @@
-"""xds.tls: split from security.py (docstring to write)."""
+"""TLS on the xDS port: gRPC server options and credentials, a certificate re-read when it is renewed
+(`RotatingCertificate`), the prober's channel credentials, and the names of a verified client certificate.
+"""
 
 from __future__ import annotations
 
