@@ -3,7 +3,7 @@
     python bench/fuzz_xds.py --fuzz-count 100000 [--seed 1] [--concurrency 32]
 
 Starts a control plane on ephemeral ports and one well-behaved node, then sends `--fuzz-count`
-fuzzed streams (tests/controlplane/xds_fuzz.py), checking after every 500 that the healthy node
+fuzzed streams (tests/controlplane/xds/xds_fuzz.py), checking after every 500 that the healthy node
 still gets and ACKs a push. Prints the status codes returned, per-category counts and any
 finding (a status other than OK / INVALID_ARGUMENT / RESOURCE_EXHAUSTED, or one without a
 message); exits 1 if there is one.
@@ -32,8 +32,8 @@ async def run(count: int, seed: int, concurrency: int) -> int:
     from controlplane.app import ControlPlane
     from controlplane.snapshots import resources as rs
     from controlplane.topology.parse import parse_topology
-    from tests.controlplane.test_xds_fuzz import Flipper, topology
-    from tests.controlplane.xds_fuzz import FuzzReport, HealthyNode, fuzz
+    from tests.controlplane.xds.test_xds_fuzz import Flipper, topology
+    from tests.controlplane.xds.xds_fuzz import FuzzReport, HealthyNode, fuzz
 
     logging.getLogger("healthplane.xds").setLevel(logging.ERROR)  # one warning per refused stream otherwise
     cp = ControlPlane(parse_topology(topology(max_message_bytes=1 << 20), source="bench"))

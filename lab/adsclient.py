@@ -6,7 +6,7 @@ with the response's version and nonce; a NACK with the nonce, the previous versi
 `error_detail`) and tracks, per type URL, the names subscribed, the version ACKed and the last
 nonce answered. `AdsStream` writes those requests on one ADS stream and reads the responses.
 What a caller does between reading and answering (a modelled delay, counting, following
-CDS with EDS) is its own: lab/fleet.py, tests/controlplane/xds_fuzz.py, bench/fanout.py.
+CDS with EDS) is its own: lab/fleet.py, tests/controlplane/xds/xds_fuzz.py, bench/fanout.py.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ TOY_RUNS = {
             "0.5",
             "--backends",
             "1",
+            # A toy run checks that the benchmark works, not its figures: no waiting for an idle machine.
+            "--busy-retries",
+            "0",
         ],
         "http-keepalive",
     ),
@@ -40,6 +43,14 @@ TOY_RUNS = {
     "soak.py": (["--nodes", "5", "--minutes", "0.1", "--workers", "1"], '"refused_streams": 0'),
     "verdicts.py": (["--endpoints", "20", "--repeat", "1"], "| 20 |"),
     "fuzz_xds.py": (["--fuzz-count", "50"], '"findings": []'),
+    # Both trees are this one: what is checked is the A B B A order and that each run's table is shown.
+    "compare_trees.py": (
+        [
+            *("--old", str(BENCH.parent), "--new", str(BENCH.parent), "--rounds", "1"),
+            *("--", "verdicts.py", "--endpoints", "20", "--repeat", "1"),
+        ],
+        "## run 4: old",
+    ),
 }
 
 

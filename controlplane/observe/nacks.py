@@ -2,7 +2,7 @@
 
 When every node rejects a version (a NACK storm), operators need one line: which change, how
 many nodes, what Envoy said. The server never answers a NACK by resending the rejected version
-(see controlplane/stream.py); this module only records. The first NACK of a version is an
+(see controlplane/xds/stream.py); this module only records. The first NACK of a version is an
 event naming the change; the group is at `GET /nacks`.
 """
 

@@ -44,7 +44,7 @@ class ControlPlaneConfig:
     mass_failure_min: int = 3
     # An ADS stream with a response unanswered (no ACK/NACK) this long is closed; 0 disables.
     stuck_stream_timeout: float = 120.0
-    # issue 7b: limits and TLS of the xDS and admin ports (controlplane/security.py)
+    # issue 7b: limits and TLS of the xDS and admin ports (controlplane/topology/security.py)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # issue 5: the propagation model and how many versions are tracked (controlplane.observe.propagation).
     propagation: PropagationConfig = field(default_factory=PropagationConfig)

@@ -1,6 +1,6 @@
 """docker-compose.yaml passes `docker-compose config`, and what it resolves to matches the lab's topology.
 
-tests/controlplane/test_compose.py checks that the files it refers to exist; test_bootstrap.py
+tests/controlplane/cli/test_compose.py checks that the files it refers to exist; test_bootstrap.py
 that every bootstrap passes `envoy --mode validate`. This adds Compose's own validation.
 """
 

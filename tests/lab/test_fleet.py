@@ -21,7 +21,7 @@ from controlplane.snapshots import resources as rs
 from controlplane.topology.parse import parse_topology
 from lab.envoyproc import poll_until
 from lab.fleet import CHANNEL_OPTIONS, Fleet, SimNode, parse_apply
-from tests.controlplane.test_admin import DOCUMENT
+from tests.controlplane.admin.test_admin import DOCUMENT
 
 
 @pytest.fixture

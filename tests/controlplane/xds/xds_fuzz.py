@@ -1,6 +1,6 @@
 """A seeded fuzzer for the ADS server: malformed and mutated DiscoveryRequests on real gRPC streams.
 
-Used by tests/controlplane/test_xds_fuzz.py (a few hundred inputs) and bench/fuzz_xds.py (as
+Used by tests/controlplane/xds/test_xds_fuzz.py (a few hundred inputs) and bench/fuzz_xds.py (as
 many as asked). Every input is one stream: one or more raw messages written as bytes on the
 ADS method, then a half-close. What is allowed back: the stream ends OK (the input was valid
 enough), or with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a message. Anything else (INTERNAL,

@@ -19,7 +19,7 @@ from controlplane.app import ControlPlane
 from controlplane.health.store import HealthStatus
 from controlplane.snapshots import resources as rs
 from controlplane.topology.parse import parse_topology
-from tests.controlplane.xds_fuzz import HealthyNode, fuzz, send_input, valid_request
+from tests.controlplane.xds.xds_fuzz import HealthyNode, fuzz, send_input, valid_request
 
 FUZZ_COUNT = 2000
 

@@ -18,7 +18,7 @@ from controlplane.snapshots import resources as rs
 from controlplane.topology.parse import parse_topology
 from lab.envoyproc import poll_until
 from lab.fleet import Fleet
-from tests.controlplane.test_admin import DOCUMENT
+from tests.controlplane.admin.test_admin import DOCUMENT
 
 
 def document(propagation: dict[str, Any] | None = None) -> dict[str, Any]:

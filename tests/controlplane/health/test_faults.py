@@ -24,7 +24,7 @@ from controlplane.xds.server import StreamCallbacks
 from controlplane.xds.stream import PendingResponse, StreamState
 from healthplane.v1 import prober_pb2
 from lab.envoyproc import poll_until
-from tests.controlplane.test_prober_link import Prober
+from tests.controlplane.probers.test_prober_link import Prober
 
 U, H = HealthStatus.UNHEALTHY, HealthStatus.HEALTHY
 TOKEN = "s3cret-token"

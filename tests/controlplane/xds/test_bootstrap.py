@@ -15,7 +15,7 @@ from controlplane.cli.main import main
 from controlplane.xds.bootstrap import make_bootstrap
 from lab.envoyproc import find_envoy
 
-CONFIGS = sorted((Path(__file__).parents[2] / "envoy-configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[3] / "envoy-configs").glob("*.yaml"))
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:

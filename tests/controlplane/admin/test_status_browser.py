@@ -18,8 +18,8 @@ import aiohttp
 import pytest
 
 from lab.envoyproc import poll_until
-from tests.controlplane.test_admin import Admin
-from tests.controlplane.test_admin_api import admin  # noqa: F401  (the fixture)
+from tests.controlplane.admin.test_admin import Admin
+from tests.controlplane.admin.test_admin_api import admin  # noqa: F401  (the fixture)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(

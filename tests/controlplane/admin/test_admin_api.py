@@ -21,7 +21,7 @@ from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
 from prober.embedded import attach_embedded_prober
 from tests.conftest import Lab, web_topology
-from tests.controlplane.test_admin import DOCUMENT, Admin
+from tests.controlplane.admin.test_admin import DOCUMENT, Admin
 
 
 @pytest.fixture
@@ -264,7 +264,7 @@ async def test_readyz_waits_for_the_embedded_probers_first_round(tmp_path: Path,
 async def test_remote_prober_check_states_reach_endpoints_and_status(
     tmp_path: Path, backends: list[DemoApp], listener_port: int
 ) -> None:
-    from tests.test_central_prober import ExternalProber, flip
+    from tests.integration.test_central_prober import ExternalProber, flip
 
     lab, external = Lab(tmp_path), ExternalProber()
     external.link.check_report_interval = 0.1

@@ -26,8 +26,8 @@ from healthplane.v1 import prober_pb2
 from lab.envoyproc import EnvoyProcess, free_port, poll_until
 from prober.link import ControlPlaneLink
 from prober.scheduler import Prober
-from tests.controlplane.certs import Certs, _signed, make_certs
-from tests.controlplane.xds_fuzz import HealthyNode
+from tests.controlplane.xds.certs import Certs, _signed, make_certs
+from tests.controlplane.xds.xds_fuzz import HealthyNode
 
 READ_TOKEN = "read-token-123"
 CHANGE_TOKEN = "change-token-456"

@@ -23,7 +23,7 @@ from controlplane.xds.bootstrap import make_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, free_port, poll_until
 from tests.conftest import web_topology
-from tests.test_central_prober import HEALTH_CHECK
+from tests.integration.test_central_prober import HEALTH_CHECK
 
 pytestmark = pytest.mark.envoy
 

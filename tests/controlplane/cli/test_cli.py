@@ -10,7 +10,7 @@ import pytest
 
 from controlplane.cli.main import main
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "topology.yaml"
+EXAMPLE = Path(__file__).parents[3] / "examples" / "topology.yaml"
 
 
 def test_validate_accepts_the_example(capsys: pytest.CaptureFixture[str]) -> None:

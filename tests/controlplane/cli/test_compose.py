@@ -8,7 +8,7 @@ import yaml
 
 from controlplane.topology.parse import load_topology
 
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 MOUNTS = {"/etc/envoy": ROOT / "envoy-configs", "/etc/healthplane": ROOT / "examples"}
 
 

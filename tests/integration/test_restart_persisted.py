@@ -26,7 +26,7 @@ from controlplane.snapshots.snapshot import version_key
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
 from tests.conftest import Lab, web_topology
-from tests.test_central_prober import HEALTH_CHECK, ExternalProber, wait_envoy_flag, wait_status
+from tests.integration.test_central_prober import HEALTH_CHECK, ExternalProber, wait_envoy_flag, wait_status
 
 pytestmark = pytest.mark.envoy
 

@@ -18,7 +18,7 @@ from controlplane.xds.csds import client_config, client_status
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
 from tests.conftest import Lab, web_topology
-from tests.controlplane.test_stream import CDS, EDS, CheckedStream, Fleet
+from tests.controlplane.xds.test_stream import CDS, EDS, CheckedStream, Fleet
 
 RS = dump.ClientResourceStatus
 CS = csds_pb2.ConfigStatus
