@@ -90,6 +90,7 @@ class ControlPlane:
         # NACK groups with the change behind each rejected version (issue 7).
         self.nodes = NodeRegistry(self.events)
         self.propagation: PropagationTracker | None = PropagationTracker(
+            streams=self.nodes,
             limit=topology.controlplane.propagation.history,
             observe_delay=self.metrics.propagation_delay.observe,
             observe_convergence=self.metrics.convergence.observe,

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from controlplane.events import EventLog
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.xds.server import StreamCallbacks
 from controlplane.xds.stream import PendingResponse, RequestKind, RequestOutcome, StreamState, TypeState
+
+
+class NodeStreams(Protocol):
+    """The connected nodes' current streams (the latest stream of a node wins)."""
+
+    def streams(self) -> list[StreamState]: ...
+
+    def get(self, node_id: str) -> StreamState | None: ...
 
 
 class NodeRegistry(StreamCallbacks):

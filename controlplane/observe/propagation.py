@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.observe.nodes import NodeStreams
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import Snapshot, changed_resources, version_key
 from controlplane.xds.server import StreamCallbacks
@@ -194,6 +195,7 @@ class PropagationTracker(StreamCallbacks):
     def __init__(
         self,
         *,
+        streams: NodeStreams,
         limit: int = 32,
         clock: Callable[[], float] = time.time,
         observe_delay: Observe | None = None,
@@ -206,7 +208,9 @@ class PropagationTracker(StreamCallbacks):
         self.observe_delay = observe_delay
         self.observe_convergence = observe_convergence
         self.records: OrderedDict[str, VersionRecord] = OrderedDict()
-        self._streams: dict[str, StreamState] = {}
+        # The one registry of node streams (observe/nodes.py): it must see a stream's open and close
+        # before this tracker does (it comes first in the callback chain).
+        self._nodes = streams
         # Per node: the records it has not resolved yet, oldest first.
         self._open: dict[str, list[VersionRecord]] = {}
         self._acked_key: dict[str, tuple[int, int]] = {}  # node -> key of the newest version it ACKed
@@ -228,7 +232,9 @@ class PropagationTracker(StreamCallbacks):
         changed = changed_types(previous, snapshot)
         if changed:
             types, opened = record.types, self._open
-            for node, stream in self._streams.items():
+            for stream in self._nodes.streams():
+                node = stream.node_id
+                assert node is not None
                 mask = affected_types(stream, changed)
                 if mask:
                     types[node] = mask
@@ -247,15 +253,10 @@ class PropagationTracker(StreamCallbacks):
                     records.remove(old)
         return record
 
-    def on_stream_open(self, stream: StreamState) -> None:
-        assert stream.node_id is not None
-        self._streams[stream.node_id] = stream  # the latest stream of a node wins, as in NodeRegistry
-
     def on_stream_closed(self, stream: StreamState) -> None:
         node = stream.node_id
-        if node is None or self._streams.get(node) is not stream:
-            return
-        del self._streams[node]
+        if node is None or self._nodes.get(node) is not None:
+            return  # a newer stream of the node replaced this one: its versions are still in flight
         now = self.clock()
         for record in self._open.pop(node, []):
             record.gone[node] = now
@@ -336,7 +337,7 @@ class PropagationTracker(StreamCallbacks):
 
     def _fill_sent(self, record: VersionRecord) -> None:
         for node, mask in record.types.items():
-            if node in record.sent or record.resolved(node) or (stream := self._streams.get(node)) is None:
+            if node in record.sent or record.resolved(node) or (stream := self._nodes.get(node)) is None:
                 continue
             for type_url, bit in _BIT.items():
                 ts = stream.types.get(type_url)
@@ -359,7 +360,7 @@ class PropagationTracker(StreamCallbacks):
         behind = None
         if records:
             behind = _ms(self.clock() - min(r.cause_time for r in records))
-        elif node in self._streams:
+        elif self._nodes.get(node) is not None:
             behind = 0.0
         return NodeLag(
             node=node,
@@ -370,7 +371,7 @@ class PropagationTracker(StreamCallbacks):
         )
 
     def nodes(self) -> list[str]:
-        return sorted(self._streams)
+        return sorted(s.node_id for s in self._nodes.streams() if s.node_id is not None)
 
 
 def changed_types(previous: Snapshot | None, snapshot: Snapshot) -> list[tuple[str, int, frozenset[str] | None]]:

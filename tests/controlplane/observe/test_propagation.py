@@ -6,7 +6,10 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
+from controlplane.events import EventLog
 from controlplane.health.store import HealthStatus
+from controlplane.observe.metrics import CallbackChain
+from controlplane.observe.nodes import NodeRegistry
 from controlplane.observe.propagation import PropagationTracker, percentile
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import Cause, Snapshot, VersionClock, build_snapshot
@@ -46,7 +49,9 @@ class World:
         self.clock = Clock()
         self.delays: list[tuple[float, str]] = []
         self.convergences: list[tuple[float, str]] = []
+        self.nodes = NodeRegistry(EventLog())
         self.tracker = PropagationTracker(
+            streams=self.nodes,
             clock=self.clock,
             observe_delay=lambda s, c: self.delays.append((s, c)),
             observe_convergence=lambda s, c: self.convergences.append((s, c)),
@@ -56,6 +61,8 @@ class World:
         self.statuses: dict[tuple[str, str], HealthStatus] = {}
         self.snapshot: Snapshot | None = None
         self.streams: dict[str, StreamState] = {}
+        # The registry sees a stream before the tracker, as in the control plane's callback chain.
+        self.callbacks = CallbackChain([self.nodes, self.tracker])
         self.publish(Cause("start", "", self.clock.now), None)
 
     def health(self, cluster: str, endpoint: str) -> HealthStatus:
@@ -84,7 +91,7 @@ class World:
                 request.node.CopyFrom(base_pb2.Node(id=node, cluster="svc"))
                 first = False
             stream.on_request(request)
-        self.tracker.on_stream_open(stream)
+        self.callbacks.on_stream_open(stream)
         self.streams[node] = stream
         while self.send(node):  # CDS makes EDS due once more (StreamState.resend_all)
             self.ack(node)
@@ -194,7 +201,7 @@ def test_a_node_that_disconnects_is_no_longer_waited_for() -> None:
     record = w.tracker.get(snap.version)
     assert record is not None and record.pending == 1
     assert record.detail(w.clock.now)["not_acked"] == ["a"]
-    w.tracker.on_stream_closed(stream)
+    w.callbacks.on_stream_closed(stream)
     assert record.pending == 0
     assert {d.node: d.status for d in record.deliveries.values()} == {"a": "disconnected", "b": "acked"}
 
