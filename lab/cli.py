@@ -1,24 +1,40 @@
-"""`healthplane lab [scenario|compare]`: the lab's command line, above run, scenario and compare.
+"""`healthplane lab [scenario|compare]` and `healthplane fleet`: the lab's command line.
 
-Its own module so that lab/run.py, which scenario.py and compare.py build on, imports neither.
+It sits above run, scenario and compare so that lab/run.py, which the other two build on, imports
+neither; they load when a lab command runs, not when `healthplane` parses its arguments.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from typing import Any
 
 from controlplane.errors import EnvoyError, LabError
-from lab.compare import compare_command
 from lab.envoyproc import find_envoy
-from lab.run import Interrupted, Lab, run_until_signal, say
-from lab.scenario import scenario_command
-from lab.topology import LabConfig, config_from_args
+from lab.fleet import add_fleet_arguments, fleet_command
+from lab.topology import LabConfig, add_lab_arguments, config_from_args
 
-__all__ = ["lab_command"]
+__all__ = ["add_fleet_command", "add_lab_command", "lab_command"]
+
+
+def add_lab_command(sub: Any) -> None:
+    """The `lab` subcommand of `healthplane` (with `scenario` and `compare`)."""
+    p = sub.add_parser("lab", help="the docker-compose lab as real processes here (docs/lab.md)")
+    add_lab_arguments(p)
+    p.set_defaults(func=lab_command)
+
+
+def add_fleet_command(sub: Any) -> None:
+    """The `fleet` subcommand of `healthplane`: simulated ADS nodes."""
+    p = sub.add_parser("fleet", help="simulated ADS nodes (real gRPC streams) against a control plane")
+    add_fleet_arguments(p)
+    p.set_defaults(func=fleet_command)
 
 
 async def _interactive(config: LabConfig) -> None:
+    from lab.run import Lab, say
+
     async with Lab(config) as lab:
         await lab.wait_healthy()
         say(lab.describe())
@@ -44,9 +60,15 @@ def lab_command(args: argparse.Namespace) -> int:
     except EnvoyError as exc:
         raise LabError(str(exc)) from exc
     if command == "scenario":
+        from lab.scenario import scenario_command
+
         return scenario_command(args)
     if command == "compare":
+        from lab.compare import compare_command
+
         return compare_command(args)
+    from lab.run import Interrupted, run_until_signal, say
+
     config = config_from_args(args)
     try:
         asyncio.run(run_until_signal(_interactive(config)))

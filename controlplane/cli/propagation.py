@@ -1,4 +1,4 @@
-"""`healthplane fleet` (simulated ADS nodes) and `healthplane propagation report` (the chart as a file)."""
+"""`healthplane propagation report`: the propagation chart of the last versions, as a file."""
 
 from __future__ import annotations
 
@@ -24,19 +24,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fleet(args: argparse.Namespace) -> int:
-    from lab.fleet import fleet_command
-
-    return fleet_command(args)
-
-
 def add_propagation_commands(sub: Any) -> None:
-    from lab.fleet import add_fleet_arguments
-
-    p = sub.add_parser("fleet", help="simulated ADS nodes (real gRPC streams) against a control plane")
-    add_fleet_arguments(p)
-    p.set_defaults(func=_fleet)
-
     p = sub.add_parser("propagation", help="propagation of versions to nodes, from the admin API")
     commands = p.add_subparsers(dest="propagation_command", required=True)
     r = commands.add_parser(

@@ -1,0 +1,110 @@
+"""`healthplane serve`, `validate` and `bootstrap`: run a control plane, check a topology, print a bootstrap."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import Any
+
+from controlplane.topology.addresses import host_port
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from controlplane.app import ControlPlane, tune_gc_for_streams
+    from controlplane.topology.parse import load_topology
+
+    topology = load_topology(args.config)
+
+    async def run() -> None:
+        cp = ControlPlane(topology, config_path=args.config)
+        if args.no_prober:
+            cp.expect_remote_prober = True
+        else:
+            from prober.embedded import attach_embedded_prober
+
+            attach_embedded_prober(cp)
+        tune_gc_for_streams()
+        await cp.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        cpc = topology.controlplane
+        print(
+            f"healthplane: xDS on {cpc.xds.address}:{cp.xds_port}, admin on http://{cpc.admin.address}:"
+            f"{cp.admin_port}, version {cp.snapshot.version}",
+            flush=True,
+        )
+        try:
+            await stop.wait()
+        finally:
+            await cp.aclose()
+
+    asyncio.run(run())
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from controlplane.topology.parse import load_topology
+
+    topology = load_topology(args.config)
+    endpoints = sum(len(c.endpoints) for c in topology.clusters)
+    print(
+        f"{args.config}: ok ({len(topology.clusters)} clusters, {endpoints} endpoints, "
+        f"{len(topology.listeners)} listeners)"
+    )
+    return 0
+
+
+def _bootstrap(args: argparse.Namespace) -> int:
+    from controlplane.xds.bootstrap import bootstrap_yaml, make_bootstrap, xds_tls_from_args
+
+    host, port = host_port(args.xds, "--xds")
+    text = bootstrap_yaml(
+        make_bootstrap(
+            node_id=args.node_id,
+            service=args.service,
+            xds_host=host,
+            xds_port=port,
+            admin_port=args.admin_port,
+            admin_address=args.admin_address,
+            zone=args.zone,
+            tls=xds_tls_from_args(args),
+        )
+    )
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def add_serve_commands(sub: Any) -> None:
+    """The `serve`, `validate` and `bootstrap` subcommands of `healthplane`."""
+    p = sub.add_parser("serve", help="run the control plane (xDS + admin API) from a topology file")
+    p.add_argument("--config", "-c", required=True, help="topology YAML file (watched for edits)")
+    p.add_argument("--no-prober", action="store_true", help="do not run the embedded prober (use external ones)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("validate", help="check a topology file and exit")
+    p.add_argument("config")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("bootstrap", help="print an Envoy bootstrap that gets everything over ADS")
+    p.add_argument("--node-id", required=True, help="node.id (unique per Envoy)")
+    p.add_argument("--service", required=True, help="node.cluster, as --service-cluster sets it")
+    p.add_argument("--xds", required=True, help="control plane xDS address HOST:PORT")
+    p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (0: any free port)")
+    p.add_argument("--admin-address", default="127.0.0.1")
+    p.add_argument("--zone", default="", help="node.locality.zone")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.add_argument("--tls-ca", help="reach the control plane over TLS, trusting this CA file (path as Envoy sees it)")
+    p.add_argument("--tls-cert", help="Envoy's client certificate file for mutual TLS")
+    p.add_argument("--tls-key", help="Envoy's client key file for mutual TLS")
+    p.add_argument("--tls-sni", help="SNI and the name the control plane's certificate must carry")
+    p.set_defaults(func=_bootstrap)
