@@ -1,16 +1,11 @@
-"""admin.tls: split from security.py (docstring to write)."""
+"""The admin port's TLS: its SSLContext, and renewed certificate files loaded without a restart."""
 
 from __future__ import annotations
 
 import logging
 import ssl
-from typing import TYPE_CHECKING
 
 from controlplane.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
 from controlplane.topology.security import TlsFiles
 
 log = logging.getLogger("healthplane.security")

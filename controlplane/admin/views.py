@@ -2,7 +2,7 @@
 
 Pure and synchronous: every function takes snapshots, health records and check details and
 returns JSON-ready values (or text), so they are unit-tested without a server. The aiohttp
-handlers in `controlplane.admin.api` only pick the inputs and serialize the outputs.
+handlers (one module per resource) only pick the inputs and serialize the outputs.
 """
 
 from __future__ import annotations
