@@ -16,6 +16,12 @@ from controlplane.health.checks import CheckInfo
 from controlplane.health.store import HealthStatus
 from controlplane.topology.addresses import split_host_port
 
+# What an operator may pin. UNKNOWN and TIMEOUT are what checks report: a pinned UNKNOWN would
+# be served as healthy forever by an operator who meant "clear" (that is `auto`), and a pinned
+# TIMEOUT says a check timed out when none ran. Overrides of those saved before this rule still load.
+PINNABLE = (HealthStatus.HEALTHY, HealthStatus.UNHEALTHY, HealthStatus.DRAINING, HealthStatus.DEGRADED)
+PIN_CHOICES = "an override is HEALTHY, UNHEALTHY, DRAINING or DEGRADED, or auto to clear it"
+
 
 def check_lookup(cp: ControlPlaneView) -> CheckLookup:
     """A function (cluster, endpoint) -> CheckInfo | None from the local prober or remote probers."""
@@ -73,8 +79,10 @@ async def override(request: web.Request) -> web.Response:
     else:
         try:
             status = HealthStatus.parse(text)
-        except ValueError as exc:
-            return error_response(400, f"{exc}, or auto", "status")
+        except ValueError:
+            return error_response(400, f"unknown health status {text!r}: {PIN_CHOICES}", "status")
+        if status not in PINNABLE:
+            return error_response(400, f"{status.name} is what a check reports, not a pin: {PIN_CHOICES}", "status")
     endpoint = f"{parsed[0]}:{parsed[1]}"
     try:
         snap = cp.set_override(cluster, endpoint, status, who=who(request, body))

@@ -16,6 +16,12 @@ from controlplane.admin.http import (
 )
 from controlplane.admin.views import status_csv, status_html, status_json, status_rows
 from controlplane.observe.metrics import CONTENT_TYPE
+from controlplane.topology.model import Topology
+
+
+def has_health_checks(topology: Topology) -> bool:
+    """Whether any endpoint of `topology` has a health check (something for a prober to do)."""
+    return any(ep.health_check is not None for c in topology.clusters for ep in c.endpoints)
 
 
 def readiness(cp: ControlPlaneView) -> list[str]:
@@ -24,7 +30,7 @@ def readiness(cp: ControlPlaneView) -> list[str]:
     Ready once the first full snapshot exists and, when a prober is configured, its first full
     state has arrived: the embedded prober has checked every endpoint once, or (with
     `serve --no-prober`, or once any remote prober has connected) a connected remote prober has
-    sent its full state.
+    sent its full state. A topology without health checks waits for no prober: nothing to check.
     """
     waiting: list[str] = []
     if cp.cache.current() is None:
@@ -35,7 +41,11 @@ def readiness(cp: ControlPlaneView) -> list[str]:
     elif local is not None and (unchecked := local.unchecked()):
         waiting.append(f"embedded prober: {unchecked} endpoints not checked yet")
     remote = list(cp.prober_link.probers.values())
-    if (remote or cp.expect_remote_prober) and not any(r.connected and r.full_state_at is not None for r in remote):
+    if (
+        (remote or cp.expect_remote_prober)
+        and has_health_checks(cp.topology)
+        and not any(r.connected and r.full_state_at is not None for r in remote)
+    ):
         waiting.append("no connected remote prober has sent its full state")
     waiting.extend(f"alarm {a.id}: {a.message}" for a in cp.admission.alarms.active("prober_stale"))  # issue 7a
     return waiting
