@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -38,14 +39,26 @@ class EventLog:
         self._events: deque[Event] = deque(maxlen=capacity)
         self._ids = itertools.count(1)
         self._listeners: list[Callable[[Event], None]] = []
+        self._unlogged = 0
 
     def record(self, kind: str, message: str, **fields: Any) -> Event:
         event = Event(next(self._ids), time.time(), kind, message, fields)
         self._events.append(event)
-        log.info("%s: %s", kind, message, extra={"event": event.to_json()})
+        if not self._unlogged:
+            log.info("%s: %s", kind, message, extra={"event": event.to_json()})
         for listener in list(self._listeners):
             listener(event)
         return event
+
+    @contextlib.contextmanager
+    def unlogged(self) -> Iterator[None]:
+        """Events recorded inside are kept and streamed but not logged one by one (a shutdown's
+        thousands of disconnects: the caller logs one line for them)."""
+        self._unlogged += 1
+        try:
+            yield
+        finally:
+            self._unlogged -= 1
 
     def listen(self, listener: Callable[[Event], None]) -> Callable[[], None]:
         self._listeners.append(listener)

@@ -28,6 +28,9 @@ from controlplane.xds.tls import bind_xds, grpc_server_options
 
 log = logging.getLogger("healthplane")
 
+SHUTDOWN_REASON = "the control plane is shutting down"
+STREAM_CLOSE_TIMEOUT = 5.0  # seconds for the streams to end before grpc cancels what is left
+
 
 class State(enum.Enum):
     UNOPENED = "unopened"
@@ -138,7 +141,15 @@ class Process:
         if self._admin is not None:
             await self._admin.cleanup()  # type: ignore[attr-defined]
         if self._grpc is not None:
+            # A deliberate end for every stream (UNAVAILABLE: Envoys and probers reconnect); left to
+            # grpc's stop, each would be cancelled and logged as an error with two tracebacks.
+            with cp.events.unlogged():
+                streams = cp.ads.close_all(SHUTDOWN_REASON)
+                links = cp.prober_link.close_all(SHUTDOWN_REASON)
+                if streams or links:
+                    await asyncio.wait([*streams, *links], timeout=STREAM_CLOSE_TIMEOUT)
             await self._grpc.stop(grace)
+            log.info("shut down, streams closed: %d xDS, %d prober", len(streams), len(links))
         cp.close()
 
     async def serve_forever(self) -> None:

@@ -1,4 +1,5 @@
-"""What every admin API handler shares: the control plane's view and app key, JSON answers, 4xx errors.
+"""What every admin API handler shares: the control plane's view and app key, JSON answers, 4xx
+errors, who makes a change, and the one parser of whole-number parameters.
 
 Errors are `{"error": "...", "field": "..."}` with a 4xx status, so a client always learns what
 was wrong and where.
@@ -103,3 +104,46 @@ def json_response(data: Any) -> web.Response:
 
 def compact_json(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"))
+
+
+WHO_HEADER = "X-Healthplane-Who"
+
+
+def who(request: web.Request, body: Any = None) -> str:
+    """Who makes a change: the X-Healthplane-Who header, else the body's "who", else the peer address."""
+    named = request.headers.get(WHO_HEADER, "").strip()
+    if not named and isinstance(body, dict) and isinstance(body.get("who"), str):
+        named = body["who"].strip()
+    peer = request.remote or "unknown"
+    return f"{named[:100]} ({peer})" if named else peer
+
+
+# --------------------------------------------------------------------------- whole-number parameters
+
+MAX_LIMIT = 10_000  # the most rows any `?limit=` asks for (the event log keeps 10,000)
+MAX_REFRESH = 3600  # seconds; a page reloading less often than hourly is not a status page
+
+
+def bad_request(message: str, field: str) -> web.HTTPBadRequest:
+    """A 400 to raise from a handler, with the same JSON body as `error_response`."""
+    return web.HTTPBadRequest(text=compact_json({"error": message, "field": field}), content_type="application/json")
+
+
+def whole_number(text: str, name: str, *, low: int, high: int | None = None, field: str = "") -> int:
+    """`text` as an integer in low..high (no high: no upper bound), written with ASCII digits only.
+
+    The one rule for every whole-number parameter of the admin API (limits, refresh periods,
+    event ids): anything else raises a 400 (`bad_request`) naming `name` and its range.
+    """
+    if text.isascii() and text.isdigit():
+        value = int(text)
+        if value >= low and (high is None or value <= high):
+            return value
+    wanted = f"a whole number in {low}..{high}" if high is not None else f"a whole number >= {low}"
+    raise bad_request(f"{name} must be {wanted}, not {text[:40]!r}", field or name)
+
+
+def query_int(request: web.Request, name: str, *, default: int, low: int, high: int | None = None) -> int:
+    """The query parameter `name` under the one rule of `whole_number`; `default` when absent or empty."""
+    text = request.query.get(name, "")
+    return default if text == "" else whole_number(text, name, low=low, high=high)

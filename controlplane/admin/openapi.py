@@ -43,6 +43,8 @@ def _get(summary: str, *params: Any, ok: dict[str, Any] | None = None, errors: t
 
 
 STATUSES = ["HEALTHY", "UNHEALTHY", "DRAINING", "DEGRADED", "TIMEOUT", "UNKNOWN"]
+# ?status= takes a status or nginx check_status's up (HEALTHY, UNKNOWN, DEGRADED) or down (the rest).
+STATUS_FILTER = [*STATUSES, "up", "down"]
 
 
 def document() -> dict[str, Any]:
@@ -92,7 +94,7 @@ def document() -> dict[str, Any]:
             "/endpoints": _get(
                 "every endpoint: status, reason, since, override, check counters, last check",
                 _param("cluster", "query", "only this cluster"),
-                _param("status", "query", "only this served status (any case)", enum=STATUSES),
+                _param("status", "query", "only this served status, or nginx's up or down", enum=STATUS_FILTER),
                 errors=(400, 404),
             ),
             "/status": _get(
@@ -100,7 +102,7 @@ def document() -> dict[str, Any]:
                 _param("format", "query", "html (default), csv or json", enum=["html", "csv", "json"]),
                 _param("refresh", "query", "HTML: reload every N seconds (default 5, 0: never)"),
                 _param("cluster", "query", "only this cluster"),
-                _param("status", "query", "only this status", enum=STATUSES),
+                _param("status", "query", "only this status, or nginx's up or down (any case)", enum=STATUS_FILTER),
                 ok={
                     "200": {
                         "description": "the status table",

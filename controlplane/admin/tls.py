@@ -1,6 +1,4 @@
-"""TLS on the admin port: an `ssl.SSLContext` from the topology's files, reloaded when they are renewed
-(polled: file renewals come with no event).
-"""
+"""The admin port's TLS: its SSLContext, and renewed certificate files loaded without a restart."""
 
 from __future__ import annotations
 

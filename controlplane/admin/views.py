@@ -2,7 +2,7 @@
 
 Pure and synchronous: every function takes snapshots, health records and check details and
 returns JSON-ready values (or text), so they are unit-tested without a server. The aiohttp
-handlers in `controlplane.admin.api` only pick the inputs and serialize the outputs.
+handlers (one module per resource) only pick the inputs and serialize the outputs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import csv
 import html
 import io
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from controlplane.health.checks import CheckInfo
@@ -42,11 +42,31 @@ def endpoint_row(view: EndpointView, health: EndpointHealth, check: CheckInfo | 
     }
 
 
-def parse_status_filter(text: str | None) -> HealthStatus | None:
-    """`?status=` as a HealthStatus (case-insensitive); ValueError names the choices."""
+# nginx check_status's two words: "up" where Envoy sends traffic (UNKNOWN and DEGRADED hosts
+# too), "down" where it does not. Operators of nginx filter and read these.
+UP = frozenset({HealthStatus.HEALTHY, HealthStatus.UNKNOWN, HealthStatus.DEGRADED})
+DOWN = frozenset({HealthStatus.UNHEALTHY, HealthStatus.DRAINING, HealthStatus.TIMEOUT})
+
+
+def up_or_down(status: HealthStatus) -> str:
+    """`status` in nginx check_status's words: "up" or "down"."""
+    return "up" if status in UP else "down"
+
+
+def parse_status_filter(text: str | None) -> frozenset[HealthStatus] | None:
+    """`?status=` as the statuses it selects: a HealthStatus name, or nginx's up or down (any case).
+
+    None selects every status; ValueError names both vocabularies.
+    """
     if text is None or text == "":
         return None
-    return HealthStatus.parse(text)
+    word = text.strip().lower()
+    if word in ("up", "down"):
+        return UP if word == "up" else DOWN
+    try:
+        return frozenset({HealthStatus.parse(text)})
+    except ValueError as exc:
+        raise ValueError(f"{exc}, or up or down") from None
 
 
 def endpoint_rows(
@@ -55,13 +75,13 @@ def endpoint_rows(
     check: CheckLookup,
     *,
     cluster: str | None = None,
-    status: HealthStatus | None = None,
+    status: Collection[HealthStatus] | None = None,
 ) -> list[dict[str, Any]]:
     """Every endpoint of `snapshot` in topology order, filtered by cluster and served status."""
     return [
         endpoint_row(v, health(v.cluster, f"{v.address}:{v.port}"), check(v.cluster, f"{v.address}:{v.port}"))
         for v in snapshot.endpoints
-        if (cluster is None or v.cluster == cluster) and (status is None or v.status is status)
+        if (cluster is None or v.cluster == cluster) and (status is None or v.status in status)
     ]
 
 
@@ -193,7 +213,8 @@ def status_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def status_json(rows: list[dict[str, Any]], generation: str) -> dict[str, Any]:
-    """The nginx check_status JSON shape (`servers.server[]`), with healthplane's extra fields."""
+    """The nginx check_status JSON shape (`servers.server[]`, `status` "up" or "down"), with
+    healthplane's extra fields (`health`: the HealthStatus name)."""
     return {
         "servers": {
             "total": len(rows),
@@ -203,6 +224,8 @@ def status_json(rows: list[dict[str, Any]], generation: str) -> dict[str, Any]:
                     **r,
                     "upstream": r["cluster"],
                     "name": r["endpoint"],
+                    "status": up_or_down(HealthStatus[r["status"]]),
+                    "health": r["status"],
                     "up": _UP.get(r["status"], r["status"].lower()),
                     "type": r["check_type"],
                 }

@@ -8,21 +8,65 @@ accept, forget-prober, override (cli/admin.py); fleet and lab (lab/cli.py); prop
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from controlplane.cli.admin import add_admin_commands
 from controlplane.cli.propagation import add_propagation_commands
 from controlplane.cli.serve import add_serve_commands
 from controlplane.errors import HealthplaneError
+from controlplane.version import version
 from lab.cli import add_fleet_command, add_lab_command
 from prober.cli import add_prober_command
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def _logging_options(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """`--log-level` and `--log-format`; on a subcommand (default SUPPRESS) a value given there wins."""
+    parser.add_argument("--log-level", default=default or "info", choices=LOG_LEVELS, help="default info")
+    parser.add_argument(
+        "--log-format", default=default or "text", choices=LOG_FORMATS, help="text (default) or json, one object a line"
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, logger, message, an event's fields, an exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        event = getattr(record, "event", None)  # controlplane.events logs each event with extra={"event": ...}
+        if event is not None:
+            out["event"] = event
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """The root logger at `level`, writing text or JSON lines to stderr."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="healthplane", description=__doc__)
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"healthplane {version()}")
+    _logging_options(parser, None)
     sub = parser.add_subparsers(dest="command", required=True)
 
     add_serve_commands(sub)
@@ -31,13 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_fleet_command(sub)
     add_propagation_commands(sub)
     add_lab_command(sub)
+    for command in sub.choices.values():  # `healthplane serve --log-level debug` as well as before it
+        _logging_options(command, argparse.SUPPRESS)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     try:
         return int(args.func(args))
     except HealthplaneError as exc:

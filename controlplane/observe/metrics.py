@@ -7,9 +7,18 @@ scrape time from what is served, so they can never drift from what it serves.
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -17,6 +26,7 @@ from controlplane.observe.histograms import LoopHistogram
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.cache import SnapshotSource
 from controlplane.snapshots.snapshot import Snapshot
+from controlplane.version import version
 from controlplane.xds.server import StreamCallbacks
 from controlplane.xds.stream import PendingResponse, RequestKind, RequestOutcome, StreamState
 
@@ -29,6 +39,14 @@ class Metrics(StreamCallbacks):
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # What runs, and the process and runtime metrics every Python exporter has (process_*,
+        # python_info, python_gc_*): dashboards and alerts written for them work unchanged.
+        Info("healthplane_build", "The healthplane version and the Python running it.", registry=self.registry).info(
+            {"version": version(), "python": platform.python_version()}
+        )
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.streams_opened = Counter(
             "healthplane_xds_streams_opened", "ADS streams that identified a node.", registry=self.registry
         )

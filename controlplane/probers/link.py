@@ -146,6 +146,16 @@ class ProberLinkService:
         self.probers: dict[str, ProberRecord] = {}
         # The latest check state per endpoint from any remote prober, for /endpoints and /status.
         self.checks: dict[tuple[str, str], CheckInfo] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()  # each open Report call's task, to close it
+        self._closing = ""  # why close_all ended the streams
+
+    def close_all(self, reason: str) -> list[asyncio.Task[Any]]:
+        """End every prober's stream with UNAVAILABLE and `reason` (a shutdown); the tasks to wait for."""
+        self._closing = reason
+        tasks = [t for t in self._tasks if not t.done()]
+        for task in tasks:
+            task.cancel()
+        return tasks
 
     def forget(self, prober_id: str) -> None:
         """Drop a prober's record and the check states it reported (its votes are the quorum's)."""
@@ -199,6 +209,8 @@ class ProberLinkService:
         cancel = self.snapshots.subscribe(wake.set)
         reader = asyncio.create_task(self._read(record, context, wake), name=f"prober-read-{hello.prober_id}")
         sent: Topology | None = None
+        if (task := asyncio.current_task()) is not None:
+            self._tasks.add(task)
         try:
             # The only writer on this call: a write in flight and an error status cannot overlap.
             while not reader.done():
@@ -213,7 +225,13 @@ class ProberLinkService:
             if isinstance(error, ProtocolError):
                 log.warning("prober %s (%s): %s", hello.prober_id, record.peer, error)
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._closing)
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             cancel()
             reader.cancel()
             record.disconnected_at = time.time()

@@ -174,6 +174,10 @@ class AdsServer:
         task.cancel()
         return True
 
+    def close_all(self, reason: str) -> list[asyncio.Task[Any]]:
+        """`close_stream` every open stream (a deliberate shutdown); the tasks to wait for."""
+        return [task for stream_id, task in list(self._handlers.items()) if self.close_stream(stream_id, reason)]
+
     async def _read(self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], wake: asyncio.Event) -> None:
         try:
             while True:

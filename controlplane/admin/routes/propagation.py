@@ -11,7 +11,15 @@ from typing import Any
 
 from aiohttp import web
 
-from controlplane.admin.http import ControlPlaneView, control_plane, error_response, json_response
+from controlplane.admin.http import (
+    MAX_LIMIT,
+    MAX_REFRESH,
+    ControlPlaneView,
+    control_plane,
+    error_response,
+    json_response,
+    query_int,
+)
 from controlplane.observe.chart import report_html
 from controlplane.observe.propagation import PropagationTracker
 
@@ -25,13 +33,6 @@ def _tracker(request: web.Request) -> PropagationTracker | web.Response:
     return tracker
 
 
-def _limit(request: web.Request, default: int) -> int | web.Response:
-    text = request.query.get("limit", str(default))
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        return error_response(400, "limit must be a whole number >= 1", "limit")
-    return int(text)
-
-
 def node_lag(cp: ControlPlaneView, node: str) -> dict[str, Any] | None:
     """How far behind `node` is (versions and ms), for `/nodes`; None when nothing is measured."""
     return None if cp.propagation is None else cp.propagation.lag(node).to_json()
@@ -41,9 +42,7 @@ async def versions(request: web.Request) -> web.Response:
     tracker = _tracker(request)
     if isinstance(tracker, web.Response):
         return tracker
-    limit = _limit(request, tracker.limit)
-    if isinstance(limit, web.Response):
-        return limit
+    limit = query_int(request, "limit", default=tracker.limit, low=1, high=MAX_LIMIT)
     now = time.time()
     return json_response(
         {
@@ -69,18 +68,8 @@ async def propagation_page(request: web.Request) -> web.Response:
     tracker = _tracker(request)
     if isinstance(tracker, web.Response):
         return tracker
-    limit = _limit(request, DEFAULT_REPORT_VERSIONS)
-    if isinstance(limit, web.Response):
-        return limit
-    text = request.query.get("refresh", "0")
-    if not (text.isascii() and text.isdigit()) or int(text) > 3600:
-        return error_response(400, "refresh must be 0..3600 seconds", "refresh")
+    limit = query_int(request, "limit", default=DEFAULT_REPORT_VERSIONS, low=1, high=MAX_LIMIT)
+    refresh = query_int(request, "refresh", default=0, low=0, high=MAX_REFRESH)
     now = time.time()
     details = [r.detail(now) for r in tracker.recent(limit)]
-    return web.Response(text=report_html(details, now=now, refresh=int(text)), content_type="text/html")
-
-
-def add_propagation_routes(app: web.Application) -> None:
-    app.router.add_get("/versions", versions)
-    app.router.add_get("/versions/{version}", version)
-    app.router.add_get("/propagation", propagation_page)
+    return web.Response(text=report_html(details, now=now, refresh=refresh), content_type="text/html")

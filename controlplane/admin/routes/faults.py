@@ -1,0 +1,89 @@
+"""Admin routes for where verdicts come from and what went wrong: probers, alarms, NACK groups.
+
+- `GET /probers`: the embedded prober and remote probers.
+- `DELETE /probers/{id}`: forget a disconnected prober for good (bearer token).
+- `GET /alarms`: active and recently resolved alarms.
+- `POST /alarms/{id}/accept`: apply the failures a mass_failure alarm held (bearer token).
+- `GET /nacks`: NACKs grouped by rejected version, with the change that made the version.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from controlplane.admin.auth import authorize_change
+from controlplane.admin.http import ControlPlaneView, control_plane, error_response, json_response, who, whole_number
+from controlplane.errors import ConfigError
+
+
+def prober_summary(cp: ControlPlaneView) -> dict[str, Any]:
+    """Where verdicts come from now: the embedded prober, connected probers, or nobody."""
+    remote = [r.to_json() for r in cp.prober_link.probers.values()]
+    local = cp.local_prober
+    connected = (local is not None and local.running) or any(r["connected"] for r in remote)
+    return {
+        "embedded": local is not None,
+        "remote": remote,
+        "connected": connected,
+        "note": "" if connected else "no prober connected: the last verdicts are kept as they were",
+    }
+
+
+async def probers(request: web.Request) -> web.Response:
+    return json_response(prober_summary(control_plane(request)))
+
+
+async def forget_prober(request: web.Request) -> web.Response:
+    if (denied := authorize_change(request)) is not None:
+        return denied
+    cp = control_plane(request)
+    prober_id = request.match_info["id"]
+    try:
+        snapshot = cp.forget_prober(prober_id, who=who(request))
+    except ConfigError as exc:
+        link = cp.prober_link
+        known = link is not None and prober_id in link.probers
+        return error_response(409 if known else 404, exc.message, exc.path)
+    return json_response(
+        {"forgotten": prober_id, "version": (snapshot or cp.snapshot).version, "changed": snapshot is not None}
+    )
+
+
+async def alarms(request: web.Request) -> web.Response:
+    faults = control_plane(request).admission
+    return json_response(
+        {
+            "active": [a.to_json() for a in faults.alarms.active()],
+            "alarms": [a.to_json() for a in faults.alarms.all()],
+            "held": {c: sorted(vs) for c, vs in sorted(faults.guard.held.items())},
+        }
+    )
+
+
+async def accept_alarm(request: web.Request) -> web.Response:
+    if (denied := authorize_change(request)) is not None:
+        return denied
+    cp = control_plane(request)
+    alarm_id = whole_number(request.match_info["id"], "alarm id", low=0, field="id")
+    body = None
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error_response(400, 'body must be JSON such as {"who": "alice"}, or empty', "body")
+    try:
+        alarm, snapshot = cp.accept_alarm(alarm_id, who=who(request, body))
+    except ConfigError as exc:
+        status = 404 if cp.admission.alarms.get(alarm_id) is None else 409
+        return error_response(status, exc.message, exc.path)
+    return json_response(
+        {"alarm": alarm.to_json(), "version": (snapshot or cp.snapshot).version, "changed": snapshot is not None}
+    )
+
+
+async def nacks(request: web.Request) -> web.Response:
+    cp = control_plane(request)
+    return json_response({"version": cp.snapshot.version, "rejected": cp.nacks.to_json()})
