@@ -26,11 +26,13 @@ from controlplane.errors import ConfigError
 from controlplane.events import EventLog
 from controlplane.health.admission import Admission
 from controlplane.health.alarms import Alarm
+from controlplane.health.quorum import PASSIVE
 from controlplane.health.store import HealthStatus, HealthStore, Verdict
 from controlplane.observe.metrics import CallbackChain, Metrics, served_state
 from controlplane.observe.nacks import NackGroups
 from controlplane.observe.nodes import NodeRegistry
 from controlplane.observe.propagation import PropagationTracker
+from controlplane.probers.accesslog import AccessLogService
 from controlplane.probers.link import ProberLinkService
 from controlplane.probers.sources import LocalProber
 from controlplane.probers.staleness import check_probers, silence_metrics
@@ -107,6 +109,9 @@ class ControlPlane:
             self, self.cache, self.events, tls=lambda: self.topology.controlplane.security.xds_tls
         )
         self.metrics.add_state(lambda: silence_metrics(self.prober_link.probers.values()))
+        # issue 15: passive checks from the Envoys' access logs, served on the xDS port too.
+        self.access_log = AccessLogService(self, self.events, lambda: self.topology)
+        self.metrics.add_state(self.access_log.metrics)
         # A prober in this process (`prober.embedded` attaches one; `serve` does unless --no-prober).
         self.local_prober: LocalProber | None = None
         # Probers run elsewhere (`serve --no-prober`): /readyz waits for one's full state.
@@ -118,6 +123,7 @@ class ControlPlane:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._process: Process | None = None
         self.clock.epoch = self.admission.restore(self.clock.epoch)
+        self.access_log.restore(self.admission.quorum.votes_from(PASSIVE))
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
 
     # ------------------------------------------------------------------ inputs
@@ -324,6 +330,10 @@ class ControlPlane:
         """Raise or resolve the staleness alarm of each remote prober."""
         limit = self.topology.controlplane.prober_staleness
         check_probers(self.prober_link.probers.values(), self.admission.alarms, limit, now)
+
+    def expire_passive(self, now: float | None = None) -> None:
+        """End the passive ejections whose hold is over (the probers, or HEALTHY, decide again)."""
+        self.access_log.expire(now)
 
     def close_stuck_streams(self, now: float | None = None) -> list[int]:
         """Close streams with a response unanswered past `stuck_stream_timeout`; their stream ids."""

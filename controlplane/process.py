@@ -19,6 +19,7 @@ import grpc
 from controlplane.admin.app import start_admin
 from controlplane.admin.http import ControlPlaneView
 from controlplane.errors import ConfigError
+from controlplane.probers.accesslog import AccessLogService
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.topology.watch import watch_file
 from controlplane.xds.csds import CsdsService
@@ -47,11 +48,16 @@ class Served(ControlPlaneView, Protocol):
     @property
     def csds(self) -> CsdsService: ...
 
+    @property
+    def access_log(self) -> AccessLogService: ...
+
     def flush_verdicts(self) -> Snapshot | None: ...
 
     def check_probers(self, now: float | None = None) -> None: ...
 
     def close_stuck_streams(self, now: float | None = None) -> list[int]: ...
+
+    def expire_passive(self, now: float | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -77,7 +83,7 @@ class Process:
         sec = settings.security
         configure_ads(cp.ads, sec)
         cp.metrics.add_state(lambda: xds_limit_metrics(cp.ads))
-        handlers = (cp.ads.handler(), cp.prober_link.handler(), cp.csds.handler())
+        handlers = (cp.ads.handler(), cp.prober_link.handler(), cp.csds.handler(), cp.access_log.handler())
         self._grpc = create_server(*handlers, options=grpc_server_options(SERVER_OPTIONS, sec))
         self.xds_port = bind_xds(self._grpc, _host(settings.xds.address), settings.xds.port, sec)
         if self.xds_port == 0:
@@ -110,6 +116,8 @@ class Process:
             self._tasks.append(
                 asyncio.create_task(_every(settings.stuck_stream_timeout, cp.close_stuck_streams), name="stuck")
             )
+        # Passive ejections end within 100 ms of their hold (issue 15).
+        self._tasks.append(asyncio.create_task(_every(0.4, cp.expire_passive), name="passive-expiry"))
         self.state = State.RUNNING
         log.info(
             "xDS on %s:%d, admin on %s:%d, version %s",

@@ -8,6 +8,12 @@ replace a source's earlier vote (a prober that restarts re-learns before it spea
 A vote is held when its prober disconnects: the disconnect alone changes nothing.
 
 With a single source, the combined verdict is that source's verdict unchanged.
+
+Passive verdicts (source `passive`, health/passive.py) are not one prober's view but the count of
+every Envoy's real requests, already combined fleet-wide: a failing passive vote wins over the
+probers' votes while it holds (a backend can pass its health path and fail real requests), and a
+passing passive verdict is not a vote but the end of the hold: the passive vote is dropped and
+the probers' votes decide again (HEALTHY when no prober checks the endpoint).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 from controlplane.health.store import EndpointId, HealthStatus, Verdict
 
 FAILING = frozenset({HealthStatus.UNHEALTHY, HealthStatus.TIMEOUT})
+PASSIVE = "passive"  # the source of verdicts from the Envoys' access logs
 
 
 class Quorum:
@@ -28,6 +35,8 @@ class Quorum:
 
     def vote(self, verdict: Verdict) -> Verdict | None:
         """Record one source's verdict; the combined verdict, or None if it recorded nothing."""
+        if verdict.source == PASSIVE:
+            return self._passive(verdict)
         votes = self._votes.get(verdict.id)
         if votes is None:  # the common case, one prober: its verdict is the verdict
             self._votes[verdict.id] = {verdict.source: verdict}
@@ -39,6 +48,25 @@ class Quorum:
             return None
         votes[verdict.source] = verdict
         return combine(votes.values())
+
+    def _passive(self, verdict: Verdict) -> Verdict | None:
+        votes = self._votes.setdefault(verdict.id, {})
+        if verdict.status in FAILING:
+            votes[PASSIVE] = verdict
+            return verdict
+        if verdict.status is HealthStatus.UNKNOWN:
+            return None
+        votes.pop(PASSIVE, None)
+        if not votes:
+            del self._votes[verdict.id]
+            return verdict
+        decided = combine(votes.values())
+        reason = f"{verdict.reason}; {decided.reason}" if decided.reason else verdict.reason
+        return Verdict(decided.cluster, decided.endpoint, decided.status, reason, verdict.time, decided.source)
+
+    def votes_from(self, source: str) -> list[Verdict]:
+        """Every current vote of one source (e.g. the passive holds to restore after a restart)."""
+        return [v for votes in self._votes.values() if (v := votes.get(source)) is not None]
 
     def load(self, votes: Iterable[Verdict]) -> None:
         for v in votes:
@@ -76,6 +104,9 @@ class Quorum:
 def combine(votes: Iterable[Verdict]) -> Verdict:
     """The majority verdict of `votes` (at least one) for one endpoint."""
     all_votes = list(votes)
+    for v in all_votes:
+        if v.source == PASSIVE and v.status in FAILING:
+            return v
     known = [v for v in all_votes if v.status is not HealthStatus.UNKNOWN]
     if len(known) <= 1:
         return known[0] if known else max(all_votes, key=lambda v: v.time)

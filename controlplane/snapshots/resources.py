@@ -14,6 +14,7 @@ from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.type.v3 import percent_pb2
@@ -21,7 +22,7 @@ from google.protobuf import duration_pb2, json_format, wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane.health.store import HealthStatus
-from controlplane.topology.model import Cluster, Listener
+from controlplane.topology.model import Cluster, Listener, Topology
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -36,6 +37,15 @@ SHORT_NAMES = {CLUSTER: "cds", ENDPOINT: "eds", LISTENER: "lds", ROUTE: "rds"}
 FULL_STATE_TYPES = frozenset({CLUSTER, LISTENER})
 
 HealthLookup = Callable[[str, str], HealthStatus]
+
+# The bootstrap's cluster for the control plane (xds/bootstrap.py): ADS and the access-log service.
+XDS_CLUSTER = "healthplane_xds"
+ACCESS_LOG_NAME = "healthplane_passive"
+# issue 15: how long an Envoy buffers access-log entries before sending them. Envoy's default
+# (1 s) would make fleet-wide passive health wait a second; docs/design.md has the figures that
+# chose these (bench/passive.py).
+ACCESS_LOG_FLUSH_INTERVAL = 0.010
+ACCESS_LOG_BUFFER_BYTES = 16_384
 
 
 def _duration(seconds: float) -> duration_pb2.Duration:
@@ -102,13 +112,35 @@ def build_load_assignment(cluster: Cluster, health: HealthLookup) -> endpoint_pb
     return cla
 
 
-def build_listener(listener: Listener) -> listener_pb2.Listener:
-    """An HTTP listener whose routes come over ADS (RDS) under the listener's own name."""
+def logs_passive(listener: Listener, topology: Topology) -> bool:
+    """Whether any of the listener's routes leads to a cluster with passive checks."""
+    passive = {c.name for c in topology.clusters if c.passive is not None}
+    return any(r.cluster in passive for r in listener.routes)
+
+
+def passive_access_log() -> als_pb2.HttpGrpcAccessLogConfig:
+    """Envoy's gRPC access logger, sending to healthplane over the bootstrap's xDS cluster."""
+    common = als_pb2.CommonGrpcAccessLogConfig(
+        log_name=ACCESS_LOG_NAME,
+        transport_api_version=config_source_pb2.V3,
+        buffer_flush_interval=_duration(ACCESS_LOG_FLUSH_INTERVAL),
+        buffer_size_bytes=wrappers_pb2.UInt32Value(value=ACCESS_LOG_BUFFER_BYTES),
+    )
+    common.grpc_service.envoy_grpc.cluster_name = XDS_CLUSTER
+    return als_pb2.HttpGrpcAccessLogConfig(common_config=common)
+
+
+def build_listener(listener: Listener, *, access_log: bool = False) -> listener_pb2.Listener:
+    """An HTTP listener whose routes come over ADS (RDS) under the listener's own name; with
+    `access_log`, its requests are logged to healthplane for passive checks (issue 15)."""
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=listener.name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=listener.name),
     )
+    if access_log:
+        logger = manager.access_log.add(name="envoy.access_loggers.http_grpc")
+        logger.typed_config.Pack(passive_access_log())
     router = manager.http_filters.add(name="envoy.filters.http.router")
     router.typed_config.Pack(router_pb2.Router())
     msg = listener_pb2.Listener(

@@ -209,7 +209,10 @@ def build_snapshot(
         tables[rs.ENDPOINT] = table(
             rs.ENDPOINT, ((c.name, rs.build_load_assignment(c, health)) for c in topology.clusters)
         )
-        tables[rs.LISTENER] = table(rs.LISTENER, ((ln.name, rs.build_listener(ln)) for ln in topology.listeners))
+        tables[rs.LISTENER] = table(
+            rs.LISTENER,
+            ((ln.name, rs.build_listener(ln, access_log=rs.logs_passive(ln, topology))) for ln in topology.listeners),
+        )
         tables[rs.ROUTE] = table(rs.ROUTE, ((ln.name, rs.build_route_configuration(ln)) for ln in topology.listeners))
 
     type_versions: dict[str, str] = {}

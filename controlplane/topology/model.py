@@ -111,6 +111,25 @@ class HealthCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class PassiveCheck:
+    """Passive checks from real traffic (issue 15): APISIX's `checks.passive` names and meaning.
+
+    Counts are consecutive, per endpoint, across every Envoy's access log; a failure count of 0
+    turns that kind off. A passive verdict only takes an endpoint down, for `eject_for` at least
+    (times the endpoint's recent ejections, up to `max_eject_for`, as Envoy's outlier detection).
+    """
+
+    unhealthy_statuses: tuple[tuple[int, int], ...] = ((429, 429), (500, 500), (503, 503))
+    http_failures: int = 5
+    tcp_failures: int = 2
+    timeouts: int = 7
+    healthy_statuses: tuple[tuple[int, int], ...] = ((200, 206), (300, 308))
+    successes: int = 5
+    eject_for: float = 30.0
+    max_eject_for: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     address: str
     port: int
@@ -140,6 +159,8 @@ class Cluster:
     update_merge_window: float = 0.0
     # Raw Envoy Cluster fields merged over the generated resource (an escape hatch).
     envoy: Mapping[str, Any] = field(default_factory=dict)
+    # issue 15: passive checks from the Envoys' access logs; None: off.
+    passive: PassiveCheck | None = None
 
     def endpoint(self, key: str) -> Endpoint | None:
         for ep in self.endpoints:

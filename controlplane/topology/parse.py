@@ -28,6 +28,7 @@ from controlplane.topology.model import (
     HealthCheck,
     HttpCheck,
     Listener,
+    PassiveCheck,
     Route,
     SocketAddress,
     TcpCheck,
@@ -332,7 +333,7 @@ def _cluster(f: Field) -> Cluster:
 
     f.mapping({
         "name", "endpoints", "health_check", "connect_timeout", "lb_policy", "healthy_panic_threshold",
-        "update_merge_window", "envoy",
+        "update_merge_window", "envoy", "passive",
     })  # fmt: skip
     name = f.child("name").string(pattern=_NAME)
     hc = _health_check(f.child("health_check"), None)
@@ -358,7 +359,55 @@ def _cluster(f: Field) -> Cluster:
         healthy_panic_threshold=f.child("healthy_panic_threshold").number(default=0.0, lo=0, hi=100),
         update_merge_window=f.child("update_merge_window").duration(default=0.0),
         envoy=_envoy_fragment(f.child("envoy"), cluster_pb2.Cluster),
+        passive=_passive(f.child("passive")),
     )
+
+
+def _status_list(f: Field, default: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """APISIX's `http_statuses`: a list of codes (ranges such as [500, 504] allowed too)."""
+    return default if f.missing else _statuses(f)
+
+
+def _empty(f: Field) -> Field:
+    return Field({}, f.path, f.source)
+
+
+def _passive(f: Field) -> PassiveCheck | None:
+    """issue 15: `passive: {unhealthy: {...}, healthy: {...}, eject_for, max_eject_for}`."""
+    if f.missing:
+        return None
+    if f.value == {}:
+        return PassiveCheck()
+    f.mapping({"unhealthy", "healthy", "eject_for", "max_eject_for"})
+    d = PassiveCheck()
+    uf, hf = f.child("unhealthy"), f.child("healthy")
+    # An absent section reads as an empty one: its fields keep their defaults, errors their paths.
+    u = uf.mapping({"http_statuses", "http_failures", "tcp_failures", "timeouts"}) if not uf.missing else _empty(uf)
+    h = hf.mapping({"http_statuses", "successes"}) if not hf.missing else _empty(hf)
+    passive = PassiveCheck(
+        unhealthy_statuses=_status_list(u.child("http_statuses"), d.unhealthy_statuses),
+        http_failures=u.child("http_failures").integer(default=d.http_failures, lo=0, hi=1000),
+        tcp_failures=u.child("tcp_failures").integer(default=d.tcp_failures, lo=0, hi=1000),
+        timeouts=u.child("timeouts").integer(default=d.timeouts, lo=0, hi=1000),
+        healthy_statuses=_status_list(h.child("http_statuses"), d.healthy_statuses),
+        successes=h.child("successes").integer(default=d.successes, lo=1, hi=1000),
+        eject_for=f.child("eject_for").duration(default=d.eject_for, positive=True),
+        max_eject_for=f.child("max_eject_for").duration(default=max(d.max_eject_for, d.eject_for), positive=True),
+    )
+    if not (passive.http_failures or passive.tcp_failures or passive.timeouts):
+        raise u.error("turns every failure kind off (http_failures, tcp_failures and timeouts all 0)")
+    for lo, hi in passive.unhealthy_statuses:
+        for hlo, hhi in passive.healthy_statuses:
+            if lo <= hhi and hlo <= hi:
+                code = max(lo, hlo)
+                where = u.child("http_statuses") if not u.child("http_statuses").missing else h.child("http_statuses")
+                raise where.error(f"status {code} is both healthy and unhealthy")
+    if passive.max_eject_for < passive.eject_for:
+        if f.child("max_eject_for").missing:
+            passive = replace(passive, max_eject_for=passive.eject_for)
+        else:
+            raise f.child("max_eject_for").error(f"must not be shorter than eject_for ({passive.eject_for:g}s)")
+    return passive
 
 
 def _route(f: Field, clusters: set[str]) -> Route:
