@@ -361,3 +361,48 @@ def test_response_bodies_are_encoded_once(first: Snapshot) -> None:
 def test_unknown_resource_name_is_a_key_error(first: Snapshot) -> None:
     with pytest.raises(KeyError):
         first.response_body(rs.CLUSTER, ("nope",))
+
+
+# --------------------------------------------------------------------------- issue 15: passive access logs
+
+PASSIVE_TOPOLOGY = """
+clusters:
+  - name: web
+    endpoints: [{address: 10.0.0.1, port: 80}]
+    passive: {unhealthy: {http_failures: 3}}
+  - name: api
+    endpoints: [{address: 10.0.0.2, port: 80}]
+listeners:
+  - {name: front, port: 10000, routes: [{prefix: /api, cluster: api}, {prefix: /, cluster: web}]}
+  - {name: internal, port: 10001, routes: [{prefix: /, cluster: api}]}
+"""
+
+
+def test_listeners_leading_to_a_passive_cluster_log_to_healthplane_over_the_xds_cluster() -> None:
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.extensions.access_loggers.grpc.v3 import als_pb2
+    from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+
+    from controlplane.xds.bootstrap import make_bootstrap
+
+    snapshot = build_snapshot(
+        parse_topology_text(PASSIVE_TOPOLOGY), lambda c, e: HealthStatus.HEALTHY, version="1", cause=Cause("t", "", 0)
+    )
+    loggers: dict[str, list[als_pb2.HttpGrpcAccessLogConfig]] = {}
+    for name in ("front", "internal"):
+        listener = listener_pb2.Listener.FromString(snapshot.resources[rs.LISTENER][name].serialized)
+        manager = hcm_pb2.HttpConnectionManager()
+        listener.filter_chains[0].filters[0].typed_config.Unpack(manager)
+        loggers[name] = []
+        for log in manager.access_log:
+            assert log.name == "envoy.access_loggers.http_grpc"
+            config = als_pb2.HttpGrpcAccessLogConfig()
+            log.typed_config.Unpack(config)
+            loggers[name].append(config)
+    assert loggers["internal"] == []
+    [config] = loggers["front"]
+    common = config.common_config
+    bootstrap = make_bootstrap(node_id="n", service="s", xds_host="127.0.0.1", xds_port=1)
+    assert common.grpc_service.envoy_grpc.cluster_name == bootstrap["static_resources"]["clusters"][0]["name"]
+    assert common.buffer_flush_interval.ToMilliseconds() == rs.ACCESS_LOG_FLUSH_INTERVAL * 1000
+    assert common.buffer_size_bytes.value == rs.ACCESS_LOG_BUFFER_BYTES
