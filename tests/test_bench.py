@@ -42,6 +42,10 @@ TOY_RUNS = {
     ),
     "soak.py": (["--nodes", "5", "--minutes", "0.1", "--workers", "1"], '"refused_streams": 0'),
     "verdicts.py": (["--endpoints", "20", "--repeat", "1"], "| 20 |"),
+    "passive.py": (
+        ["--record", "100", "--seconds", "1", "--streams", "2", "--replay-rate", "2000", "--rounds", "1"],
+        "median passive",
+    ),
     "fuzz_xds.py": (["--fuzz-count", "50"], '"findings": []'),
     # Both trees are this one: what is checked is the A B B A order and that each run's table is shown.
     "compare_trees.py": (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -185,3 +186,47 @@ def test_without_probers_the_end_of_the_hold_is_healthy() -> None:
     assert q.votes_from(PASSIVE) == [passive(HealthStatus.UNHEALTHY)]
     assert q.vote(passive(HealthStatus.HEALTHY, 4.0)) == passive(HealthStatus.HEALTHY, 4.0)
     assert q.votes("web", EP) == [] and q.votes_from(PASSIVE) == []
+
+
+# --------------------------------------------------------------------------- through the control plane
+
+
+def passive_plane(tmp_path: Any) -> Any:
+    from controlplane.app import ControlPlane
+    from controlplane.topology.parse import parse_topology
+
+    document = {
+        "controlplane": {"data_dir": str(tmp_path)},
+        "clusters": [
+            {
+                "name": "web",
+                "endpoints": [{"address": "10.0.0.1", "port": p} for p in (80, 81, 82, 83)],
+                "passive": {"eject_for": "10s"},
+            }
+        ],
+    }
+    return ControlPlane(parse_topology(document))
+
+
+def test_overrides_win_and_passive_holds_survive_a_restart(tmp_path: Any) -> None:
+    cp = passive_plane(tmp_path)
+    try:
+        cp.set_override("web", "10.0.0.1:81", HealthStatus.HEALTHY, who="alice")
+        down = [
+            Verdict("web", f"10.0.0.1:{p}", HealthStatus.UNHEALTHY, "passive: 5 consecutive", 1000.0, PASSIVE)
+            for p in (80, 81)
+        ]
+        assert cp.submit_verdicts(down) is not None
+        assert cp.health.status("web", "10.0.0.1:80") is HealthStatus.UNHEALTHY
+        assert cp.health.status("web", "10.0.0.1:81") is HealthStatus.HEALTHY  # the override wins
+    finally:
+        cp.close()
+    again = passive_plane(tmp_path)
+    try:
+        assert again.health.status("web", "10.0.0.1:80") is HealthStatus.UNHEALTHY
+        assert again.access_log.passive.next_expiry() == 1010.0  # timed from the vote, not the restart
+        again.expire_passive(now=1010.0)
+        health = again.health.effective("web", "10.0.0.1:80")
+        assert (health.status, health.source) == (HealthStatus.HEALTHY, PASSIVE)
+    finally:
+        again.close()
