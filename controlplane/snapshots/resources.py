@@ -44,7 +44,7 @@ ACCESS_LOG_NAME = "healthplane_passive"
 # issue 15: how long an Envoy buffers access-log entries before sending them. Envoy's default
 # (1 s) would make fleet-wide passive health wait a second; docs/design.md has the figures that
 # chose these (bench/passive.py).
-ACCESS_LOG_FLUSH_INTERVAL = 0.010
+ACCESS_LOG_FLUSH_INTERVAL = 0.050
 ACCESS_LOG_BUFFER_BYTES = 16_384
 
 
