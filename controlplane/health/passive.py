@@ -170,11 +170,16 @@ class PassiveHealth:
             hold = policy.eject_for if policy is not None else 0.0
             self.ejections[v.id] = Ejection(v.time, v.time + hold, 1, v)
 
-    def forget(self, keep: set[EndpointId]) -> None:
-        """Drop endpoints the topology no longer has."""
-        for table in (self.counts, self.ejections):
-            for key in [k for k in table if k not in keep]:
-                del table[key]
+    def forget(self, keep: set[EndpointId], now: float) -> list[Verdict]:
+        """Drop endpoints no longer under passive checks; the ends of the holds this cuts short."""
+        ended: list[Verdict] = []
+        for key in [k for k in self.ejections if k not in keep]:
+            if self.ejections.pop(key).active:
+                reason = "passive checks removed from the cluster"
+                ended.append(Verdict(key[0], key[1], HealthStatus.HEALTHY, reason, now, PASSIVE))
+        for key in [k for k in self.counts if k not in keep]:
+            del self.counts[key]
+        return ended
 
     def ejected(self) -> list[Ejection]:
         return [e for e in self.ejections.values() if e.active]

@@ -78,6 +78,7 @@ class AccessLogService:
         self.events = events
         self.topology = topology
         self._clusters = _Clusters(topology())
+        self._cut_short: list[Verdict] = []
         self.passive = PassiveHealth(lambda name: self._current().policies.get(name))
         self.entries: dict[str, int] = dict.fromkeys(("counted", "no_upstream", "not_passive", "unknown_endpoint"), 0)
         self.rejected_streams = 0
@@ -87,7 +88,9 @@ class AccessLogService:
         topology = self.topology()
         if self._clusters.topology is not topology:
             self._clusters = _Clusters(topology)
-            self.passive.forget({(c, e) for c, keys in self._clusters.endpoints.items() for e in keys})
+            keep = {(c, e) for c, keys in self._clusters.endpoints.items() for e in keys}
+            # A cluster that lost `passive` must not keep its endpoints out: `expire` ends those holds.
+            self._cut_short.extend(self.passive.forget(keep, time.time()))
         return self._clusters
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -173,8 +176,10 @@ class AccessLogService:
         yield out
 
     def expire(self, now: float | None = None) -> None:
-        """End the holds that are over (run by the process's timer)."""
-        ended = self.passive.expire(time.time() if now is None else now)
+        """End the holds that are over, or whose cluster lost `passive` (run by the process's timer)."""
+        self._current()
+        ended, self._cut_short = self._cut_short, []
+        ended += self.passive.expire(time.time() if now is None else now)
         if ended:
             self.verdicts.submit_verdicts(ended)
 

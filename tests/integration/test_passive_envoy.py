@@ -174,6 +174,10 @@ async def test_errors_seen_by_one_envoy_take_the_endpoint_out_of_both(lab: Lab, 
     assert down and down[-1]["source"] == "passive", down
     metrics = await (await lab.session.get(f"http://127.0.0.1:{lab.cp.admin_port}/metrics")).text()
     assert "healthplane_passive_ejections_total 1.0" in metrics
+    assert 'healthplane_passive_ejected{cluster="web"} 1.0' in metrics
+    _, status = await lab.admin("GET", "/status?format=json")
+    [server] = [s for s in status["servers"]["server"] if s["name"] == f"127.0.0.1:{bad.port}"]
+    assert server["reason"] == row["reason"] and server["up"] == "down"
 
     bad.mode = "ok"  # the hold ends after 1 s; the prober's passes bring it back
     row = await wait_endpoint(lab, bad.port, "HEALTHY")

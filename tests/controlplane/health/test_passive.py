@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -141,7 +142,9 @@ def test_restore_times_the_hold_from_the_vote() -> None:
     p.restore([vote, replace(vote, endpoint="10.0.0.2:80", source="prober:x")])
     assert p.next_expiry() == 110.0
     assert hit(p, 500) is None and hit(p, 500) is None and hit(p, 500) is None  # still held
-    p.forget(set())
+    [ended] = p.forget(set(), 105.0)
+    assert (ended.endpoint, ended.status, ended.source) == (EP, HealthStatus.HEALTHY, PASSIVE)
+    assert ended.reason == "passive checks removed from the cluster"
     assert p.ejections == {} and p.counts == {}
 
 
@@ -230,3 +233,24 @@ def test_overrides_win_and_passive_holds_survive_a_restart(tmp_path: Any) -> Non
         assert (health.status, health.source) == (HealthStatus.HEALTHY, PASSIVE)
     finally:
         again.close()
+
+
+def test_removing_passive_from_a_cluster_ends_its_holds(tmp_path: Any) -> None:
+    from dataclasses import replace as dc_replace
+
+    cp = passive_plane(tmp_path)
+    try:
+        now = time.time()
+        verdict = Verdict("web", "10.0.0.1:80", HealthStatus.UNHEALTHY, "passive: 5 consecutive", now, PASSIVE)
+        cp.submit_verdicts([verdict])
+        cp.access_log.restore([verdict])  # the hold the access-log service would have started
+        assert cp.health.status("web", "10.0.0.1:80") is HealthStatus.UNHEALTHY
+        cp.expire_passive(now=now + 1)
+        assert cp.health.status("web", "10.0.0.1:80") is HealthStatus.UNHEALTHY  # still held
+        web = dc_replace(cp.topology.clusters[0], passive=None)
+        cp.update_topology(dc_replace(cp.topology, clusters=(web,)))
+        cp.expire_passive(now=now + 2)
+        health = cp.health.effective("web", "10.0.0.1:80")
+        assert (health.status, health.reason) == (HealthStatus.HEALTHY, "passive checks removed from the cluster")
+    finally:
+        cp.close()
