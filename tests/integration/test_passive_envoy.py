@@ -146,7 +146,7 @@ async def send_until(lab: Lab, port: int, done: Any, limit: int = 400) -> int:
 
 async def test_errors_seen_by_one_envoy_take_the_endpoint_out_of_both(lab: Lab, flaky: list[Backend]) -> None:
     ports = [free_port(), free_port()]
-    passive = {"unhealthy": {"http_statuses": [500, 502, 503], "http_failures": 3}, "eject_for": "1s"}
+    passive = {"unhealthy": {"http_statuses": [500, 502, 503], "http_failures": 3}, "eject_for": "3s"}
     e1, e2 = await start(lab, topology(flaky, ports, passive), 2)
     assert lab.cp is not None
     for b in flaky:
@@ -179,9 +179,9 @@ async def test_errors_seen_by_one_envoy_take_the_endpoint_out_of_both(lab: Lab, 
     [server] = [s for s in status["servers"]["server"] if s["name"] == f"127.0.0.1:{bad.port}"]
     assert server["reason"] == row["reason"] and server["up"] == "down"
 
-    bad.mode = "ok"  # the hold ends after 1 s; the prober's passes bring it back
+    bad.mode = "ok"  # the hold ends after 3 s; the prober's passes bring it back
     row = await wait_endpoint(lab, bad.port, "HEALTHY")
-    assert "passive ejection over after 1s" in row["reason"], row
+    assert "passive ejection over after 3s" in row["reason"], row
     for envoy in (e1, e2):
         await wait_envoy_flag(envoy, bad.port, present=False)
 
