@@ -119,6 +119,7 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
         [
             n["id"],
             n.get("cluster"),
+            n.get("protocol", "sotw"),
             n.get("peer"),
             "yes" if n.get("up_to_date") else "no",
             ",".join(f"{s}={t.get('version_acked') or '-'}" for s, t in n.get("types", {}).items()),
@@ -127,7 +128,7 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
         ]
         for n in nodes
     ]
-    return table(["NODE", "CLUSTER", "PEER", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"], rows)
+    return table(["NODE", "CLUSTER", "XDS", "PEER", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"], rows)
 
 
 def endpoints_table(endpoints: Sequence[dict[str, Any]], now: float) -> str:
