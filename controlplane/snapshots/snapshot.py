@@ -9,6 +9,7 @@ a stream only appends its own nonce (see `encode_response`).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import time
 from collections.abc import Iterable, Mapping
@@ -76,8 +77,10 @@ _REMOVED_RESOURCES = 6
 
 def content_version(type_url: str, serialized: bytes) -> str:
     """A resource's delta xDS version: a digest of its bytes, so the same bytes carry the same
-    version in every process and across restarts, and other bytes (to 128 bits) never do."""
-    return hashlib.blake2b(serialized, digest_size=16, person=type_url[-16:].encode()).hexdigest()
+    version in every process and across restarts, and other bytes (to 96 bits: 16 characters on
+    the wire with every resource) practically never do."""
+    digest = hashlib.blake2b(serialized, digest_size=12, person=type_url[-16:].encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()
 
 
 def encode_response(body: bytes, nonce: str) -> bytes:

@@ -64,8 +64,10 @@ class DeltaTypeState(TypeState):
     absent: set[str] = field(default_factory=set)  # subscribed names the node was told do not exist
     # The node's initial_resource_versions, resolved against the next snapshot (name -> digest).
     initial: dict[str, str] | None = None
-    # The snapshot this type was last reconciled against in full; None after a subscription change.
+    # The snapshot this type was last reconciled against; None until a full pass is due (the
+    # first, after initial versions, or the wildcard changed).
     synced: Snapshot | None = None
+    recheck: set[str] = field(default_factory=set)  # names (un)subscribed since: checked on the next pass
 
     def wants(self, name: str) -> bool:
         return self.wildcard or name in self.names
@@ -127,6 +129,9 @@ class DeltaStreamState(StreamState):
         return outcome
 
     def _apply_subscriptions(self, ts: DeltaTypeState, subscribe: list[str], unsubscribe: list[str]) -> None:
+        # Cost in the names changed, not in the names held: a node with 1,000 clusters that
+        # subscribes one more must not cost a pass over the other 1,000.
+        was_wildcard = ts.wildcard
         for name in subscribe:
             if name == WILDCARD:
                 ts.wildcard, ts.legacy_wildcard = True, False
@@ -136,16 +141,20 @@ class DeltaStreamState(StreamState):
             ts.names.add(name)
             ts.sent.pop(name, None)  # (re)subscribed: send it even if the node holds it
             ts.absent.discard(name)
+            ts.recheck.add(name)
         for name in unsubscribe:
             if name == WILDCARD:
                 ts.wildcard = ts.legacy_wildcard = False
             else:
                 ts.names.discard(name)
-        if not ts.wildcard:
-            for name in [n for n in ts.sent if n not in ts.names]:
-                del ts.sent[name]
-        ts.absent &= ts.names
-        ts.synced = None
+                ts.absent.discard(name)
+                if not ts.wildcard:
+                    ts.sent.pop(name, None)
+        if ts.wildcard != was_wildcard:
+            if not ts.wildcard:
+                for name in [n for n in ts.sent if n not in ts.names]:
+                    del ts.sent[name]
+            ts.synced = None
 
     # ------------------------------------------------------------------ responses
 
@@ -218,15 +227,18 @@ class DeltaStreamState(StreamState):
         sent = ts.sent
         removed: list[str] = []
         if ts.synced is not None and type_url != rs.LISTENER:
-            # Subscriptions unchanged since a full pass: only what changed between the two
-            # snapshots can differ (computed once per pair and shared by every stream).
+            # Since the last pass, only what changed between the two snapshots (computed once per
+            # pair and shared by every stream) and the names (un)subscribed can differ.
             candidates = _changed_names(ts.synced, snapshot, type_url)
+            if ts.recheck:
+                candidates = list(dict.fromkeys([*candidates, *ts.recheck]))
         else:
             candidates = list(available)
             candidates += [n for n in sent if n not in available]
             if not ts.wildcard:
                 candidates += [n for n in ts.names if n not in available and n not in sent]
         ts.synced = snapshot
+        ts.recheck.clear()
         to_send: list[str] = []
         for name in candidates:
             current = available.get(name)
