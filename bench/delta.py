@@ -45,7 +45,15 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands  # noqa: E402
+from bench.procs import (  # noqa: E402
+    Child,
+    child_setup,
+    raise_fd_limit,
+    rss_kb,
+    serve_commands,
+    start_py_spy,
+    stop_py_spy,
+)
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -185,6 +193,12 @@ async def _server(conn: Connection, clusters: int) -> None:
     async def change(kind: str, limit: float) -> dict[str, Any]:
         nonlocal flips, added
         watch.bytes = watch.responses = watch.resources = 0
+        if kind == "cluster":
+            # Parsing the edited file is the file watcher's work, the same for either protocol:
+            # done before the clock starts.
+            document["clusters"].append(cluster_document(clusters + added))
+            added += 1
+            edited = parse_topology(document, source="bench")
         cpu0, t0 = _cpu_seconds(), time.time()
         if kind == "health":
             status = HealthStatus.UNHEALTHY if flips % 2 == 0 else HealthStatus.HEALTHY
@@ -192,9 +206,7 @@ async def _server(conn: Connection, clusters: int) -> None:
             snapshot = cp.set_override("c0", "10.0.0.1:8080", status, who="bench")
             targets = [EDS]
         else:
-            document["clusters"].append(cluster_document(clusters + added))
-            added += 1
-            snapshot = cp.update_topology(parse_topology(document, source="bench"))
+            snapshot = cp.update_topology(edited)
             targets = [CDS, EDS]
         published = time.time()
         if snapshot is None:
@@ -390,13 +402,16 @@ def run_protocol(
         )
         results: dict[str, list[dict[str, Any]]] = {"health": [], "cluster": []}
         for kind, n in (("health", args.pushes), ("cluster", args.adds)):
+            spy = None
+            if args.profile is not None:
+                out = args.profile / f"server-{protocol}-{kind}.txt"
+                spy = start_py_spy(ready["pid"], out, rate=250, options=["--threads", "--idle"], attach_wait=1.0)
             for i in range(n + 1):  # the first of each is a warm-up
                 time.sleep(args.pause)
                 r = server.ask("change", kind, 60 + args.nodes * 0.1, limit=120 + args.nodes * 0.1)
                 if not r["complete"]:
-                    raise RuntimeError(
-                        f"{protocol} {kind}: {r['missing']} nodes did not ACK; {[c.ask('errors', limit=10) for c in clients]}"
-                    )
+                    errors = [c.ask("errors", limit=10) for c in clients]
+                    raise RuntimeError(f"{protocol} {kind}: {r['missing']} nodes did not ACK; {errors}")
                 log(
                     f"  {kind:7} {'warm-up' if i == 0 else f'{i}/{n}':8} last ACK {r['last_ack_ms']:8.1f} ms, "
                     f"server CPU {r['cpu_ms']:8.1f} ms, {r['bytes']:>12,} bytes in {r['responses']} responses "
@@ -404,6 +419,8 @@ def run_protocol(
                 )
                 if i > 0:
                     results[kind].append(r)
+            if spy is not None:
+                stop_py_spy(spy, log)
         return {"protocol": protocol, "connect_s": connect_s, "kb_per_stream": kb_per_stream, **results}
     finally:
         for c in [*clients, server]:
@@ -419,6 +436,7 @@ def summarize(run: dict[str, Any], nodes: int) -> dict[str, dict[str, float]]:
             "bytes_per_node": statistics.median(r["bytes"] for r in rs) / nodes,
             "resources_per_node": statistics.median(r["resources"] for r in rs) / nodes,
             "cpu_us_per_node": statistics.median(r["cpu_ms"] for r in rs) * 1000 / nodes,
+            "stream_cpu_us_per_node": statistics.median(r["cpu_ms"] - r["publish_ms"] for r in rs) * 1000 / nodes,
             "last_ack_ms": statistics.median(r["last_ack_ms"] for r in rs),
             "publish_ms": statistics.median(r["publish_ms"] for r in rs),
         }
@@ -435,16 +453,17 @@ def table(runs: dict[str, dict[str, Any]], nodes: int) -> str:
         ("bytes written per node", "bytes_per_node", "{:,.0f}"),
         ("resources sent per node", "resources_per_node", "{:,.1f}"),
         ("server CPU per node (µs)", "cpu_us_per_node", "{:,.1f}"),
+        ("of which after the snapshot is published (µs)", "stream_cpu_us_per_node", "{:,.1f}"),
         ("time until the last ACK (ms)", "last_ack_ms", "{:,.1f}"),
         ("snapshot build + publish (ms)", "publish_ms", "{:,.1f}"),
     ]
     for kind, label in (("health", "one endpoint's health"), ("cluster", "one cluster added")):
         for name, key, fmt in metrics:
             a, b = s["sotw"][kind][key], s["delta"][kind][key]
-            ratio = f"{a / b:,.1f}×" if b else "-"
+            ratio = f"{a / b:,.1f} x" if b else "-"
             rows.append(f"| {label} | {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
     a, b = runs["sotw"]["kb_per_stream"], runs["delta"]["kb_per_stream"]
-    rows.append(f"| (connected) | server memory per stream (kB RSS) | {a:,.1f} | {b:,.1f} | {a / b:,.2f}× |")
+    rows.append(f"| (connected) | server memory per stream (kB RSS) | {a:,.1f} | {b:,.1f} | {a / b:,.2f} x |")
     return "\n".join(rows)
 
 
@@ -458,6 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="nodes each client process connects at a time")
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between changes")
     parser.add_argument("--json", type=Path, help="write every measurement here")
+    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument("--profile", type=Path, help="record the server's stacks with py-spy into this folder")
     args = parser.parse_args(argv)
 
     def log(text: str) -> None:
@@ -474,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: dict[str, dict[str, Any]] = {}
     began = time.monotonic()
     try:
-        for protocol in PROTOCOLS:
+        for protocol in args.protocols:
             runs[protocol] = run_protocol(ctx, children, protocol, args, log)
     except KeyboardInterrupt:
         log("interrupted")
@@ -486,7 +507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.nodes} nodes, {args.clusters} clusters, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
         f"{time.monotonic() - began:.0f} s"
     )
-    print(table(runs, args.nodes))
+    if len(runs) == len(PROTOCOLS):
+        print(table(runs, args.nodes))
     if args.json is not None:
         args.json.write_text(json.dumps({"argv": sys.argv, "runs": runs}, indent=1))
     return 0

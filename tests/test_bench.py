@@ -40,6 +40,10 @@ TOY_RUNS = {
     "soak.py": (["--nodes", "5", "--minutes", "0.1", "--workers", "1"], '"refused_streams": 0'),
     "verdicts.py": (["--endpoints", "20", "--repeat", "1"], "| 20 |"),
     "fuzz_xds.py": (["--fuzz-count", "50"], '"findings": []'),
+    "delta.py": (
+        ["--nodes", "4", "--clusters", "20", "--pushes", "1", "--adds", "1", "--workers", "1", "--pause", "0.1"],
+        "| one cluster added | bytes written per node |",
+    ),
 }
 
 

@@ -128,7 +128,8 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
         ]
         for n in nodes
     ]
-    return table(["NODE", "CLUSTER", "XDS", "PEER", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"], rows)
+    headers = ["NODE", "CLUSTER", "XDS", "PEER", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"]
+    return table(headers, rows)
 
 
 def endpoints_table(endpoints: Sequence[dict[str, Any]], now: float) -> str:
