@@ -9,7 +9,10 @@ import contextlib
 from typing import Any
 
 import aiohttp
+import grpc
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from controlplane.app import ControlPlane
 from controlplane.snapshots import resources as rs
@@ -21,6 +24,7 @@ from controlplane.xds.stream import PendingResponse, StreamState
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, poll_until
 from tests.conftest import Lab, web_topology
+from tests.controlplane.test_csds import CS, RS, statuses
 from tests.controlplane.test_envoy_integration import host_flags, wait_flags, wait_traffic
 from tests.test_central_prober import HEALTH_CHECK, fail_and_recover
 
@@ -178,6 +182,19 @@ async def test_delta_rejected_resource_is_one_nack_not_resent(
     [group] = nacks["rejected"]
     assert group["type"] == "cds" and group["nodes"] == 1 and group["change"]["kind"] == "topology"
     assert set(await lab.hits(listener_port, 30)) == {"b1", "b2", "b3"}
+    # CSDS says the same: the Cluster NACKED with Envoy's error, the running and rejected configs.
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cp.xds_port}") as channel:
+        response = await csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel).FetchClientStatus(
+            csds_pb2.ClientStatusRequest()
+        )
+    [config] = response.config
+    assert statuses(config)[("Cluster", "web")] == ("NACKED", "ERROR")
+    assert statuses(config)[("ClusterLoadAssignment", "web")] == ("ACKED", "SYNCED")
+    web = next(c for c in config.generic_xds_configs if c.type_url == rs.CLUSTER)
+    assert web.client_status == RS.NACKED and web.config_status == CS.ERROR
+    running, rejected = cluster_pb2.Cluster(), cluster_pb2.Cluster()
+    assert web.xds_config.Unpack(running) and web.error_state.failed_configuration.Unpack(rejected)
+    assert running.connect_timeout.ToNanoseconds() > 0 and rejected.connect_timeout.ToNanoseconds() == 0
 
     lab.write(web_topology(backends, listener_port, connect_timeout="3s"))
 
