@@ -217,11 +217,13 @@ class DeltaStreamState(StreamState):
             available = table
         if ts.initial is not None:
             for name, digest in ts.initial.items():
+                if not ts.wants(name):
+                    continue
                 current = available.get(name)
-                if current is not None and current.delta_version == digest:
-                    ts.sent[name] = current.version
-                elif current is None and ts.wants(name):
+                if current is None:
                     ts.sent[name] = ""  # held by the node, gone here: announced below
+                elif current.delta_version == digest:
+                    ts.sent[name] = current.version
             ts.initial = None
             ts.synced = None
         sent = ts.sent

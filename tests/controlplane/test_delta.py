@@ -362,3 +362,13 @@ def test_each_resource_is_encoded_once_and_shared() -> None:
     [ra] = a.state.due(fleet.snapshot)
     [rb] = b.state.due(fleet.snapshot)
     assert a.state.response_body(fleet.snapshot, ra) is b.state.response_body(fleet.snapshot, rb)
+
+
+def test_initial_versions_of_names_not_subscribed_are_ignored() -> None:
+    fleet = Fleet()
+    held = connect(fleet).holds[EDS]
+    stream = DeltaStream()
+    stream.request(delta(EDS, ["web"], initial={**held, "gone": "x"}))
+    [eds] = stream.send(fleet.snapshot)
+    assert names(eds) == [] and list(eds.removed_resources) == []
+    assert stream.state.types[EDS].sent == {"web": fleet.snapshot.resources[EDS]["web"].version}
