@@ -105,31 +105,41 @@ class Resource:
     serialized: bytes
     # The resource wrapped in an Any and framed as DiscoveryResponse.resources, ready to join.
     response_field: bytes
-    # Delta xDS: the version Envoy holds it at (`content_version`), and the resource framed as a
+    # Delta xDS, computed on first use (a state-of-the-world-only fleet never pays for it): the
+    # version Envoy holds it at (`content_version`), and the resource framed as a
     # DeltaDiscoveryResponse.resources entry (name, version, Any), ready to join.
-    delta_version: str
-    delta_field: bytes
+    _delta: tuple[str, bytes] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, name: str, message: Message, version: str) -> Resource:
         type_url = rs.type_name(message)
         serialized = message.SerializeToString(deterministic=True)
-        any_bytes = _length_delimited(1, type_url.encode()) + _length_delimited(2, serialized)
-        delta_version = content_version(type_url, serialized)
-        delta_resource = (
-            _length_delimited(3, name.encode())
-            + _length_delimited(1, delta_version.encode())
-            + _length_delimited(2, any_bytes)
-        )
-        return cls(
-            name,
-            type_url,
-            version,
-            serialized,
-            _length_delimited(_RESOURCES, any_bytes),
-            delta_version,
-            _length_delimited(_RESOURCES, delta_resource),
-        )
+        return cls(name, type_url, version, serialized, _length_delimited(_RESOURCES, _any(type_url, serialized)))
+
+    @property
+    def delta_version(self) -> str:
+        return self._delta_parts()[0]
+
+    @property
+    def delta_field(self) -> bytes:
+        return self._delta_parts()[1]
+
+    def _delta_parts(self) -> tuple[str, bytes]:
+        parts = self._delta
+        if parts is None:
+            version = content_version(self.type_url, self.serialized)
+            entry = (
+                _length_delimited(3, self.name.encode())
+                + _length_delimited(1, version.encode())
+                + _length_delimited(2, _any(self.type_url, self.serialized))
+            )
+            parts = (version, _length_delimited(_RESOURCES, entry))
+            object.__setattr__(self, "_delta", parts)  # a cache: the resource's meaning never changes
+        return parts
+
+
+def _any(type_url: str, serialized: bytes) -> bytes:
+    return _length_delimited(1, type_url.encode()) + _length_delimited(2, serialized)
 
 
 @dataclass(frozen=True, slots=True)

@@ -372,3 +372,13 @@ def test_initial_versions_of_names_not_subscribed_are_ignored() -> None:
     [eds] = stream.send(fleet.snapshot)
     assert names(eds) == [] and list(eds.removed_resources) == []
     assert stream.state.types[EDS].sent == {"web": fleet.snapshot.resources[EDS]["web"].version}
+
+
+def test_a_resource_delta_entry_is_built_once_and_shared_by_later_snapshots() -> None:
+    fleet = Fleet()
+    web = fleet.snapshot.resources[EDS]["web"]
+    entry = web.delta_field
+    assert web.delta_field is entry and web.delta_version == content_version(EDS, web.serialized)
+    fleet.flip("api", "127.0.0.2:9000")  # web unchanged: the same resource, the same bytes
+    assert fleet.snapshot.resources[EDS]["web"].delta_field is entry
+    assert fleet.snapshot.resources[EDS]["api"].delta_version != Fleet().snapshot.resources[EDS]["api"].delta_version
