@@ -157,6 +157,31 @@ async def test_the_fleet_command_reports_versions_and_stops_on_sigint(cp: Contro
             await proc.wait()
 
 
+async def test_the_fleet_command_speaks_delta(cp: ControlPlane) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controlplane", "fleet", "--nodes", "2", "--controlplane",
+        f"127.0.0.1:{cp.xds_port}", "--delta", "--prefix", "d",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            line = (await proc.stdout.readline()).decode()
+            assert line.startswith("healthplane fleet: 2 nodes connected"), line
+            assert {s.protocol for s in cp.nodes.streams()} == {"delta"}
+            snapshot = cp.set_override("web", "127.0.0.1:8081", HealthStatus.UNHEALTHY, who="test")
+            assert snapshot is not None
+            while f"version {snapshot.type_versions[rs.ENDPOINT]}: 2 answers" not in line:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "the fleet command ended early"
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_the_fleet_command_fails_when_the_control_plane_goes_away() -> None:
     doc: dict[str, Any] = json.loads(json.dumps(DOCUMENT))
     doc["controlplane"]["watch_interval"] = 0
