@@ -305,6 +305,7 @@ async def test_loopback_lab_with_delta_envoys_routes_to_every_backend(leftovers:
         assert set(await front_answers(lab)) == set(BACKENDS)
         nodes = await lab.controlplane_get("/nodes")
         assert {n["protocol"] for n in nodes["nodes"]} == {"delta"} and len(nodes["nodes"]) == 4
+        assert "(central prober, delta xDS;" in lab.describe()
         leftovers.workdirs.append(lab.workdir)
     leftovers.assert_none()
 
