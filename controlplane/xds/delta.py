@@ -199,10 +199,10 @@ class DeltaStreamState(StreamState):
                 # Envoy re-creates an updated cluster and the new one warms until it gets its
                 # ClusterLoadAssignment; the name stays subscribed, so no request asks for it.
                 # Send it again right behind the cluster (ADS order: EDS after CDS).
+                assert isinstance(eds, DeltaTypeState)
                 for name in updated:
                     if eds.sent.pop(name, None) is not None:
-                        assert isinstance(eds, DeltaTypeState)
-                        eds.synced = None
+                        eds.recheck.add(name)
             out.append(DeltaResponse(type_url, type_version, to_send, nonce, removed))
         return out
 
