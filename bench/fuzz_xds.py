@@ -1,12 +1,13 @@
 """A longer fuzz run of the ADS server than the test's: malformed and mutated DiscoveryRequests.
 
-    python bench/fuzz_xds.py --fuzz-count 100000 [--seed 1] [--concurrency 32]
+    python bench/fuzz_xds.py --fuzz-count 100000 [--seed 1] [--concurrency 32] [--delta]
 
 Starts a control plane on ephemeral ports and one well-behaved node, then sends `--fuzz-count`
 fuzzed streams (tests/controlplane/xds/xds_fuzz.py), checking after every 500 that the healthy node
 still gets and ACKs a push. Prints the status codes returned, per-category counts and any
 finding (a status other than OK / INVALID_ARGUMENT / RESOURCE_EXHAUSTED, or one without a
-message); exits 1 if there is one.
+message); exits 1 if there is one. `--delta` fuzzes DeltaAggregatedResources with
+DeltaDiscoveryRequests, and the healthy node speaks delta.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
 
-async def run(count: int, seed: int, concurrency: int) -> int:
+async def run(count: int, seed: int, concurrency: int, delta: bool = False) -> int:
     import logging
 
     import grpc
@@ -39,7 +40,7 @@ async def run(count: int, seed: int, concurrency: int) -> int:
     cp = ControlPlane(parse_topology(topology(max_message_bytes=1 << 20), source="bench"))
     await cp.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{cp.xds_port}")
-    healthy = HealthyNode(channel)
+    healthy = HealthyNode(channel, delta=delta)
     await healthy.start()
     await healthy.wait_version(cp.snapshot.type_versions[rs.ENDPOINT])
     t0 = time.monotonic()
@@ -59,6 +60,7 @@ async def run(count: int, seed: int, concurrency: int) -> int:
             concurrency=concurrency,
             push_every=500,
             progress=progress,
+            delta=delta,
         )
     finally:
         await healthy.aclose()
@@ -66,6 +68,7 @@ async def run(count: int, seed: int, concurrency: int) -> int:
         await cp.aclose(grace=0)
     elapsed = time.monotonic() - t0
     summary = {
+        "method": "DeltaAggregatedResources" if delta else "StreamAggregatedResources",
         "inputs": report.inputs,
         "seconds": round(elapsed, 1),
         "codes": dict(report.codes),
@@ -83,8 +86,9 @@ def main() -> int:
     parser.add_argument("--fuzz-count", type=int, default=20_000, help="fuzzed streams to send")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=32, help="fuzzed streams open at a time")
+    parser.add_argument("--delta", action="store_true", help="fuzz DeltaAggregatedResources instead")
     args = parser.parse_args()
-    return asyncio.run(run(args.fuzz_count, args.seed, args.concurrency))
+    return asyncio.run(run(args.fuzz_count, args.seed, args.concurrency, args.delta))
 
 
 if __name__ == "__main__":

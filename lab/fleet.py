@@ -6,9 +6,12 @@ ClusterLoadAssignments of the clusters it got, to every Listener, then to the
 RouteConfigurations those listeners name; it answers each response after a modelled apply time
 with an ACK (or, at `nack_rate`, a NACK keeping its previous version). The node is sent on the
 first request only. Each node records, per type and version, when it read the response and
-when it answered.
+when it answered. With `delta`, a node speaks incremental xDS as Envoy with DELTA_GRPC does:
+wildcard CDS and LDS, then subscribes (and unsubscribes) the ClusterLoadAssignments and
+RouteConfigurations it needs as clusters and listeners come and go, and lists what it holds
+as `initial_resource_versions` when it reconnects.
 
-    healthplane fleet --nodes 1000 --controlplane 127.0.0.1:18000 [--apply 0ms-20ms] [--zones a,b]
+    healthplane fleet --nodes 1000 --controlplane 127.0.0.1:18000 [--apply 0ms-20ms] [--zones a,b] [--delta]
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from controlplane.errors import ConfigError
 from controlplane.snapshots import resources as rs
 from controlplane.topology.addresses import host_port
 from controlplane.topology.durations import parse_duration
-from lab.adsclient import AdsClient, AdsStream
+from lab.adsclient import AdsClient, AdsStream, DeltaAdsClient, DeltaAdsStream
 
 log = logging.getLogger("healthplane.fleet")
 
@@ -92,13 +95,22 @@ class SimNode:
     error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)  # set after the first ACK of each type
     on_answer: Callable[[SimNode, Received], None] | None = None
+    delta: bool = False
+    held: dict[str, dict[str, str]] = field(default_factory=dict)  # delta: type URL -> name -> version
+    routes_of: dict[str, set[str]] = field(default_factory=dict)  # delta: listener -> its route names
 
-    async def run(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
-        """Hold the stream until the server ends it or the task is cancelled."""
+    def _node(self) -> base_pb2.Node:
         node = base_pb2.Node(id=self.node_id, cluster=self.node_cluster)
         if self.zone:
             node.locality.zone = self.zone
-        client = AdsClient(node)
+        return node
+
+    async def run(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+        """Hold the stream until the server ends it or the task is cancelled."""
+        if self.delta:
+            await self._run_delta(stub)
+            return
+        client = AdsClient(self._node())
         stream = AdsStream(stub, client)
         client.acked = self.acked  # the node's own record, kept across streams
         try:
@@ -137,6 +149,77 @@ class SimNode:
             self.ready.set()  # whoever waits for readiness learns of the error at once
             stream.cancel()
 
+    async def _run_delta(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+        client = DeltaAdsClient(self._node(), self.held)
+        stream = DeltaAdsStream(stub, client)
+        client.acked = self.acked
+        try:
+            await stream.send(client.subscribe(CDS))
+            while (response := await stream.read()) is not None:
+                read_at = time.time()
+                type_url = response.type_url
+                pause = self.apply(self.rng)
+                if pause > 0:
+                    await asyncio.sleep(pause)
+                nack = self.nack_rate > 0 and self.rng.random() < self.nack_rate
+                if nack:
+                    await stream.send(client.nack(response, "simulated NACK"))
+                else:
+                    if type_url == LDS:
+                        for resource in response.resources:
+                            self.routes_of[resource.name] = _listener_routes(resource.resource)
+                        for name in response.removed_resources:
+                            self.routes_of.pop(name, None)
+                    client.apply(response)
+                    # As Envoy: the new subscriptions a response brings go out before its ACK.
+                    if type_url == CDS:
+                        await self._follow(stream, client, EDS, set(self.held.get(CDS, {})))
+                        if not client.subscribed(LDS):
+                            await stream.send(client.subscribe(LDS))
+                    elif type_url == LDS:
+                        await self._follow(stream, client, RDS, set().union(*self.routes_of.values()))
+                    await stream.send(client.ack(response))
+                received = Received(type_url, response.system_version_info, read_at, time.time(), nack)
+                self.history.append(received)
+                if self.on_answer is not None:
+                    self.on_answer(self, received)
+                if {CDS, LDS} <= self.acked.keys() and not self.ready.is_set():
+                    self.ready.set()
+            self.error = "the server ended the stream"
+        except grpc.aio.AioRpcError as exc:
+            self.error = f"{exc.code().name}: {exc.details()}"
+        finally:
+            self.ready.set()
+            stream.cancel()
+
+    @staticmethod
+    async def _follow(stream: DeltaAdsStream, client: DeltaAdsClient, type_url: str, wanted: set[str]) -> None:
+        """Subscribe what `wanted` adds to `type_url`'s names and unsubscribe what it drops."""
+        have = client.names.get(type_url)
+        if have is None:
+            if wanted:
+                await stream.send(client.subscribe(type_url, sorted(wanted)))
+            return
+        add, drop = sorted(wanted - have), sorted(have - wanted)
+        if add or drop:
+            await stream.send(client.subscribe(type_url, add, drop))
+        for name in drop:
+            client.held.get(type_url, {}).pop(name, None)
+
+
+def _listener_routes(resource: Any) -> set[str]:
+    listener = listener_pb2.Listener()
+    resource.Unpack(listener)
+    out: set[str] = set()
+    for chain in listener.filter_chains:
+        for flt in chain.filters:
+            if flt.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
+                manager = hcm_pb2.HttpConnectionManager()
+                flt.typed_config.Unpack(manager)
+                if manager.HasField("rds"):
+                    out.add(manager.rds.route_config_name)
+    return out
+
 
 def _names(response: discovery_pb2.DiscoveryResponse, message_type: Any) -> list[str]:
     out = []
@@ -148,18 +231,7 @@ def _names(response: discovery_pb2.DiscoveryResponse, message_type: Any) -> list
 
 
 def _route_names(response: discovery_pb2.DiscoveryResponse) -> set[str]:
-    out: set[str] = set()
-    for resource in response.resources:
-        listener = listener_pb2.Listener()
-        resource.Unpack(listener)
-        for chain in listener.filter_chains:
-            for flt in chain.filters:
-                if flt.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
-                    manager = hcm_pb2.HttpConnectionManager()
-                    flt.typed_config.Unpack(manager)
-                    if manager.HasField("rds"):
-                        out.add(manager.rds.route_config_name)
-    return out
+    return set().union(*(_listener_routes(resource) for resource in response.resources))
 
 
 class Fleet:
@@ -178,6 +250,7 @@ class Fleet:
         streams_per_channel: int = 1,
         seed: int | None = None,
         on_answer: Callable[[SimNode, Received], None] | None = None,
+        delta: bool = False,
     ) -> None:
         if nodes < 1:
             raise ConfigError("must be at least 1", path="--nodes")
@@ -195,6 +268,7 @@ class Fleet:
                 nack_rate=nack_rate,
                 rng=random.Random(rng.random()),
                 on_answer=on_answer,
+                delta=delta,
             )
             for i in range(nodes)
         ]
@@ -255,6 +329,7 @@ def add_fleet_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix", default="sim", help="node ids are PREFIX-0, PREFIX-1, ...")
     p.add_argument("--streams-per-channel", type=int, default=1, help="ADS streams sharing one TCP connection")
     p.add_argument("--seed", type=int, help="seed of the apply-time and NACK draws")
+    p.add_argument("--delta", action="store_true", help="the nodes speak incremental xDS (DeltaAggregatedResources)")
 
 
 def fleet_command(args: argparse.Namespace) -> int:
@@ -276,6 +351,7 @@ def fleet_command(args: argparse.Namespace) -> int:
         streams_per_channel=args.streams_per_channel,
         seed=args.seed,
         on_answer=on_answer,
+        delta=args.delta,
     )
 
     async def run() -> int:

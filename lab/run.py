@@ -663,7 +663,8 @@ class Lab:
         ]
         pad = max(len(cmd) for cmd, _ in tries)
         lines = [
-            f"healthplane lab is up{took} ({config.mode.title}; {where}). Ctrl-C stops everything.",
+            f"healthplane lab is up{took} ({config.mode.title}{', delta xDS' if config.delta else ''}; {where}). "
+            "Ctrl-C stops everything.",
             "",
             "Try:",
             *(f"  {cmd:<{pad}}  # {why}" for cmd, why in tries),

@@ -229,6 +229,7 @@ class LabConfig:
     netns_prefix: str = "hplab"
     workdir: Path | None = None
     envoy_log_level: str = "warning"
+    delta: bool = False  # the Envoys speak incremental xDS (DELTA_GRPC) to the control plane
 
     def __post_init__(self) -> None:
         hc = self.health_check
@@ -478,6 +479,7 @@ def front_bootstrap(layout: LabLayout, front: FrontLayout) -> dict[str, Any]:
             xds_host=layout.xds_address,
             xds_port=layout.ports.xds,
             admin_port=front.admin_port,
+            delta=layout.config.delta,
         )
     web = _static_cluster(
         WEB_CLUSTER,
@@ -500,6 +502,7 @@ def sidecar_bootstrap(layout: LabLayout, backend: BackendLayout) -> dict[str, An
             xds_port=layout.ports.xds,
             admin_port=backend.admin_port,
             admin_address=backend.admin_address,
+            delta=layout.config.delta,
         )
     # The classic demo's sidecars only forward to their app; the front proxies do the checking.
     listen = "0.0.0.0" if backend.netns else backend.address
@@ -626,6 +629,12 @@ def _add_common(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
         help=f"prefix of the namespaces, bridge and veths --netns creates (default {defaults.netns_prefix})",
     )
     g.add_argument(
+        "--delta",
+        action="store_true",
+        default=d(False),
+        help="the Envoys use incremental xDS (api_type DELTA_GRPC) instead of state of the world",
+    )
+    g.add_argument(
         "--ports-base",
         type=int,
         default=d(None),
@@ -734,6 +743,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> LabConfig:
         "netns_prefix": args.netns_prefix,
         "workdir": args.workdir,
         "envoy_log_level": args.envoy_log_level,
+        "delta": getattr(args, "delta", False),
     }
     values.update(overrides)
     return LabConfig(**values)

@@ -82,11 +82,18 @@ class Lab:
         await self.cp.start()
         return self.cp
 
-    async def start_envoy(self, node_id: str = "front-1", service: str = "front-proxy") -> EnvoyProcess:
+    async def start_envoy(
+        self, node_id: str = "front-1", service: str = "front-proxy", *, delta: bool = False
+    ) -> EnvoyProcess:
         assert self.cp is not None
         envoy = EnvoyProcess(
             make_bootstrap(
-                node_id=node_id, service=service, xds_host="127.0.0.1", xds_port=self.cp.xds_port, admin_port=0
+                node_id=node_id,
+                service=service,
+                xds_host="127.0.0.1",
+                xds_port=self.cp.xds_port,
+                admin_port=0,
+                delta=delta,
             ),
             name=node_id,
         )

@@ -55,6 +55,10 @@ TOY_RUNS = {
         ],
         "## run 4: old",
     ),
+    "delta.py": (
+        ["--nodes", "4", "--clusters", "20", "--pushes", "1", "--adds", "1", "--workers", "1", "--pause", "0.1"],
+        "| one cluster added | bytes written per node |",
+    ),
 }
 
 

@@ -115,6 +115,9 @@ def clusters_table(endpoints: Sequence[dict[str, Any]]) -> str:
 
 
 def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
+    # XDS (which ADS protocol each node speaks) comes last, and only from a server that says it:
+    # the columns before it keep their places for scripts that read them.
+    protocols = any("protocol" in n for n in nodes)
     rows = [
         [
             n["id"],
@@ -124,10 +127,12 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
             ",".join(f"{s}={t.get('version_acked') or '-'}" for s, t in n.get("types", {}).items()),
             _lag(n),
             _last_nack(n),
+            *([n.get("protocol")] if protocols else []),
         ]
         for n in nodes
     ]
-    return table(["NODE", "CLUSTER", "PEER", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"], rows)
+    headers = ["NODE", "CLUSTER", "PEER", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"]
+    return table(headers + (["XDS"] if protocols else []), rows)
 
 
 def endpoints_table(endpoints: Sequence[dict[str, Any]], now: float) -> str:

@@ -74,6 +74,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
             admin_address=args.admin_address,
             zone=args.zone,
             tls=xds_tls_from_args(args),
+            delta=args.delta,
         )
     )
     if args.output:
@@ -107,4 +108,7 @@ def add_serve_commands(sub: Any) -> None:
     p.add_argument("--tls-cert", help="Envoy's client certificate file for mutual TLS")
     p.add_argument("--tls-key", help="Envoy's client key file for mutual TLS")
     p.add_argument("--tls-sni", help="SNI and the name the control plane's certificate must carry")
+    p.add_argument(
+        "--delta", action="store_true", help="incremental xDS (api_type DELTA_GRPC) instead of state of the world"
+    )
     p.set_defaults(func=_bootstrap)

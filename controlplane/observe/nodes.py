@@ -98,6 +98,7 @@ def node_view(stream: StreamState, snapshot: Snapshot | None) -> dict[str, Any]:
     up_to_date = all(ts.acked_version == current.get(t) for t, ts in stream.types.items() if t in current)
     return {
         "id": stream.node_id,
+        "protocol": stream.protocol,
         "cluster": stream.node_cluster,
         "locality": stream.node_locality,
         "user_agent": stream.user_agent.strip(),

@@ -9,6 +9,8 @@ a stream only appends its own nonce (see `encode_response`).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -68,6 +70,19 @@ def _length_delimited(field_number: int, data: bytes) -> bytes:
 _VERSION_INFO, _RESOURCES, _TYPE_URL, _NONCE, _CONTROL_PLANE = 1, 2, 4, 5, 6
 
 
+# DeltaDiscoveryResponse (system_version_info 1, resources 2, type_url 4, nonce 5 as above) and
+# its Resource (version 1, resource 2, name 3).
+_REMOVED_RESOURCES = 6
+
+
+def content_version(type_url: str, serialized: bytes) -> str:
+    """A resource's delta xDS version: a digest of its bytes, so the same bytes carry the same
+    version in every process and across restarts, and other bytes (to 96 bits: 16 characters on
+    the wire with every resource) practically never do."""
+    digest = hashlib.blake2b(serialized, digest_size=12, person=type_url[-16:].encode()).digest()
+    return base64.urlsafe_b64encode(digest).decode()
+
+
 def encode_response(body: bytes, nonce: str) -> bytes:
     """The shared response body plus this stream's nonce: a complete DiscoveryResponse.
 
@@ -90,13 +105,41 @@ class Resource:
     serialized: bytes
     # The resource wrapped in an Any and framed as DiscoveryResponse.resources, ready to join.
     response_field: bytes
+    # Delta xDS, computed on first use (a state-of-the-world-only fleet never pays for it): the
+    # version Envoy holds it at (`content_version`), and the resource framed as a
+    # DeltaDiscoveryResponse.resources entry (name, version, Any), ready to join.
+    _delta: tuple[str, bytes] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def of(cls, name: str, message: Message, version: str) -> Resource:
         type_url = rs.type_name(message)
         serialized = message.SerializeToString(deterministic=True)
-        any_bytes = _length_delimited(1, type_url.encode()) + _length_delimited(2, serialized)
-        return cls(name, type_url, version, serialized, _length_delimited(_RESOURCES, any_bytes))
+        return cls(name, type_url, version, serialized, _length_delimited(_RESOURCES, _any(type_url, serialized)))
+
+    @property
+    def delta_version(self) -> str:
+        return self._delta_parts()[0]
+
+    @property
+    def delta_field(self) -> bytes:
+        return self._delta_parts()[1]
+
+    def _delta_parts(self) -> tuple[str, bytes]:
+        parts = self._delta
+        if parts is None:
+            version = content_version(self.type_url, self.serialized)
+            entry = (
+                _length_delimited(3, self.name.encode())
+                + _length_delimited(1, version.encode())
+                + _length_delimited(2, _any(self.type_url, self.serialized))
+            )
+            parts = (version, _length_delimited(_RESOURCES, entry))
+            object.__setattr__(self, "_delta", parts)  # a cache: the resource's meaning never changes
+        return parts
+
+
+def _any(type_url: str, serialized: bytes) -> bytes:
+    return _length_delimited(1, type_url.encode()) + _length_delimited(2, serialized)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +175,7 @@ class Snapshot:
     type_versions: Mapping[str, str]
     endpoints: tuple[EndpointView, ...]
     _bodies: dict[tuple[str, tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
+    _delta_bodies: dict[tuple[str, tuple[str, ...], tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
 
     def listener_names_for(self, node_cluster: str) -> tuple[str, ...]:
         return tuple(lst.name for lst in self.topology.listeners if lst.for_node(node_cluster))
@@ -147,6 +191,20 @@ class Snapshot:
             parts.append(_length_delimited(_TYPE_URL, type_url.encode()))
             body = b"".join(parts)
             self._bodies[key] = body
+        return body
+
+    def delta_response_body(self, type_url: str, names: tuple[str, ...], removed: tuple[str, ...]) -> bytes:
+        """DeltaDiscoveryResponse bytes (all but the nonce): `names` sent, `removed` gone; encoded once."""
+        key = (type_url, names, removed)
+        body = self._delta_bodies.get(key)
+        if body is None:
+            table = self.resources[type_url]
+            parts = [_length_delimited(_VERSION_INFO, self.type_versions[type_url].encode())]
+            parts.extend(table[name].delta_field for name in names)
+            parts.append(_length_delimited(_TYPE_URL, type_url.encode()))
+            parts.extend(_length_delimited(_REMOVED_RESOURCES, name.encode()) for name in removed)
+            body = b"".join(parts)
+            self._delta_bodies[key] = body
         return body
 
     def consistent(self) -> list[str]:

@@ -70,8 +70,10 @@ def make_bootstrap(
     admin_address: str = "127.0.0.1",
     zone: str = "",
     tls: XdsTls | None = None,
+    delta: bool = False,
 ) -> dict[str, Any]:
-    """A bootstrap whose listeners, routes, clusters and endpoints all come over ADS (over TLS if `tls`)."""
+    """A bootstrap whose listeners, routes, clusters and endpoints all come over ADS (over TLS if
+    `tls`; incremental xDS, `DeltaAggregatedResources`, if `delta`)."""
     ads_source = {"ads": {}, "resource_api_version": "V3"}
     node: dict[str, Any] = {"id": node_id, "cluster": service}
     if zone:
@@ -81,7 +83,7 @@ def make_bootstrap(
         "admin": {"address": {"socket_address": {"address": admin_address, "port_value": admin_port}}},
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
                 "grpc_services": [{"envoy_grpc": {"cluster_name": "healthplane_xds"}}],
                 # Without it Envoy resends its whole Node (tens of KB) with every ACK.

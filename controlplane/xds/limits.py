@@ -110,3 +110,27 @@ def parse_request(data: bytes, max_bytes: int) -> Any:
         if len(value) > MAX_FIELD_BYTES:
             raise ProtocolError(f"{name} is {len(value)} characters long, more than {MAX_FIELD_BYTES} allowed")
     return request
+
+
+def parse_delta_request(data: bytes, max_bytes: int) -> Any:
+    """One DeltaDiscoveryRequest from the wire, within the limits; LimitExceeded or ProtocolError naming the field."""
+    from envoy.service.discovery.v3 import discovery_pb2
+    from google.protobuf.message import DecodeError
+
+    if len(data) > max_bytes:
+        raise LimitExceeded(
+            f"DeltaDiscoveryRequest of {len(data)} bytes is over controlplane.xds.max_message_bytes ({max_bytes})"
+        )
+    try:
+        request = discovery_pb2.DeltaDiscoveryRequest.FromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ProtocolError(f"DeltaDiscoveryRequest does not parse ({len(data)} bytes): {exc}") from None
+    for name in ("resource_names_subscribe", "resource_names_unsubscribe", "initial_resource_versions"):
+        count = len(getattr(request, name))
+        if count > MAX_RESOURCE_NAMES:
+            raise LimitExceeded(f"{name} lists {count} names, more than {MAX_RESOURCE_NAMES} allowed")
+    for name in ("type_url", "response_nonce"):
+        value: str = getattr(request, name)
+        if len(value) > MAX_FIELD_BYTES:
+            raise ProtocolError(f"{name} is {len(value)} characters long, more than {MAX_FIELD_BYTES} allowed")
+    return request

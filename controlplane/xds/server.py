@@ -1,4 +1,4 @@
-"""The ADS gRPC server (state of the world): how snapshots reach Envoy streams.
+"""The ADS gRPC server (state of the world and delta): how snapshots reach Envoy streams.
 
 The server depends on one narrow seam, `SnapshotSource` (the current snapshot, and a way to be
 woken when it changes), and reports what happens through `StreamCallbacks`. It never decides
@@ -6,6 +6,10 @@ what a snapshot holds; `StreamState` decides what each stream is due.
 
 Responses are written as bytes: the snapshot encodes each (type, resource set) body once and
 each stream appends its nonce, so a push to N streams costs N writes and one encoding.
+
+Both methods, `StreamAggregatedResources` and `DeltaAggregatedResources`, run the same loop and
+differ only in their `StreamState` (`controlplane.xds.delta.DeltaStreamState` for delta) and the
+request they parse: one set of streams, callbacks, limits, delay and watchdog serves both.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from controlplane.errors import ProtocolError
 from controlplane.snapshots.cache import SnapshotSource
 from controlplane.snapshots.snapshot import Snapshot, encode_response
 from controlplane.topology.security import DEFAULT_MAX_MESSAGE_BYTES
-from controlplane.xds.limits import PeerStreams, parse_request, status_code
+from controlplane.xds.delta import DeltaStreamState
+from controlplane.xds.limits import PeerStreams, parse_delta_request, parse_request, status_code
 from controlplane.xds.stream import PendingResponse, RequestOutcome, StreamState
 
 log = logging.getLogger("healthplane.xds")
@@ -66,7 +71,8 @@ class StreamCallbacks:
 
 
 class AdsServer:
-    """`StreamAggregatedResources` over grpc.aio, one task pair (reader, writer) per stream."""
+    """`StreamAggregatedResources` and `DeltaAggregatedResources` over grpc.aio, one task pair
+    (reader, writer) per stream."""
 
     def __init__(
         self,
@@ -89,15 +95,26 @@ class AdsServer:
         self.ended_with: Counter[str] = Counter()  # streams this server ended with an error, by status code
 
     def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.stream_stream_rpc_method_handler(
-            self._stream,
-            request_deserializer=_identity,
-            response_serializer=_identity,
+        sotw = grpc.stream_stream_rpc_method_handler(
+            self._sotw_stream, request_deserializer=_identity, response_serializer=_identity
         )
-        return grpc.method_handlers_generic_handler(ADS_SERVICE, {"StreamAggregatedResources": method})
+        delta = grpc.stream_stream_rpc_method_handler(
+            self._delta_stream, request_deserializer=_identity, response_serializer=_identity
+        )
+        return grpc.method_handlers_generic_handler(
+            ADS_SERVICE, {"StreamAggregatedResources": sotw, "DeltaAggregatedResources": delta}
+        )
 
-    async def _stream(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        state = StreamState(next(self._stream_ids), peer=context.peer() or "")
+    async def _sotw_stream(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await self._stream(StreamState(next(self._stream_ids), peer=context.peer() or ""), context, parse_request)
+
+    async def _delta_stream(self, _requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        state = DeltaStreamState(next(self._stream_ids), peer=context.peer() or "")
+        await self._stream(state, context, parse_delta_request)
+
+    async def _stream(
+        self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], parse: Callable[[bytes, int], Any]
+    ) -> None:
         try:
             peer_key = self.peers.acquire(state.peer)
         except ProtocolError as exc:
@@ -106,7 +123,7 @@ class AdsServer:
             await context.abort(status_code(exc), str(exc))
         wake = asyncio.Event()
         cancel = self.source.subscribe(wake.set)
-        reader = asyncio.create_task(self._read(state, context, wake), name=f"ads-read-{state.stream_id}")
+        reader = asyncio.create_task(self._read(state, context, wake, parse), name=f"ads-read-{state.stream_id}")
         self.streams[state.stream_id] = state
         if (task := asyncio.current_task()) is not None:
             self._handlers[state.stream_id] = task
@@ -130,7 +147,7 @@ class AdsServer:
                     await asyncio.sleep(pause)  # a modelled slow network, not a wait for an event
                     state.stamp_sent(due, time.time())
                 for pending in due:
-                    body = snapshot.response_body(pending.type_url, pending.names)
+                    body = state.response_body(snapshot, pending)
                     # Before the write: its await lets the reader run, and the node's ACK of this
                     # response could otherwise reach the callbacks before the response itself.
                     self.callbacks.on_response(state, pending, snapshot)
@@ -178,13 +195,19 @@ class AdsServer:
         """`close_stream` every open stream (a deliberate shutdown); the tasks to wait for."""
         return [task for stream_id, task in list(self._handlers.items()) if self.close_stream(stream_id, reason)]
 
-    async def _read(self, state: StreamState, context: grpc.aio.ServicerContext[Any, Any], wake: asyncio.Event) -> None:
+    async def _read(
+        self,
+        state: StreamState,
+        context: grpc.aio.ServicerContext[Any, Any],
+        wake: asyncio.Event,
+        parse: Callable[[bytes, int], Any],
+    ) -> None:
         try:
             while True:
                 data = await context.read()
                 if data is grpc.aio.EOF:
                     return
-                request = parse_request(data, self.max_message_bytes)
+                request = parse(data, self.max_message_bytes)
                 outcome = state.on_request(request)
                 self.callbacks.on_request(state, outcome)
                 if state.needs_due(self.source.current()):

@@ -86,6 +86,8 @@ class TypeState:
 class StreamState:
     """Everything one ADS stream knows about its node and what it has sent."""
 
+    protocol = "sotw"  # state of the world; controlplane.xds.delta.DeltaStreamState says "delta"
+
     def __init__(self, stream_id: int, *, peer: str = "") -> None:
         self.stream_id = stream_id
         self.peer = peer
@@ -108,20 +110,7 @@ class StreamState:
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> RequestOutcome:
         """Record one request and classify it; raises ProtocolError when it breaks the protocol."""
-        if request.HasField("node"):
-            if not request.node.id:
-                raise ProtocolError("node.id is empty: start Envoy with --service-node or node.id")
-            if self.node_id is None:
-                self.node_id = request.node.id
-                self.node_cluster = request.node.cluster
-                loc = request.node.locality
-                self.node_zone = loc.zone
-                self.node_locality = "/".join(p for p in (loc.region, loc.zone, loc.sub_zone) if p)
-                self.user_agent = f"{request.node.user_agent_name} {request.node.user_agent_build_version.version.major_number}.{request.node.user_agent_build_version.version.minor_number}.{request.node.user_agent_build_version.version.patch}"  # noqa: E501
-            elif request.node.id != self.node_id:
-                raise ProtocolError(f"node.id changed on one stream: {self.node_id!r} -> {request.node.id!r}")
-        elif self.node_id is None:
-            raise ProtocolError("the first request on a stream must carry node")
+        self.accept_node(request)
         type_url = request.type_url
         if not type_url:
             raise ProtocolError("type_url is empty: ADS needs it on every request")
@@ -162,6 +151,23 @@ class StreamState:
             self.dirty = True
         return outcome
 
+    def accept_node(self, request: discovery_pb2.DiscoveryRequest | discovery_pb2.DeltaDiscoveryRequest) -> None:
+        """Take the node from the stream's first request; ProtocolError if it is missing or changes."""
+        if request.HasField("node"):
+            if not request.node.id:
+                raise ProtocolError("node.id is empty: start Envoy with --service-node or node.id")
+            if self.node_id is None:
+                self.node_id = request.node.id
+                self.node_cluster = request.node.cluster
+                loc = request.node.locality
+                self.node_zone = loc.zone
+                self.node_locality = "/".join(p for p in (loc.region, loc.zone, loc.sub_zone) if p)
+                self.user_agent = f"{request.node.user_agent_name} {request.node.user_agent_build_version.version.major_number}.{request.node.user_agent_build_version.version.minor_number}.{request.node.user_agent_build_version.version.patch}"  # noqa: E501
+            elif request.node.id != self.node_id:
+                raise ProtocolError(f"node.id changed on one stream: {self.node_id!r} -> {request.node.id!r}")
+        elif self.node_id is None:
+            raise ProtocolError("the first request on a stream must carry node")
+
     def _subscribe(self, ts: TypeState, request: discovery_pb2.DiscoveryRequest, *, first: bool) -> None:
         names = set(request.resource_names)
         full_state = ts.type_url in rs.FULL_STATE_TYPES
@@ -181,6 +187,10 @@ class StreamState:
             self.dirty = True
 
     # ------------------------------------------------------------------ responses
+
+    def response_body(self, snapshot: Snapshot, pending: PendingResponse) -> bytes:
+        """The shared bytes of a due response, all but its nonce."""
+        return snapshot.response_body(pending.type_url, pending.names)
 
     def next_nonce(self) -> str:
         self._nonce += 1

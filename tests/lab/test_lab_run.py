@@ -227,6 +227,18 @@ def test_options_before_and_after_the_subcommand() -> None:
     assert parser.parse_args(["lab"]).lab_command is None
 
 
+def test_delta_option_makes_every_ads_bootstrap_delta() -> None:
+    args = build_parser().parse_args(["lab", "--delta", "scenario"])
+    config = config_from_args(args)
+    assert config.delta
+    layout = make_layout(config, PortPlan())
+    documents = [front_bootstrap(layout, f) for f in layout.fronts] + [
+        sidecar_bootstrap(layout, b) for b in layout.backends
+    ]
+    assert {d["dynamic_resources"]["ads_config"]["api_type"] for d in documents} == {"DELTA_GRPC"}
+    assert not config_from_args(build_parser().parse_args(["lab"])).delta
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -282,6 +294,20 @@ async def test_loopback_lab_routes_to_every_backend_and_leaves_nothing(leftovers
         leftovers.workdirs.append(lab.workdir)
     leftovers.assert_none()
     await lab.aclose()  # idempotent
+
+
+@pytest.mark.envoy
+async def test_loopback_lab_with_delta_envoys_routes_to_every_backend(leftovers: Leftovers) -> None:
+    lab = Lab(LabConfig(ports_base=0, health_check=FAST, delta=True))
+    async with lab:
+        await lab.wait_healthy()
+        leftovers.remember(lab.children())
+        assert set(await front_answers(lab)) == set(BACKENDS)
+        nodes = await lab.controlplane_get("/nodes")
+        assert {n["protocol"] for n in nodes["nodes"]} == {"delta"} and len(nodes["nodes"]) == 4
+        assert "(central prober, delta xDS;" in lab.describe()
+        leftovers.workdirs.append(lab.workdir)
+    leftovers.assert_none()
 
 
 @pytest.mark.envoy

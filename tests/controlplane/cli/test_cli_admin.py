@@ -138,3 +138,12 @@ async def test_alarms_accept_and_forget_prober_commands() -> None:
 
         code, out, err = await healthplane("forget-prober", "ghost", "--admin", admin, "--token", token)
         assert code == 2 and "404" in err and "no remote prober 'ghost'" in err
+
+
+def test_nodes_table_says_which_protocol_each_node_speaks() -> None:
+    nodes: list[dict[str, Any]] = [{"id": "a", "protocol": "sotw"}, {"id": "b", "protocol": "delta"}]
+    lines = nodes_table(nodes, "1.2").splitlines()
+    assert lines[0].split()[0] == "NODE" and lines[0].split()[-1] == "XDS"
+    assert [(line.split()[0], line.split()[-1]) for line in lines[1:]] == [("a", "sotw"), ("b", "delta")]
+    # A server that does not report protocols: no column.
+    assert "XDS" not in nodes_table([{"id": "a"}], "1.2")

@@ -73,3 +73,20 @@ def test_bootstrap_sets_node_once_and_ads_for_everything() -> None:
 def test_bootstrap_rejects_bad_xds_address(xds: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bootstrap", "--node-id", "n", "--service", "s", "--xds", xds]) == 2
     assert "--xds: must be HOST:PORT" in capsys.readouterr().err
+
+
+def test_bootstrap_delta_asks_for_incremental_xds_and_envoy_accepts_it(tmp_path: Path) -> None:
+    argv = ["bootstrap", "--node-id", "n1", "--service", "front", "--xds", "127.0.0.1:18000", "--delta"]
+    code, output = run_cli(argv)
+    assert code == 0
+    doc = yaml.safe_load(output)
+    assert doc == make_bootstrap(node_id="n1", service="front", xds_host="127.0.0.1", xds_port=18000, delta=True)
+    assert doc["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    sotw = make_bootstrap(node_id="n1", service="front", xds_host="127.0.0.1", xds_port=18000)
+    assert sotw["dynamic_resources"]["ads_config"]["api_type"] == "GRPC"
+    path = tmp_path / "delta.yaml"
+    path.write_text(output)
+    result = subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(path), "-l", "error"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -84,6 +84,27 @@ async def test_fuzzed_requests_get_a_clear_status_and_the_healthy_node_keeps_its
         assert line in exposition
 
 
+async def test_fuzzed_delta_requests_get_a_clear_status_and_a_delta_node_keeps_its_pushes() -> None:
+    cp, channel = await start(max_message_bytes=1 << 20)
+    healthy = HealthyNode(channel, "healthy-delta", delta=True)
+    try:
+        await healthy.start()
+        await healthy.wait_version(cp.snapshot.type_versions[rs.ENDPOINT])
+        report = await fuzz(channel, healthy, Flipper(cp), count=FUZZ_COUNT, seed=11, push_every=50, delta=True)
+        assert report.findings == []
+        assert report.inputs == FUZZ_COUNT
+        assert report.codes["OK"] > 0 and report.codes["INVALID_ARGUMENT"] > 0
+        assert report.codes["RESOURCE_EXHAUSTED"] > 0
+        assert report.healthy_pushes == FUZZ_COUNT // 50
+        assert healthy.task is not None and not healthy.task.done()
+        assert len(cp.ads.streams) == 1 and cp.ads.streams[min(cp.ads.streams)].protocol == "delta"
+        assert cp.ads.peers.open == {"127.0.0.1": 1}
+    finally:
+        await healthy.aclose()
+        await channel.close()
+        await cp.aclose(grace=0)
+
+
 async def test_random_bytes_are_invalid_argument_naming_the_message(
     served: tuple[ControlPlane, grpc.aio.Channel, HealthyNode],
 ) -> None:

@@ -6,6 +6,10 @@ ADS method, then a half-close. What is allowed back: the stream ends OK (the inp
 enough), or with INVALID_ARGUMENT / RESOURCE_EXHAUSTED and a message. Anything else (INTERNAL,
 UNKNOWN, a hang, a crash) is a finding. Meanwhile a well-behaved node keeps its stream and must
 receive and ACK every push.
+
+With `delta=True` the inputs are DeltaDiscoveryRequests (subscribe and unsubscribe lists,
+initial_resource_versions, nonces never sent, error_detail) on `DeltaAggregatedResources`, and
+the well-behaved node speaks delta too.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
 from controlplane.snapshots import resources as rs
-from lab.adsclient import AdsClient, AdsStream
+from lab.adsclient import AdsClient, AdsStream, DeltaAdsClient, DeltaAdsStream
 
 METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources"
+DELTA_METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 ALLOWED = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 TYPE_URLS = [*rs.ADS_ORDER, "", "type.googleapis.com/", "type.googleapis.com/envoy.config.cluster.v2.Cluster", "*"]
 
@@ -97,6 +102,71 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
     return bytes(buf)
 
 
+def valid_delta_request(rng: random.Random, *, node: bool = True) -> discovery_pb2.DeltaDiscoveryRequest:
+    request = discovery_pb2.DeltaDiscoveryRequest(type_url=rng.choice(rs.ADS_ORDER))
+    if node:
+        request.node.CopyFrom(base_pb2.Node(id=f"fuzz-{rng.randrange(1_000_000)}", cluster="fuzz"))
+    if request.type_url in (rs.ENDPOINT, rs.ROUTE):
+        request.resource_names_subscribe.append(rng.choice(["web", "ingress", "missing"]))
+    elif rng.random() < 0.3:
+        request.resource_names_subscribe.append("*")
+    return request
+
+
+def random_delta_request(rng: random.Random) -> discovery_pb2.DeltaDiscoveryRequest:
+    request = discovery_pb2.DeltaDiscoveryRequest()
+    if rng.random() < 0.8:
+        request.node.id = rng.choice(["", "n", _absurd_string(rng), f"fuzz-{rng.randrange(1000)}"])
+        if rng.random() < 0.3:
+            request.node.cluster = _absurd_string(rng)
+    request.type_url = rng.choice([*TYPE_URLS, _absurd_string(rng)])
+    kind = rng.random()
+    names = ["*", "web", "api", "ingress", ""]
+    if kind < 0.1:  # huge lists, up to and over the server's cap
+        n = rng.choice([10_000, 100_001, 150_000])
+        field_name = rng.choice(["subscribe", "unsubscribe", "initial"])
+        if field_name == "initial":
+            request.initial_resource_versions.update({f"n{i}": "v" for i in range(n)})
+        else:
+            getattr(request, f"resource_names_{field_name}").extend(f"n{i}" for i in range(n))
+    elif kind < 0.7:
+        request.resource_names_subscribe.extend(
+            rng.choice([*names, _absurd_string(rng)]) for _ in range(rng.randint(0, 8))
+        )
+        request.resource_names_unsubscribe.extend(
+            rng.choice([*names, _absurd_string(rng)]) for _ in range(rng.randint(0, 8))
+        )
+        for _ in range(rng.randint(0, 5)):
+            request.initial_resource_versions[rng.choice([*names, _absurd_string(rng)])] = _absurd_string(rng)
+    request.response_nonce = _absurd_string(rng)
+    if rng.random() < 0.3:
+        request.error_detail.CopyFrom(status_pb2.Status(code=rng.randint(-5, 20), message=_absurd_string(rng)))
+    return request
+
+
+def one_delta_input(rng: random.Random) -> tuple[str, list[bytes]]:
+    """(category, messages) for one delta stream."""
+    category = rng.choice(["bytes", "random", "mutated", "valid-then-bad", "valid-then-random", "unsubscribed"])
+    if category == "bytes":
+        return category, [rng.randbytes(rng.choice([0, 1, 5, 50, 500, 5000]))]
+    if category == "random":
+        return category, [random_delta_request(rng).SerializeToString()]
+    if category == "mutated":
+        return category, [mutate(rng, valid_delta_request(rng).SerializeToString())]
+    first = valid_delta_request(rng).SerializeToString()
+    if category == "valid-then-bad":
+        return category, [first, rng.randbytes(rng.randint(1, 300))]
+    if category == "valid-then-random":
+        return category, [first, random_delta_request(rng).SerializeToString()]
+    # A valid node, then requests that ACK or NACK nonces it was never sent, and change subscriptions.
+    follow = valid_delta_request(rng, node=False)
+    follow.response_nonce = _absurd_string(rng)
+    follow.resource_names_unsubscribe.append(rng.choice(["*", "web", _absurd_string(rng)]))
+    if rng.random() < 0.5:
+        follow.error_detail.CopyFrom(status_pb2.Status(code=3, message=_absurd_string(rng)))
+    return category, [first, follow.SerializeToString()]
+
+
 def one_input(rng: random.Random) -> tuple[str, list[bytes]]:
     """(category, messages) for one stream."""
     category = rng.choice(["bytes", "random", "mutated", "valid-then-bad", "valid-then-random", "unsubscribed"])
@@ -128,10 +198,10 @@ class FuzzReport:
 
 
 async def send_input(
-    channel: grpc.aio.Channel, messages: list[bytes], limit: float = 20.0
+    channel: grpc.aio.Channel, messages: list[bytes], limit: float = 20.0, *, method: str = METHOD
 ) -> tuple[grpc.StatusCode, str]:
     """One stream with these raw messages; its final status and details."""
-    call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)()
+    call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)()
     try:
         async with asyncio.timeout(limit):
             for message in messages:
@@ -150,11 +220,14 @@ async def send_input(
 class HealthyNode:
     """A well-behaved ADS client: subscribes to EDS for `web` and ACKs every response."""
 
-    def __init__(self, channel: grpc.aio.Channel, node_id: str = "healthy") -> None:
+    def __init__(self, channel: grpc.aio.Channel, node_id: str = "healthy", *, delta: bool = False) -> None:
         from envoy.service.discovery.v3 import ads_pb2_grpc
 
-        self.client = AdsClient(base_pb2.Node(id=node_id, cluster="fuzz"))
-        self.stream = AdsStream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), self.client)
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        node = base_pb2.Node(id=node_id, cluster="fuzz")
+        self.client: Any = DeltaAdsClient(node) if delta else AdsClient(node)
+        self.stream: Any = DeltaAdsStream(stub, self.client) if delta else AdsStream(stub, self.client)
+        self.delta = delta
         self.node_id = node_id
         self.versions: list[str] = []
         self.changed = asyncio.Event()
@@ -168,7 +241,7 @@ class HealthyNode:
         try:
             while (response := await self.stream.read()) is not None:
                 await self.stream.send(self.client.ack(response))
-                self.versions.append(response.version_info)
+                self.versions.append(response.system_version_info if self.delta else response.version_info)
                 self.changed.set()
         finally:
             self.changed.set()  # a waiter sees the stream end at once rather than at its deadline
@@ -197,14 +270,16 @@ async def fuzz(
     concurrency: int = 16,
     push_every: int = 50,
     progress: Callable[[FuzzReport], Any] | None = None,
+    delta: bool = False,
 ) -> FuzzReport:
     """Send `count` inputs, `concurrency` at a time; every `push_every`, the healthy node must get a push."""
     rng = random.Random(seed)
+    make_input, method = (one_delta_input, DELTA_METHOD) if delta else (one_input, METHOD)
     report = FuzzReport()
     sent = 0
     while sent < count:
-        batch = [one_input(rng) for _ in range(min(concurrency, count - sent))]
-        results = await asyncio.gather(*(send_input(channel, messages) for _, messages in batch))
+        batch = [make_input(rng) for _ in range(min(concurrency, count - sent))]
+        results = await asyncio.gather(*(send_input(channel, messages, method=method) for _, messages in batch))
         for (category, messages), (code, details) in zip(batch, results, strict=True):
             report.inputs += 1
             report.categories[category] += 1
