@@ -224,6 +224,10 @@ async def readyz(request: web.Request) -> web.Response:
     waiting = readiness(cp)
     if waiting:
         return web.json_response({"status": "not ready", "waiting_for": waiting}, status=503)
+    # Serving, but not saving what it serves (issue 19): ready, and says so.
+    degraded = [f"alarm {a.id}: {a.message}" for a in cp.admission.alarms.active("persistence")]
+    if degraded:
+        return json_response({"status": "degraded", "degraded": degraded, "version": cp.snapshot.version})
     return json_response({"status": "ready", "version": cp.snapshot.version})
 
 

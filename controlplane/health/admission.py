@@ -5,7 +5,9 @@
 - verdicts pass the prober quorum (health/quorum.py) and the mass-failure guard (health/guard.py)
   before they are applied, and every batch is saved to SQLite (health/persist.py) when
   `controlplane.data_dir` is set; `restore` reloads it at start, before the first snapshot, so a
-  restart serves what was served before;
+  restart serves what was served before. Saving never fails a change: the writes happen on a
+  thread, and while they fail the rows wait in memory (alarm `persistence`, a metric, `/readyz`
+  degraded) and are written when the disk lets them;
 - an operator accepting a mass-failure alarm, or forgetting a prober, gets back the verdicts to
   apply now: Admission never publishes anything itself (the control plane applies them).
 
@@ -19,13 +21,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from controlplane.errors import ConfigError
 from controlplane.events import EventSink
 from controlplane.health.alarms import Alarm, Alarms
 from controlplane.health.guard import MassFailureGuard
-from controlplane.health.persist import VerdictStore
+from controlplane.health.persist import BackgroundStore, VerdictStore
 from controlplane.health.quorum import Quorum
 from controlplane.health.store import EndpointHealth, HealthStatus, Verdict
 from controlplane.topology.model import Topology
@@ -34,6 +36,7 @@ log = logging.getLogger("healthplane.admission")
 
 MASS_FAILURE = "mass_failure"
 PROBER_STALE = "prober_stale"
+PERSISTENCE = "persistence"
 
 
 class HealthView(Protocol):
@@ -61,8 +64,24 @@ class Admission:
         self.guard = MassFailureGuard(
             share=cfg.mass_failure_share, window=cfg.mass_failure_window, min_failures=cfg.mass_failure_min
         )
-        self.store = VerdictStore(cfg.data_dir) if cfg.data_dir else None
+        self.store = (
+            BackgroundStore(VerdictStore(cfg.data_dir), on_failure=self._persist_failed, on_recovery=self._persisted)
+            if cfg.data_dir
+            else None
+        )
         self._live: tuple[Topology | None, set[tuple[str, str]]] = (None, set())
+
+    def _persist_failed(self, error: str) -> None:
+        assert self.store is not None
+        self.alarms.raise_(
+            PERSISTENCE,
+            str(self.store.path),
+            f"{error}: {self.store.backlog} changes applied and served but not saved yet (retried until saved)",
+        )
+
+    def _persisted(self) -> None:
+        assert self.store is not None
+        self.alarms.resolve(PERSISTENCE, str(self.store.path), "cleared: every change is saved again")
 
     # ------------------------------------------------------------------ start-up
 
@@ -203,9 +222,20 @@ class Admission:
     def metrics(self) -> Iterator[Metric]:
         """Active alarms by kind and the failures held by cluster, for /metrics."""
         alarms = GaugeMetricFamily("healthplane_alarms_active", "Active alarms, by kind.", labels=["kind"])
-        for kind in (MASS_FAILURE, PROBER_STALE):
+        for kind in (MASS_FAILURE, PROBER_STALE, PERSISTENCE):
             alarms.add_metric([kind], len(self.alarms.active(kind)))
         yield alarms
+        if self.store is not None:
+            failures = CounterMetricFamily(
+                "healthplane_persist_failures", "Writes to the SQLite verdict store that failed (retried)."
+            )
+            failures.add_metric([], self.store.failures)
+            yield failures
+            backlog = GaugeMetricFamily(
+                "healthplane_persist_backlog", "Changes applied and served but not saved to SQLite yet."
+            )
+            backlog.add_metric([], self.store.backlog)
+            yield backlog
         held = GaugeMetricFamily(
             "healthplane_verdicts_held",
             "Failing verdicts held by the mass-failure guard, by cluster.",
