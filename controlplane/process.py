@@ -20,6 +20,8 @@ from controlplane.admin.app import start_admin
 from controlplane.admin.http import ControlPlaneView
 from controlplane.errors import ConfigError
 from controlplane.snapshots.snapshot import Snapshot
+from controlplane.topology.model import Topology
+from controlplane.topology.parse import load_topology
 from controlplane.topology.watch import watch_file
 from controlplane.xds.csds import CsdsService
 from controlplane.xds.limits import configure_ads, xds_limit_metrics
@@ -49,6 +51,8 @@ class Served(ControlPlaneView, Protocol):
     def check_probers(self, now: float | None = None) -> None: ...
 
     def close_stuck_streams(self, now: float | None = None) -> list[int]: ...
+
+    def reload(self, *, who: str = ..., loaded: Topology | ConfigError | None = None) -> Snapshot | None: ...
 
     def close(self) -> None: ...
 
@@ -117,9 +121,17 @@ class Process:
             cp.snapshot.version,
         )
 
-    def _on_file_change(self) -> None:
+    async def _on_file_change(self) -> None:
+        path = self.cp.config_path
+        if path is None:
+            return
+        # Read and validated on a thread: a big file takes a while, and the loop serves meanwhile.
         try:
-            self.cp.reload()
+            loaded: Topology | ConfigError = await asyncio.to_thread(load_topology, path)
+        except ConfigError as exc:
+            loaded = exc
+        try:
+            self.cp.reload(loaded=loaded)
         except ConfigError as exc:
             log.error("topology file rejected, still serving the last good one: %s", exc)
 

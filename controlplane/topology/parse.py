@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 from google.protobuf import json_format
 
 from controlplane.errors import ConfigError
@@ -40,6 +39,7 @@ from controlplane.topology.security import (
     parse_security,
     parse_token,
 )
+from controlplane.topology.yamldoc import MAX_DEPTH, MAX_INT_DIGITS, load_document
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -403,8 +403,24 @@ def _listener(f: _Field, clusters: set[str]) -> Listener:
     )
 
 
+def _check_shape(document: Any, source: str) -> None:
+    """Depth and integer size of a plain document (from JSON, say), checked without recursion."""
+    stack: list[tuple[Any, str, int]] = [(document, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"nested deeper than {MAX_DEPTH} levels", path=path, source=source)
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_DIGITS * 3.33:
+            raise ConfigError(f"integer of more than {MAX_INT_DIGITS} digits is too long", path=path, source=source)
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
 def parse_topology(document: Any, *, source: str = "") -> Topology:
     """Validate a topology document (already parsed from YAML or JSON)."""
+    _check_shape(document, source)
     root = _Field(document if document is not None else {}, "", source)
     root.mapping({"controlplane", "clusters", "listeners"})
     clusters: list[Cluster] = []
@@ -449,14 +465,7 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
 
 def parse_topology_text(text: str, *, source: str = "") -> Topology:
     """Parse YAML (or JSON, which is YAML) text into a validated Topology."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", path=where, source=source) from None
-    return parse_topology(document, source=source)
+    return parse_topology(load_document(text, source=source), source=source)
 
 
 def load_topology(path: str | Path) -> Topology:

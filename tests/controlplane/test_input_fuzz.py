@@ -110,6 +110,43 @@ def test_random_yaml_text_loads_or_raises_config_error(text: str) -> None:
         assert exc.message and exc.source == "fuzz.yaml"
 
 
+@st.composite
+def hostile_texts(draw: st.DrawFn) -> tuple[str, str]:
+    """A valid document's YAML with one hostile edit on a random `key: value` line (issue 19): an
+    integer past Python's digit limit, nesting deeper than any topology, an alias (and an anchor
+    to point at), or the line's key written twice."""
+    lines = yaml.safe_dump(valid_document(), default_flow_style=False).splitlines()
+    kind = draw(st.sampled_from(["big_int", "deep", "alias", "duplicate"]))
+    keyed = [
+        i
+        for i, line in enumerate(lines)
+        if ": " in line and not (kind == "duplicate" and line.lstrip().startswith("- "))  # that is a new item
+    ]
+    i = draw(st.sampled_from(keyed))
+    head, _, _value = lines[i].partition(": ")
+    if kind == "big_int":
+        lines[i] = f"{head}: {'9' * draw(st.integers(101, 6000))}"
+    elif kind == "deep":
+        depth = draw(st.integers(70, 3000))
+        lines[i] = f"{head}: {'[' * depth}{']' * depth}"
+    elif kind == "alias":
+        lines.insert(0, "anchor_here: &a [1, 2]")
+        lines[i + 1] = f"{head}: *a"
+    else:
+        lines.insert(i + 1, lines[i])
+    return kind, "\n".join(lines) + "\n"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_texts())
+def test_hostile_yaml_is_a_config_error_naming_the_field(case: tuple[str, str]) -> None:
+    kind, text = case
+    with pytest.raises(ConfigError) as info:
+        parse_topology_text(text, source="fuzz.yaml")
+    assert info.value.source == "fuzz.yaml" and info.value.message
+    assert info.value.path, f"{kind}: no field named for: {info.value}"
+
+
 # --------------------------------------------------------------------------- the admin API
 
 

@@ -1,0 +1,190 @@
+"""Hostile or careless topology files (issue 19): huge integers, deep nesting, aliases, duplicate
+keys, big documents. Each is a ConfigError naming the field; the file watcher outlives all of it;
+`healthplane validate` prints the error, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.app import ControlPlane
+from controlplane.errors import ConfigError, ConfigErrors
+from controlplane.topology import yamldoc
+from controlplane.topology.parse import load_topology, parse_topology, parse_topology_text
+from controlplane.topology.watch import watch_file
+from lab.envoyproc import poll_until
+
+GOOD = """\
+controlplane: {xds: {port: 0}, admin: {port: 0}, watch_interval: 0.05}
+clusters:
+  - name: web
+    endpoints:
+      - {address: 127.0.0.1, port: 8081}
+"""
+
+BIG_INT = GOOD.replace("port: 8081", "port: " + "1" * 5000)
+DEEP = GOOD.replace("port: 8081", "port: 8081, extra: " + "[" * 5000 + "]" * 5000)
+DEEP_BLOCK = GOOD + "listeners:\n" + "".join("  " * i + "- \n" for i in range(1, 200))
+ALIAS_BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+    + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
+    + "clusters: *i\n"
+)
+
+
+def test_an_integer_beyond_pythons_digit_limit_names_the_field() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_topology_text(BIG_INT, source="t.yaml")
+    assert info.value.path == "clusters[0].endpoints[0].port"
+    assert "5000 digits" in info.value.message
+
+
+@pytest.mark.parametrize("text", [DEEP, DEEP_BLOCK])
+def test_deep_nesting_is_a_config_error_not_a_recursion_error(text: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_topology_text(text, source="t.yaml")
+    assert "nest" in info.value.message
+
+
+def test_deep_or_huge_values_from_json_name_the_field() -> None:
+    doc: dict[str, Any] = yaml.safe_load(GOOD)
+    doc["clusters"][0]["endpoints"][0]["port"] = int("9" * 4000)
+    with pytest.raises(ConfigError) as info:
+        parse_topology(doc, source="api")
+    assert info.value.path == "clusters[0].endpoints[0].port"
+    nested: Any = []
+    for _ in range(5000):
+        nested = [nested]
+    doc = yaml.safe_load(GOOD)
+    doc["clusters"][0]["extra"] = nested
+    with pytest.raises(ConfigError, match="nested deeper") as info:
+        parse_topology(doc, source="api")
+    assert info.value.path.startswith("clusters[0].extra[0]")
+
+
+@pytest.mark.parametrize("text", [BIG_INT, DEEP])
+def test_validate_prints_the_error_without_a_traceback(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane", "validate", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and f"healthplane: error: {path}" in result.stderr
+
+
+async def test_watch_survives_a_callback_that_raises(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("a: 1\n")
+    calls: list[str] = []
+
+    def on_change() -> None:
+        calls.append(path.read_text())
+        raise RuntimeError("boom")
+
+    task = asyncio.create_task(watch_file(path, 0.02, on_change))
+    try:
+        await asyncio.sleep(0.1)
+        path.write_text("a: 2\n")
+
+        async def seen(n: int) -> bool | None:
+            return True if len(calls) >= n else None
+
+        await poll_until(lambda: seen(1), timeout=10, what="first change")
+        path.write_text("a: 3\n")
+        await poll_until(lambda: seen(2), timeout=10, what="second change after the callback raised")
+        assert not task.done()
+    finally:
+        task.cancel()
+
+
+@pytest.mark.parametrize("bad", [BIG_INT, DEEP, ALIAS_BOMB])
+async def test_the_file_watcher_rejects_hostile_edits_and_applies_the_next_good_one(tmp_path: Path, bad: str) -> None:
+    path = tmp_path / "topology.yaml"
+    path.write_text(GOOD)
+    cp = ControlPlane(load_topology(path), config_path=path)
+    await cp.start()
+    try:
+        await asyncio.sleep(0.2)  # the watcher has taken its first look
+        path.write_text(bad)
+
+        async def rejected() -> bool | None:
+            return True if cp.events.recent(kind="topology_rejected") else None
+
+        await poll_until(rejected, timeout=15, what="the hostile edit rejected")
+        assert cp.topology.cluster("web") is not None
+        path.write_text(GOOD.replace("port: 8081", "port: 8089"))
+
+        async def applied() -> bool | None:
+            web = cp.topology.cluster("web")
+            return True if web is not None and web.endpoint("127.0.0.1:8089") is not None else None
+
+        await poll_until(applied, timeout=15, what="the next good edit applied")
+    finally:
+        await cp.aclose(grace=0)
+
+
+def test_aliases_and_merge_keys_are_refused_naming_where() -> None:
+    with pytest.raises(ConfigError, match="aliases are not accepted") as info:
+        parse_topology_text(ALIAS_BOMB, source="t.yaml")
+    assert info.value.path.startswith("b[")
+    merge = "base: &b {port: 1}\nclusters: [{name: w, endpoints: [{<<: *b, address: 127.0.0.1}]}]\n"
+    with pytest.raises(ConfigError, match="merge keys") as info:
+        parse_topology_text(merge, source="t.yaml")
+    assert info.value.path == "clusters[0].endpoints[0].<<"
+
+
+def test_a_document_over_the_size_bound_is_refused_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(yamldoc, "MAX_DOCUMENT_BYTES", 1000)
+    with pytest.raises(ConfigError, match="more than the 1000 accepted"):
+        parse_topology_text(GOOD + "#" * 1000, source="t.yaml")
+
+
+def test_the_c_loader_is_used_where_pyyaml_has_it() -> None:
+    assert yamldoc.Loader is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    assert getattr(yaml, "__with_libyaml__", False), "this environment's PyYAML should ship libyaml"
+
+
+def test_every_error_of_a_document_is_reported_at_once() -> None:
+    text = "clusters:\n  - {name: a, name: b, endpoints: []}\n  - {name: c, port: 1, port: 2, endpoints: []}\n"
+    with pytest.raises(ConfigErrors) as info:
+        parse_topology_text(text, source="t.yaml")
+    assert [e.path for e in info.value.errors] == ["clusters[0].name", "clusters[1].port"]
+    assert "duplicate key 'name'" in str(info.value) and "clusters[1].port: duplicate key 'port'" in str(info.value)
+
+
+async def test_the_watcher_reads_and_validates_the_file_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import controlplane.process
+
+    threads: list[str] = []
+
+    def load(path: Path) -> Any:
+        threads.append(threading.current_thread().name)
+        return load_topology(path)
+
+    monkeypatch.setattr(controlplane.process, "load_topology", load)
+    path = tmp_path / "topology.yaml"
+    path.write_text(GOOD)
+    cp = ControlPlane(load_topology(path), config_path=path)
+    await cp.start()
+    try:
+        await asyncio.sleep(0.2)
+        path.write_text(GOOD.replace("port: 8081", "port: 8089"))
+
+        async def applied() -> bool | None:
+            web = cp.topology.cluster("web")
+            return True if web is not None and web.endpoint("127.0.0.1:8089") is not None else None
+
+        await poll_until(applied, timeout=15, what="the edit applied")
+        assert threads and threading.main_thread().name not in threads
+    finally:
+        await cp.aclose(grace=0)
