@@ -43,6 +43,21 @@ from controlplane.topology.yamldoc import MAX_DEPTH, MAX_INT_DIGITS, load_docume
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# What HTTP/1.1 lets through unencoded (RFC 9112/9110); anything else would split or smuggle a
+# request on the wire: a request-target is visible ASCII, no space; a Host (and SNI) is a
+# reg-name, IP literal and port; a header value is visible ASCII with inner spaces and tabs.
+_TARGET = re.compile(r"/[\x21-\x7e]*")
+_HOST = re.compile(r"[A-Za-z0-9.\-_~!$&'()*+,;=%:\[\]]+")
+_FIELD_VALUE = re.compile(r"[\x21-\x7e]([\x20\x09\x21-\x7e]*[\x21-\x7e])?|")
+
+
+def _http_text(f: _Field, value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not pattern.fullmatch(value):
+        bad = next((c for c in value if not pattern.fullmatch(c) and not c.isalnum()), None) or next(
+            (c for c in value if ord(c) > 0x7E or ord(c) < 0x21), value[:1]
+        )
+        raise f.error(f"{what} cannot contain {bad!r} (control characters, spaces and non-ASCII are refused)")
+    return value
 
 
 def _ip(f: _Field, *, allow_hostname: bool) -> str:
@@ -163,10 +178,18 @@ def _http(f: _Field) -> HttpCheck:
                 raise hf.error(f"{name!r} is not a valid header name")
             if any(c in value for c in "\r\n\0"):
                 raise hf.child(name).error("header values cannot contain CR, LF or NUL")
+            _http_text(hf.child(name), value, _FIELD_VALUE, "a header value")
             headers.append((name, value))
     path = f.child("path").string(default="/")
     if not path.startswith("/"):
         raise f.child("path").error("must start with /")
+    _http_text(f.child("path"), path, _TARGET, "a request path (percent-encode it)")
+    host = f.child("host").opt_str()
+    if host is not None:
+        _http_text(f.child("host"), host, _HOST, "a Host")
+    sni = f.child("sni").opt_str()
+    if sni is not None:
+        _http_text(f.child("sni"), sni, _HOST, "an SNI name")
     method = f.child("method").string(default="GET").upper()
     if method not in {"GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE"}:
         raise f.child("method").error(f"{method!r} is not a supported HTTP method")
@@ -174,13 +197,13 @@ def _http(f: _Field) -> HttpCheck:
     return HttpCheck(
         path=path,
         method=method,
-        host=f.child("host").opt_str(),
+        host=host,
         headers=tuple(headers),
         body=f.child("body").opt_str(),
         expected_statuses=((200, 399),) if sf.missing else _statuses(sf),
         expected_body=f.child("expected_body").opt_str(),
         https=f.child("https").boolean(default=False),
-        sni=f.child("sni").opt_str(),
+        sni=sni,
         verify_tls=f.child("verify_tls").boolean(default=True),
         keepalive=f.child("keepalive").boolean(default=True),
         keepalive_requests=f.child("keepalive_requests").integer(default=0, lo=0),

@@ -188,3 +188,43 @@ async def test_the_watcher_reads_and_validates_the_file_off_the_event_loop(
         assert threads and threading.main_thread().name not in threads
     finally:
         await cp.aclose(grace=0)
+
+
+def _http_doc(**http: Any) -> dict[str, Any]:
+    return {
+        "clusters": [{"name": "w", "health_check": {"http": http}, "endpoints": [{"address": "127.0.0.1", "port": 1}]}]
+    }
+
+
+@pytest.mark.parametrize(
+    ("http", "field"),
+    [
+        ({"path": "/x HTTP/1.1\r\nX-Evil: 1\r\n\r\nGET /"}, "path"),
+        ({"path": "/a\nb"}, "path"),
+        ({"path": "/a b"}, "path"),
+        ({"path": "/caf\u00e9"}, "path"),
+        ({"host": "a\r\nX-Evil: 1"}, "host"),
+        ({"host": "a b"}, "host"),
+        ({"host": "h\u00f6st"}, "host"),
+        ({"sni": "a\nb"}, "sni"),
+        ({"headers": {"X-A": "1\x01"}}, "headers.X-A"),
+        ({"headers": {"X-A": "\u00fc"}}, "headers.X-A"),
+        ({"headers": {"X-A": "1\x7f"}}, "headers.X-A"),
+    ],
+)
+def test_http_check_parts_that_could_split_a_request_are_refused_naming_the_field(
+    http: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_topology(_http_doc(**http), source="t.yaml")
+    assert info.value.path == f"clusters[0].health_check.http.{field}"
+
+
+def test_the_prober_refuses_to_build_a_split_request_even_if_asked() -> None:
+    from prober.http1 import build_request
+
+    with pytest.raises(ValueError, match="control character"):
+        build_request("GET", "/x HTTP/1.1\r\nX: 1\r\n\r\nGET /", "h", (), None, close=False)
+    with pytest.raises(ValueError, match="control character"):
+        build_request("GET", "/", "h\r\nX: 1", (), None, close=False)
+    assert build_request("GET", "/ok?a=%20", "h:1", (("X", "a b"),), None, close=True).count(b"\r\n\r\n") == 1

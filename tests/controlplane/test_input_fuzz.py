@@ -283,3 +283,36 @@ def test_reload_of_a_broken_file_is_refused_naming_the_field_and_changes_nothing
         assert admin.version() == before
     finally:
         admin.config.write_text(good)
+
+
+# HTTP check parts (issue 19): any text, including CR, LF, NUL, spaces, DEL and non-ASCII, in the
+# path, Host, SNI or a header value either is refused naming that field, or makes exactly one request.
+_http_text = st.text(alphabet=st.characters(max_codepoint=0x2FF), max_size=20) | st.sampled_from(
+    ["\r\n", "/x HTTP/1.1\r\nX-Evil: 1\r\n\r\nGET /", "a\nb", "\x00", "\x7f", "a b", "\u00e9"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(part=st.sampled_from(["path", "host", "sni", "header"]), text=_http_text)
+def test_http_check_text_is_refused_by_field_or_makes_exactly_one_request(part: str, text: str) -> None:
+    from prober.http1 import build_request
+
+    http: dict[str, Any] = (
+        {"headers": {"X-Fuzz": text}} if part == "header" else {part: "/" + text if part == "path" else text}
+    )
+    doc = {
+        "clusters": [{"name": "w", "health_check": {"http": http}, "endpoints": [{"address": "127.0.0.1", "port": 1}]}]
+    }
+    try:
+        topology = parse_topology(doc, source="fuzz.yaml")
+    except ConfigError as exc:
+        field = "headers.X-Fuzz" if part == "header" else part
+        assert exc.path == f"clusters[0].health_check.http.{field}", exc
+        return
+    check = topology.clusters[0].health_check
+    assert check is not None and check.http is not None
+    h = check.http
+    request = build_request(h.method, h.path, h.host or "127.0.0.1:1", h.headers, None, close=False)
+    head, sep, rest = request.partition(b"\r\n\r\n")
+    assert sep and rest == b"" and b"\n" not in head.replace(b"\r\n", b"") and b"\r" not in head.replace(b"\r\n", b"")
+    assert head.split(b"\r\n")[0].count(b" ") == 2
