@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from controlplane.errors import ConfigError
+from controlplane.errors import ConfigError, ConfigErrors
 from controlplane.topology.fields import _Field
 from controlplane.topology.model import (
     Cluster,
@@ -442,20 +442,36 @@ def _check_shape(document: Any, source: str) -> None:
 
 
 def parse_topology(document: Any, *, source: str = "") -> Topology:
-    """Validate a topology document (already parsed from YAML or JSON)."""
+    """Validate a topology document (already parsed from YAML or JSON).
+
+    Every cluster, listener and the controlplane section are checked even after one fails: a
+    document with several errors raises `ConfigErrors` listing each (one per cluster, listener
+    or section, the first found in each), not only the first.
+    """
     _check_shape(document, source)
     root = _Field(document if document is not None else {}, "", source)
     root.mapping({"controlplane", "clusters", "listeners"})
+    errors: list[ConfigError] = []
     clusters: list[Cluster] = []
     names: dict[str, int] = {}
     cf = root.child("clusters")
     if not cf.missing:
         for i, item in enumerate(cf.items()):
-            cluster = _cluster(item)
+            try:
+                cluster = _cluster(item)
+            except ConfigError as exc:
+                errors.append(exc)
+                name = item.value.get("name") if isinstance(item.value, dict) else None
+                if isinstance(name, str):
+                    names.setdefault(name, i)  # listeners routing to it are not also wrong
+                continue
             if cluster.name in names:
-                raise item.child("name").error(
-                    f"duplicate cluster name {cluster.name!r} (also clusters[{names[cluster.name]}])"
+                errors.append(
+                    item.child("name").error(
+                        f"duplicate cluster name {cluster.name!r} (also clusters[{names[cluster.name]}])"
+                    )
                 )
+                continue
             names[cluster.name] = i
             clusters.append(cluster)
     listeners: list[Listener] = []
@@ -463,22 +479,34 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
     lf = root.child("listeners")
     if not lf.missing:
         for i, item in enumerate(lf.items()):
-            listener = _listener(item, set(names))
-            if listener.name in lnames:
-                raise item.child("name").error(
-                    f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])"
-                )
-            for j, other in enumerate(listeners):
-                shared = other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
-                if shared and (other.address, other.port) == (listener.address, listener.port):
-                    raise item.child("port").error(
-                        f"{listener.address}:{listener.port} is already used by listeners[{j}] "
-                        f"({other.name}) on the same nodes"
+            try:
+                listener = _listener(item, set(names))
+                if listener.name in lnames:
+                    raise item.child("name").error(
+                        f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])"
                     )
+                for j, other in enumerate(listeners):
+                    shared = other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
+                    if shared and (other.address, other.port) == (listener.address, listener.port):
+                        raise item.child("port").error(
+                            f"{listener.address}:{listener.port} is already used by listeners[{j}] "
+                            f"({other.name}) on the same nodes"
+                        )
+            except ConfigError as exc:
+                errors.append(exc)
+                continue
             lnames[listener.name] = i
             listeners.append(listener)
+    try:
+        controlplane = _controlplane(root.child("controlplane"))
+    except ConfigError as exc:
+        errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
     return Topology(
-        controlplane=_controlplane(root.child("controlplane")),
+        controlplane=controlplane,
         clusters=tuple(clusters),
         listeners=tuple(listeners),
         source=source,

@@ -228,3 +228,42 @@ def test_the_prober_refuses_to_build_a_split_request_even_if_asked() -> None:
     with pytest.raises(ValueError, match="control character"):
         build_request("GET", "/", "h\r\nX: 1", (), None, close=False)
     assert build_request("GET", "/ok?a=%20", "h:1", (("X", "a b"),), None, close=True).count(b"\r\n\r\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "first_line"),
+    [
+        ("clusters: [{name: w, endpoints: [{address: 127.0.0.1, port: 8080, port: 9090}]}]\n",
+         "clusters[0].endpoints[0].port", 1),
+        ("clusters:\n  - name: w\n    health_check:\n      interval: 1s\n      interval: 30s\n    endpoints: []\n",
+         "clusters[0].health_check.interval", 4),
+        ("controlplane: {}\ncontrolplane: {}\n", "controlplane", 1),
+    ],
+)  # fmt: skip
+def test_duplicate_keys_are_refused_with_the_field_path_and_both_lines(text: str, path: str, first_line: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_topology_text(text, source="t.yaml")
+    assert info.value.path == path
+    assert "duplicate key" in info.value.message and f"first on line {first_line}" in info.value.message
+
+
+def test_every_bad_cluster_listener_and_section_is_reported_not_only_the_first() -> None:
+    doc: dict[str, Any] = {
+        "controlplane": {"watch_interval": -1},
+        "clusters": [
+            {"name": "a", "endpoints": [{"address": "127.0.0.1", "port": 70000}]},
+            {"name": "b", "endpoints": [{"address": "127.0.0.1", "port": 1}]},
+            {"name": "c", "endpoints": [{"address": "not an ip", "port": 1}]},
+        ],
+        "listeners": [{"name": "l", "port": 10000, "routes": [{"cluster": "a"}, {"cluster": "nope"}]}],
+    }
+    with pytest.raises(ConfigErrors) as info:
+        parse_topology(doc, source="t.yaml")
+    assert [e.path for e in info.value.errors] == [
+        "clusters[0].endpoints[0].port",
+        "clusters[2].endpoints[0].address",
+        "listeners[0].routes[1].cluster",  # not routes[0]: cluster a exists, it is only invalid
+        "controlplane.watch_interval",
+    ]
+    assert info.value.path == "clusters[0].endpoints[0].port"
+    assert str(info.value).count("t.yaml") == 1 and "and 3 more" in str(info.value)

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from controlplane.admin.openapi import document as openapi_document
 from controlplane.app import ControlPlane
-from controlplane.errors import ConfigError
+from controlplane.errors import ConfigError, ConfigErrors
 from controlplane.topology.parse import load_topology, parse_topology, parse_topology_text
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "topology.yaml"
@@ -99,6 +99,8 @@ def test_mutated_documents_load_or_name_the_bad_field(doc: dict[str, Any]) -> No
         assert exc.source == "fuzz.yaml"
         assert exc.path, f"no field named for: {exc}"
         assert exc.message
+        for each in exc.errors if isinstance(exc, ConfigErrors) else [exc]:  # several mutations: each named
+            assert each.path and each.source == "fuzz.yaml", each
 
 
 @settings(max_examples=400, deadline=None)
