@@ -144,6 +144,7 @@ class ProberLinkService:
         self.events = events
         self.tls = tls
         self.probers: dict[str, ProberRecord] = {}
+        self.refused_duplicates = 0  # connections refused because their prober id was connected
         # The latest check state per endpoint from any remote prober, for /endpoints and /status.
         self.checks: dict[tuple[str, str], CheckInfo] = {}
 
@@ -187,7 +188,18 @@ class ProberLinkService:
         record = ProberRecord(hello.prober_id, context.peer() or "", hello.version, time.time())
         previous = self.probers.get(hello.prober_id)
         if previous is not None and previous.connected:
-            log.warning("prober %s reconnected while its old stream was open", hello.prober_id)
+            # One connection per id: a twin (two probers configured alike) would otherwise share one
+            # record, its disconnect would mark the live one gone, and its votes would count as the
+            # other's. A prober that restarted before its old stream was seen closing gets this
+            # too, and retries until the old one is gone (gRPC keepalive ends it).
+            log.warning("prober link refused (%s): prober id %s is connected from %s", record.peer, hello.prober_id,
+                        previous.peer)  # fmt: skip
+            self.refused_duplicates += 1
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"prober id {hello.prober_id!r} is already connected (from {previous.peer}): "
+                "each prober needs its own id (prober --id)",
+            )
         self.probers[hello.prober_id] = record
         self.events.record(
             "prober",
