@@ -93,13 +93,24 @@ class VerdictStore:
             # last batches, and the file stays consistent either way.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            # A file with a valid header and broken pages opens fine and fails later, mid-read:
+            # look at every page now, while a clear error can still stop the start.
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems))
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot use {self.path}: {exc}", path="controlplane.data_dir") from exc
+            raise ConfigError(
+                f"cannot use {self.path}: {exc} (a damaged file can be moved aside to start without saved state)",
+                path="controlplane.data_dir",
+            ) from exc
         self.writes = 0
 
     def load(self) -> SavedState:
         with self._lock:
-            return self._load()
+            try:
+                return self._load()
+            except sqlite3.Error as exc:
+                raise ConfigError(f"cannot read {self.path}: {exc}", path="controlplane.data_dir") from exc
 
     def _load(self) -> SavedState:
         db = self._db

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -292,3 +295,32 @@ def test_writes_that_fail_in_any_order_end_with_the_file_holding_every_last_chan
     assert {v.endpoint: v.status for v in saved.verdicts} == verdicts
     assert {(v.endpoint, v.source): v.status for v in saved.votes} == votes
     assert {o.endpoint: o.status for o in saved.overrides} == overrides
+
+
+@pytest.mark.parametrize("where", ["table pages", "everything after the header"])
+def test_a_damaged_database_file_is_a_config_error_naming_data_dir(tmp_path: Path, where: str) -> None:
+    first = ControlPlane(parse_topology(document(tmp_path)))
+    first.submit_verdicts([Verdict("web", f"127.0.0.1:{p}", U, "x" * 200, source="p") for p in (8081, 8082, 8083)])
+    first.admission.close()
+    db = tmp_path / "healthplane.db"
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"healthplane.db{suffix}").unlink(missing_ok=True)
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    assert len(data) >= 3 * page  # the header page and table pages
+    start = page if where == "table pages" else 100
+    data[start:] = b"\xa5" * (len(data) - start)  # the 100-byte header stays valid
+    db.write_bytes(bytes(data))
+    with pytest.raises(ConfigError) as info:
+        ControlPlane(parse_topology(document(tmp_path)))
+    assert info.value.path == "controlplane.data_dir" and str(db) in info.value.message
+    config = tmp_path / "t.yaml"
+    config.write_text(yaml.safe_dump(document(tmp_path)))
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane", "serve", "--no-prober", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "controlplane.data_dir" in result.stderr
