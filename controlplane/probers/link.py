@@ -32,6 +32,10 @@ from healthplane.v1 import prober_pb2
 log = logging.getLogger("healthplane.prober_link")
 
 MAX_BATCH = 100_000
+# A verdict's time is clamped to [now - MAX_VERDICT_AGE, now]: a prober's clock (or a hostile
+# link client) dating a verdict in the future or in 1970 would skew its age in /endpoints, the
+# cause time of the version it makes, and the propagation figures measured from that.
+MAX_VERDICT_AGE = 86_400.0
 
 
 @dataclass(slots=True)
@@ -98,7 +102,7 @@ def verdicts_from_batch(batch: prober_pb2.VerdictBatch, source: str, now: float)
         except ValueError:
             raise ProtocolError(f"verdicts[{i}].status: unknown value {v.status}") from None
         when = _timestamp_seconds(v.time, now)
-        out.append(Verdict(v.cluster, v.endpoint, status, v.reason, min(when, now), source))
+        out.append(Verdict(v.cluster, v.endpoint, status, v.reason, min(max(when, now - MAX_VERDICT_AGE), now), source))
     return out
 
 

@@ -237,3 +237,18 @@ async def test_a_second_connection_with_a_connected_id_is_refused_and_the_first_
     finally:
         await twin.aclose()
         await first.aclose()
+
+
+@pytest.mark.parametrize(("stamp", "expected"), [(0, "floor"), (1, "floor"), (2**40, "now"), (-5, "floor")])
+def test_verdict_times_are_clamped_to_the_last_day(stamp: int, expected: str) -> None:
+    from controlplane.probers.link import MAX_VERDICT_AGE, verdicts_from_batch
+
+    now = 1_800_000_000.0
+    v = verdict(8081, 1)
+    v.time.seconds = stamp
+    v.time.nanos = 1 if stamp == 0 else 0  # a zero timestamp means "unset" (now); this one is set
+    (out,) = verdicts_from_batch(prober_pb2.VerdictBatch(verdicts=[v]), "prober:p", now)
+    assert out.time == (now - MAX_VERDICT_AGE if expected == "floor" else now)
+    v.time.seconds, v.time.nanos = int(now) - 30, 0  # a plausible time is kept as it is
+    (out,) = verdicts_from_batch(prober_pb2.VerdictBatch(verdicts=[v]), "prober:p", now)
+    assert out.time == now - 30
