@@ -252,3 +252,32 @@ def test_verdict_times_are_clamped_to_the_last_day(stamp: int, expected: str) ->
     v.time.seconds, v.time.nanos = int(now) - 30, 0  # a plausible time is kept as it is
     (out,) = verdicts_from_batch(prober_pb2.VerdictBatch(verdicts=[v]), "prober:p", now)
     assert out.time == now - 30
+
+
+async def test_check_states_of_unknown_endpoints_are_dropped_and_events_per_batch_are_bounded(cp: ControlPlane) -> None:
+    from controlplane.probers.link import MAX_EVENTS_PER_BATCH
+
+    prober = Prober(cp)
+    try:
+        await prober.send(hello=prober_pb2.Hello(prober_id="p1"))
+        await prober.call.read()
+        states = [prober_pb2.CheckState(cluster="web", endpoint=f"10.9.{i // 250}.{i % 250}:1") for i in range(5000)]
+        states.append(prober_pb2.CheckState(cluster="web", endpoint="127.0.0.1:8081", check="tcp"))
+        events = [
+            prober_pb2.ProbeEvent(cluster="web", endpoint="127.0.0.1:8081", old_status=1, new_status=2, reason=f"r{i}")
+            for i in range(5000)
+        ]
+        before = len(cp.events.recent(10_000, kind="probe"))
+        await prober.send(verdicts=prober_pb2.VerdictBatch(full_state=True, checks=states, events=events))
+
+        async def received() -> bool:
+            r = cp.prober_link.probers["p1"]
+            return r.full_state_at is not None
+
+        await poll_until(received, timeout=10, what="the batch")
+        assert set(cp.prober_link.checks) == {("web", "127.0.0.1:8081")}
+        probe_events = cp.events.recent(10_000, kind="probe")[before:]
+        assert len(probe_events) == MAX_EVENTS_PER_BATCH + 1
+        assert "4900 more probe events" in probe_events[-1].message
+    finally:
+        await prober.aclose()
