@@ -70,6 +70,7 @@ class Admission:
             else None
         )
         self._live: tuple[Topology | None, set[tuple[str, str]]] = (None, set())
+        self._saved_held: dict[str, dict[str, Verdict]] = {}  # what the store has of guard.held
 
     def _persist_failed(self, error: str) -> None:
         assert self.store is not None
@@ -99,6 +100,12 @@ class Admission:
         for o in overrides:
             self.health.set_override(o, cluster=o.cluster, endpoint=o.endpoint)
         self.quorum.load(v for v in saved.votes if v.id in live)
+        for v in saved.held:
+            if v.id in live:
+                self.guard.held.setdefault(v.cluster, {})[v.endpoint] = v
+        for cluster in sorted(self.guard.held):
+            self._raise_mass_failure(cluster)  # the hold outlived the restart, and so does its alarm
+        self._saved_held = {c: dict(h) for c, h in self.guard.held.items()}
         if saved.epoch is not None and epoch <= saved.epoch:
             # The wall clock stepped back (or two starts in one millisecond): still sort later.
             epoch = saved.epoch + 1
@@ -152,7 +159,19 @@ class Admission:
             self._raise_mass_failure(name)  # updates the count in the message
         for name in out.released:
             self.alarms.resolve(MASS_FAILURE, name, "cleared: the held endpoints passed their checks again")
+        self._save_held()
         return out.apply
+
+    def _save_held(self) -> None:
+        """Save the clusters whose held failures changed since the last save."""
+        if self.store is None:
+            return
+        held = self.guard.held
+        for cluster in set(held) | set(self._saved_held):
+            now = held.get(cluster, {})
+            if now != self._saved_held.get(cluster, {}):
+                self.store.save_held(cluster, now.values())
+        self._saved_held = {c: dict(h) for c, h in held.items()}
 
     def live_endpoints(self) -> set[tuple[str, str]]:
         """The (cluster, endpoint) pairs of the current topology."""
@@ -193,6 +212,7 @@ class Admission:
             )
         held = self.guard.accept(alarm.subject)
         self.alarms.resolve(MASS_FAILURE, alarm.subject, f"accepted by {who}")
+        self._save_held()
         if self.store is not None and held:
             self.store.save_batch(verdicts=held)
         return alarm, held
@@ -216,6 +236,7 @@ class Admission:
         self.quorum.forget(_endpoint_ids(topology))
         for cluster in self.guard.forget({c.name for c in topology.clusters}):
             self.alarms.resolve(MASS_FAILURE, cluster, "cleared: the cluster left the topology")
+        self._save_held()
 
     # ------------------------------------------------------------------ views
 

@@ -13,7 +13,8 @@ newer, is reported (`on_failure`: an alarm, a metric, `/readyz` degraded) and re
 succeeds (`on_recovery`). What was accepted is applied and served either way: the file catches up.
 
 Tables: `verdict` (the applied verdict per endpoint, what EDS served), `vote` (the latest
-verdict per endpoint and prober, for the quorum), `override` (operator pins), `meta` (the last
+verdict per endpoint and prober, for the quorum), `override` (operator pins), `held` (failures
+the mass-failure guard holds, so a restart keeps the hold and its alarm), `meta` (the last
 version epoch, so versions stay monotonic even if the wall clock steps back).
 """
 
@@ -52,6 +53,11 @@ CREATE TABLE IF NOT EXISTS override (
     status INTEGER NOT NULL, reason TEXT NOT NULL, time REAL NOT NULL, source TEXT NOT NULL,
     PRIMARY KEY (cluster, endpoint)
 );
+CREATE TABLE IF NOT EXISTS held (
+    cluster TEXT NOT NULL, endpoint TEXT NOT NULL,
+    status INTEGER NOT NULL, reason TEXT NOT NULL, time REAL NOT NULL, source TEXT NOT NULL,
+    PRIMARY KEY (cluster, endpoint)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
@@ -64,6 +70,7 @@ class SavedState:
     votes: list[Verdict]
     overrides: list[Verdict]
     epoch: int | None
+    held: list[Verdict] = field(default_factory=list)
 
 
 def _row(v: Verdict) -> tuple[str, str, int, str, float, str]:
@@ -122,7 +129,8 @@ class VerdictStore:
         ]
         overrides = [v for r in db.execute("SELECT * FROM override") if (v := _verdict(r)) is not None]
         row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
-        return SavedState(verdicts, votes, overrides, int(row[0]) if row else None)
+        held = [v for r in db.execute("SELECT * FROM held") if (v := _verdict(r)) is not None]
+        return SavedState(verdicts, votes, overrides, int(row[0]) if row else None, held)
 
     def save_batch(self, *, verdicts: Iterable[Verdict] = (), votes: Iterable[Verdict] = ()) -> None:
         """Applied verdicts and received votes of one batch, in one transaction."""
@@ -147,6 +155,9 @@ class VerdictStore:
                     db.execute("DELETE FROM override WHERE cluster = ? AND endpoint = ?", (cluster, endpoint))
                 else:
                     db.execute("INSERT OR REPLACE INTO override VALUES (?, ?, ?, ?, ?, ?)", _row(override))
+            for cluster, held in pending.held.items():
+                db.execute("DELETE FROM held WHERE cluster = ?", (cluster,))
+                db.executemany("INSERT INTO held VALUES (?, ?, ?, ?, ?, ?)", map(_row, held))
             if pending.epoch is not None:
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(pending.epoch),))
         self.writes += 1
@@ -170,13 +181,13 @@ class VerdictStore:
         with self._lock:
             gone = {
                 (c, e)
-                for table in ("verdict", "vote", "override")
+                for table in ("verdict", "vote", "override", "held")
                 for c, e in self._db.execute(f"SELECT cluster, endpoint FROM {table}")
                 if (c, e) not in keep
             }
             if gone:
                 with self._transaction():
-                    for table in ("verdict", "vote", "override"):
+                    for table in ("verdict", "vote", "override", "held"):
                         self._db.executemany(f"DELETE FROM {table} WHERE cluster = ? AND endpoint = ?", gone)
         return len(gone)
 
@@ -207,10 +218,11 @@ class PendingWrites:
     votes: dict[tuple[str, str, str], Verdict] = field(default_factory=dict)
     overrides: dict[tuple[str, str], Verdict | None] = field(default_factory=dict)  # None: delete
     forgotten: set[str] = field(default_factory=set)  # vote sources to delete (before the votes above)
+    held: dict[str, list[Verdict]] = field(default_factory=dict)  # cluster -> all its held failures
     epoch: int | None = None
 
     def __len__(self) -> int:
-        rows = len(self.verdicts) + len(self.votes) + len(self.overrides) + len(self.forgotten)
+        rows = len(self.verdicts) + len(self.votes) + len(self.overrides) + len(self.forgotten) + len(self.held)
         return rows + (self.epoch is not None)
 
     def add(self, *, verdicts: Iterable[Verdict] = (), votes: Iterable[Verdict] = ()) -> None:
@@ -230,6 +242,7 @@ class PendingWrites:
             votes={k: v for k, v in self.votes.items() if k[2] not in newer.forgotten},
             overrides={**self.overrides, **newer.overrides},
             forgotten=self.forgotten | newer.forgotten,
+            held={**self.held, **newer.held},
             epoch=newer.epoch if newer.epoch is not None else self.epoch,
         )
         out.votes.update(newer.votes)
@@ -277,6 +290,11 @@ class BackgroundStore:
 
     def save_epoch(self, epoch: int) -> None:
         self.pending.epoch = epoch
+        self._kick()
+
+    def save_held(self, cluster: str, held: Iterable[Verdict]) -> None:
+        """The failures the guard holds for `cluster`, all of them (none: the hold ended)."""
+        self.pending.held[cluster] = list(held)
         self._kick()
 
     def forget_source(self, source: str) -> None:

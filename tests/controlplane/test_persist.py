@@ -324,3 +324,27 @@ def test_a_damaged_database_file_is_a_config_error_naming_data_dir(tmp_path: Pat
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and "controlplane.data_dir" in result.stderr
+
+
+def test_a_held_mass_failure_and_its_alarm_outlive_a_restart(tmp_path: Path) -> None:
+    doc = document(tmp_path, tuple(range(8081, 8091)))
+    first = ControlPlane(parse_topology(doc))
+    down = [Verdict("web", f"127.0.0.1:{p}", U, "connect timeout", source="prober:a") for p in range(8081, 8091)]
+    assert first.submit_verdicts(down) is None  # held
+    [alarm] = first.admission.alarms.active("mass_failure")
+    first.admission.close()
+
+    second = ControlPlane(parse_topology(doc))
+    [again] = second.admission.alarms.active("mass_failure")
+    assert again.subject == "web" and "10 failures held" in again.message
+    assert set(second.admission.guard.held["web"]) == {f"127.0.0.1:{p}" for p in range(8081, 8091)}
+    assert set(served(second).values()) == {"UNKNOWN"}  # still held, not applied by the restart
+    _, snapshot = second.accept_alarm(again.id, who="alice")
+    assert snapshot is not None and set(served(second).values()) == {"UNHEALTHY"}
+    second.admission.close()
+
+    third = ControlPlane(parse_topology(doc))  # accepted: nothing held any more, the verdicts stay
+    assert third.admission.alarms.active() == [] and third.admission.guard.held == {}
+    assert set(served(third).values()) == {"UNHEALTHY"}
+    third.admission.close()
+    assert alarm.id >= 1
