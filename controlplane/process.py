@@ -76,7 +76,7 @@ class Process:
         cp = self.cp
         settings = cp.topology.controlplane
         sec = settings.security
-        configure_ads(cp.ads, sec)
+        configure_ads(cp.ads, sec, cp.prober_link, cp.csds)
         cp.metrics.add_state(lambda: xds_limit_metrics(cp.ads))
         handlers = (cp.ads.handler(), cp.prober_link.handler(), cp.csds.handler())
         self._grpc = create_server(*handlers, options=grpc_server_options(SERVER_OPTIONS, sec))

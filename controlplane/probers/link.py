@@ -19,13 +19,14 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.errors import ProtocolError
+from controlplane.errors import LimitExceeded, ProtocolError
 from controlplane.events import EventSink
 from controlplane.health.checks import CheckInfo
 from controlplane.health.store import HealthStatus, Verdict
 from controlplane.snapshots.cache import SnapshotSource
 from controlplane.topology.model import Topology
 from controlplane.topology.security import TlsFiles
+from controlplane.xds.limits import PeerStreams
 from controlplane.xds.tls import certificate_names
 from healthplane.v1 import prober_pb2
 
@@ -153,6 +154,7 @@ class ProberLinkService:
         self.probers: dict[str, ProberRecord] = {}
         self.refused_duplicates = 0  # connections refused because their prober id was connected
         self._live: tuple[Topology | None, set[tuple[str, str]]] = (None, set())
+        self.peers = PeerStreams(kind="prober-link")  # controlplane.xds.max_streams_per_peer
         # The latest check state per endpoint from any remote prober, for /endpoints and /status.
         self.checks: dict[tuple[str, str], CheckInfo] = {}
 
@@ -175,7 +177,18 @@ class ProberLinkService:
             },
         )
 
-    async def Report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
+    async def Report(self, requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
+        try:
+            peer = self.peers.acquire(context.peer() or "")
+        except LimitExceeded as exc:
+            log.warning("prober link refused: %s", exc)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            await self._report(requests, context)
+        finally:
+            self.peers.release(peer)
+
+    async def _report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
         tls = self.tls()
         if tls is not None and tls.prober_names:
             presented = certificate_names(context.auth_context())

@@ -43,6 +43,7 @@ from controlplane.errors import LimitExceeded, ProtocolError
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.cache import SnapshotHistory
 from controlplane.snapshots.snapshot import Resource, Snapshot, version_key
+from controlplane.xds.limits import PeerStreams
 from controlplane.xds.stream import StreamState, TypeState
 
 CSDS_SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
@@ -280,6 +281,7 @@ class CsdsService:
         self.streams = streams
         self.history = history
         self.max_bytes = max_bytes
+        self.peers = PeerStreams(kind="CSDS")  # controlplane.xds.max_streams_per_peer
 
     def answer(self, request: csds_pb2.ClientStatusRequest) -> csds_pb2.ClientStatusResponse:
         return client_status(request, self.streams(), self.history.recent(), max_bytes=self.max_bytes)
@@ -307,8 +309,15 @@ class CsdsService:
     async def StreamClientStatus(
         self, requests: AsyncIterator[csds_pb2.ClientStatusRequest], context: Any
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
-        async for request in requests:
-            yield await self._answer_or_abort(request, context)
+        try:
+            peer = self.peers.acquire(context.peer() or "")
+        except LimitExceeded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            async for request in requests:
+                yield await self._answer_or_abort(request, context)
+        finally:
+            self.peers.release(peer)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

@@ -247,3 +247,43 @@ def test_csds_node_regexes_match_as_re2_in_linear_time(regex: str, short: str) -
     request = csds_pb2.ClientStatusRequest(node_matchers=[matcher], exclude_resource_contents=True)
     ids = {c.node.id for c in client_status(request, states, [FLEET.snapshot]).config}
     assert (short in ids) == (re.fullmatch(regex, short) is not None)
+
+
+async def test_prober_link_and_csds_streams_are_limited_per_peer_too() -> None:
+    from envoy.service.status.v3 import csds_pb2_grpc
+
+    from healthplane.v1 import prober_pb2, prober_pb2_grpc
+
+    cp, channel = await start(max_streams_per_peer=1)
+    try:
+        link = prober_pb2_grpc.ProberLinkStub(channel)
+        first = link.Report()
+        await first.write(prober_pb2.ProberMessage(hello=prober_pb2.Hello(prober_id="a")))
+        await first.read()  # the topology: the first stream is held
+        second = link.Report()
+        await second.write(prober_pb2.ProberMessage(hello=prober_pb2.Hello(prober_id="b")))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await second.read()
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details() == (
+            "127.0.0.1 already holds 1 prober-link streams: controlplane.xds.max_streams_per_peer is 1"
+        )
+        csds = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
+        one = csds.StreamClientStatus()
+        await one.write(csds_pb2.ClientStatusRequest())
+        await one.read()
+        two = csds.StreamClientStatus()
+        await two.write(csds_pb2.ClientStatusRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await two.read()
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "CSDS streams" in (
+            info.value.details() or ""
+        )
+        # Each kind is counted on its own: the node's one ADS stream is still allowed.
+        code, _ = await send_input(channel, [valid_request(random.Random(6)).SerializeToString()])
+        assert code is grpc.StatusCode.OK
+        first.cancel()
+        one.cancel()
+    finally:
+        await channel.close()
+        await cp.aclose(grace=0)
