@@ -28,7 +28,13 @@ def _bearer(request: web.Request) -> str:
 
 
 def _matches(given: str, token: str | None) -> bool:
-    return bool(token) and hmac.compare_digest(given.encode(), (token or "").encode())
+    # Header text may carry any byte (aiohttp keeps undecodable ones as surrogates): compare the
+    # bytes as sent, and a token that cannot be encoded at all matches nothing (not a 500).
+    try:
+        sent = given.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return bool(token) and hmac.compare_digest(sent, (token or "").encode())
 
 
 def change_token(cp: ControlPlaneView) -> str:

@@ -221,6 +221,10 @@ def admin_requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, s
     path = template
     query: list[tuple[str, str]] = []
     headers = {"Authorization": f"Bearer {TOKEN}"} if draw(st.booleans()) or method != "get" else {}
+    if draw(st.integers(0, 9)) == 0:  # a token of any byte (latin-1 on the wire): refused, never a 500
+        headers["Authorization"] = "Bearer " + draw(
+            st.text(st.characters(min_codepoint=33, max_codepoint=255), max_size=20)
+        )
     for param in op.get("parameters", []):
         if param["in"] == "path":
             value = draw(odd_text.filter(lambda t: t not in ("", ".", "..")))
@@ -235,7 +239,7 @@ def admin_requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, s
         path += "?" + urllib.parse.urlencode(query)
     body: bytes | None = None
     if method in ("post", "put"):
-        kind = draw(st.sampled_from(["json", "document", "bytes", "none"]))
+        kind = draw(st.sampled_from(["json", "document", "bytes", "none", "hostile"]))
         if kind == "json":
             body = json.dumps(draw(json_value)).encode()
             headers["Content-Type"] = "application/json"
@@ -244,6 +248,18 @@ def admin_requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, s
             headers["Content-Type"] = draw(st.sampled_from(["application/json", "application/yaml"]))
         elif kind == "bytes":
             body = draw(st.binary(max_size=300))
+        elif kind == "hostile":  # issue 19: what json.loads and YAML choke on, rather than refuse
+            depth, digits = draw(st.integers(70, 6000)), draw(st.integers(101, 6000))
+            body = draw(
+                st.sampled_from(
+                    [
+                        ("[" * depth + "]" * depth).encode(),
+                        ('{"clusters": [{"name": "w", "endpoints": [{"port": ' + "9" * digits + "}]}]}").encode(),
+                        draw(hostile_texts())[1].encode(),
+                    ]
+                )
+            )
+            headers["Content-Type"] = draw(st.sampled_from(["application/json", "application/yaml"]))
     return method.upper(), path, body, headers
 
 
