@@ -19,6 +19,7 @@ from aiohttp import web
 from controlplane.admin.api import add_routes, readiness
 from controlplane.admin.api import who as who_of
 from controlplane.admin.auth import authorize_change, guard
+from controlplane.admin.conns import KEEPALIVE_TIMEOUT, ConnectionLimits, LimitedSite
 from controlplane.admin.faults import add_fault_routes
 from controlplane.admin.http import CP_KEY, ControlPlaneView, error_response, json_response
 from controlplane.admin.propagation import add_propagation_routes, node_lag
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from controlplane.admin.tls import AdminCertificate
 
 CERTIFICATE_KEY: web.AppKey[AdminCertificate] = web.AppKey("admin_certificate")
+LIMITS_KEY: web.AppKey[ConnectionLimits] = web.AppKey("admin_connection_limits")
 
 
 @web.middleware
@@ -276,9 +278,12 @@ async def start_admin(cp: ControlPlaneView, address: str, port: int) -> tuple[we
                 await task
 
         app.cleanup_ctx.append(watch_certificate)
-    runner = web.AppRunner(app, access_log=None)
+    # Connection cap, header deadline and a short keep-alive (admin/conns.py, issue 19).
+    limits = ConnectionLimits()
+    app[LIMITS_KEY] = limits
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
-    site = web.TCPSite(runner, address, port, ssl_context=ssl_context)
+    site = LimitedSite(runner, address, port, ssl_context=ssl_context, limits=limits)
     try:
         await site.start()
     except OSError:

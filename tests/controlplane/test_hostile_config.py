@@ -267,3 +267,88 @@ def test_every_bad_cluster_listener_and_section_is_reported_not_only_the_first()
     ]
     assert info.value.path == "clusters[0].endpoints[0].port"
     assert str(info.value).count("t.yaml") == 1 and "and 3 more" in str(info.value)
+
+
+# --------------------------------------------------------------------------- the admin port's connections
+
+
+async def _read_all(reader: asyncio.StreamReader) -> bytes:
+    data = b""
+    try:
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                data += chunk
+    except ConnectionError:
+        pass
+    return data
+
+
+async def test_the_admin_port_drops_half_sent_requests_and_caps_its_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import controlplane.admin.auth
+    from controlplane.admin.app import LIMITS_KEY
+
+    monkeypatch.setattr(controlplane.admin.auth, "BODY_TIMEOUT", 0.3)
+    doc: dict[str, Any] = yaml.safe_load(GOOD)
+    doc["controlplane"]["admin"]["token"] = "change-token-1"
+    cp = ControlPlane(parse_topology(doc))
+    await cp.start()
+    try:
+        assert cp._process is not None and cp._process._admin is not None
+        limits = cp._process._admin.app[LIMITS_KEY]  # type: ignore[attr-defined]
+        limits.header_timeout = 0.3
+        port = cp.admin_port
+
+        # Headers that never end: closed after the deadline, nothing answered.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert await _read_all(reader) == b""
+        writer.close()
+        assert limits.timed_out == 1
+
+        # A body that never ends: 408 naming the body.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"PUT /topology HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer change-token-1\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"clus'
+        )
+        async with asyncio.timeout(10):  # aiohttp lingers for the rest of the body: read the answer only
+            answer = await reader.readuntil(b'"field": "body"}')
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"Connection: close" in answer
+
+        # The cap: the connections past it get 503 and are closed; a slot frees when one closes.
+        limits.header_timeout = 60
+
+        async def idle() -> bool:
+            return limits.open == 0
+
+        await poll_until(idle, timeout=30, what="the earlier connections closed")
+        limits.max_connections = 3
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert (await _read_all(reader)).startswith(b"HTTP/1.1 503")
+        writer.close()
+        assert limits.refused == 1
+        held.pop()[1].close()
+        await asyncio.sleep(0.2)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await _read_all(reader)).startswith(b"HTTP/1.1 200")
+        writer.close()
+        for _, w in held:
+            w.close()
+    finally:
+        await cp.aclose(grace=0)
+
+
+def test_the_admin_connection_cap_leaves_xds_most_file_descriptors() -> None:
+    import resource
+
+    from controlplane.admin.conns import default_max_connections
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = default_max_connections()
+    assert 8 <= cap <= 1024 and (soft == resource.RLIM_INFINITY or cap <= max(8, soft // 4))
