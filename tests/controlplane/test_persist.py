@@ -173,7 +173,7 @@ async def eventually(check: Callable[[], object], what: str) -> None:
 
 def _lock(data_dir: Path) -> sqlite3.Connection:
     """Another process's view of the file, holding its write lock (as a backup tool might)."""
-    other = sqlite3.connect(data_dir / "healthplane.db", isolation_level=None, timeout=0)
+    other = sqlite3.connect(data_dir / "healthplane.db", isolation_level=None, timeout=10)  # past our own write
     other.execute("BEGIN EXCLUSIVE")
     return other
 
