@@ -342,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="client processes")
     parser.add_argument("--batch", type=int, default=250, help="streams each worker opens at a time at the start")
     parser.add_argument("--no-storm", action="store_true", help="skip the reconnect storm")
+    parser.add_argument(
+        "--after-storm-minutes",
+        type=float,
+        default=0.0,
+        help="after the storm, soak this long again and report the server's RSS per minute (issue 19)",
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -419,6 +425,20 @@ def main(argv: list[str] | None = None) -> int:
                 "streams": back["streams"],
             }
             log(f"storm: {json.dumps(result['storm'])}")
+            if args.after_storm_minutes > 0:
+                # Is what the storm allocated given back, and does anything keep growing after it?
+                seconds = args.after_storm_minutes * 60
+                log(f"after the storm: {args.after_storm_minutes} min more, RSS per minute")
+                after = server.ask("soak", seconds, args.interval, limit=seconds + 120)
+                by_minute = [round(m["rss_kb_max"] / 1024, 1) for m in after["minutes"] if m["rss_kb_max"]]
+                result["after_storm"] = {
+                    "rss_mb_at_storm_end": round(back["rss_kb"] / 1024, 1),
+                    "rss_mb_max_by_minute": by_minute,
+                    "rss_growth_first_to_last_minute_pct": round((by_minute[-1] - by_minute[0]) / by_minute[0] * 100, 1)
+                    if len(by_minute) > 1
+                    else None,
+                }
+                log(f"after the storm: {json.dumps(result['after_storm'])}")
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -446,6 +466,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result["summary"], indent=1))
     if "storm" in result:
         print(json.dumps(result["storm"], indent=1))
+    if "after_storm" in result:
+        print(json.dumps(result["after_storm"], indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

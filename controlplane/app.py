@@ -278,12 +278,15 @@ class ControlPlane:
         )
         return snapshot
 
-    def reload(self, *, who: str = "file watcher") -> Snapshot | None:
-        """Re-read the topology file; a bad file is reported and the last good topology kept."""
+    def reload(self, *, who: str = "file watcher", loaded: Topology | ConfigError | None = None) -> Snapshot | None:
+        """Re-read the topology file (or take what was `loaded` from it elsewhere, on a thread);
+        a bad file is reported and the last good topology kept."""
         if self.config_path is None:
             raise ConfigError("the control plane was not started from a file", path="config")
         try:
-            topology = load_topology(self.config_path)
+            if isinstance(loaded, ConfigError):
+                raise loaded
+            topology = loaded if loaded is not None else load_topology(self.config_path)
         except ConfigError as exc:
             self.events.record(
                 "topology_rejected", f"kept the last good topology: {exc}", error=str(exc), who=who, what="reload"

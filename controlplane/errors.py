@@ -55,6 +55,20 @@ class ConfigError(HealthplaneError):
         return f"{where}: {self.message}" if where else self.message
 
 
+class ConfigErrors(ConfigError):
+    """Every error of one document, each naming its field; `path` is the first's, `message` lists them all."""
+
+    def __init__(self, errors: list[ConfigError], *, limit: int = 50) -> None:
+        self.errors = errors
+        first = errors[0]
+        rest = [str(ConfigError(e.message, path=e.path)) for e in errors[1:limit]]
+        more = len(errors) - limit
+        message = first.message
+        if rest:
+            message += f"; and {len(errors) - 1} more: " + "; ".join(rest) + (f"; ... {more} more" if more > 0 else "")
+        super().__init__(message, path=first.path, source=first.source)
+
+
 class ProtocolError(HealthplaneError):
     """A DiscoveryRequest or stream that breaks the xDS protocol."""
 

@@ -21,6 +21,8 @@ from controlplane.admin.http import ControlPlaneView
 from controlplane.errors import ConfigError
 from controlplane.probers.accesslog import AccessLogService
 from controlplane.snapshots.snapshot import Snapshot
+from controlplane.topology.model import Topology
+from controlplane.topology.parse import load_topology
 from controlplane.topology.watch import watch_file
 from controlplane.xds.csds import CsdsService
 from controlplane.xds.limits import configure_ads, xds_limit_metrics
@@ -59,6 +61,8 @@ class Served(ControlPlaneView, Protocol):
 
     def expire_passive(self, now: float | None = None) -> None: ...
 
+    def reload(self, *, who: str = ..., loaded: Topology | ConfigError | None = None) -> Snapshot | None: ...
+
     def close(self) -> None: ...
 
 
@@ -81,7 +85,7 @@ class Process:
         cp = self.cp
         settings = cp.topology.controlplane
         sec = settings.security
-        configure_ads(cp.ads, sec)
+        configure_ads(cp.ads, sec, cp.prober_link, cp.csds, cp.access_log)
         cp.metrics.add_state(lambda: xds_limit_metrics(cp.ads))
         handlers = (cp.ads.handler(), cp.prober_link.handler(), cp.csds.handler(), cp.access_log.handler())
         self._grpc = create_server(*handlers, options=grpc_server_options(SERVER_OPTIONS, sec))
@@ -128,9 +132,17 @@ class Process:
             cp.snapshot.version,
         )
 
-    def _on_file_change(self) -> None:
+    async def _on_file_change(self) -> None:
+        path = self.cp.config_path
+        if path is None:
+            return
+        # Read and validated on a thread: a big file takes a while, and the loop serves meanwhile.
         try:
-            self.cp.reload()
+            loaded: Topology | ConfigError = await asyncio.to_thread(load_topology, path)
+        except ConfigError as exc:
+            loaded = exc
+        try:
+            self.cp.reload(loaded=loaded)
         except ConfigError as exc:
             log.error("topology file rejected, still serving the last good one: %s", exc)
 

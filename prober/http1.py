@@ -41,7 +41,15 @@ class HttpResponse:
 def build_request(
     method: str, target: str, host: str, headers: tuple[tuple[str, str], ...], body: bytes | None, *, close: bool
 ) -> bytes:
-    """The request bytes of a check, built once per endpoint and policy."""
+    """The request bytes of a check, built once per endpoint and policy.
+
+    The topology refuses what could split a request; this refuses it again (ValueError), for
+    checks that reach the prober by another way (the prober link, a test)."""
+    for part in (method, target, host, *(x for pair in headers for x in pair)):
+        if any((ord(c) < 0x20 and c != "\t") or ord(c) == 0x7F for c in part):
+            raise ValueError(f"control character in an HTTP request part: {part!r}")
+    if any(c in " \t" for c in method + target):
+        raise ValueError(f"space in the request line: {method!r} {target!r}")
     lines = [f"{method} {target} HTTP/1.1"]
     names = {name.lower() for name, _ in headers}
     if "host" not in names:

@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.admin.auth import guard
+from controlplane.admin.conns import KEEPALIVE_TIMEOUT, ConnectionLimits, LimitedSite
 from controlplane.admin.http import CP_KEY, ControlPlaneView, error_response, json_response
 from controlplane.admin.openapi import document
 from controlplane.admin.routes import endpoints, events, faults, nodes, propagation, snapshots, status, topology
@@ -25,6 +26,7 @@ from controlplane.admin.tls import ADMIN_CERT_POLL, AdminCertificate
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CERTIFICATE_KEY: web.AppKey[AdminCertificate] = web.AppKey("admin_certificate")
+LIMITS_KEY: web.AppKey[ConnectionLimits] = web.AppKey("admin_connection_limits")
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -114,9 +116,12 @@ async def start_admin(cp: ControlPlaneView, address: str, port: int) -> tuple[we
                 await task
 
         app.cleanup_ctx.append(watch_certificate)
-    runner = web.AppRunner(app, access_log=None)
+    # Connection cap, header deadline and a short keep-alive (admin/conns.py, issue 19).
+    limits = ConnectionLimits()
+    app[LIMITS_KEY] = limits
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT)
     await runner.setup()
-    site = web.TCPSite(runner, address, port, ssl_context=ssl_context)
+    site = LimitedSite(runner, address, port, ssl_context=ssl_context, limits=limits)
     try:
         await site.start()
     except OSError:

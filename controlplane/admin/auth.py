@@ -9,12 +9,14 @@ A body over `controlplane.admin.max_request_bytes` is answered 413 naming that f
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 from typing import Any
 
 from aiohttp import web
 
+from controlplane.admin.conns import BODY_TIMEOUT
 from controlplane.admin.http import ControlPlaneView, control_plane, error_response
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})
@@ -28,7 +30,13 @@ def _bearer(request: web.Request) -> str:
 
 
 def _matches(given: str, token: str | None) -> bool:
-    return bool(token) and hmac.compare_digest(given.encode(), (token or "").encode())
+    # Header text may carry any byte (aiohttp keeps undecodable ones as surrogates): compare the
+    # bytes as sent, and a token that cannot be encoded at all matches nothing (not a 500).
+    try:
+        sent = given.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return bool(token) and hmac.compare_digest(sent, (token or "").encode())
 
 
 def change_token(cp: ControlPlaneView) -> str:
@@ -59,6 +67,14 @@ async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         elif not token and not _matches(given, read_token):
             return error_response(401, "this change needs Authorization: Bearer <token>", "Authorization")
     try:
+        if request.body_exists and request.can_read_body:
+            # Read here under a deadline (the handler gets it cached): a half-sent body is dropped.
+            try:
+                await asyncio.wait_for(request.read(), BODY_TIMEOUT)
+            except TimeoutError:
+                late = error_response(408, f"request body not received within {BODY_TIMEOUT:g}s", "body")
+                late.force_close()  # the rest of that body is not waited for
+                return late
         response: web.StreamResponse = await handler(request)
         return response
     except web.HTTPRequestEntityTooLarge:

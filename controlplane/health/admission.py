@@ -5,7 +5,9 @@
 - verdicts pass the prober quorum (health/quorum.py) and the mass-failure guard (health/guard.py)
   before they are applied, and every batch is saved to SQLite (health/persist.py) when
   `controlplane.data_dir` is set; `restore` reloads it at start, before the first snapshot, so a
-  restart serves what was served before;
+  restart serves what was served before. Saving never fails a change: the writes happen on a
+  thread, and while they fail the rows wait in memory (alarm `persistence`, a metric, `/readyz`
+  degraded) and are written when the disk lets them;
 - an operator accepting a mass-failure alarm, or forgetting a prober, gets back the verdicts to
   apply now: Admission never publishes anything itself (the control plane applies them).
 
@@ -19,13 +21,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from controlplane.errors import ConfigError
 from controlplane.events import EventSink
 from controlplane.health.alarms import Alarm, Alarms
 from controlplane.health.guard import MassFailureGuard
-from controlplane.health.persist import VerdictStore
+from controlplane.health.persist import BackgroundStore, VerdictStore
 from controlplane.health.quorum import Quorum
 from controlplane.health.store import EndpointHealth, HealthStatus, Verdict
 from controlplane.topology.model import Topology
@@ -34,6 +36,7 @@ log = logging.getLogger("healthplane.admission")
 
 MASS_FAILURE = "mass_failure"
 PROBER_STALE = "prober_stale"
+PERSISTENCE = "persistence"
 
 
 class HealthView(Protocol):
@@ -61,8 +64,25 @@ class Admission:
         self.guard = MassFailureGuard(
             share=cfg.mass_failure_share, window=cfg.mass_failure_window, min_failures=cfg.mass_failure_min
         )
-        self.store = VerdictStore(cfg.data_dir) if cfg.data_dir else None
+        self.store = (
+            BackgroundStore(VerdictStore(cfg.data_dir), on_failure=self._persist_failed, on_recovery=self._persisted)
+            if cfg.data_dir
+            else None
+        )
         self._live: tuple[Topology | None, set[tuple[str, str]]] = (None, set())
+        self._saved_held: dict[str, dict[str, Verdict]] = {}  # what the store has of guard.held
+
+    def _persist_failed(self, error: str) -> None:
+        assert self.store is not None
+        self.alarms.raise_(
+            PERSISTENCE,
+            str(self.store.path),
+            f"{error}: {self.store.backlog} changes applied and served but not saved yet (retried until saved)",
+        )
+
+    def _persisted(self) -> None:
+        assert self.store is not None
+        self.alarms.resolve(PERSISTENCE, str(self.store.path), "cleared: every change is saved again")
 
     # ------------------------------------------------------------------ start-up
 
@@ -80,6 +100,12 @@ class Admission:
         for o in overrides:
             self.health.set_override(o, cluster=o.cluster, endpoint=o.endpoint)
         self.quorum.load(v for v in saved.votes if v.id in live)
+        for v in saved.held:
+            if v.id in live:
+                self.guard.held.setdefault(v.cluster, {})[v.endpoint] = v
+        for cluster in sorted(self.guard.held):
+            self._raise_mass_failure(cluster)  # the hold outlived the restart, and so does its alarm
+        self._saved_held = {c: dict(h) for c, h in self.guard.held.items()}
         if saved.epoch is not None and epoch <= saved.epoch:
             # The wall clock stepped back (or two starts in one millisecond): still sort later.
             epoch = saved.epoch + 1
@@ -133,7 +159,19 @@ class Admission:
             self._raise_mass_failure(name)  # updates the count in the message
         for name in out.released:
             self.alarms.resolve(MASS_FAILURE, name, "cleared: the held endpoints passed their checks again")
+        self._save_held()
         return out.apply
+
+    def _save_held(self) -> None:
+        """Save the clusters whose held failures changed since the last save."""
+        if self.store is None:
+            return
+        held = self.guard.held
+        for cluster in set(held) | set(self._saved_held):
+            now = held.get(cluster, {})
+            if now != self._saved_held.get(cluster, {}):
+                self.store.save_held(cluster, now.values())
+        self._saved_held = {c: dict(h) for c, h in held.items()}
 
     def live_endpoints(self) -> set[tuple[str, str]]:
         """The (cluster, endpoint) pairs of the current topology."""
@@ -174,6 +212,7 @@ class Admission:
             )
         held = self.guard.accept(alarm.subject)
         self.alarms.resolve(MASS_FAILURE, alarm.subject, f"accepted by {who}")
+        self._save_held()
         if self.store is not None and held:
             self.store.save_batch(verdicts=held)
         return alarm, held
@@ -197,15 +236,27 @@ class Admission:
         self.quorum.forget(_endpoint_ids(topology))
         for cluster in self.guard.forget({c.name for c in topology.clusters}):
             self.alarms.resolve(MASS_FAILURE, cluster, "cleared: the cluster left the topology")
+        self._save_held()
 
     # ------------------------------------------------------------------ views
 
     def metrics(self) -> Iterator[Metric]:
         """Active alarms by kind and the failures held by cluster, for /metrics."""
         alarms = GaugeMetricFamily("healthplane_alarms_active", "Active alarms, by kind.", labels=["kind"])
-        for kind in (MASS_FAILURE, PROBER_STALE):
+        for kind in (MASS_FAILURE, PROBER_STALE, PERSISTENCE):
             alarms.add_metric([kind], len(self.alarms.active(kind)))
         yield alarms
+        if self.store is not None:
+            failures = CounterMetricFamily(
+                "healthplane_persist_failures", "Writes to the SQLite verdict store that failed (retried)."
+            )
+            failures.add_metric([], self.store.failures)
+            yield failures
+            backlog = GaugeMetricFamily(
+                "healthplane_persist_backlog", "Changes applied and served but not saved to SQLite yet."
+            )
+            backlog.add_metric([], self.store.backlog)
+            yield backlog
         held = GaugeMetricFamily(
             "healthplane_verdicts_held",
             "Failing verdicts held by the mass-failure guard, by cluster.",

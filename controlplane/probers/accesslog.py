@@ -27,11 +27,12 @@ from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from controlplane.errors import ProtocolError
+from controlplane.errors import LimitExceeded, ProtocolError
 from controlplane.events import EventSink
 from controlplane.health.passive import Failure, PassiveHealth
 from controlplane.health.store import Verdict
 from controlplane.topology.model import PassiveCheck, Topology
+from controlplane.xds.limits import PeerStreams
 
 log = logging.getLogger("healthplane.accesslog")
 
@@ -77,6 +78,7 @@ class AccessLogService:
         self.verdicts = verdicts
         self.events = events
         self.topology = topology
+        self.peers = PeerStreams(kind="access-log")  # controlplane.xds.max_streams_per_peer
         self._clusters = _Clusters(topology())
         self._cut_short: list[Verdict] = []
         self.passive = PassiveHealth(lambda name: self._current().policies.get(name))
@@ -106,6 +108,17 @@ class AccessLogService:
         )
 
     async def StreamAccessLogs(self, requests: AsyncIterator[bytes], context: Any) -> als_pb2.StreamAccessLogsResponse:
+        try:
+            peer = self.peers.acquire(context.peer() or "")
+        except LimitExceeded as exc:
+            log.warning("access-log stream refused: %s", exc)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            return await self._stream(requests, context)
+        finally:
+            self.peers.release(peer)
+
+    async def _stream(self, requests: AsyncIterator[bytes], context: Any) -> als_pb2.StreamAccessLogsResponse:
         node = ""
         self.streams += 1
         try:

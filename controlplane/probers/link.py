@@ -19,19 +19,27 @@ from typing import Any, Protocol
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.errors import ProtocolError
+from controlplane.errors import LimitExceeded, ProtocolError
 from controlplane.events import EventSink
 from controlplane.health.checks import CheckInfo
 from controlplane.health.store import HealthStatus, Verdict
 from controlplane.snapshots.cache import SnapshotSource
 from controlplane.topology.model import Topology
 from controlplane.topology.security import TlsFiles
+from controlplane.xds.limits import PeerStreams
 from controlplane.xds.tls import certificate_names
 from healthplane.v1 import prober_pb2
 
 log = logging.getLogger("healthplane.prober_link")
 
 MAX_BATCH = 100_000
+# Probe events recorded one by one per batch; past it, one event says how many more there were
+# (50,000 events in one batch were 50,000 log lines, 0.85 s with the loop held).
+MAX_EVENTS_PER_BATCH = 100
+# A verdict's time is clamped to [now - MAX_VERDICT_AGE, now]: a prober's clock (or a hostile
+# link client) dating a verdict in the future or in 1970 would skew its age in /endpoints, the
+# cause time of the version it makes, and the propagation figures measured from that.
+MAX_VERDICT_AGE = 86_400.0
 
 
 @dataclass(slots=True)
@@ -98,7 +106,7 @@ def verdicts_from_batch(batch: prober_pb2.VerdictBatch, source: str, now: float)
         except ValueError:
             raise ProtocolError(f"verdicts[{i}].status: unknown value {v.status}") from None
         when = _timestamp_seconds(v.time, now)
-        out.append(Verdict(v.cluster, v.endpoint, status, v.reason, min(when, now), source))
+        out.append(Verdict(v.cluster, v.endpoint, status, v.reason, min(max(when, now - MAX_VERDICT_AGE), now), source))
     return out
 
 
@@ -144,6 +152,9 @@ class ProberLinkService:
         self.events = events
         self.tls = tls
         self.probers: dict[str, ProberRecord] = {}
+        self.refused_duplicates = 0  # connections refused because their prober id was connected
+        self._live: tuple[Topology | None, set[tuple[str, str]]] = (None, set())
+        self.peers = PeerStreams(kind="prober-link")  # controlplane.xds.max_streams_per_peer
         # The latest check state per endpoint from any remote prober, for /endpoints and /status.
         self.checks: dict[tuple[str, str], CheckInfo] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # each open Report call's task, to close it
@@ -176,7 +187,18 @@ class ProberLinkService:
             },
         )
 
-    async def Report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
+    async def Report(self, requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
+        try:
+            peer = self.peers.acquire(context.peer() or "")
+        except LimitExceeded as exc:
+            log.warning("prober link refused: %s", exc)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            await self._report(requests, context)
+        finally:
+            self.peers.release(peer)
+
+    async def _report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
         tls = self.tls()
         if tls is not None and tls.prober_names:
             presented = certificate_names(context.auth_context())
@@ -197,7 +219,18 @@ class ProberLinkService:
         record = ProberRecord(hello.prober_id, context.peer() or "", hello.version, time.time())
         previous = self.probers.get(hello.prober_id)
         if previous is not None and previous.connected:
-            log.warning("prober %s reconnected while its old stream was open", hello.prober_id)
+            # One connection per id: a twin (two probers configured alike) would otherwise share one
+            # record, its disconnect would mark the live one gone, and its votes would count as the
+            # other's. A prober that restarted before its old stream was seen closing gets this
+            # too, and retries until the old one is gone (gRPC keepalive ends it).
+            log.warning("prober link refused (%s): prober id %s is connected from %s", record.peer, hello.prober_id,
+                        previous.peer)  # fmt: skip
+            self.refused_duplicates += 1
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"prober id {hello.prober_id!r} is already connected (from {previous.peer}): "
+                "each prober needs its own id (prober --id)",
+            )
         self.probers[hello.prober_id] = record
         self.events.record(
             "prober",
@@ -253,13 +286,36 @@ class ProberLinkService:
                 record.verdicts += len(verdicts)
                 if message.verdicts.full_state:
                     record.full_state_at = now
-                for event in message.verdicts.events:
+                events = message.verdicts.events
+                for event in events[:MAX_EVENTS_PER_BATCH]:
                     self._record_event(record, event)
+                if len(events) > MAX_EVENTS_PER_BATCH:
+                    more = len(events) - MAX_EVENTS_PER_BATCH
+                    self.events.record(
+                        "probe",
+                        f"prober {record.prober_id}: {more} more probe events in one batch, not recorded one by one",
+                        prober=record.prober_id,
+                        dropped=more,
+                    )
+                live = self._live_endpoints()
                 for state in message.verdicts.checks:
-                    self.checks[(state.cluster, state.endpoint)] = check_info(state, source)
+                    key = (state.cluster, state.endpoint)
+                    if key in live:  # an endpoint the topology does not have is nobody's business
+                        self.checks[key] = check_info(state, source)
                 self.verdicts.submit_verdicts_soon(verdicts)
         finally:
             wake.set()
+
+    def _live_endpoints(self) -> set[tuple[str, str]]:
+        """The topology's (cluster, endpoint) pairs; check states of others are dropped as the topology moves."""
+        snapshot = self.snapshots.current()
+        topology = snapshot.topology if snapshot is not None else None
+        if self._live[0] is not topology:
+            live = {(c.name, e.key) for c in topology.clusters for e in c.endpoints} if topology else set()
+            self._live = (topology, live)
+            for key in [k for k in self.checks if k not in live]:
+                del self.checks[key]
+        return self._live[1]
 
     def _record_event(self, record: ProberRecord, event: prober_pb2.ProbeEvent) -> None:
         counters = event.counters

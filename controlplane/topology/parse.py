@@ -15,10 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
 from google.protobuf import json_format
 
-from controlplane.errors import ConfigError
+from controlplane.errors import ConfigError, ConfigErrors
 from controlplane.topology.fields import Field
 from controlplane.topology.model import (
     Cluster,
@@ -41,9 +40,25 @@ from controlplane.topology.security import (
     parse_security,
     parse_token,
 )
+from controlplane.topology.yamldoc import MAX_DEPTH, MAX_INT_DIGITS, load_document
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
 _HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# What HTTP/1.1 lets through unencoded (RFC 9112/9110); anything else would split or smuggle a
+# request on the wire: a request-target is visible ASCII, no space; a Host (and SNI) is a
+# reg-name, IP literal and port; a header value is visible ASCII with inner spaces and tabs.
+_TARGET = re.compile(r"/[\x21-\x7e]*")
+_HOST = re.compile(r"[A-Za-z0-9.\-_~!$&'()*+,;=%:\[\]]+")
+_FIELD_VALUE = re.compile(r"[\x21-\x7e]([\x20\x09\x21-\x7e]*[\x21-\x7e])?|")
+
+
+def _http_text(f: Field, value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not pattern.fullmatch(value):
+        bad = next((c for c in value if not pattern.fullmatch(c) and not c.isalnum()), None) or next(
+            (c for c in value if ord(c) > 0x7E or ord(c) < 0x21), value[:1]
+        )
+        raise f.error(f"{what} cannot contain {bad!r} (control characters, spaces and non-ASCII are refused)")
+    return value
 
 
 def _ip(f: Field, *, allow_hostname: bool) -> str:
@@ -164,10 +179,18 @@ def _http(f: Field) -> HttpCheck:
                 raise hf.error(f"{name!r} is not a valid header name")
             if any(c in value for c in "\r\n\0"):
                 raise hf.child(name).error("header values cannot contain CR, LF or NUL")
+            _http_text(hf.child(name), value, _FIELD_VALUE, "a header value")
             headers.append((name, value))
     path = f.child("path").string(default="/")
     if not path.startswith("/"):
         raise f.child("path").error("must start with /")
+    _http_text(f.child("path"), path, _TARGET, "a request path (percent-encode it)")
+    host = f.child("host").opt_str()
+    if host is not None:
+        _http_text(f.child("host"), host, _HOST, "a Host")
+    sni = f.child("sni").opt_str()
+    if sni is not None:
+        _http_text(f.child("sni"), sni, _HOST, "an SNI name")
     method = f.child("method").string(default="GET").upper()
     if method not in {"GET", "HEAD", "POST", "PUT", "OPTIONS", "PATCH", "DELETE"}:
         raise f.child("method").error(f"{method!r} is not a supported HTTP method")
@@ -175,13 +198,13 @@ def _http(f: Field) -> HttpCheck:
     return HttpCheck(
         path=path,
         method=method,
-        host=f.child("host").opt_str(),
+        host=host,
         headers=tuple(headers),
         body=f.child("body").opt_str(),
         expected_statuses=((200, 399),) if sf.missing else _statuses(sf),
         expected_body=f.child("expected_body").opt_str(),
         https=f.child("https").boolean(default=False),
-        sni=f.child("sni").opt_str(),
+        sni=sni,
         verify_tls=f.child("verify_tls").boolean(default=True),
         keepalive=f.child("keepalive").boolean(default=True),
         keepalive_requests=f.child("keepalive_requests").integer(default=0, lo=0),
@@ -452,20 +475,52 @@ def _listener(f: Field, clusters: set[str]) -> Listener:
     )
 
 
+def _check_shape(document: Any, source: str) -> None:
+    """Depth and integer size of a plain document (from JSON, say), checked without recursion."""
+    stack: list[tuple[Any, str, int]] = [(document, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"nested deeper than {MAX_DEPTH} levels", path=path, source=source)
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_DIGITS * 3.33:
+            raise ConfigError(f"integer of more than {MAX_INT_DIGITS} digits is too long", path=path, source=source)
+        if isinstance(value, dict):
+            stack.extend((v, f"{path}.{k}" if path else str(k), depth + 1) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
 def parse_topology(document: Any, *, source: str = "") -> Topology:
-    """Validate a topology document (already parsed from YAML or JSON)."""
+    """Validate a topology document (already parsed from YAML or JSON).
+
+    Every cluster, listener and the controlplane section are checked even after one fails: a
+    document with several errors raises `ConfigErrors` listing each (one per cluster, listener
+    or section, the first found in each), not only the first.
+    """
+    _check_shape(document, source)
     root = Field(document if document is not None else {}, "", source)
     root.mapping({"controlplane", "clusters", "listeners"})
+    errors: list[ConfigError] = []
     clusters: list[Cluster] = []
     names: dict[str, int] = {}
     cf = root.child("clusters")
     if not cf.missing:
         for i, item in enumerate(cf.items()):
-            cluster = _cluster(item)
+            try:
+                cluster = _cluster(item)
+            except ConfigError as exc:
+                errors.append(exc)
+                name = item.value.get("name") if isinstance(item.value, dict) else None
+                if isinstance(name, str):
+                    names.setdefault(name, i)  # listeners routing to it are not also wrong
+                continue
             if cluster.name in names:
-                raise item.child("name").error(
-                    f"duplicate cluster name {cluster.name!r} (also clusters[{names[cluster.name]}])"
+                errors.append(
+                    item.child("name").error(
+                        f"duplicate cluster name {cluster.name!r} (also clusters[{names[cluster.name]}])"
+                    )
                 )
+                continue
             names[cluster.name] = i
             clusters.append(cluster)
     listeners: list[Listener] = []
@@ -473,22 +528,34 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
     lf = root.child("listeners")
     if not lf.missing:
         for i, item in enumerate(lf.items()):
-            listener = _listener(item, set(names))
-            if listener.name in lnames:
-                raise item.child("name").error(
-                    f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])"
-                )
-            for j, other in enumerate(listeners):
-                shared = other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
-                if shared and (other.address, other.port) == (listener.address, listener.port):
-                    raise item.child("port").error(
-                        f"{listener.address}:{listener.port} is already used by listeners[{j}] "
-                        f"({other.name}) on the same nodes"
+            try:
+                listener = _listener(item, set(names))
+                if listener.name in lnames:
+                    raise item.child("name").error(
+                        f"duplicate listener name {listener.name!r} (also listeners[{lnames[listener.name]}])"
                     )
+                for j, other in enumerate(listeners):
+                    shared = other.nodes is None or listener.nodes is None or set(other.nodes) & set(listener.nodes)
+                    if shared and (other.address, other.port) == (listener.address, listener.port):
+                        raise item.child("port").error(
+                            f"{listener.address}:{listener.port} is already used by listeners[{j}] "
+                            f"({other.name}) on the same nodes"
+                        )
+            except ConfigError as exc:
+                errors.append(exc)
+                continue
             lnames[listener.name] = i
             listeners.append(listener)
+    try:
+        controlplane = _controlplane(root.child("controlplane"))
+    except ConfigError as exc:
+        errors.append(exc)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise ConfigErrors(errors)
     return Topology(
-        controlplane=_controlplane(root.child("controlplane")),
+        controlplane=controlplane,
         clusters=tuple(clusters),
         listeners=tuple(listeners),
         source=source,
@@ -498,14 +565,7 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
 
 def parse_topology_text(text: str, *, source: str = "") -> Topology:
     """Parse YAML (or JSON, which is YAML) text into a validated Topology."""
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"invalid YAML: {problem}", path=where, source=source) from None
-    return parse_topology(document, source=source)
+    return parse_topology(load_document(text, source=source), source=source)
 
 
 def load_topology(path: str | Path) -> Topology:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 log = logging.getLogger("healthplane.watch")
@@ -29,8 +29,11 @@ def _fingerprint(path: Path, last: Fingerprint | None = None) -> Fingerprint | N
         return None  # mid-rename or deleted: keep serving, look again next time
 
 
-async def watch_file(path: Path, interval: float, on_change: Callable[[], None]) -> None:
-    """Call `on_change` each time the content of `path` changes; runs until cancelled."""
+async def watch_file(path: Path, interval: float, on_change: Callable[[], Awaitable[None] | None]) -> None:
+    """Call `on_change` each time the content of `path` changes; runs until cancelled.
+
+    Nothing `on_change` raises ends the watch: it is logged, and the next edit is looked at as usual.
+    """
     last = _fingerprint(path)
     while True:
         await asyncio.sleep(interval)
@@ -41,4 +44,11 @@ async def watch_file(path: Path, interval: float, on_change: Callable[[], None])
         last = current
         if changed:
             log.info("topology file %s changed", path)
-            on_change()
+            try:
+                result = on_change()
+                if result is not None:
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("handling the change of %s failed; still watching", path)

@@ -15,15 +15,23 @@ version), STALE (ACKed or sent an older version, or not answered yet), ERROR (NA
 
 Everything here is pure: `client_status` takes the streams and snapshots and returns the
 response message. `CsdsService` puts it on the gRPC server next to ADS.
+
+Node ids are matched as Envoy matches them: `safe_regex` is RE2 (google-re2: linear in the id,
+no backreferences or lookaround, which are refused with INVALID_ARGUMENT like any bad pattern),
+its compiled program bounded in memory. Anyone who can reach the xDS port can ask, so an answer
+is built one node at a time, giving the event loop back in between, and is bounded in size
+(`MAX_RESPONSE_BYTES`): past it the request is refused with RESOURCE_EXHAUSTED, saying how to
+narrow it, rather than building tens of megabytes while ADS pushes wait.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import grpc
+import re2
 from envoy.admin.v3 import config_dump_shared_pb2 as dump
 from envoy.config.core.v3 import base_pb2
 from envoy.service.status.v3 import csds_pb2
@@ -31,16 +39,24 @@ from envoy.type.matcher.v3 import node_pb2, string_pb2
 from google.protobuf.any_pb2 import Any as AnyMessage
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from controlplane.errors import ProtocolError
+from controlplane.errors import LimitExceeded, ProtocolError
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.cache import SnapshotHistory
 from controlplane.snapshots.snapshot import Resource, Snapshot, version_key
+from controlplane.xds.limits import PeerStreams
 from controlplane.xds.stream import StreamState, TypeState
 
 CSDS_SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
 
 RS = dump.ClientResourceStatus
 CS = csds_pb2.ConfigStatus
+
+# An answer past this is refused (RESOURCE_EXHAUSTED): 50 nodes x 2,000 clusters with contents
+# is ~44 MB; the statuses alone (exclude_resource_contents) are a tenth of that.
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+# RE2's memory budget for one compiled node-id pattern (Envoy's safe_regex has a program-size cap).
+MAX_REGEX_MEMORY = 1 << 20
+MAX_REGEX_LENGTH = 1024
 
 
 def _timestamp(seconds: float | None) -> Timestamp | None:
@@ -154,71 +170,154 @@ def client_config(
     return config
 
 
-def string_matches(matcher: string_pb2.StringMatcher, value: str) -> bool:
+NodePredicate = Callable[[str], bool]
+
+
+def _regex(pattern: str) -> NodePredicate:
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise ProtocolError(f"node_matchers: node_id.safe_regex is {len(pattern)} characters, over {MAX_REGEX_LENGTH}")
+    options = re2.Options()
+    options.max_mem = MAX_REGEX_MEMORY
+    options.log_errors = False
+    try:
+        compiled = re2.compile(pattern, options)
+    except re2.error as exc:
+        raise ProtocolError(f"node_matchers: node_id.safe_regex: {_text(exc)} (RE2 syntax)") from None
+    return lambda value: compiled.fullmatch(value) is not None
+
+
+def _text(exc: Exception) -> str:
+    arg = exc.args[0] if exc.args else exc
+    return arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+
+
+def string_matcher(matcher: string_pb2.StringMatcher) -> NodePredicate:
+    """A node-id predicate from a StringMatcher; ProtocolError for what is not supported or does not compile."""
     kind = str(matcher.WhichOneof("match_pattern") or "")
     if kind == "safe_regex":
-        try:
-            return re.fullmatch(str(matcher.safe_regex.regex), value) is not None
-        except re.error as exc:
-            raise ProtocolError(f"node_matchers: node_id.safe_regex: {exc}") from None
+        return _regex(str(matcher.safe_regex.regex))
     if kind not in ("exact", "prefix", "suffix", "contains"):
         raise ProtocolError(f"node_matchers: node_id: unsupported match {kind or '(none)'}")
     pattern = str(getattr(matcher, kind))
-    if matcher.ignore_case:
-        pattern, value = pattern.lower(), value.lower()
-    if kind == "exact":
-        return value == pattern
-    if kind == "prefix":
-        return value.startswith(pattern)
-    if kind == "suffix":
-        return value.endswith(pattern)
-    return pattern in value
+    fold = bool(matcher.ignore_case)
+    if fold:
+        pattern = pattern.lower()
+    test: Callable[[str], bool] = {
+        "exact": lambda v: v == pattern,
+        "prefix": lambda v: v.startswith(pattern),
+        "suffix": lambda v: v.endswith(pattern),
+        "contains": lambda v: pattern in v,
+    }[kind]
+    return (lambda v: test(v.lower())) if fold else test
 
 
-def node_matches(matcher: node_pb2.NodeMatcher, stream: StreamState) -> bool:
+def string_matches(matcher: string_pb2.StringMatcher, value: str) -> bool:
+    return string_matcher(matcher)(value)
+
+
+def node_matcher(matcher: node_pb2.NodeMatcher) -> NodePredicate:
     if matcher.node_metadatas:
         raise ProtocolError("node_matchers: node_metadatas is not supported (match on node_id)")
     if not matcher.HasField("node_id"):
-        return True
-    return bool(string_matches(matcher.node_id, stream.node_id or ""))
+        return lambda _id: True
+    return string_matcher(matcher.node_id)
+
+
+def node_matches(matcher: node_pb2.NodeMatcher, stream: StreamState) -> bool:
+    return node_matcher(matcher)(stream.node_id or "")
+
+
+def matching_streams(request: csds_pb2.ClientStatusRequest, streams: Iterable[StreamState]) -> list[StreamState]:
+    """The streams the request's matchers pick (all of them without matchers), by node id."""
+    predicates = [node_matcher(m) for m in request.node_matchers]  # compiled once, refused before any work
+    return [
+        s
+        for s in sorted(streams, key=lambda s: s.node_id or "")
+        if not predicates or any(p(s.node_id or "") for p in predicates)
+    ]
+
+
+def client_configs(
+    request: csds_pb2.ClientStatusRequest,
+    streams: Iterable[StreamState],
+    snapshots: Sequence[Snapshot],
+    *,
+    max_bytes: int = MAX_RESPONSE_BYTES,
+) -> Iterator[csds_pb2.ClientConfig]:
+    """One ClientConfig per matching node, lazily; LimitExceeded once their total passes `max_bytes`."""
+    total = 0
+    for stream in matching_streams(request, streams):
+        config = client_config(stream, snapshots, include_contents=not request.exclude_resource_contents)
+        total += config.ByteSize() + 8  # the field's tag and length
+        if total > max_bytes:
+            raise LimitExceeded(
+                f"the CSDS answer would exceed {max_bytes} bytes: narrow node_matchers"
+                + ("" if request.exclude_resource_contents else " or set exclude_resource_contents")
+            )
+        yield config
 
 
 def client_status(
-    request: csds_pb2.ClientStatusRequest, streams: Iterable[StreamState], snapshots: Sequence[Snapshot]
+    request: csds_pb2.ClientStatusRequest,
+    streams: Iterable[StreamState],
+    snapshots: Sequence[Snapshot],
+    *,
+    max_bytes: int = MAX_RESPONSE_BYTES,
 ) -> csds_pb2.ClientStatusResponse:
     """The CSDS answer: one ClientConfig per connected node matching any of the request's matchers."""
-    response = csds_pb2.ClientStatusResponse()
-    for stream in sorted(streams, key=lambda s: s.node_id or ""):
-        if request.node_matchers and not any(node_matches(m, stream) for m in request.node_matchers):
-            continue
-        response.config.append(client_config(stream, snapshots, include_contents=not request.exclude_resource_contents))
-    return response
+    return csds_pb2.ClientStatusResponse(config=client_configs(request, streams, snapshots, max_bytes=max_bytes))
 
 
 class CsdsService:
     """Serves CSDS (both the streaming and the unary method) from the node streams and the snapshot history."""
 
-    def __init__(self, streams: Callable[[], Sequence[StreamState]], history: SnapshotHistory) -> None:
+    def __init__(
+        self,
+        streams: Callable[[], Sequence[StreamState]],
+        history: SnapshotHistory,
+        *,
+        max_bytes: int = MAX_RESPONSE_BYTES,
+    ) -> None:
         self.streams = streams
         self.history = history
+        self.max_bytes = max_bytes
+        self.peers = PeerStreams(kind="CSDS")  # controlplane.xds.max_streams_per_peer
 
     def answer(self, request: csds_pb2.ClientStatusRequest) -> csds_pb2.ClientStatusResponse:
-        return client_status(request, self.streams(), self.history.recent())
+        return client_status(request, self.streams(), self.history.recent(), max_bytes=self.max_bytes)
 
-    async def FetchClientStatus(self, request: csds_pb2.ClientStatusRequest, context: Any) -> Any:
+    async def answer_async(self, request: csds_pb2.ClientStatusRequest) -> csds_pb2.ClientStatusResponse:
+        """`answer`, one node at a time with the event loop given back in between."""
+        response = csds_pb2.ClientStatusResponse()
+        configs = client_configs(request, self.streams(), self.history.recent(), max_bytes=self.max_bytes)
+        for config in configs:
+            response.config.append(config)
+            await asyncio.sleep(0)
+        return response
+
+    async def _answer_or_abort(self, request: csds_pb2.ClientStatusRequest, context: Any) -> Any:
         try:
-            return self.answer(request)
+            return await self.answer_async(request)
+        except LimitExceeded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def FetchClientStatus(self, request: csds_pb2.ClientStatusRequest, context: Any) -> Any:
+        return await self._answer_or_abort(request, context)
 
     async def StreamClientStatus(
         self, requests: AsyncIterator[csds_pb2.ClientStatusRequest], context: Any
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
-        async for request in requests:
-            try:
-                yield self.answer(request)
-            except ProtocolError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            peer = self.peers.acquire(context.peer() or "")
+        except LimitExceeded as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        try:
+            async for request in requests:
+                yield await self._answer_or_abort(request, context)
+        finally:
+            self.peers.release(peer)
 
     def handler(self) -> grpc.GenericRpcHandler:
         return grpc.method_handlers_generic_handler(

@@ -35,10 +35,14 @@ def xds_limit_metrics(ads: Any) -> Iterator[Metric]:
     yield refused
 
 
-def configure_ads(ads: Any, security: SecurityConfig) -> None:
-    """Apply the message and per-peer stream limits to an `AdsServer`."""
+def configure_ads(ads: Any, security: SecurityConfig, *others: Any) -> None:
+    """Apply the message and per-peer stream limits to an `AdsServer`, and the per-peer stream
+    limit to the other streaming services on the xDS port (`others`, each with `peers`: the
+    prober link, CSDS, the access-log service), each counted on its own."""
     ads.max_message_bytes = security.xds_max_message_bytes
     ads.peers.limit = security.xds_max_streams_per_peer
+    for service in others:
+        service.peers.limit = security.xds_max_streams_per_peer
 
 
 def status_code(error: ProtocolError) -> grpc.StatusCode:
@@ -57,8 +61,9 @@ def peer_host(peer: str) -> str:
 class PeerStreams:
     """Open ADS streams per peer address, against `controlplane.xds.max_streams_per_peer`."""
 
-    def __init__(self, limit: int = 0) -> None:
+    def __init__(self, limit: int = 0, kind: str = "ADS") -> None:
         self.limit = limit
+        self.kind = kind  # what the streams are, for the message: ADS, prober-link, CSDS
         self.open: dict[str, int] = {}
         self.refused = 0
 
@@ -69,7 +74,8 @@ class PeerStreams:
         if self.limit and held >= self.limit:
             self.refused += 1
             raise LimitExceeded(
-                f"{host} already holds {held} ADS streams: controlplane.xds.max_streams_per_peer is {self.limit}"
+                f"{host} already holds {held} {self.kind} streams: "
+                f"controlplane.xds.max_streams_per_peer is {self.limit}"
             )
         self.open[host] = held + 1
         return host

@@ -88,6 +88,8 @@ class AdsServer:
         self.streams: dict[int, StreamState] = {}
         self._handlers: dict[int, asyncio.Task[Any]] = {}  # stream id -> its RPC's task, to close it
         self._closing: dict[int, str] = {}  # stream id -> why close_stream closed it
+        self._writing: set[int] = set()  # streams whose handler awaits a write (the node may not read)
+        self._detached: set[int] = set()  # closed while writing: gone from the views, status after the write
         self._stream_ids = itertools.count(1)
         # Limits (controlplane.security): requests are parsed here, not by gRPC, to name the field.
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
@@ -152,8 +154,14 @@ class AdsServer:
                     # response could otherwise reach the callbacks before the response itself.
                     self.callbacks.on_response(state, pending, snapshot)
                     writing = True
+                    self._writing.add(state.stream_id)
                     await context.write(encode_response(body, pending.nonce))
                     writing = False
+                    self._writing.discard(state.stream_id)
+                    if (reason := self._closing.get(state.stream_id)) is not None:
+                        # Closed while this write was blocked: the node read it, now the reason.
+                        self.ended_with[grpc.StatusCode.UNAVAILABLE.name] += 1
+                        await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
             error = None if reader.cancelled() else reader.exception()
             if isinstance(error, ProtocolError):
                 log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)
@@ -179,8 +187,10 @@ class AdsServer:
             self.streams.pop(state.stream_id, None)
             self._handlers.pop(state.stream_id, None)
             self._closing.pop(state.stream_id, None)
-            if opened:
+            self._writing.discard(state.stream_id)
+            if opened and state.stream_id not in self._detached:
                 self.callbacks.on_stream_closed(state)
+            self._detached.discard(state.stream_id)
 
     def close_stream(self, stream_id: int, reason: str) -> bool:
         """End a stream from the server side with UNAVAILABLE and `reason`; False if it is gone."""
@@ -188,6 +198,17 @@ class AdsServer:
         if task is None or task.done() or stream_id in self._closing:
             return False
         self._closing[stream_id] = reason
+        state = self.streams.get(stream_id)
+        if stream_id in self._writing and state is not None:
+            # A write blocked by a node that stopped reading cannot be called off, and a cancelled
+            # handler would leave the node, once it reads again, with that response and then
+            # silence. So the stream leaves the views now, and the handler, still in its write,
+            # ends it with UNAVAILABLE as soon as the write completes (or the connection drops).
+            self.streams.pop(stream_id, None)
+            if state.node_id is not None:
+                self._detached.add(stream_id)
+                self.callbacks.on_stream_closed(state)
+            return True
         task.cancel()
         return True
 

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from controlplane.admin.openapi import document as openapi_document
 from controlplane.app import ControlPlane
-from controlplane.errors import ConfigError
+from controlplane.errors import ConfigError, ConfigErrors
 from controlplane.topology.parse import load_topology, parse_topology, parse_topology_text
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "topology.yaml"
@@ -99,6 +99,8 @@ def test_mutated_documents_load_or_name_the_bad_field(doc: dict[str, Any]) -> No
         assert exc.source == "fuzz.yaml"
         assert exc.path, f"no field named for: {exc}"
         assert exc.message
+        for each in exc.errors if isinstance(exc, ConfigErrors) else [exc]:  # several mutations: each named
+            assert each.path and each.source == "fuzz.yaml", each
 
 
 @settings(max_examples=400, deadline=None)
@@ -108,6 +110,43 @@ def test_random_yaml_text_loads_or_raises_config_error(text: str) -> None:
         parse_topology_text(text, source="fuzz.yaml")
     except ConfigError as exc:
         assert exc.message and exc.source == "fuzz.yaml"
+
+
+@st.composite
+def hostile_texts(draw: st.DrawFn) -> tuple[str, str]:
+    """A valid document's YAML with one hostile edit on a random `key: value` line (issue 19): an
+    integer past Python's digit limit, nesting deeper than any topology, an alias (and an anchor
+    to point at), or the line's key written twice."""
+    lines = yaml.safe_dump(valid_document(), default_flow_style=False).splitlines()
+    kind = draw(st.sampled_from(["big_int", "deep", "alias", "duplicate"]))
+    keyed = [
+        i
+        for i, line in enumerate(lines)
+        if ": " in line and not (kind == "duplicate" and line.lstrip().startswith("- "))  # that is a new item
+    ]
+    i = draw(st.sampled_from(keyed))
+    head, _, _value = lines[i].partition(": ")
+    if kind == "big_int":
+        lines[i] = f"{head}: {'9' * draw(st.integers(101, 6000))}"
+    elif kind == "deep":
+        depth = draw(st.integers(70, 3000))
+        lines[i] = f"{head}: {'[' * depth}{']' * depth}"
+    elif kind == "alias":
+        lines.insert(0, "anchor_here: &a [1, 2]")
+        lines[i + 1] = f"{head}: *a"
+    else:
+        lines.insert(i + 1, lines[i])
+    return kind, "\n".join(lines) + "\n"
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile_texts())
+def test_hostile_yaml_is_a_config_error_naming_the_field(case: tuple[str, str]) -> None:
+    kind, text = case
+    with pytest.raises(ConfigError) as info:
+        parse_topology_text(text, source="fuzz.yaml")
+    assert info.value.source == "fuzz.yaml" and info.value.message
+    assert info.value.path, f"{kind}: no field named for: {info.value}"
 
 
 # --------------------------------------------------------------------------- the admin API
@@ -182,6 +221,9 @@ def admin_requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, s
     path = template
     query: list[tuple[str, str]] = []
     headers = {"Authorization": f"Bearer {TOKEN}"} if draw(st.booleans()) or method != "get" else {}
+    if draw(st.integers(0, 9)) == 0:  # a token of any byte (latin-1 on the wire): refused, never a 500
+        any_byte = st.characters(min_codepoint=33, max_codepoint=255, exclude_characters="\x7f")  # DEL: parser's 400
+        headers["Authorization"] = "Bearer " + draw(st.text(any_byte, max_size=20))
     for param in op.get("parameters", []):
         if param["in"] == "path":
             value = draw(odd_text.filter(lambda t: t not in ("", ".", "..")))
@@ -196,7 +238,7 @@ def admin_requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, s
         path += "?" + urllib.parse.urlencode(query)
     body: bytes | None = None
     if method in ("post", "put"):
-        kind = draw(st.sampled_from(["json", "document", "bytes", "none"]))
+        kind = draw(st.sampled_from(["json", "document", "bytes", "none", "hostile"]))
         if kind == "json":
             body = json.dumps(draw(json_value)).encode()
             headers["Content-Type"] = "application/json"
@@ -205,6 +247,18 @@ def admin_requests(draw: st.DrawFn) -> tuple[str, str, bytes | None, dict[str, s
             headers["Content-Type"] = draw(st.sampled_from(["application/json", "application/yaml"]))
         elif kind == "bytes":
             body = draw(st.binary(max_size=300))
+        elif kind == "hostile":  # issue 19: what json.loads and YAML choke on, rather than refuse
+            depth, digits = draw(st.integers(70, 6000)), draw(st.integers(101, 6000))
+            body = draw(
+                st.sampled_from(
+                    [
+                        ("[" * depth + "]" * depth).encode(),
+                        ('{"clusters": [{"name": "w", "endpoints": [{"port": ' + "9" * digits + "}]}]}").encode(),
+                        draw(hostile_texts())[1].encode(),
+                    ]
+                )
+            )
+            headers["Content-Type"] = draw(st.sampled_from(["application/json", "application/yaml"]))
     return method.upper(), path, body, headers
 
 
@@ -246,3 +300,36 @@ def test_reload_of_a_broken_file_is_refused_naming_the_field_and_changes_nothing
         assert admin.version() == before
     finally:
         admin.config.write_text(good)
+
+
+# HTTP check parts (issue 19): any text, including CR, LF, NUL, spaces, DEL and non-ASCII, in the
+# path, Host, SNI or a header value either is refused naming that field, or makes exactly one request.
+_http_text = st.text(alphabet=st.characters(max_codepoint=0x2FF), max_size=20) | st.sampled_from(
+    ["\r\n", "/x HTTP/1.1\r\nX-Evil: 1\r\n\r\nGET /", "a\nb", "\x00", "\x7f", "a b", "\u00e9"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(part=st.sampled_from(["path", "host", "sni", "header"]), text=_http_text)
+def test_http_check_text_is_refused_by_field_or_makes_exactly_one_request(part: str, text: str) -> None:
+    from prober.http1 import build_request
+
+    http: dict[str, Any] = (
+        {"headers": {"X-Fuzz": text}} if part == "header" else {part: "/" + text if part == "path" else text}
+    )
+    doc = {
+        "clusters": [{"name": "w", "health_check": {"http": http}, "endpoints": [{"address": "127.0.0.1", "port": 1}]}]
+    }
+    try:
+        topology = parse_topology(doc, source="fuzz.yaml")
+    except ConfigError as exc:
+        field = "headers.X-Fuzz" if part == "header" else part
+        assert exc.path == f"clusters[0].health_check.http.{field}", exc
+        return
+    check = topology.clusters[0].health_check
+    assert check is not None and check.http is not None
+    h = check.http
+    request = build_request(h.method, h.path, h.host or "127.0.0.1:1", h.headers, None, close=False)
+    head, sep, rest = request.partition(b"\r\n\r\n")
+    assert sep and rest == b"" and b"\n" not in head.replace(b"\r\n", b"") and b"\r" not in head.replace(b"\r\n", b"")
+    assert head.split(b"\r\n")[0].count(b" ") == 2

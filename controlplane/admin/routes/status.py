@@ -29,8 +29,9 @@ def readiness(cp: ControlPlaneView) -> list[str]:
 
     Ready once the first full snapshot exists and, when a prober is configured, its first full
     state has arrived: the embedded prober has checked every endpoint once, or (with
-    `serve --no-prober`, or once any remote prober has connected) a connected remote prober has
-    sent its full state. A topology without health checks waits for no prober: nothing to check.
+    `serve --no-prober`, or without an embedded prober once any remote prober has connected) a
+    connected remote prober free of a staleness alarm has sent its full state. A topology without
+    health checks waits for no prober: nothing to check.
     """
     waiting: list[str] = []
     if cp.cache.current() is None:
@@ -40,14 +41,23 @@ def readiness(cp: ControlPlaneView) -> list[str]:
         waiting.append("embedded prober not started yet")
     elif local is not None and (unchecked := local.unchecked()):
         waiting.append(f"embedded prober: {unchecked} endpoints not checked yet")
+    # Remote probers count only where they are the source of health (no embedded prober, or
+    # `serve --no-prober`), and then one current prober is enough: anyone who can open the
+    # prober link (without mTLS, anyone reaching the xDS port) must not hold readiness hostage
+    # by saying hello and leaving (issue 19). Their staleness alarms stay visible in /alarms.
+    # A topology without health checks waits for no prober: nothing to check (issue 18).
+    if local is not None and not cp.expect_remote_prober:
+        return waiting
     remote = list(cp.prober_link.probers.values())
-    if (
-        (remote or cp.expect_remote_prober)
-        and has_health_checks(cp.topology)
-        and not any(r.connected and r.full_state_at is not None for r in remote)
-    ):
-        waiting.append("no connected remote prober has sent its full state")
-    waiting.extend(f"alarm {a.id}: {a.message}" for a in cp.admission.alarms.active("prober_stale"))  # issue 7a
+    if not remote and not cp.expect_remote_prober:
+        return waiting
+    stale = cp.admission.alarms.active("prober_stale")
+    stale_ids = {a.subject for a in stale}
+    if not any(r.connected and r.full_state_at is not None and r.prober_id not in stale_ids for r in remote):
+        full_state = any(r.connected and r.full_state_at is not None for r in remote)
+        if not full_state and has_health_checks(cp.topology):
+            waiting.append("no connected remote prober has sent its full state")
+        waiting.extend(f"alarm {a.id}: {a.message}" for a in stale)  # issue 7a
     return waiting
 
 
@@ -60,6 +70,10 @@ async def readyz(request: web.Request) -> web.Response:
     waiting = readiness(cp)
     if waiting:
         return web.json_response({"status": "not ready", "waiting_for": waiting}, status=503)
+    # Serving, but not saving what it serves (issue 19): ready, and says so.
+    degraded = [f"alarm {a.id}: {a.message}" for a in cp.admission.alarms.active("persistence")]
+    if degraded:
+        return json_response({"status": "degraded", "degraded": degraded, "version": cp.snapshot.version})
     return json_response({"status": "ready", "version": cp.snapshot.version})
 
 

@@ -45,6 +45,8 @@ async def put_topology(request: web.Request) -> web.Response:
                 document = json.loads(text)
             except json.JSONDecodeError as exc:
                 return error_response(400, f"invalid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "body")
+            except (ValueError, RecursionError) as exc:  # an integer past 4,300 digits, nesting past the stack
+                return error_response(400, f"invalid JSON: {exc}", "body")
             topology = parse_topology(document, source=SOURCE)
         else:
             topology = parse_topology_text(text, source=SOURCE)

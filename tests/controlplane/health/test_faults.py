@@ -468,3 +468,27 @@ async def test_an_alarm_id_of_non_ascii_digits_is_a_400(session: aiohttp.ClientS
             cp, session, "POST", "/alarms/%C2%B9/accept", headers={"Authorization": f"Bearer {TOKEN}"}
         )
         assert (code, body["field"]) == (400, "id")
+
+
+async def test_a_node_closed_while_its_write_was_blocked_gets_unavailable_when_it_reads_again() -> None:
+    """Issue 19: served or disconnected, never left on a stream that says nothing."""
+    doc = document(endpoints=40, clusters=300, name_pad="-" + "x" * 150, stuck_stream_timeout="60s")
+    async with ControlPlane(parse_topology(doc)) as cp:
+        names = [c.name for c in cp.topology.clusters]
+        stuck = AdsClient(cp, "stuck", read=False, bdp=False)
+        await stuck.start(names)
+        stream = await poll_until(lambda: _async(cp.nodes.get("stuck")), timeout=10, what="stuck node known")
+        await poll_until(lambda: _async(stream.types[rs.ENDPOINT].awaiting_ack), timeout=10, what="write handed over")
+        await asyncio.sleep(0.2)  # the write is blocked on the unread 64 kB window
+        assert cp.close_stuck_streams(now=time.time() + 61) == [stream.stream_id]
+        await poll_until(lambda: _async(stream.stream_id not in cp.ads.streams), timeout=10, what="state freed")
+        assert cp.nodes.get("stuck") is None
+        # The node wakes up and reads: what was on its way, then the reason, so that it reconnects.
+        first = await asyncio.wait_for(stuck.call.read(), 10)
+        assert isinstance(first, discovery_pb2.DiscoveryResponse)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(stuck.call.read(), 10)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "stuck_stream_timeout" in (info.value.details() or "")
+        assert cp.ads.peers.open == {}
+        await stuck.aclose()

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controlplane.app import ControlPlane
 from controlplane.errors import ConfigError
-from controlplane.health.persist import VerdictStore
+from controlplane.health.persist import BackgroundStore, VerdictStore
 from controlplane.health.store import HealthStatus, Verdict
 from controlplane.snapshots.snapshot import version_key
 from controlplane.topology.parse import parse_topology
+from lab.envoyproc import poll_until
 
 H, U = HealthStatus.HEALTHY, HealthStatus.UNHEALTHY
 
@@ -154,3 +162,189 @@ def test_fault_settings_parse() -> None:
     ).controlplane
     assert (cfg.data_dir, cfg.prober_staleness, cfg.stuck_stream_timeout) == ("/var/lib/healthplane", 30.0, 120.0)
     assert (cfg.mass_failure_share, cfg.mass_failure_window, cfg.mass_failure_min) == (0.3, 20.0, 5)
+
+
+async def eventually(check: Callable[[], object], what: str) -> None:
+    async def probe() -> bool | None:
+        return True if check() else None
+
+    await poll_until(probe, timeout=10, what=what)
+
+
+def _lock(data_dir: Path) -> sqlite3.Connection:
+    """Another process's view of the file, holding its write lock (as a backup tool might)."""
+    other = sqlite3.connect(data_dir / "healthplane.db", isolation_level=None, timeout=10)  # past our own write
+    other.execute("BEGIN EXCLUSIVE")
+    return other
+
+
+async def test_verdicts_and_overrides_are_served_while_the_database_refuses_writes_then_saved(
+    tmp_path: Path,
+) -> None:
+    cp = ControlPlane(parse_topology(document(tmp_path)))
+    assert cp.admission.store is not None
+    cp.admission.store.store._db.execute("PRAGMA busy_timeout = 50")  # locked: fail fast, not after 5 s
+    cp.admission.store.retry = 0.05
+    other = _lock(tmp_path)
+    try:
+        # Accepted while the file is locked: applied and served at once, the write fails on its thread.
+        snap = cp.submit_verdicts([Verdict("web", "127.0.0.1:8081", U, "connection refused", source="prober:a")])
+        assert snap is not None and served(cp)["127.0.0.1:8081"] == "UNHEALTHY"
+        snap = cp.set_override("web", "127.0.0.1:8082", HealthStatus.DRAINING, who="alice")
+        assert snap is not None and served(cp)["127.0.0.1:8082"] == "DRAINING"
+        assert [e.kind for e in cp.events.recent(kind="override")] == ["override"]
+        await eventually(lambda: cp.admission.alarms.active("persistence"), "the persistence alarm")
+        (alarm,) = cp.admission.alarms.active("persistence")
+        assert "database is locked" in alarm.message and "healthplane.db" in alarm.message
+        exposition = cp.metrics.exposition().decode()
+        assert 'healthplane_alarms_active{kind="persistence"} 1.0' in exposition
+        assert "healthplane_persist_failures_total" in exposition
+        assert cp.admission.store.backlog >= 2
+        # Still failing after retries: nothing was dropped in between.
+        failures = cp.admission.store.failures
+        await eventually(
+            lambda: cp.admission.store is not None and cp.admission.store.failures > failures + 2, "retries"
+        )
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    # The disk lets it write again: it catches up, and the alarm clears.
+    await eventually(lambda: not cp.admission.alarms.active("persistence"), "caught up")
+    assert cp.admission.store.backlog == 0
+    cp.admission.close()
+    saved = VerdictStore(tmp_path).load()
+    assert [(v.endpoint, v.status) for v in saved.verdicts] == [("127.0.0.1:8081", U)]
+    assert [(o.endpoint, o.status) for o in saved.overrides] == [("127.0.0.1:8082", HealthStatus.DRAINING)]
+
+
+async def test_readyz_says_degraded_while_changes_cannot_be_saved(tmp_path: Path) -> None:
+    doc = document(tmp_path)
+    cp = ControlPlane(parse_topology(doc))
+    assert cp.admission.store is not None
+    cp.admission.store.store._db.execute("PRAGMA busy_timeout = 50")
+    other = _lock(tmp_path)
+    cp.submit_verdicts([Verdict("web", "127.0.0.1:8081", U, "x", source="prober:a")])
+    await eventually(lambda: cp.admission.alarms.active("persistence"), "the persistence alarm")
+    await cp.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{cp.admin_port}/readyz") as r:
+            body = await r.json()
+        assert r.status == 200  # serving what it should: still in service
+        assert body["status"] == "degraded" and "database is locked" in body["degraded"][0]
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        await cp.aclose(grace=0)
+
+
+_keys = st.sampled_from(["127.0.0.1:1", "127.0.0.1:2"])
+_sources = st.sampled_from(["prober:a", "prober:b"])
+_status = st.sampled_from([H, U])
+_op = st.one_of(
+    st.tuples(st.just("verdict"), _keys, _sources, _status),
+    st.tuples(st.just("vote"), _keys, _sources, _status),
+    st.tuples(st.just("override"), _keys, _sources, st.one_of(st.none(), _status)),
+    st.tuples(st.just("forget"), _keys, _sources, _status),
+    st.tuples(st.just("lock"), _keys, _sources, _status),
+    st.tuples(st.just("unlock"), _keys, _sources, _status),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, max_size=25))
+def test_writes_that_fail_in_any_order_end_with_the_file_holding_every_last_change(
+    tmp_path: Path, ops: list[tuple[str, str, str, HealthStatus | None]]
+) -> None:
+    """Whatever fails when, once the disk lets it write, the file holds what a store that never failed would."""
+    data = tmp_path / f"d{len(list(tmp_path.iterdir()))}"
+    store = BackgroundStore(VerdictStore(data, busy_timeout=0))
+    verdicts: dict[str, HealthStatus] = {}
+    votes: dict[tuple[str, str], HealthStatus] = {}
+    overrides: dict[str, HealthStatus] = {}
+    other: sqlite3.Connection | None = None
+    for kind, key, source, status in ops:
+        v = Verdict("web", key, status or H, "r", 1.0, source)
+        if kind == "verdict":
+            store.save_batch(verdicts=[v])
+            verdicts[key] = v.status
+        elif kind == "vote":
+            store.save_batch(votes=[v])
+            votes[(key, source)] = v.status
+        elif kind == "override":
+            store.save_override("web", key, None if status is None else v)
+            if status is None:
+                overrides.pop(key, None)
+            else:
+                overrides[key] = status
+        elif kind == "forget":
+            store.forget_source(source)
+            votes = {k: s for k, s in votes.items() if k[1] != source}
+        elif kind == "lock" and other is None:
+            other = _lock(data)
+        elif kind == "unlock" and other is not None:
+            other.execute("ROLLBACK")
+            other.close()
+            other = None
+    if other is not None:
+        assert store.backlog == 0 or store.error is not None
+        other.execute("ROLLBACK")
+        other.close()
+    saved = store.load()
+    store.close()
+    assert store.error is None and store.backlog == 0
+    assert {v.endpoint: v.status for v in saved.verdicts} == verdicts
+    assert {(v.endpoint, v.source): v.status for v in saved.votes} == votes
+    assert {o.endpoint: o.status for o in saved.overrides} == overrides
+
+
+@pytest.mark.parametrize("where", ["table pages", "everything after the header"])
+def test_a_damaged_database_file_is_a_config_error_naming_data_dir(tmp_path: Path, where: str) -> None:
+    first = ControlPlane(parse_topology(document(tmp_path)))
+    first.submit_verdicts([Verdict("web", f"127.0.0.1:{p}", U, "x" * 200, source="p") for p in (8081, 8082, 8083)])
+    first.admission.close()
+    db = tmp_path / "healthplane.db"
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"healthplane.db{suffix}").unlink(missing_ok=True)
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    assert len(data) >= 3 * page  # the header page and table pages
+    start = page if where == "table pages" else 100
+    data[start:] = b"\xa5" * (len(data) - start)  # the 100-byte header stays valid
+    db.write_bytes(bytes(data))
+    with pytest.raises(ConfigError) as info:
+        ControlPlane(parse_topology(document(tmp_path)))
+    assert info.value.path == "controlplane.data_dir" and str(db) in info.value.message
+    config = tmp_path / "t.yaml"
+    config.write_text(yaml.safe_dump(document(tmp_path)))
+    result = subprocess.run(
+        [sys.executable, "-m", "controlplane", "serve", "--no-prober", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "controlplane.data_dir" in result.stderr
+
+
+def test_a_held_mass_failure_and_its_alarm_outlive_a_restart(tmp_path: Path) -> None:
+    doc = document(tmp_path, tuple(range(8081, 8091)))
+    first = ControlPlane(parse_topology(doc))
+    down = [Verdict("web", f"127.0.0.1:{p}", U, "connect timeout", source="prober:a") for p in range(8081, 8091)]
+    assert first.submit_verdicts(down) is None  # held
+    [alarm] = first.admission.alarms.active("mass_failure")
+    first.admission.close()
+
+    second = ControlPlane(parse_topology(doc))
+    [again] = second.admission.alarms.active("mass_failure")
+    assert again.subject == "web" and "10 failures held" in again.message
+    assert set(second.admission.guard.held["web"]) == {f"127.0.0.1:{p}" for p in range(8081, 8091)}
+    assert set(served(second).values()) == {"UNKNOWN"}  # still held, not applied by the restart
+    _, snapshot = second.accept_alarm(again.id, who="alice")
+    assert snapshot is not None and set(served(second).values()) == {"UNHEALTHY"}
+    second.admission.close()
+
+    third = ControlPlane(parse_topology(doc))  # accepted: nothing held any more, the verdicts stay
+    assert third.admission.alarms.active() == [] and third.admission.guard.held == {}
+    assert set(served(third).values()) == {"UNHEALTHY"}
+    third.admission.close()
+    assert alarm.id >= 1

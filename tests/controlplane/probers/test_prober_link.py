@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 
 from controlplane.app import ControlPlane
+from controlplane.errors import ConfigError
 from controlplane.health.store import HealthStatus
 from controlplane.topology.parse import parse_topology
 from healthplane.v1 import prober_pb2, prober_pb2_grpc
@@ -137,3 +141,143 @@ async def test_protocol_errors_close_the_stream_with_invalid_argument(
     finally:
         await prober.aclose()
     assert cp.snapshot.version == version
+
+
+# --------------------------------------------------------------------------- issue 19: who holds readiness
+
+
+async def _readyz(cp: ControlPlane) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{cp.admin_port}/readyz") as r:
+        return r.status, await r.json()
+
+
+async def _hello_and_leave(cp: ControlPlane, prober_id: str) -> None:
+    stranger = Prober(cp)
+    await stranger.send(hello=prober_pb2.Hello(prober_id=prober_id))
+    await stranger.call.read()  # the topology: the control plane took the hello
+    await stranger.aclose()
+
+    async def gone() -> bool:
+        record = cp.prober_link.probers.get(prober_id)
+        return record is not None and not record.connected
+
+    await poll_until(gone, timeout=10, what=f"{prober_id} disconnected")
+
+
+async def test_a_link_client_that_says_hello_and_leaves_does_not_take_an_embedded_prober_out_of_service() -> None:
+    from prober.embedded import attach_embedded_prober
+
+    doc = copy.deepcopy(DOCUMENT)
+    doc["clusters"][0]["endpoints"] = [{"address": "127.0.0.1", "port": 9}]  # refused: checked at once
+    doc["clusters"][0]["health_check"] = {"tcp": {}, "interval": "200ms", "timeout": "100ms"}
+    cp = ControlPlane(parse_topology(doc))
+    attach_embedded_prober(cp)
+    async with cp:
+
+        async def ready() -> bool:
+            return (await _readyz(cp))[0] == 200
+
+        await poll_until(ready, timeout=15, what="ready on the embedded prober's first round")
+        await _hello_and_leave(cp, "stranger")
+        cp.check_probers(now=time.time() + 3600)  # long silent: its alarm is raised...
+        assert [a.subject for a in cp.admission.alarms.active("prober_stale")] == ["stranger"]
+        assert (await _readyz(cp))[0] == 200  # ...and it does not decide readiness
+
+
+async def test_with_remote_probers_only_one_current_prober_makes_ready_whoever_else_connects(cp: ControlPlane) -> None:
+    real = Prober(cp)
+    try:
+        await real.send(hello=prober_pb2.Hello(prober_id="real"))
+        await real.send(verdicts=prober_pb2.VerdictBatch(full_state=True, verdicts=[verdict(8081, 1)]))
+
+        async def full() -> bool:
+            r = cp.prober_link.probers.get("real")
+            return r is not None and r.full_state_at is not None
+
+        await poll_until(full, timeout=10, what="the real prober's full state")
+        assert (await _readyz(cp))[0] == 200
+        await _hello_and_leave(cp, "stranger")
+        assert (await _readyz(cp))[0] == 200
+        stranger = cp.prober_link.probers["stranger"]
+        cp.check_probers(now=stranger.connected_at + 3600)  # both silent that long: both stale
+        code, body = await _readyz(cp)
+        assert code == 503 and any("prober real" in w for w in body["waiting_for"])
+        cp.prober_link.probers["real"].last_message_at = stranger.connected_at + 3600  # real reports again
+        cp.check_probers(now=stranger.connected_at + 3600)
+        assert (await _readyz(cp))[0] == 200
+    finally:
+        await real.aclose()
+
+
+async def test_a_second_connection_with_a_connected_id_is_refused_and_the_first_keeps_its_record(
+    cp: ControlPlane,
+) -> None:
+    first, twin = Prober(cp), Prober(cp)
+    try:
+        await first.send(hello=prober_pb2.Hello(prober_id="twin"))
+        await first.call.read()
+        record = cp.prober_link.probers["twin"]
+        await twin.send(hello=prober_pb2.Hello(prober_id="twin"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await twin.call.read()
+        assert info.value.code() is grpc.StatusCode.ALREADY_EXISTS
+        assert "prober id 'twin' is already connected" in (info.value.details() or "")
+        assert cp.prober_link.probers["twin"] is record and record.connected
+        assert cp.prober_link.refused_duplicates == 1
+        # Forgetting it is refused while the first is connected (DELETE /probers/twin: 409).
+        with pytest.raises(ConfigError, match="is connected"):
+            cp.forget_prober("twin", who="test")
+        # The first one's verdicts still count, as its own.
+        await first.send(verdicts=prober_pb2.VerdictBatch(full_state=True, verdicts=[verdict(8081, 2, "refused")]))
+
+        async def applied() -> bool:
+            return cp.health.status("web", "127.0.0.1:8081") is HealthStatus.UNHEALTHY
+
+        await poll_until(applied, timeout=10, what="the first prober's verdict")
+    finally:
+        await twin.aclose()
+        await first.aclose()
+
+
+@pytest.mark.parametrize(("stamp", "expected"), [(0, "floor"), (1, "floor"), (2**40, "now"), (-5, "floor")])
+def test_verdict_times_are_clamped_to_the_last_day(stamp: int, expected: str) -> None:
+    from controlplane.probers.link import MAX_VERDICT_AGE, verdicts_from_batch
+
+    now = 1_800_000_000.0
+    v = verdict(8081, 1)
+    v.time.seconds = stamp
+    v.time.nanos = 1 if stamp == 0 else 0  # a zero timestamp means "unset" (now); this one is set
+    (out,) = verdicts_from_batch(prober_pb2.VerdictBatch(verdicts=[v]), "prober:p", now)
+    assert out.time == (now - MAX_VERDICT_AGE if expected == "floor" else now)
+    v.time.seconds, v.time.nanos = int(now) - 30, 0  # a plausible time is kept as it is
+    (out,) = verdicts_from_batch(prober_pb2.VerdictBatch(verdicts=[v]), "prober:p", now)
+    assert out.time == now - 30
+
+
+async def test_check_states_of_unknown_endpoints_are_dropped_and_events_per_batch_are_bounded(cp: ControlPlane) -> None:
+    from controlplane.probers.link import MAX_EVENTS_PER_BATCH
+
+    prober = Prober(cp)
+    try:
+        await prober.send(hello=prober_pb2.Hello(prober_id="p1"))
+        await prober.call.read()
+        states = [prober_pb2.CheckState(cluster="web", endpoint=f"10.9.{i // 250}.{i % 250}:1") for i in range(5000)]
+        states.append(prober_pb2.CheckState(cluster="web", endpoint="127.0.0.1:8081", check="tcp"))
+        events = [
+            prober_pb2.ProbeEvent(cluster="web", endpoint="127.0.0.1:8081", old_status=1, new_status=2, reason=f"r{i}")
+            for i in range(5000)
+        ]
+        before = len(cp.events.recent(10_000, kind="probe"))
+        await prober.send(verdicts=prober_pb2.VerdictBatch(full_state=True, checks=states, events=events))
+
+        async def received() -> bool:
+            r = cp.prober_link.probers["p1"]
+            return r.full_state_at is not None
+
+        await poll_until(received, timeout=10, what="the batch")
+        assert set(cp.prober_link.checks) == {("web", "127.0.0.1:8081")}
+        probe_events = cp.events.recent(10_000, kind="probe")[before:]
+        assert len(probe_events) == MAX_EVENTS_PER_BATCH + 1
+        assert "4900 more probe events" in probe_events[-1].message
+    finally:
+        await prober.aclose()

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
 import pytest
 from envoy.admin.v3 import config_dump_shared_pb2 as dump
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 from envoy.type.matcher.v3 import node_pb2, string_pb2
 
-from controlplane.errors import ProtocolError
+from controlplane.errors import LimitExceeded, ProtocolError
+from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Snapshot
-from controlplane.xds.csds import client_config, client_status
+from controlplane.xds.csds import CsdsService, client_config, client_status
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
 from tests.conftest import Lab, web_topology
 from tests.controlplane.xds.test_stream import CDS, EDS, CheckedStream, Fleet
+from tests.controlplane.xds.xds_fuzz import HealthyNode
 
 RS = dump.ClientResourceStatus
 CS = csds_pb2.ConfigStatus
@@ -159,3 +163,101 @@ async def test_real_envoy_status_over_csds_acked_then_nacked(
                 csds_pb2.ClientStatusRequest(node_matchers=[_matcher(safe_regex={"regex": "("})])
             )
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "safe_regex" in (info.value.details() or "")
+
+
+def _stream_with_id(node_id: str) -> CheckedStream:
+    stream = CheckedStream()
+    stream.node = base_pb2.Node(id=node_id, cluster="sidecar")
+    stream.send(CDS, [])
+    return stream
+
+
+# Python's backtracking `re` takes 2^n steps on these: at 28 characters of node id, seconds; at 64,
+# longer than the universe. RE2 is linear. The thread method ends the run if it ever backtracks.
+@pytest.mark.timeout(60, method="thread")
+@pytest.mark.parametrize("regex", ["(.*)*x", "(a*)*b", "(a|a)*b", "(a+)+$b", "((a?){1,20}a){1,20}b"])
+def test_node_id_regexes_match_in_linear_time(regex: str) -> None:
+    streams = [_stream_with_id("a" * 64).state, _stream_with_id("sidecar-1").state]
+    request = csds_pb2.ClientStatusRequest(node_matchers=[_matcher(safe_regex={"regex": regex})])
+    assert client_status(request, streams, [Fleet().snapshot]).config == []
+
+
+@pytest.mark.parametrize(
+    ("regex", "why"),
+    [
+        (r"(a)\1", "escape"),
+        ("(?=a)a", "repetition|missing argument|invalid"),
+        ("x{5000}", "repetition"),
+        ("a" * 2000, "characters"),
+    ],
+)
+def test_regexes_re2_refuses_are_invalid_argument_naming_safe_regex(regex: str, why: str) -> None:
+    """RE2 semantics, as Envoy's safe_regex: backreferences, lookaround and huge programs are refused."""
+    request = csds_pb2.ClientStatusRequest(node_matchers=[_matcher(safe_regex={"regex": regex})])
+    with pytest.raises(ProtocolError, match=r"node_id\.safe_regex") as info:
+        client_status(request, [_stream_with_id("a").state], [Fleet().snapshot])
+    assert info.match(why)
+
+
+def test_an_answer_past_the_size_bound_is_refused_naming_how_to_narrow_it() -> None:
+    streams = [_stream_with_id(f"node-{i}").state for i in range(20)]
+    one = client_config(streams[0], [Fleet().snapshot]).ByteSize()
+    with pytest.raises(LimitExceeded, match="narrow node_matchers or set exclude_resource_contents"):
+        client_status(csds_pb2.ClientStatusRequest(), streams, [Fleet().snapshot], max_bytes=one * 5)
+    narrowed = csds_pb2.ClientStatusRequest(node_matchers=[_matcher(prefix="node-1")])  # node-1, node-10..19
+    assert len(client_status(narrowed, streams, [Fleet().snapshot], max_bytes=one * 12).config) == 11
+
+
+async def test_a_big_answer_gives_the_event_loop_back_between_nodes() -> None:
+    streams = [_stream_with_id(f"node-{i}").state for i in range(50)]
+    history = SnapshotCache()
+    history.publish(Fleet().snapshot)
+    service = CsdsService(lambda: streams, history)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    response = await service.answer_async(csds_pb2.ClientStatusRequest())
+    during = ticks - before
+    task.cancel()
+    assert len(response.config) == 50
+    assert during >= 49  # the loop ran other work between (almost) every node
+
+
+async def test_csds_over_grpc_refuses_an_oversized_answer_with_resource_exhausted() -> None:
+    from controlplane.app import ControlPlane
+    from controlplane.topology.parse import parse_topology_text
+
+    cp = ControlPlane(parse_topology_text(CSDS_TOPOLOGY))
+    await cp.start()
+    try:
+        cp.csds.max_bytes = 10  # any node's config is more than this
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{cp.xds_port}")
+        node = HealthyNode(channel, "n1")
+        await node.start()
+        await node.wait_version(cp.snapshot.type_versions[EDS])
+        stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.FetchClientStatus(csds_pb2.ClientStatusRequest())
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "would exceed 10 bytes" in (info.value.details() or "")
+        cp.csds.max_bytes = 1 << 20
+        assert [c.node.id for c in (await stub.FetchClientStatus(csds_pb2.ClientStatusRequest())).config] == ["n1"]
+        await node.aclose()
+        await channel.close()
+    finally:
+        await cp.aclose(grace=0)
+
+
+CSDS_TOPOLOGY = """
+controlplane: {xds: {port: 0}, admin: {port: 0}, watch_interval: 0}
+clusters: [{name: web, endpoints: [{address: 127.0.0.1, port: 18081}]}]
+listeners: [{name: ingress, port: 10000, routes: [{cluster: web}]}]
+"""

@@ -7,21 +7,30 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.status.v3 import csds_pb2
+from envoy.type.matcher.v3 import node_pb2, string_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controlplane.app import ControlPlane
 from controlplane.health.store import HealthStatus
 from controlplane.snapshots import resources as rs
 from controlplane.topology.parse import parse_topology
+from controlplane.xds.csds import client_status
+from tests.controlplane.xds.test_stream import CDS, CheckedStream, Fleet
 from tests.controlplane.xds.xds_fuzz import HealthyNode, fuzz, send_input, valid_request
 
 FUZZ_COUNT = 2000
+FLEET = Fleet()
 
 
 def topology(**xds: Any) -> dict[str, Any]:
@@ -226,3 +235,103 @@ async def test_raw_garbage_on_the_xds_port_leaves_other_streams_alone(
         await healthy.wait_version(flip())
     assert healthy.task is not None and not healthy.task.done()
     assert len(cp.ads.streams) == 1
+
+
+# CSDS node matchers (issue 19): regexes built from nested groups, quantifiers and alternations, the
+# class of `(.*)*x` that backtracks exponentially. Each must either be refused by name or match as
+# RE2 does: the same answer as Python's `re` on short ids (where backtracking is still cheap), and
+# an answer at all on long ones (the thread timeout ends the run if matching ever backtracks).
+_atom = st.sampled_from(["a", "b", ".", "x", "[ab]", r"\d", "-"])
+_regex = st.recursive(
+    _atom,
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["*", "+", "?", "{1,3}", "*?"])).map(lambda t: f"({t[0]}){t[1]}"),
+        st.tuples(inner, inner).map("".join),
+        st.tuples(inner, inner).map(lambda t: f"({t[0]}|{t[1]})"),
+    ),
+    max_leaves=8,
+)
+
+
+@pytest.mark.timeout(120, method="thread")
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(regex=_regex, short=st.text(alphabet="abx-1", min_size=1, max_size=6))
+def test_csds_node_regexes_match_as_re2_in_linear_time(regex: str, short: str) -> None:
+    long_id = "a" * 80 + "-" + "ab" * 40
+    states = []
+    for node_id in (short, long_id):
+        stream = CheckedStream()
+        stream.node = base_pb2.Node(id=node_id, cluster="sidecar")
+        stream.send(CDS, [])
+        states.append(stream.state)
+    matcher = node_pb2.NodeMatcher(node_id=string_pb2.StringMatcher(safe_regex={"regex": regex}))
+    request = csds_pb2.ClientStatusRequest(node_matchers=[matcher], exclude_resource_contents=True)
+    ids = {c.node.id for c in client_status(request, states, [FLEET.snapshot]).config}
+    assert (short in ids) == (re.fullmatch(regex, short) is not None)
+
+
+async def test_prober_link_and_csds_streams_are_limited_per_peer_too() -> None:
+    from envoy.service.status.v3 import csds_pb2_grpc
+
+    from healthplane.v1 import prober_pb2, prober_pb2_grpc
+
+    cp, channel = await start(max_streams_per_peer=1)
+    try:
+        link = prober_pb2_grpc.ProberLinkStub(channel)
+        first = link.Report()
+        await first.write(prober_pb2.ProberMessage(hello=prober_pb2.Hello(prober_id="a")))
+        await first.read()  # the topology: the first stream is held
+        second = link.Report()
+        await second.write(prober_pb2.ProberMessage(hello=prober_pb2.Hello(prober_id="b")))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await second.read()
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details() == (
+            "127.0.0.1 already holds 1 prober-link streams: controlplane.xds.max_streams_per_peer is 1"
+        )
+        csds = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
+        one = csds.StreamClientStatus()
+        await one.write(csds_pb2.ClientStatusRequest())
+        await one.read()
+        two = csds.StreamClientStatus()
+        await two.write(csds_pb2.ClientStatusRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await two.read()
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and "CSDS streams" in (
+            info.value.details() or ""
+        )
+        # Each kind is counted on its own: the node's one ADS stream is still allowed.
+        code, _ = await send_input(channel, [valid_request(random.Random(6)).SerializeToString()])
+        assert code is grpc.StatusCode.OK
+        first.cancel()
+        one.cancel()
+    finally:
+        await channel.close()
+        await cp.aclose(grace=0)
+
+
+async def test_access_log_streams_are_limited_per_peer_too() -> None:
+    from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
+
+    cp, channel = await start(max_streams_per_peer=1)
+    try:
+        stub = als_pb2_grpc.AccessLogServiceStub(channel)
+        message = als_pb2.StreamAccessLogsMessage()
+        message.identifier.node.id = "front-1"
+        message.http_logs.SetInParent()
+        first = stub.StreamAccessLogs()
+        await first.write(message)
+        await asyncio.sleep(0.2)  # the first stream is held
+        second = stub.StreamAccessLogs()
+        await second.write(message)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await second
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details() == (
+            "127.0.0.1 already holds 1 access-log streams: controlplane.xds.max_streams_per_peer is 1"
+        )
+        assert cp.access_log.peers.open == {"127.0.0.1": 1}
+        first.cancel()
+    finally:
+        await channel.close()
+        await cp.aclose(grace=0)
