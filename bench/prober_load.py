@@ -59,6 +59,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import datetime  # noqa: E402
 import errno  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -107,20 +108,37 @@ def _machine_busy_s() -> tuple[float, float]:
 
 
 class _Counts:
-    __slots__ = ("connections", "requests")
+    """Requests and connections served, and (while recording) the gap between two requests per endpoint.
 
-    def __init__(self) -> None:
+    The gaps are what the backend sees of a checker's schedule whoever the checker is (Envoy has no
+    lag statistic of its own): a gap minus the interval is the check's latency plus its lateness.
+    """
+
+    __slots__ = ("connections", "gaps", "last", "recording", "requests")
+
+    def __init__(self, endpoints: int = 0) -> None:
         self.connections = 0
         self.requests = 0
+        self.recording = False
+        self.last = [0.0] * endpoints
+        self.gaps: list[float] = []
+
+    def arrived(self, slot: int) -> None:
+        now = time.monotonic()
+        previous = self.last[slot]
+        self.last[slot] = now
+        if self.recording and previous:
+            self.gaps.append(now - previous)
 
 
 class _Backend(asyncio.Protocol):
     """Answers every request head with 200 OK; closes after a `Connection: close` request."""
 
-    __slots__ = ("buffer", "counts", "transport")
+    __slots__ = ("buffer", "counts", "slot", "transport")
 
-    def __init__(self, counts: _Counts) -> None:
+    def __init__(self, counts: _Counts, slot: int) -> None:
         self.counts = counts
+        self.slot = slot
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
@@ -136,6 +154,7 @@ class _Backend(asyncio.Protocol):
         while (end := buf.find(b"\r\n\r\n")) >= 0:
             head, buf = buf[:end], buf[end + 4 :]
             self.counts.requests += 1
+            self.counts.arrived(self.slot)
             if b"connection: close" in head.lower():
                 self.transport.write(RESPONSE_CLOSE)
                 self.transport.close()  # after the buffered response is written
@@ -167,7 +186,7 @@ def backend_main(conn: Connection, index: int, count: int) -> None:
 
 async def _backend(conn: Connection, index: int, count: int) -> None:
     loop = asyncio.get_running_loop()
-    counts = _Counts()
+    counts = _Counts(count)
     servers: list[asyncio.Server] = []
     endpoints: list[tuple[str, int]] = []
     slot = 0
@@ -180,7 +199,7 @@ async def _backend(conn: Connection, index: int, count: int) -> None:
         sock = _bind(host, port)
         if sock is None:  # someone listens on this port on every address; take the next one
             continue
-        servers.append(await loop.create_server(lambda: _Backend(counts), sock=sock))
+        servers.append(await loop.create_server(functools.partial(_Backend, counts, len(endpoints)), sock=sock))
         endpoints.append((host, port))
     conn.send({"pid": os.getpid(), "endpoints": endpoints, "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]})
 
@@ -188,6 +207,13 @@ async def _backend(conn: Connection, index: int, count: int) -> None:
         if message[0] == "counts":
             user, system = _cpu()
             return {"connections": counts.connections, "requests": counts.requests, "cpu_s": user + system}
+        if message[0] == "gaps":  # ("gaps", True) starts recording; ("gaps", False) stops and returns them
+            gaps, counts.gaps = counts.gaps, []
+            counts.recording = bool(message[1])
+            if counts.recording:
+                counts.last = [0.0] * count  # a gap spans one checker only
+                return None
+            return gaps
         if message[0] == "stop":
             for server in servers:
                 server.close()
@@ -238,7 +264,13 @@ def topology_document(
 
 def prober_main(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
     child_setup()
-    asyncio.run(_prober(conn, mode, endpoints, opt))
+    loop_factory = None
+    if opt.get("loop") == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_prober(conn, mode, endpoints, opt))
 
 
 async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
@@ -258,6 +290,12 @@ async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]],
         async def on_event(self, event: ProbeEvent) -> None:
             if event.new is HealthStatus.UNHEALTHY:
                 self.reasons[event.reason] += 1
+
+    failed: Counter[str] = Counter()  # every failed check, not only the transitions
+
+    def count_failures(target: Any, result: Any) -> None:
+        if result.kind.value not in ("success", "inconclusive"):
+            failed[result.reason] += 1
 
     gc_pause = _GcPauses()
     gc.callbacks.append(gc_pause.callback)
@@ -284,6 +322,7 @@ async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]],
         source="bench",
         lag_window=opt["lag_window"],
     )
+    prober.check_listeners.append(count_failures)
     await prober.start()
     _tune_gc(experiments)
     conn.send(
@@ -322,6 +361,7 @@ async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]],
             "lag_window": stats.lag_window,
             "verdicts": dict(sink.verdicts),
             "reasons": dict(sink.reasons),
+            "failed": dict(failed),
         }
 
     def report() -> dict[str, Any]:

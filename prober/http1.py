@@ -20,6 +20,7 @@ import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 __all__ = ["Http1Pool", "HttpProtocolError", "HttpResponse", "ResponseParser", "build_request"]
 
@@ -252,8 +253,8 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[HttpResponse] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         parser, waiter = self._parser, self._waiter
@@ -372,7 +373,8 @@ class Http1Pool:
         return conn
 
     async def _connect(self, key: tuple[str, int]) -> _Connection:
-        _, conn = await asyncio.get_running_loop().create_connection(_Connection, key[0], key[1])
+        transport, conn = await asyncio.get_running_loop().create_connection(_Connection, key[0], key[1])
+        conn.transport = transport  # uvloop calls connection_made a loop iteration after this returns
         return conn
 
     async def _exchange(self, conn: _Connection, request: bytes, head_request: bool, max_body: int) -> HttpResponse:
