@@ -19,8 +19,7 @@ import asyncio
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import cast
+from typing import NamedTuple, cast
 
 __all__ = [
     "Http1Connection",
@@ -39,8 +38,9 @@ class HttpProtocolError(ValueError):
     """The endpoint answered something that is not a valid HTTP/1.x response."""
 
 
-@dataclass(frozen=True, slots=True)
-class HttpResponse:
+class HttpResponse(NamedTuple):
+    """A response as a check sees it (a NamedTuple: built once per check, cheaper than a dataclass)."""
+
     status: int
     body: bytes  # at most max_body bytes
     complete: bool  # the whole body was read (else it was longer than max_body)
@@ -115,9 +115,7 @@ class ResponseParser:
     def response(self) -> HttpResponse:
         if not self.done:
             raise HttpProtocolError("response is not complete")
-        return HttpResponse(
-            self.status, bytes(self.body), complete=self.body_seen <= self.max_body, keep_alive=self.keep_alive
-        )
+        return HttpResponse(self.status, bytes(self.body), self.body_seen <= self.max_body, self.keep_alive)
 
     def feed(self, data: bytes) -> bool:
         """Consume bytes; True when the response is complete. Bytes after it are an error."""
@@ -126,6 +124,22 @@ class ResponseParser:
             if data:
                 raise HttpProtocolError("data after the end of the response")
             return True
+        if self._stage is _Stage.HEAD and not self._buffer:
+            # The usual case: the whole head (and often the whole response) in one read. Parse it
+            # straight from `data`, without copying it through the buffer.
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                self._parse_head(data[:end])
+                rest = data[end + 4 :]
+                stage = cast(_Stage, self._stage)  # moved on in _parse_head
+                if stage is _Stage.LENGTH and len(rest) == self._remaining:
+                    self._keep(rest)
+                    self._remaining = 0
+                    self._stage = _Stage.DONE
+                    return True
+                if stage is _Stage.DONE and not rest:
+                    return True
+                data = rest
         self._buffer += data
         while self._step():
             pass
@@ -208,7 +222,7 @@ class ResponseParser:
         del self._buffer[: end + 2]
         return line
 
-    def _keep(self, data: bytearray) -> None:
+    def _keep(self, data: bytes | bytearray) -> None:
         room = self.max_body + 1 - len(self.body)  # one byte more than allowed tells "longer than max_body"
         if room > 0:
             self.body += data[:room]
@@ -220,10 +234,14 @@ class ResponseParser:
             if len(self._buffer) > MAX_HEAD:
                 raise HttpProtocolError(f"response head longer than {MAX_HEAD} bytes")
             return False
-        # Bytes all the way: decoding and splitting the head as str cost more than the rest of a
-        # keep-alive check's parsing (bench/checkers.py profile).
         head = bytes(self._buffer[:end])
         del self._buffer[: end + 4]
+        return self._parse_head(head)
+
+    def _parse_head(self, head: bytes) -> bool:
+        """Take in a response head (without its blank line); True if more of the response follows."""
+        # Bytes all the way: decoding and splitting the head as str cost more than the rest of a
+        # keep-alive check's parsing (bench/checkers.py profile).
         line_end = head.find(b"\r\n")
         status_line = head if line_end < 0 else head[:line_end]
         version = status_line[:8]
@@ -284,7 +302,13 @@ class ResponseParser:
 OnDone = Callable[["Http1Connection", "HttpResponse | BaseException"], None]
 
 
-class Http1Connection(asyncio.Protocol):
+# One receive buffer for every connection: asyncio calls get_buffer(), recv_into() and
+# buffer_updated() back to back on the loop's thread, so no two reads share it at once. A plain
+# Protocol would get a fresh bytes object from recv(256 KiB) on every read.
+_READ_BUFFER = memoryview(bytearray(256 * 1024))
+
+
+class Http1Connection(asyncio.BufferedProtocol):
     """One connection to an endpoint; at most one request in flight.
 
     `begin` sends a request and calls `on_done(connection, response or exception)` from the
@@ -309,6 +333,12 @@ class Http1Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check here.
         self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._on_done is None:

@@ -284,7 +284,8 @@ class EndpointState:
         target: HealthStatus | None = None
         if result.kind is ResultKind.SUCCESS:
             successes = min(c.successes + 1, t.successes)
-            self._counters = Counters(successes=successes)
+            if successes != c.successes or c.http_failures or c.tcp_failures or c.timeouts:
+                self._counters = Counters(successes=successes)  # else unchanged: no new object per check
             if successes >= t.successes:
                 target = HealthStatus.HEALTHY
         else:
