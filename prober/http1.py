@@ -487,6 +487,10 @@ class Http1Pool:
     def __len__(self) -> int:
         return len(self._idle)
 
+    def idle_open(self) -> int:
+        """Idle connections not closed by either side (each holds a file descriptor)."""
+        return sum(1 for conn in self._idle.values() if not conn.closed)
+
     def take_idle(self, key: tuple[str, int]) -> Http1Connection | None:
         """The idle connection to `key` if there is a usable one; it leaves the pool."""
         conn = self._idle.pop(key, None)
