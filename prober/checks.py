@@ -26,6 +26,8 @@ import contextvars
 import errno
 import logging
 import math
+import os
+import select
 import socket
 import ssl
 import time
@@ -66,6 +68,9 @@ USER_AGENT = "healthplane-prober"
 # a loop hundreds of ms late.
 OVERLOAD_MIN_LATENESS = 0.025
 OVERLOAD_LATENESS_SHARE = 0.1
+# The prober itself is out of file descriptors: not the endpoint's fault, so the check counts
+# neither way (prober/limits.py sizes the keep-alive pool so that this does not happen).
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 GRPC_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # grpc.health.v1.HealthCheckResponse.ServingStatus
 GRPC_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
@@ -227,6 +232,48 @@ class _TrackingConnector(aiohttp.TCPConnector):
         return connection
 
 
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+
+
+class _Connects:
+    """Sockets connecting for connect-only TCP checks, in an epoll of the checker's own.
+
+    The event loop watches that one epoll descriptor; when it is readable, one `poll` returns
+    every socket whose connect finished. Registering a socket is one C call, where
+    `loop.add_writer` and `remove_writer` go through the selectors module and cost about as
+    much as the connect itself (bench/checkers.py). EPOLLONESHOT: each socket reports once, and
+    closing it removes it from the epoll.
+    """
+
+    def __init__(self, ready: Callable[[tuple[Any, ...]], None]) -> None:
+        self._epoll = select.epoll()
+        self._ready = ready
+        self._pending: dict[int, tuple[Any, ...]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._epoll.fileno(), self._events)
+
+    def add(self, fd: int, context: tuple[Any, ...]) -> None:
+        self._epoll.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
+        self._pending[fd] = context
+
+    def pending(self, fd: int, context: tuple[Any, ...]) -> bool:
+        return self._pending.get(fd) is context
+
+    def discard(self, fd: int) -> None:
+        self._pending.pop(fd, None)
+
+    def _events(self) -> None:
+        for fd, _ in self._epoll.poll(0):
+            context = self._pending.pop(fd, None)
+            if context is not None:
+                self._ready(context)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._pending.clear()
+
+
 class _Outcome(Exception):
     """Raised inside a check to end it with a result; keeps the happy path flat."""
 
@@ -265,7 +312,8 @@ class NetworkChecker:
         self._grpc_credentials: dict[tuple[str | None, str | None, str | None], grpc.ChannelCredentials] = {}
         self._closed = False
         # Checks started by start_check, per timeout value, in deadline order (see _sweep).
-        self._deadlines: dict[float, deque[tuple[float, Http1Connection, tuple[Any, ...]]]] = {}
+        self._deadlines: dict[float, deque[tuple[float, Http1Connection | None, tuple[Any, ...]]]] = {}
+        self._connects: _Connects | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._sweep_at = math.inf
         self._retries: set[asyncio.Task[None]] = set()
@@ -295,10 +343,15 @@ class NetworkChecker:
             self._sweep_handle = None
         for queue in self._deadlines.values():
             for _, conn, context in queue:
-                if conn.context is context:
+                if conn is None:
+                    context[1].close()
+                elif conn.context is context:
                     conn.context = None
                     conn.abandon()
         self._deadlines.clear()
+        if self._connects is not None:
+            self._connects.close()
+            self._connects = None
         retries, self._retries = list(self._retries), set()
         for task in retries:
             task.cancel()
@@ -425,7 +478,14 @@ class NetworkChecker:
         needs `check()`: another kind, HTTPS, no keep-alive, or no idle connection yet.
         """
         hc = target.health_check
-        if self._closed or hc.kind != "http":
+        if self._closed:
+            return False
+        if hc.kind == "tcp":
+            tcp = hc.tcp
+            if tcp is not None and (tcp.send or tcp.receive):
+                return False
+            return self._start_connect(target, token, done)
+        if hc.kind != "http":
             return False
         http = hc.http
         if http is None or http.https or not http.keepalive:
@@ -448,6 +508,51 @@ class NetworkChecker:
             self._schedule_sweep(deadline + SWEEP_SLACK)
         self.started_without_task += 1
         return True
+
+    def _start_connect(self, target: Target, token: Any, done: DoneCallback) -> bool:
+        """A connect-only TCP check: a bare socket, watched by the checker's own epoll (_Connects)."""
+        connects = self._connects
+        if connects is None:
+            if not hasattr(select, "epoll") or not hasattr(socket, "SOCK_NONBLOCK"):
+                return False
+            connects = self._connects = _Connects(self._connect_ready)
+        started = self._clock()
+        try:
+            # SOCK_NONBLOCK (Linux, as epoll is): one system call fewer than setblocking(False).
+            sock = socket.socket(socket.AF_INET6 if ":" in target.address else socket.AF_INET, _STREAM_NONBLOCK)
+        except OSError as exc:
+            done(token, self._connect_result(exc.errno or errno.EMFILE, started))
+            return True
+        err = sock.connect_ex((target.address, target.check_port))
+        if err == errno.EINPROGRESS:
+            hc = target.health_check
+            deadline = started + hc.timeout
+            context = (target, sock, token, done, started)
+            connects.add(sock.fileno(), context)
+            queue = self._deadlines.get(hc.timeout)
+            if queue is None:
+                queue = self._deadlines[hc.timeout] = deque()
+            queue.append((deadline, None, context))
+            if deadline + SWEEP_SLACK < self._sweep_at:
+                self._schedule_sweep(deadline + SWEEP_SLACK)
+        else:  # done already: on loopback, connect() often completes the handshake at once
+            sock.close()
+            done(token, self._connect_result(err, started))
+        self.started_without_task += 1
+        return True
+
+    def _connect_result(self, err: int, started: float) -> CheckResult:
+        if err == 0:
+            return CheckResult(ResultKind.SUCCESS, "connected", self._wall(), self._clock() - started)
+        reason = _os_reason(OSError(err, os.strerror(err)), "connect failed")
+        kind = ResultKind.INCONCLUSIVE if err in OUT_OF_DESCRIPTORS else ResultKind.TCP_FAILURE
+        return CheckResult(kind, reason, self._wall(), self._clock() - started)
+
+    def _connect_ready(self, context: tuple[Any, ...]) -> None:
+        _, sock, token, done, started = context
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        sock.close()
+        done(token, self._connect_result(err, started))
 
     def _schedule_sweep(self, when: float) -> None:
         if self._sweep_handle is not None:
@@ -489,16 +594,26 @@ class NetworkChecker:
         for timeout, queue in self._deadlines.items():
             while queue:
                 deadline, conn, context = queue[0]
-                if conn.context is not context:  # answered already
+                if conn is None:  # a connect-only TCP check
+                    sock = context[1]
+                    if self._connects is None or not self._connects.pending(sock.fileno(), context):
+                        queue.popleft()  # connected or failed already
+                        continue
+                elif conn.context is not context:  # answered already
                     queue.popleft()
                     continue
                 if deadline > now:
                     next_deadline = min(next_deadline, deadline)
                     break
                 queue.popleft()
-                conn.context = None
-                conn.abandon()
-                _, _, _, token, done, started = context
+                if conn is None:
+                    assert self._connects is not None
+                    self._connects.discard(sock.fileno())
+                    sock.close()
+                else:
+                    conn.context = None
+                    conn.abandon()
+                token, done, started = context[-3:]
                 late = now - deadline - SWEEP_SLACK
                 if late > max(OVERLOAD_MIN_LATENESS, timeout * OVERLOAD_LATENESS_SHARE):
                     result = CheckResult(
@@ -515,6 +630,8 @@ class NetworkChecker:
 
     @staticmethod
     def _http_error(exc: BaseException) -> tuple[ResultKind, str, int | None]:
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_DESCRIPTORS:
+            return ResultKind.INCONCLUSIVE, _os_reason(exc, "prober"), None
         if isinstance(exc, HttpProtocolError):
             return ResultKind.HTTP_FAILURE, f"http protocol error: {exc}", None
         if isinstance(exc, ConnectionResetError):
@@ -689,12 +806,16 @@ class NetworkChecker:
         # asyncio.open_connection: half the CPU per check with the GC tuning (docs/benchmarks.md).
         # Endpoint addresses are IP literals (the topology refuses hostnames), so no resolver runs.
         family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise _Outcome(ResultKind.INCONCLUSIVE, _os_reason(exc, "prober")) from None
         try:
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, (target.address, target.check_port))
         except OSError as exc:
-            raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed")) from None
+            kind = ResultKind.INCONCLUSIVE if exc.errno in OUT_OF_DESCRIPTORS else ResultKind.TCP_FAILURE
+            raise _Outcome(kind, _os_reason(exc, "connect failed")) from None
         finally:
             sock.close()
         return _Outcome(ResultKind.SUCCESS, "connected")

@@ -1,8 +1,12 @@
-"""Checks started from callbacks (NetworkChecker.start_check): real sockets, the shared deadline sweep."""
+"""Checks started from callbacks (NetworkChecker.start_check): real sockets, the shared deadline sweep.
+
+Keep-alive HTTP on pooled connections, and connect-only TCP through the checker's own epoll.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 from controlplane.topology import Cluster, Endpoint, HealthCheck, HttpCheck, Topology
@@ -10,8 +14,8 @@ from prober.checks import SWEEP_SLACK, NetworkChecker
 from prober.events import NullSink
 from prober.scheduler import Prober
 from prober.state import CheckResult, ResultKind
-from tests.prober.backends import LOCALHOST, HttpBackend, eventually
-from tests.prober.test_checks import http_target
+from tests.prober.backends import LOCALHOST, HttpBackend, TcpBackend, closed_port, eventually
+from tests.prober.test_checks import http_target, tcp_target
 
 
 def start(checker: NetworkChecker, target: object) -> tuple[bool, asyncio.Future[CheckResult]]:
@@ -109,3 +113,57 @@ async def test_a_running_prober_checks_without_a_task_per_check(http_backend: Ht
     async with Prober(topology, sink=NullSink(), checker=checker):
         await eventually(lambda: checker.started_without_task >= 10)
     assert http_backend.connections == 1
+
+
+# --------------------------------------------------------------------------- connect-only TCP
+
+
+async def test_tcp_connect_only(checker: NetworkChecker) -> None:
+    backend = await TcpBackend().start()
+    try:
+        for _ in range(3):
+            started, future = start(checker, tcp_target(backend.port))
+            assert started
+            result = await asyncio.wait_for(future, 5)
+            assert (result.kind, result.reason) == (ResultKind.SUCCESS, "connected")
+        await eventually(lambda: backend.connections == 3)
+    finally:
+        await backend.stop()
+
+
+async def test_tcp_refused(checker: NetworkChecker) -> None:
+    started, future = start(checker, tcp_target(closed_port()))
+    assert started
+    result = await asyncio.wait_for(future, 5)
+    assert (result.kind, result.reason) == (ResultKind.TCP_FAILURE, "connect refused")
+
+
+async def test_tcp_payload_checks_take_the_coroutine_path(checker: NetworkChecker) -> None:
+    assert not start(checker, tcp_target(closed_port(), send=b"PING"))[0]
+
+
+async def test_tcp_connect_that_hangs_times_out() -> None:
+    # A listener that never accepts, with its backlog full: the next SYN is dropped and the
+    # connect hangs, on 127.0.0.1 only.
+    listener = socket.socket()
+    listener.bind((LOCALHOST, 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    checker = NetworkChecker()
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((LOCALHOST, port))
+            fillers.append(s)
+        started, future = start(checker, tcp_target(port, timeout=0.2))
+        assert started
+        result = await asyncio.wait_for(future, 5)
+        assert (result.kind, result.reason) == (ResultKind.TIMEOUT, "timeout after 200ms")
+        assert 0.2 <= result.latency < 0.2 + SWEEP_SLACK + 0.1
+    finally:
+        await checker.aclose()
+        for s in fillers:
+            s.close()
+        listener.close()
