@@ -45,6 +45,13 @@ from controlplane.health import EndpointId, HealthStatus, Verdict
 from controlplane.topology import HealthCheck, Topology
 from prober.checks import Checker, NetworkChecker
 from prober.events import JsonLinesLog, NullSink, ProbeEvent, ProberSink
+from prober.limits import (
+    descriptors_in_use,
+    keepalive_connections,
+    pool_budget,
+    pool_message,
+    raise_open_files_limit,
+)
 from prober.state import CheckResult, Counters, EndpointState, PendingEdge, ResultKind, Target
 
 __all__ = [
@@ -191,7 +198,9 @@ class Prober:
     """Checks every endpoint of a topology on its own schedule and reports health transitions.
 
     Lifecycle: unopened -> `start()` -> running -> `aclose()` -> closed; `async with` does both.
-    The prober owns its checker (a `NetworkChecker` unless one is given) and closes it.
+    The prober owns its checker (a `NetworkChecker` unless one is given) and closes it. A
+    `NetworkChecker` it makes itself gets a keep-alive pool sized to the open-files limit,
+    which `start()` raises to the hard limit first (prober/limits.py).
     """
 
     def __init__(
@@ -201,6 +210,7 @@ class Prober:
         sink: ProberSink | None = None,
         checker: Checker | None = None,
         max_concurrency: int = 512,
+        open_files_limit: int | None = None,
         source: str | None = None,
         event_log: str | Path | None = None,
         lag_window: int = 4096,
@@ -212,6 +222,11 @@ class Prober:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.source = source if source is not None else f"prober:{socket.gethostname()}"
         self.max_concurrency = max_concurrency
+        # The open-files limit the keep-alive pool is sized for (prober/limits.py); None: raise
+        # the soft limit to the hard one at start and use that.
+        self._open_files_limit = open_files_limit
+        self._pool_budget: int | None = None
+        self._pool_needed_logged = 0
         self._sink: ProberSink = sink if sink is not None else NullSink()
         self._checker = checker
         self._log = JsonLinesLog(event_log) if event_log is not None else None
@@ -253,7 +268,10 @@ class Prober:
         if self._state is _State.CLOSED:
             raise RuntimeError("prober is closed")
         if self._checker is None:
-            self._checker = NetworkChecker(clock=self._clock, wall=self._wall)
+            self._checker = NetworkChecker(
+                clock=self._clock, wall=self._wall, max_idle_connections=self._plan_descriptors()
+            )
+            self._check_descriptors()
         if isinstance(self._checker, NetworkChecker):
             self._fast_start = self._checker.start_check
         self._state = _State.RUNNING
@@ -261,6 +279,31 @@ class Prober:
         for entry in self._entries.values():
             self._push(entry, first_check_time(now, entry.target.health_check, self._rng))
         self._main = asyncio.create_task(self._run(), name="healthplane-prober")
+
+    def _plan_descriptors(self) -> int:
+        """Raise the open-files limit (unless one was given) and size the keep-alive pool under it."""
+        limit = self._open_files_limit
+        if limit is None:
+            files = raise_open_files_limit()
+            if files.raised:
+                log.info("prober: open-files limit raised from %d to %d (the hard limit)", files.before, files.soft)
+            limit = files.soft
+        self._open_files_limit = limit
+        self._pool_budget = pool_budget(limit, in_use=descriptors_in_use(), max_concurrency=self.max_concurrency)
+        return self._pool_budget
+
+    def _check_descriptors(self) -> None:
+        """Say when the keep-alive endpoints stop (or start again) fitting the descriptor budget."""
+        if self._pool_budget is None or self._open_files_limit is None:
+            return
+        needed = keepalive_connections(e.target for e in self._entries.values())
+        short = needed > self._pool_budget
+        if short and needed != self._pool_needed_logged:
+            log.warning("prober: %s", pool_message(needed, self._pool_budget, self._open_files_limit))
+            self._pool_needed_logged = needed
+        elif not short and self._pool_needed_logged:
+            log.info("prober: %d keep-alive endpoints fit the open-files limit again", needed)
+            self._pool_needed_logged = 0
 
     async def aclose(self) -> None:
         """Stop checking, deliver what is still queued, close the checker and the log; idempotent."""
@@ -329,6 +372,8 @@ class Prober:
                 len(replaced),
                 kept,
             )
+        if added or replaced:
+            self._check_descriptors()
         return TopologyChange(tuple(added), tuple(removed), tuple(replaced), kept)
 
     def _add(self, target: Target, *, previous: EndpointState | None) -> None:
