@@ -32,6 +32,10 @@ TOY_RUNS = {
         ],
         "http-keepalive",
     ),
+    "checkers.py": (
+        ["--endpoints", "20", "--rounds", "1", "--duration", "1", "--warmup", "0.5", "--backends", "1"],
+        "| 20 | envoy | 1 |",
+    ),
     "admin.py": (["--endpoints", "20", "--nodes", "2", "--repeat", "1"], "CSDS 2 nodes"),
     "propagation.py": (
         ["--nodes", "5", "--pushes", "2", "--model-nodes", "5", "--model-pushes", "2", "--workers", "1"],
