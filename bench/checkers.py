@@ -59,6 +59,7 @@ from bench.prober_load import (  # noqa: E402
     _percentile,
     backend_main,
     prober_main,
+    wait_idle,
 )
 from bench.procs import Child, raise_fd_limit  # noqa: E402
 from prober.shards import shard_of  # noqa: E402
@@ -200,6 +201,7 @@ def run_variant(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     n = len(endpoints)
+    busy_before = wait_idle(opt, log)  # other people's work shares the machine
     counts0 = [b.ask("counts", limit=30) for b in backends]
     mode = "tcp" if variant.startswith("tcp:") else "http-keepalive"
     name = variant.removeprefix("tcp:")
@@ -285,6 +287,9 @@ def run_variant(
     served = sum(b[served_key] for b in b1) - sum(b[served_key] for b in b0)
     backend_cpu = sum(b["cpu_s"] for b in b1) - sum(b["cpu_s"] for b in b0)
     machine = (machine1[0] - machine0[0]) / (machine1[1] - machine0[1])
+    refused = sum(b["refused"] + b["accept_errors"] for b in b1) - sum(b["refused"] + b["accept_errors"] for b in b0)
+    if refused:
+        log(f"  the backends refused {refused} connections (descriptors; see _Counts): this window is not clean")
     late = [g - opt.interval for g in gaps]
     row = {
         "variant": variant,
@@ -302,7 +307,9 @@ def run_variant(
         "late_max_ms": (late[-1] if late else math.nan) * 1000,
         "lag_p99_ms": lag_p99_ms,
         "backend_cpu_core": backend_cpu / window,
+        "backend_refused": refused,
         "other_cpu_core": max(0.0, machine - cpu / window - backend_cpu / window),
+        "busy_before_core": busy_before,
         "window_s": window,
     }
     log(
@@ -361,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--backends", type=int, default=2, help="backend processes")
     parser.add_argument("--concurrency", type=int, default=512, help="Prober max_concurrency")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="the prober's event loop")
+    parser.add_argument("--busy-limit", type=float, default=0.5, help="cores others may use before a window starts")
+    parser.add_argument("--busy-retries", type=int, default=3, help="20 s waits for a quieter machine per window")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--report", type=Path, help="print the table of a --json file written before; run nothing")
     opt = parser.parse_args(argv)
