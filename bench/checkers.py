@@ -276,11 +276,11 @@ def run_variant(
         window = max(s["time"] for s in p1) - min(s["time"] for s in p0)
         checks = sum(s1["checks"] - s0["checks"] for s0, s1 in zip(p0, p1, strict=True))
         cpu = sum((s1["user_s"] + s1["sys_s"]) - (s0["user_s"] + s0["sys_s"]) for s0, s1 in zip(p0, p1, strict=True))
-        failures = sum(sum(s1["failed"].values()) - sum(s0["failed"].values()) for s0, s1 in zip(p0, p1, strict=True))
+        failures = sum(s1["failed"] - s0["failed"] for s0, s1 in zip(p0, p1, strict=True))
         inconclusive = sum(s1["inconclusive"] - s0["inconclusive"] for s0, s1 in zip(p0, p1, strict=True))
-        reasons: dict[str, int] = {}
+        reasons: dict[str, int] = {}  # of the transitions to UNHEALTHY, over each prober's life
         for s in p1:
-            for k, v in s["failed"].items():
+            for k, v in s["reasons"].items():
                 reasons[k] = reasons.get(k, 0) + v
         lag_p99_ms = max(s["lag_p99"] for s in p1) * 1000
     served_key = "connections" if mode == "tcp" else "requests"

@@ -93,6 +93,8 @@ class ResponseParser:
     )
 
     def __init__(self, *, head_request: bool = False, max_body: int = 64 * 1024) -> None:
+        self.body = bytearray()
+        self._buffer = bytearray()
         self.reset(head_request=head_request, max_body=max_body)
 
     def reset(self, *, head_request: bool = False, max_body: int = 64 * 1024) -> None:
@@ -101,11 +103,11 @@ class ResponseParser:
         self.max_body = max_body
         self.status = 0
         self.keep_alive = True
-        self.body = bytearray()
+        self.body.clear()  # response() copied what it returned
         self.body_seen = 0  # body bytes consumed, kept or not
         self.received = 0  # every byte fed, to tell "nothing came back" from "cut short"
         self._stage = _Stage.HEAD
-        self._buffer = bytearray()
+        self._buffer.clear()
         self._remaining = 0
 
     @property

@@ -228,6 +228,7 @@ class ShardedProber:
             lag_p50=max((s.lag_p50 for s in stats), default=0.0),
             lag_p99=max((s.lag_p99 for s in stats), default=0.0),
             lag_window=sum(s.lag_window for s in stats),
+            failed=sum(s.failed for s in stats),
         )
 
     # ------------------------------------------------------------------ from the workers

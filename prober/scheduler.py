@@ -172,6 +172,7 @@ class ProberStats:
     lag_p50: float  # over the last `lag_window` checks
     lag_p99: float
     lag_window: int
+    failed: int = 0  # checks that failed (HTTP, TCP, timeout) over the prober's life
 
 
 class _State(enum.Enum):
@@ -247,6 +248,7 @@ class Prober:
         self._in_flight = 0
         self._checks_started = 0
         self._inconclusive = 0
+        self._failed = 0
         self._overload_logged = -1.0e9
         self._lags: deque[float] = deque(maxlen=max(lag_window, 1))
         self._lag_max = 0.0
@@ -454,6 +456,7 @@ class Prober:
             lag_p50=pick(0.5),
             lag_p99=pick(0.99),
             lag_window=len(lags),
+            failed=self._failed,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -567,11 +570,14 @@ class Prober:
                             result.reason,
                             self._inconclusive,
                         )
-                for listener in self.check_listeners:
-                    try:
-                        listener(entry.target, result)
-                    except Exception:
-                        log.exception("check listener failed")
+                elif result.kind is not ResultKind.SUCCESS:
+                    self._failed += 1
+                if self.check_listeners:
+                    for listener in self.check_listeners:
+                        try:
+                            listener(entry.target, result)
+                        except Exception:
+                            log.exception("check listener failed")
                 transition = entry.state.observe(result)
                 if transition is not None:
                     self._emit(
