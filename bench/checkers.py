@@ -215,6 +215,7 @@ def run_variant(
         else:
             base, _, count = name.partition(":")
             processes = int(count or 1)
+            base, _, batch_ms = base.partition("@")  # prober@5ms: scheduling batches of 5 ms
             loop = {"prober": opt.loop, "prober-uvloop": "uvloop", "prober-asyncio": "asyncio"}[base]
             for shard in range(processes):
                 mine = [e for e in endpoints if shard_of(f"{e[0]}:{e[1]}", processes) == shard]
@@ -232,6 +233,7 @@ def run_variant(
                             "lag_window": max(1000, int(len(mine) / opt.interval * opt.duration)),
                             "experiment": None,
                             "loop": loop,
+                            "batch": _duration(batch_ms) if batch_ms else None,
                         },
                     )
                 )

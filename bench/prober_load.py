@@ -299,6 +299,11 @@ def prober_main(conn: Connection, mode: str, endpoints: list[tuple[str, int]], o
         import uvloop
 
         loop_factory = uvloop.new_event_loop
+    if opt.get("batch"):  # an experiment: the scheduling loop's batch (prober/scheduler.py)
+        import prober.scheduler
+
+        prober.scheduler.BATCH_SLEEP = opt["batch"]
+        prober.scheduler.BATCH_AHEAD = opt["batch"] / 2
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(_prober(conn, mode, endpoints, opt))
 
