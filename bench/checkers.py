@@ -165,8 +165,14 @@ class EnvoyChecker:
         return totals
 
     def snap(self) -> dict[str, Any]:
-        cpu = self.cpu_s()
-        stats = self.stats()
+        try:
+            cpu = self.cpu_s()
+            stats = self.stats()
+        except OSError as exc:  # URLError is an OSError; /proc/PID gone
+            tail = (self.dir / "stderr").read_text(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(
+                f"envoy admin unreachable ({exc}); exit code {self.process.poll()}; stderr: {' | '.join(tail)}"
+            ) from None
         return {"time": time.monotonic(), "cpu_s": cpu, **stats}
 
     def close(self) -> None:
@@ -348,6 +354,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         "|" + "|".join("---:" if k not in ("variant",) else ":---" for _, k, _ in COLUMNS) + "|",
     ]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['endpoints']} | {r['variant']} | {r['round']} | failed: {r['error'][:200]} |")
+            continue
         c = {
             **r,
             "cpu_pct": r["cpu_core"] * 100,
@@ -404,7 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"{n} endpoints on {count} backend(s), fd limit {fd_limit}")
                 for r in range(opt.rounds):
                     for variant in [*opt.variants, *reversed(opt.variants)]:
-                        row = run_variant(ctx, variant, backends, endpoints, opt, log)
+                        try:
+                            row = run_variant(ctx, variant, backends, endpoints, opt, log)
+                        except (RuntimeError, TimeoutError) as exc:  # a checker that broke is a result too
+                            log(f"  {variant:14} {n:6}: FAILED: {exc}")
+                            row = {"variant": variant, "endpoints": n, "error": str(exc)}
                         rows.append({**row, "round": r + 1})
             finally:
                 for b in backends:
