@@ -59,6 +59,7 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import datetime  # noqa: E402
 import errno  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -114,27 +115,60 @@ def _machine_busy_s() -> tuple[float, float]:
 
 
 class _Counts:
-    __slots__ = ("connections", "requests")
+    """Requests and connections served, and (while recording) the gap between two requests per endpoint.
 
-    def __init__(self) -> None:
+    The gaps are what the backend sees of a checker's schedule whoever the checker is (Envoy has no
+    lag statistic of its own): a gap minus the interval is the check's latency plus its lateness.
+    """
+
+    __slots__ = ("accept_errors", "connections", "gaps", "last", "max_open", "open", "recording", "refused", "requests")
+
+    def __init__(self, endpoints: int = 0) -> None:
         self.connections = 0
         self.requests = 0
+        # Under overload (other people's work on the machine) one loop iteration can accept
+        # thousands of connections before closing any, up to EMFILE, and asyncio then logs every
+        # listener's accept error every second. Past `max_open` a new connection is reset instead,
+        # and counted, so a checker sees a failure rather than the backend seizing up.
+        self.open = 0
+        self.max_open = max(100, resource.getrlimit(resource.RLIMIT_NOFILE)[0] - endpoints - 200)
+        self.refused = 0
+        self.accept_errors = 0
+        self.recording = False
+        self.last = [0.0] * endpoints
+        self.gaps: list[float] = []
+
+    def arrived(self, slot: int) -> None:
+        now = time.monotonic()
+        previous = self.last[slot]
+        self.last[slot] = now
+        if self.recording and previous:
+            self.gaps.append(now - previous)
 
 
 class _Backend(asyncio.Protocol):
     """Answers every request head with 200 OK; closes after a `Connection: close` request."""
 
-    __slots__ = ("buffer", "counts", "transport")
+    __slots__ = ("buffer", "counts", "slot", "transport")
 
-    def __init__(self, counts: _Counts) -> None:
+    def __init__(self, counts: _Counts, slot: int) -> None:
         self.counts = counts
+        self.slot = slot
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.counts.connections += 1
+        counts = self.counts
+        counts.connections += 1
+        counts.open += 1
+        if counts.open > counts.max_open:
+            counts.refused += 1
+            transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.counts.open -= 1
 
     def data_received(self, data: bytes) -> None:
         assert self.transport is not None
@@ -143,6 +177,7 @@ class _Backend(asyncio.Protocol):
         while (end := buf.find(b"\r\n\r\n")) >= 0:
             head, buf = buf[:end], buf[end + 4 :]
             self.counts.requests += 1
+            self.counts.arrived(self.slot)
             if b"connection: close" in head.lower():
                 self.transport.write(RESPONSE_CLOSE)
                 self.transport.close()  # after the buffered response is written
@@ -174,7 +209,15 @@ def backend_main(conn: Connection, index: int, count: int) -> None:
 
 async def _backend(conn: Connection, index: int, count: int) -> None:
     loop = asyncio.get_running_loop()
-    counts = _Counts()
+    counts = _Counts(count)
+
+    def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), OSError) and "accept" in context.get("message", ""):
+            counts.accept_errors += 1  # reported in the counts; logging each would starve the backend
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(on_error)
     servers: list[asyncio.Server] = []
     endpoints: list[tuple[str, int]] = []
     slot = 0
@@ -187,14 +230,27 @@ async def _backend(conn: Connection, index: int, count: int) -> None:
         sock = _bind(host, port)
         if sock is None:  # someone listens on this port on every address; take the next one
             continue
-        servers.append(await loop.create_server(lambda: _Backend(counts), sock=sock))
+        servers.append(await loop.create_server(functools.partial(_Backend, counts, len(endpoints)), sock=sock))
         endpoints.append((host, port))
     conn.send({"pid": os.getpid(), "endpoints": endpoints, "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]})
 
     async def handle(message: tuple[Any, ...]) -> Any:
         if message[0] == "counts":
             user, system = _cpu()
-            return {"connections": counts.connections, "requests": counts.requests, "cpu_s": user + system}
+            return {
+                "connections": counts.connections,
+                "requests": counts.requests,
+                "cpu_s": user + system,
+                "refused": counts.refused,
+                "accept_errors": counts.accept_errors,
+            }
+        if message[0] == "gaps":  # ("gaps", True) starts recording; ("gaps", False) stops and returns them
+            gaps, counts.gaps = counts.gaps, []
+            counts.recording = bool(message[1])
+            if counts.recording:
+                counts.last = [0.0] * count  # a gap spans one checker only
+                return None
+            return gaps
         if message[0] == "stop":
             for server in servers:
                 server.close()
@@ -245,7 +301,18 @@ def topology_document(
 
 def prober_main(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
     child_setup()
-    asyncio.run(_prober(conn, mode, endpoints, opt))
+    loop_factory = None
+    if opt.get("loop") == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    if opt.get("batch"):  # an experiment: the scheduling loop's batch (prober/scheduler.py)
+        import prober.scheduler
+
+        prober.scheduler.BATCH_SLEEP = opt["batch"]
+        prober.scheduler.BATCH_AHEAD = opt["batch"] / 2
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_prober(conn, mode, endpoints, opt))
 
 
 async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
@@ -329,6 +396,7 @@ async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]],
             "lag_window": stats.lag_window,
             "verdicts": dict(sink.verdicts),
             "reasons": dict(sink.reasons),
+            "failed": stats.failed,  # every failed check, not only the transitions (no listener: it costs)
         }
 
     def report() -> dict[str, Any]:

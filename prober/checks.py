@@ -20,15 +20,21 @@ out of the runtime dependencies. The tests check the codec against the real `hea
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import contextvars
 import errno
 import logging
+import math
+import os
+import select
 import socket
 import ssl
+import struct
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +49,14 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from controlplane.topology.model import GrpcCheck, HealthCheck, HttpCheck, TcpCheck
-from prober.http1 import Http1Pool, HttpProtocolError, build_request
+from prober.http1 import Http1Connection, Http1Pool, HttpProtocolError, HttpResponse, NothingReceived, build_request
 from prober.state import CheckResult, ResultKind, Target
 
 __all__ = [
     "GRPC_SERVING_STATUS",
     "Checker",
     "NetworkChecker",
+    "StartingChecker",
     "decode_health_response",
     "encode_health_request",
     "timeout_reason",
@@ -63,9 +70,20 @@ USER_AGENT = "healthplane-prober"
 # a loop hundreds of ms late.
 OVERLOAD_MIN_LATENESS = 0.025
 OVERLOAD_LATENESS_SHARE = 0.1
+# The prober itself is out of file descriptors: not the endpoint's fault, so the check counts
+# neither way (prober/limits.py sizes the keep-alive pool so that this does not happen).
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE})
 GRPC_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # grpc.health.v1.HealthCheckResponse.ServingStatus
 GRPC_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+DoneCallback = Callable[[Any, CheckResult], None]
+
+# How late the shared deadline sweep may run (see NetworkChecker.start_check): a timeout fires
+# between `timeout` and `timeout + SWEEP_SLACK` after the request went out, and one timer serves
+# every check whose deadline falls in that span instead of one timer per check.
+SWEEP_SLACK = 0.005
 
 
 class Checker(Protocol):
@@ -81,6 +99,14 @@ class Checker(Protocol):
 
     async def aclose(self) -> None:
         """Release everything; safe to call twice."""
+        ...
+
+
+class StartingChecker(Checker, Protocol):
+    """A checker that can also start some checks from a plain callback (no task per check)."""
+
+    def start_check(self, target: Target, token: Any, done: DoneCallback) -> bool:
+        """Start checking `target` and return True, then call `done(token, result)` once; False: use `check`."""
         ...
 
 
@@ -208,6 +234,54 @@ class _TrackingConnector(aiohttp.TCPConnector):
         return connection
 
 
+_STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
+# Connect-only checks close with a reset (SO_LINGER 0), as HAProxy's checks do: a FIN close
+# leaves the socket in TIME_WAIT for 60 s, and at 10,000 checks a second that is 600,000 of
+# them, far past Linux's tcp_max_tw_buckets (131,072 here: the table overflowed in
+# bench/checkers.py runs). The reset also spares both ends the FIN exchange.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_EPOLL_TROUBLE = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
+
+
+class _Connects:
+    """Sockets connecting for connect-only TCP checks, in an epoll of the checker's own.
+
+    The event loop watches that one epoll descriptor; when it is readable, one `poll` returns
+    every socket whose connect finished. Registering a socket is one C call, where
+    `loop.add_writer` and `remove_writer` go through the selectors module and cost about as
+    much as the connect itself (bench/checkers.py). EPOLLONESHOT: each socket reports once, and
+    closing it removes it from the epoll.
+    """
+
+    def __init__(self, ready: Callable[[tuple[Any, ...], int], None]) -> None:
+        self._epoll = select.epoll()
+        self._ready = ready
+        self._pending: dict[int, tuple[Any, ...]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._epoll.fileno(), self._events)
+
+    def add(self, fd: int, context: tuple[Any, ...]) -> None:
+        self._epoll.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
+        self._pending[fd] = context
+
+    def pending(self, fd: int, context: tuple[Any, ...]) -> bool:
+        return self._pending.get(fd) is context
+
+    def discard(self, fd: int) -> None:
+        self._pending.pop(fd, None)
+
+    def _events(self) -> None:
+        for fd, events in self._epoll.poll(0):
+            context = self._pending.pop(fd, None)
+            if context is not None:
+                self._ready(context, events)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._epoll.fileno())
+        self._epoll.close()
+        self._pending.clear()
+
+
 class _Outcome(Exception):
     """Raised inside a check to end it with a result; keeps the happy path flat."""
 
@@ -226,6 +300,7 @@ class NetworkChecker:
         *,
         max_body: int = 64 * 1024,
         keepalive_timeout: float = 60.0,
+        max_idle_connections: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
     ) -> None:
@@ -234,7 +309,7 @@ class NetworkChecker:
         self._clock = clock
         self._wall = wall
         self._session: aiohttp.ClientSession | None = None
-        self._pool = Http1Pool(keepalive_timeout=keepalive_timeout, clock=clock)
+        self._pool = Http1Pool(keepalive_timeout=keepalive_timeout, clock=clock, max_idle=max_idle_connections)
         # The request bytes per (address, check port), with the policy they were built for.
         self._requests: dict[tuple[str, int], tuple[HttpCheck, bytes]] = {}
         self._verify_context: ssl.SSLContext | None = None
@@ -244,6 +319,19 @@ class NetworkChecker:
         # gRPC channel credentials per (ca_file, cert_file, key_file): the files are read once.
         self._grpc_credentials: dict[tuple[str | None, str | None, str | None], grpc.ChannelCredentials] = {}
         self._closed = False
+        # Checks started by start_check, per timeout value, in deadline order (see _sweep).
+        self._deadlines: dict[float, deque[tuple[float, Http1Connection | None, tuple[Any, ...]]]] = {}
+        self._connects: _Connects | None = None
+        self._sweep_handle: asyncio.TimerHandle | None = None
+        self._sweep_at = math.inf
+        self._retries: set[asyncio.Task[None]] = set()
+        self._reasons: dict[int, str] = {}
+        self.started_without_task = 0  # checks that went through start_check (observability, tests)
+
+    @property
+    def pool(self) -> Http1Pool:
+        """The plain-HTTP keep-alive pool (its `max_idle` bounds the descriptors it keeps)."""
+        return self._pool
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -258,6 +346,24 @@ class NetworkChecker:
         if self._closed:
             return
         self._closed = True
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+            self._sweep_handle = None
+        for queue in self._deadlines.values():
+            for _, conn, context in queue:
+                if conn is None:
+                    context[1].close()
+                elif conn.context is context:
+                    conn.context = None
+                    conn.abandon()
+        self._deadlines.clear()
+        if self._connects is not None:
+            self._connects.close()
+            self._connects = None
+        retries, self._retries = list(self._retries), set()
+        for task in retries:
+            task.cancel()
+        await asyncio.gather(*retries, return_exceptions=True)
         self._pool.close()
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
@@ -344,18 +450,217 @@ class NetworkChecker:
             self._verify_context = ssl.create_default_context()
         return self._verify_context
 
+    def _request(self, target: Target, http: HttpCheck, key: tuple[str, int]) -> bytes:
+        cached = self._requests.get(key)
+        if cached is not None and cached[0] is http:  # identity: hashing the policy costs more than building
+            return cached[1]
+        host = http.host or f"{_host_literal(target.address)}:{target.check_port}"
+        body = http.body.encode() if http.body is not None else None
+        request = build_request(http.method, http.path, host, http.headers, body, close=not http.keepalive)
+        self._requests[key] = (http, request)
+        return request
+
+    def _judge(self, http: HttpCheck, response: HttpResponse) -> tuple[ResultKind, str, int]:
+        status = response.status
+        reason = self._reasons.get(status)
+        if reason is None:
+            reason = self._reasons[status] = f"http {status}"
+        for lo, hi in http.expected_statuses:
+            if lo <= status <= hi:
+                break
+        else:
+            return ResultKind.HTTP_FAILURE, reason, status
+        if http.expected_body is not None and http.expected_body.encode() not in response.body:
+            return ResultKind.HTTP_FAILURE, f"http {status} body mismatch", status
+        return ResultKind.SUCCESS, reason, status
+
+    # ------------------------------------------------------------------ HTTP without a task
+
+    def start_check(self, target: Target, token: Any, done: DoneCallback) -> bool:
+        """Start a plain-HTTP keep-alive check on a pooled connection from callbacks alone.
+
+        Measured in bench/checkers.py: the task, coroutine chain, future and timer of each
+        `check()` cost more CPU than the check's system calls. Here the request goes out at
+        once, the response completes it in `data_received`, and one shared sweep (`_sweep`)
+        times out the checks whose deadline passed. False (nothing started) when the check
+        needs `check()`: another kind, HTTPS, no keep-alive, or no idle connection yet.
+        """
+        hc = target.health_check
+        if self._closed:
+            return False
+        if hc.kind == "tcp":
+            tcp = hc.tcp
+            if tcp is not None and (tcp.send or tcp.receive):
+                return False
+            return self._start_connect(target, token, done)
+        if hc.kind != "http":
+            return False
+        http = hc.http
+        if http is None or http.https or not http.keepalive:
+            return False
+        key = (target.address, target.check_port)
+        conn = self._pool.take_idle(key)
+        if conn is None:
+            return False
+        request = self._request(target, http, key)
+        started = self._clock()
+        deadline = started + hc.timeout
+        context = (target, http, key, token, done, started)
+        conn.context = context
+        conn.begin(request, head_request=http.method == "HEAD", max_body=self._max_body, on_done=self._answered)
+        queue = self._deadlines.get(hc.timeout)
+        if queue is None:
+            queue = self._deadlines[hc.timeout] = deque()
+        queue.append((deadline, conn, context))
+        if deadline + SWEEP_SLACK < self._sweep_at:
+            self._schedule_sweep(deadline + SWEEP_SLACK)
+        self.started_without_task += 1
+        return True
+
+    def _start_connect(self, target: Target, token: Any, done: DoneCallback) -> bool:
+        """A connect-only TCP check: a bare socket, watched by the checker's own epoll (_Connects)."""
+        connects = self._connects
+        if connects is None:
+            if not hasattr(select, "epoll") or not hasattr(socket, "SOCK_NONBLOCK"):
+                return False
+            connects = self._connects = _Connects(self._connect_ready)
+        started = self._clock()
+        try:
+            # SOCK_NONBLOCK (Linux, as epoll is): one system call fewer than setblocking(False).
+            # _socket.socket: the C type under socket.socket, without its Python-level __init__.
+            sock = _socket.socket(socket.AF_INET6 if ":" in target.address else socket.AF_INET, _STREAM_NONBLOCK)
+        except OSError as exc:
+            done(token, self._connect_result(exc.errno or errno.EMFILE, started))
+            return True
+        err = sock.connect_ex((target.address, target.check_port))
+        if err == errno.EINPROGRESS:
+            hc = target.health_check
+            deadline = started + hc.timeout
+            context = (target, sock, token, done, started)
+            connects.add(sock.fileno(), context)
+            queue = self._deadlines.get(hc.timeout)
+            if queue is None:
+                queue = self._deadlines[hc.timeout] = deque()
+            queue.append((deadline, None, context))
+            if deadline + SWEEP_SLACK < self._sweep_at:
+                self._schedule_sweep(deadline + SWEEP_SLACK)
+        else:  # done already: on loopback, connect() often completes the handshake at once
+            if err == 0:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            sock.close()
+            done(token, self._connect_result(err, started))
+        self.started_without_task += 1
+        return True
+
+    def _connect_result(self, err: int, started: float) -> CheckResult:
+        if err == 0:
+            return CheckResult(ResultKind.SUCCESS, "connected", self._wall(), self._clock() - started)
+        reason = _os_reason(OSError(err, os.strerror(err)), "connect failed")
+        kind = ResultKind.INCONCLUSIVE if err in OUT_OF_DESCRIPTORS else ResultKind.TCP_FAILURE
+        return CheckResult(kind, reason, self._wall(), self._clock() - started)
+
+    def _connect_ready(self, context: tuple[Any, ...], events: int) -> None:
+        _, sock, token, done, started = context
+        # Writable without an error or a hang-up is a finished connect: no SO_ERROR to ask for.
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & _EPOLL_TROUBLE else 0
+        if err == 0:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.close()
+        done(token, self._connect_result(err, started))
+
+    def _schedule_sweep(self, when: float) -> None:
+        if self._sweep_handle is not None:
+            self._sweep_handle.cancel()
+        loop = asyncio.get_running_loop()
+        # call_at takes the loop's clock; ours may be another (tests inject one), so go by delay.
+        self._sweep_handle = loop.call_at(loop.time() + max(0.0, when - self._clock()), self._sweep)
+        self._sweep_at = when
+
+    def _answered(self, conn: Http1Connection, outcome: HttpResponse | BaseException) -> None:
+        context = conn.context
+        conn.context = None
+        if not isinstance(context, tuple):
+            return
+        target, http, key, token, done, started = context
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, NothingReceived):
+                # The server closed the pooled connection while it was idle: send the request
+                # again on a fresh connection, as check() does (with a full timeout of its own).
+                task = asyncio.get_running_loop().create_task(self._check_again(target, token, done))
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
+                return
+            kind, reason, status = self._http_error(outcome)
+        else:
+            self._pool.settle(key, conn, outcome, True, http.keepalive_requests)
+            kind, reason, status = self._judge(http, outcome)
+        done(token, CheckResult(kind, reason, self._wall(), self._clock() - started, status))
+
+    async def _check_again(self, target: Target, token: Any, done: DoneCallback) -> None:
+        done(token, await self.check(target))
+
+    def _sweep(self) -> None:
+        """Time out the checks started by start_check whose deadline passed; one timer for all."""
+        self._sweep_handle = None
+        self._sweep_at = math.inf
+        now = self._clock()
+        next_deadline = math.inf
+        for timeout, queue in self._deadlines.items():
+            while queue:
+                deadline, conn, context = queue[0]
+                if conn is None:  # a connect-only TCP check
+                    sock = context[1]
+                    if self._connects is None or not self._connects.pending(sock.fileno(), context):
+                        queue.popleft()  # connected or failed already
+                        continue
+                elif conn.context is not context:  # answered already
+                    queue.popleft()
+                    continue
+                if deadline > now:
+                    next_deadline = min(next_deadline, deadline)
+                    break
+                queue.popleft()
+                if conn is None:
+                    assert self._connects is not None
+                    self._connects.discard(sock.fileno())
+                    sock.close()
+                else:
+                    conn.context = None
+                    conn.abandon()
+                token, done, started = context[-3:]
+                late = now - deadline - SWEEP_SLACK
+                if late > max(OVERLOAD_MIN_LATENESS, timeout * OVERLOAD_LATENESS_SHARE):
+                    result = CheckResult(
+                        ResultKind.INCONCLUSIVE,
+                        f"prober overloaded: timeout ran {round(late * 1000)}ms late",
+                        self._wall(),
+                        now - started,
+                    )
+                else:
+                    result = CheckResult(ResultKind.TIMEOUT, timeout_reason(timeout), self._wall(), now - started)
+                done(token, result)
+        if next_deadline < math.inf and not self._closed:
+            self._schedule_sweep(next_deadline + SWEEP_SLACK)
+
+    @staticmethod
+    def _http_error(exc: BaseException) -> tuple[ResultKind, str, int | None]:
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_DESCRIPTORS:
+            return ResultKind.INCONCLUSIVE, _os_reason(exc, "prober"), None
+        if isinstance(exc, HttpProtocolError):
+            return ResultKind.HTTP_FAILURE, f"http protocol error: {exc}", None
+        if isinstance(exc, ConnectionResetError):
+            return ResultKind.TCP_FAILURE, _os_reason(exc, "") if exc.errno else "server disconnected", None
+        if isinstance(exc, OSError):
+            return ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed"), None
+        return ResultKind.TCP_FAILURE, f"check error: {type(exc).__name__}: {exc}", None
+
+    # ------------------------------------------------------------------ HTTP as a coroutine
+
     async def _http(self, target: Target, http: HttpCheck) -> _Outcome:
         if http.https:
             return await self._https(target, http)
         key = (target.address, target.check_port)
-        cached = self._requests.get(key)
-        if cached is not None and cached[0] is http:  # identity: hashing the policy costs more than building
-            request = cached[1]
-        else:
-            host = http.host or f"{_host_literal(target.address)}:{target.check_port}"
-            body = http.body.encode() if http.body is not None else None
-            request = build_request(http.method, http.path, host, http.headers, body, close=not http.keepalive)
-            self._requests[key] = (http, request)
+        request = self._request(target, http, key)
         try:
             response = await self._pool.request(
                 target.address,
@@ -366,19 +671,15 @@ class NetworkChecker:
                 keepalive_requests=http.keepalive_requests,
                 max_body=self._max_body,
             )
+        except OSError as exc:  # ConnectionResetError: closed without an answer
+            kind, reason, _ = self._http_error(exc)
+            raise _Outcome(kind, reason) from None
         except HttpProtocolError as exc:
             raise _Outcome(ResultKind.HTTP_FAILURE, f"http protocol error: {exc}") from None
-        except ConnectionResetError as exc:
-            reason = _os_reason(exc, "") if exc.errno else "server disconnected"  # closed without an answer
-            raise _Outcome(ResultKind.TCP_FAILURE, reason) from None
-        except OSError as exc:
-            raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed")) from None
-        status = response.status
-        if not any(lo <= status <= hi for lo, hi in http.expected_statuses):
-            raise _Outcome(ResultKind.HTTP_FAILURE, f"http {status}", status)
-        if http.expected_body is not None and http.expected_body.encode() not in response.body:
-            raise _Outcome(ResultKind.HTTP_FAILURE, f"http {status} body mismatch", status)
-        return _Outcome(ResultKind.SUCCESS, f"http {status}", status)
+        kind, reason, status = self._judge(http, response)
+        if kind is not ResultKind.SUCCESS:
+            raise _Outcome(kind, reason, status)
+        return _Outcome(kind, reason, status)
 
     async def _https(self, target: Target, http: HttpCheck) -> _Outcome:
         path, _, query = http.path.partition("?")
@@ -519,12 +820,17 @@ class NetworkChecker:
         # asyncio.open_connection: half the CPU per check with the GC tuning (docs/benchmarks.md).
         # Endpoint addresses are IP literals (the topology refuses hostnames), so no resolver runs.
         family = socket.AF_INET6 if ":" in target.address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as exc:
+            raise _Outcome(ResultKind.INCONCLUSIVE, _os_reason(exc, "prober")) from None
         try:
             sock.setblocking(False)
             await asyncio.get_running_loop().sock_connect(sock, (target.address, target.check_port))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
         except OSError as exc:
-            raise _Outcome(ResultKind.TCP_FAILURE, _os_reason(exc, "connect failed")) from None
+            kind = ResultKind.INCONCLUSIVE if exc.errno in OUT_OF_DESCRIPTORS else ResultKind.TCP_FAILURE
+            raise _Outcome(kind, _os_reason(exc, "connect failed")) from None
         finally:
             sock.close()
         return _Outcome(ResultKind.SUCCESS, "connected")

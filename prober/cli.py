@@ -16,6 +16,7 @@ def prober_command(args: argparse.Namespace) -> int:
     import socket
 
     from prober.link import ControlPlaneLink
+    from prober.processes import ShardedProber
     from prober.scheduler import Prober, tune_gc_for_checks
 
     host_port(args.controlplane, "--controlplane")
@@ -45,9 +46,19 @@ def prober_command(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         link = ControlPlaneLink(args.controlplane, prober_id=prober_id, credentials=credentials)
-        prober = Prober(
-            sink=link, source=f"prober:{prober_id}", event_log=args.event_log, max_concurrency=args.concurrency
-        )
+        prober: Prober | ShardedProber
+        if args.processes > 1:  # one prober id to the control plane, the checks across processes
+            prober = ShardedProber(
+                args.processes,
+                sink=link,
+                source=f"prober:{prober_id}",
+                event_log=args.event_log,
+                max_concurrency=args.concurrency,
+            )
+        else:
+            prober = Prober(
+                sink=link, source=f"prober:{prober_id}", event_log=args.event_log, max_concurrency=args.concurrency
+            )
         if check_metrics is not None:
             prober.check_listeners.append(check_metrics.on_check)
         link.prober = prober
@@ -80,7 +91,10 @@ def add_prober_command(sub: Any) -> None:
     p.add_argument("--controlplane", required=True, help="the control plane's xDS address HOST:PORT")
     p.add_argument("--id", help="prober id (default: the hostname)")
     p.add_argument("--event-log", help="append every status change to this JSON-lines file")
-    p.add_argument("--concurrency", type=int, default=512, help="checks in flight at most")
+    p.add_argument("--concurrency", type=int, default=512, help="checks in flight at most (per process)")
+    p.add_argument(
+        "--processes", type=int, default=1, help="check from N processes, each a shard of the endpoints (one prober id)"
+    )
     p.add_argument("--tls-ca", help="connect over TLS, trusting this CA (PEM) for the control plane's certificate")
     p.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
     p.add_argument("--tls-key", help="client key (PEM) for mutual TLS")

@@ -19,9 +19,17 @@ import asyncio
 import enum
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple, cast
 
-__all__ = ["Http1Pool", "HttpProtocolError", "HttpResponse", "ResponseParser", "build_request"]
+__all__ = [
+    "Http1Connection",
+    "Http1Pool",
+    "HttpProtocolError",
+    "HttpResponse",
+    "NothingReceived",
+    "ResponseParser",
+    "build_request",
+]
 
 MAX_HEAD = 64 * 1024
 
@@ -30,8 +38,9 @@ class HttpProtocolError(ValueError):
     """The endpoint answered something that is not a valid HTTP/1.x response."""
 
 
-@dataclass(frozen=True, slots=True)
-class HttpResponse:
+class HttpResponse(NamedTuple):
+    """A response as a check sees it (a NamedTuple: built once per check, cheaper than a dataclass)."""
+
     status: int
     body: bytes  # at most max_body bytes
     complete: bool  # the whole body was read (else it was longer than max_body)
@@ -78,16 +87,35 @@ class _Stage(enum.Enum):
 class ResponseParser:
     """Incremental parser of one HTTP/1.x response; `feed` returns True once it is complete."""
 
+    __slots__ = (
+        "_buffer",
+        "_remaining",
+        "_stage",
+        "body",
+        "body_seen",
+        "head_request",
+        "keep_alive",
+        "max_body",
+        "received",
+        "status",
+    )
+
     def __init__(self, *, head_request: bool = False, max_body: int = 64 * 1024) -> None:
+        self.body = bytearray()
+        self._buffer = bytearray()
+        self.reset(head_request=head_request, max_body=max_body)
+
+    def reset(self, *, head_request: bool = False, max_body: int = 64 * 1024) -> None:
+        """Start over for the next response (a pooled connection keeps one parser)."""
         self.head_request = head_request
         self.max_body = max_body
         self.status = 0
         self.keep_alive = True
-        self.body = bytearray()
+        self.body.clear()  # response() copied what it returned
         self.body_seen = 0  # body bytes consumed, kept or not
         self.received = 0  # every byte fed, to tell "nothing came back" from "cut short"
         self._stage = _Stage.HEAD
-        self._buffer = bytearray()
+        self._buffer.clear()
         self._remaining = 0
 
     @property
@@ -97,9 +125,7 @@ class ResponseParser:
     def response(self) -> HttpResponse:
         if not self.done:
             raise HttpProtocolError("response is not complete")
-        return HttpResponse(
-            self.status, bytes(self.body), complete=self.body_seen <= self.max_body, keep_alive=self.keep_alive
-        )
+        return HttpResponse(self.status, bytes(self.body), self.body_seen <= self.max_body, self.keep_alive)
 
     def feed(self, data: bytes) -> bool:
         """Consume bytes; True when the response is complete. Bytes after it are an error."""
@@ -108,6 +134,22 @@ class ResponseParser:
             if data:
                 raise HttpProtocolError("data after the end of the response")
             return True
+        if self._stage is _Stage.HEAD and not self._buffer:
+            # The usual case: the whole head (and often the whole response) in one read. Parse it
+            # straight from `data`, without copying it through the buffer.
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                self._parse_head(data[:end])
+                rest = data[end + 4 :]
+                stage = cast(_Stage, self._stage)  # moved on in _parse_head
+                if stage is _Stage.LENGTH and len(rest) == self._remaining:
+                    self._keep(rest)
+                    self._remaining = 0
+                    self._stage = _Stage.DONE
+                    return True
+                if stage is _Stage.DONE and not rest:
+                    return True
+                data = rest
         self._buffer += data
         while self._step():
             pass
@@ -190,7 +232,7 @@ class ResponseParser:
         del self._buffer[: end + 2]
         return line
 
-    def _keep(self, data: bytearray) -> None:
+    def _keep(self, data: bytes | bytearray) -> None:
         room = self.max_body + 1 - len(self.body)  # one byte more than allowed tells "longer than max_body"
         if room > 0:
             self.body += data[:room]
@@ -202,39 +244,58 @@ class ResponseParser:
             if len(self._buffer) > MAX_HEAD:
                 raise HttpProtocolError(f"response head longer than {MAX_HEAD} bytes")
             return False
-        lines = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
+        head = bytes(self._buffer[:end])
         del self._buffer[: end + 4]
-        version, _, rest = lines[0].partition(" ")
-        code = rest[:3]
-        if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not (code.isascii() and code.isdigit()):
-            raise HttpProtocolError(f"bad status line {lines[0][:60]!r}")
+        return self._parse_head(head)
+
+    def _parse_head(self, head: bytes) -> bool:
+        """Take in a response head (without its blank line); True if more of the response follows."""
+        # Bytes all the way: decoding and splitting the head as str cost more than the rest of a
+        # keep-alive check's parsing (bench/checkers.py profile).
+        line_end = head.find(b"\r\n")
+        status_line = head if line_end < 0 else head[:line_end]
+        version = status_line[:8]
+        code = status_line[9:12]
+        if (
+            (version != b"HTTP/1.1" and version != b"HTTP/1.0")
+            or status_line[8:9] != b" "
+            or len(code) != 3
+            or not code.isdigit()  # bytes.isdigit() is ASCII digits only
+            or (len(status_line) > 12 and status_line[12:13] != b" ")
+        ):
+            raise HttpProtocolError(f"bad status line {status_line[:60].decode('latin-1')!r}")
         status = int(code)
         length: int | None = None
         chunked = False
-        connection = ""
-        for line in lines[1:]:
-            name, sep, value = line.partition(":")
-            if not sep or not name or name != name.strip():
-                raise HttpProtocolError(f"bad header line {line[:60]!r}")
-            lname = name.lower()
-            value = value.strip()
-            if lname == "content-length":
-                if not (value.isascii() and value.isdigit()) or (length is not None and int(value) != length):
-                    raise HttpProtocolError(f"bad Content-Length {value[:20]!r}")
-                length = int(value)
-            elif lname == "transfer-encoding":
-                chunked = value.lower().rsplit(",", 1)[-1].strip() == "chunked"
-                if not chunked:
-                    raise HttpProtocolError(f"unsupported Transfer-Encoding {value[:40]!r}")
-            elif lname == "connection":
-                connection = value.lower()
+        connection = b""
+        if line_end >= 0:
+            for line in head[line_end + 2 :].split(b"\r\n"):
+                name, sep, value = line.partition(b":")
+                if not sep or not name or name != name.strip():
+                    raise HttpProtocolError(f"bad header line {line[:60].decode('latin-1')!r}")
+                lname = name.lower()
+                if lname == b"content-length":
+                    value = value.strip()
+                    if not value.isdigit() or (length is not None and int(value) != length):
+                        raise HttpProtocolError(f"bad Content-Length {value[:20].decode('latin-1')!r}")
+                    length = int(value)
+                elif lname == b"transfer-encoding":
+                    chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+                    if not chunked:
+                        shown = value.strip()[:40].decode("latin-1")
+                        raise HttpProtocolError(f"unsupported Transfer-Encoding {shown!r}")
+                elif lname == b"connection":
+                    connection = value.strip().lower()
         if 100 <= status < 200:
             if status == 101:
                 raise HttpProtocolError("unexpected 101 Switching Protocols")
             return True  # an interim response (100 Continue, 103 Early Hints): the real one follows
         self.status = status
-        tokens = {t.strip() for t in connection.split(",")}
-        self.keep_alive = "keep-alive" in tokens if version == "HTTP/1.0" else "close" not in tokens
+        if connection:
+            tokens = {t.strip() for t in connection.split(b",")}
+            self.keep_alive = b"keep-alive" in tokens if version == b"HTTP/1.0" else b"close" not in tokens
+        else:
+            self.keep_alive = version == b"HTTP/1.1"
         if self.head_request or status in (204, 304):
             self._stage = _Stage.DONE
         elif chunked:
@@ -248,66 +309,115 @@ class ResponseParser:
         return self._stage is not _Stage.DONE
 
 
-class _Connection(asyncio.Protocol):
-    """One connection to an endpoint; at most one request in flight."""
+OnDone = Callable[["Http1Connection", "HttpResponse | BaseException"], None]
+
+
+# One receive buffer for every connection: asyncio calls get_buffer(), recv_into() and
+# buffer_updated() back to back on the loop's thread, so no two reads share it at once. A plain
+# Protocol would get a fresh bytes object from recv(256 KiB) on every read.
+_READ_BUFFER = memoryview(bytearray(256 * 1024))
+
+
+class Http1Connection(asyncio.BufferedProtocol):
+    """One connection to an endpoint; at most one request in flight.
+
+    `begin` sends a request and calls `on_done(connection, response or exception)` from the
+    protocol callbacks: no task, future or timer per request, which is the whole cost of a
+    keep-alive check once the socket is open (the caller keeps the deadline). `exchange` is the
+    same as a coroutine.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.uses = 0
         self.idle_since = 0.0
-        self._parser: ResponseParser | None = None
-        self._waiter: asyncio.Future[HttpResponse] | None = None
+        self.context: object = None  # the caller's, for the request in flight
+        self._parser = ResponseParser()
+        self._on_done: OnDone | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._on_done is not None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, so no isinstance check here.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
-        parser, waiter = self._parser, self._waiter
-        if parser is None or waiter is None or waiter.done():
+        if self._on_done is None:
             self.close()  # bytes nobody asked for: the connection cannot be trusted again
             return
         try:
-            if parser.feed(data):
-                waiter.set_result(parser.response())
+            if self._parser.feed(data):
+                self._finish(self._parser.response())
         except HttpProtocolError as exc:
-            waiter.set_exception(exc)
             self.close()
+            self._finish(exc)
 
     def eof_received(self) -> bool:
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        parser, waiter = self._parser, self._waiter
-        if parser is None or waiter is None or waiter.done():
+        if self._on_done is None:
             return
+        parser = self._parser
         if parser.eof():
-            waiter.set_result(parser.response())
+            self._finish(parser.response())
         elif parser.received:
-            waiter.set_exception(HttpProtocolError("connection closed in the middle of the response"))
+            self._finish(HttpProtocolError("connection closed in the middle of the response"))
         else:
-            waiter.set_exception(_NothingReceived(exc))
+            self._finish(NothingReceived(exc))
 
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
 
-    async def exchange(self, request: bytes, *, head_request: bool, max_body: int) -> HttpResponse:
-        assert self.transport is not None
-        self._parser = ResponseParser(head_request=head_request, max_body=max_body)
-        self._waiter = asyncio.get_running_loop().create_future()
+    def begin(self, request: bytes, *, head_request: bool, max_body: int, on_done: OnDone) -> None:
+        """Send `request`; `on_done` gets the response or the error, once, unless `abandon` comes first."""
+        assert self.transport is not None and self._on_done is None
+        self._parser.reset(head_request=head_request, max_body=max_body)
+        self._on_done = on_done
         self.uses += 1
         self.transport.write(request)
+
+    def abandon(self) -> None:
+        """Give up on the request in flight (its deadline passed): no callback, and the connection closes."""
+        self._on_done = None
+        self.close()
+
+    def _finish(self, outcome: HttpResponse | BaseException) -> None:
+        on_done, self._on_done = self._on_done, None
+        if on_done is not None:
+            on_done(self, outcome)
+
+    async def exchange(self, request: bytes, *, head_request: bool, max_body: int) -> HttpResponse:
+        waiter: asyncio.Future[HttpResponse] = asyncio.get_running_loop().create_future()
+
+        def done(conn: Http1Connection, outcome: HttpResponse | BaseException) -> None:
+            if waiter.done():
+                return
+            if isinstance(outcome, BaseException):
+                waiter.set_exception(outcome)
+            else:
+                waiter.set_result(outcome)
+
+        self.begin(request, head_request=head_request, max_body=max_body, on_done=done)
         try:
-            return await self._waiter
+            return await waiter
         finally:
-            self._parser = self._waiter = None
+            self._on_done = None
 
 
-class _NothingReceived(ConnectionResetError):
+class NothingReceived(ConnectionResetError):
     """The connection closed before a byte of the response: safe to retry on a fresh one."""
 
     def __init__(self, cause: Exception | None) -> None:
@@ -316,12 +426,29 @@ class _NothingReceived(ConnectionResetError):
 
 
 class Http1Pool:
-    """Idle keep-alive connections, one per (address, port), and the requests that use them."""
+    """Idle keep-alive connections, one per (address, port), and the requests that use them.
 
-    def __init__(self, *, keepalive_timeout: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
-        self._idle: dict[tuple[str, int], _Connection] = {}
+    `max_idle` bounds the idle connections kept (each holds a file descriptor). When the pool is
+    full, a connection that comes back is closed rather than kept: the endpoints already pooled
+    keep their connections and the others connect for each check. Evicting the least recently
+    used one instead would close exactly the connection whose endpoint is due next, when checks
+    go round at one interval, and no check would reuse a connection at all.
+    """
+
+    def __init__(
+        self,
+        *,
+        keepalive_timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_idle: int | None = None,
+    ) -> None:
+        if max_idle is not None and max_idle < 0:
+            raise ValueError(f"max_idle must be >= 0, got {max_idle}")
+        self._idle: dict[tuple[str, int], Http1Connection] = {}
         self._keepalive_timeout = keepalive_timeout
         self._clock = clock
+        self.max_idle = max_idle
+        self.refused = 0  # connections closed because the pool was full
 
     async def request(
         self,
@@ -340,20 +467,20 @@ class Http1Pool:
         the request is then sent once more on a fresh connection, as browsers and aiohttp do.
         """
         key = (address, port)
-        conn = self._take_idle(key)
+        conn = self.take_idle(key)
         if conn is not None:
             try:
-                return self._settle(
+                return self.settle(
                     key,
                     conn,
                     await self._exchange(conn, request, head_request, max_body),
                     keepalive,
                     keepalive_requests,
                 )
-            except _NothingReceived:
+            except NothingReceived:
                 pass
         conn = await self._connect(key)
-        return self._settle(
+        return self.settle(
             key, conn, await self._exchange(conn, request, head_request, max_body), keepalive, keepalive_requests
         )
 
@@ -370,7 +497,12 @@ class Http1Pool:
     def __len__(self) -> int:
         return len(self._idle)
 
-    def _take_idle(self, key: tuple[str, int]) -> _Connection | None:
+    def idle_open(self) -> int:
+        """Idle connections not closed by either side (each holds a file descriptor)."""
+        return sum(1 for conn in self._idle.values() if not conn.closed)
+
+    def take_idle(self, key: tuple[str, int]) -> Http1Connection | None:
+        """The idle connection to `key` if there is a usable one; it leaves the pool."""
         conn = self._idle.pop(key, None)
         if conn is None:
             return None
@@ -379,28 +511,34 @@ class Http1Pool:
             return None
         return conn
 
-    async def _connect(self, key: tuple[str, int]) -> _Connection:
-        _, conn = await asyncio.get_running_loop().create_connection(_Connection, key[0], key[1])
+    async def _connect(self, key: tuple[str, int]) -> Http1Connection:
+        transport, conn = await asyncio.get_running_loop().create_connection(Http1Connection, key[0], key[1])
+        conn.transport = transport  # uvloop calls connection_made a loop iteration after this returns
         return conn
 
-    async def _exchange(self, conn: _Connection, request: bytes, head_request: bool, max_body: int) -> HttpResponse:
+    async def _exchange(self, conn: Http1Connection, request: bytes, head_request: bool, max_body: int) -> HttpResponse:
         try:
             return await conn.exchange(request, head_request=head_request, max_body=max_body)
         except BaseException:
             conn.close()  # an error or our own timeout: the connection is in an unknown state
             raise
 
-    def _settle(
-        self, key: tuple[str, int], conn: _Connection, response: HttpResponse, keepalive: bool, limit: int
+    def settle(
+        self, key: tuple[str, int], conn: Http1Connection, response: HttpResponse, keepalive: bool, limit: int
     ) -> HttpResponse:
+        """Pool `conn` again after `response`, or close it (no keep-alive, limit reached, pool full)."""
         reuse = keepalive and response.keep_alive and response.complete and not conn.closed
         if reuse and limit and conn.uses >= limit:
             reuse = False
         if reuse:
-            conn.idle_since = self._clock()
             previous = self._idle.pop(key, None)
             if previous is not None:
                 previous.close()
+            if self.max_idle is not None and len(self._idle) >= self.max_idle:
+                self.refused += 1
+                reuse = False
+        if reuse:
+            conn.idle_since = self._clock()
             self._idle[key] = conn
         else:
             conn.close()

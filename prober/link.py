@@ -16,17 +16,31 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterable, Iterator
+from typing import Any, Protocol
 
 import grpc
 
 from controlplane.errors import ConfigError
-from controlplane.health.store import Verdict
+from controlplane.health.store import EndpointId, Verdict
+from controlplane.topology.model import Topology
 from controlplane.topology.parse import parse_topology
 from healthplane.v1 import prober_pb2, prober_pb2_grpc
 from prober.events import ProbeEvent
-from prober.scheduler import EndpointReport, Prober
+from prober.scheduler import EndpointReport, TopologyChange
+
+
+class ProbedEndpoints(Protocol):
+    """What the link needs from a prober: a `Prober`, or a `ShardedProber` across processes."""
+
+    def update_topology(self, topology: Topology) -> TopologyChange: ...
+
+    def current_verdicts(self) -> list[Verdict]: ...
+
+    def endpoints(self) -> Iterable[EndpointId]: ...
+
+    def endpoint(self, cluster: str, endpoint: str) -> EndpointReport | None: ...
+
 
 log = logging.getLogger("healthplane.prober.link")
 
@@ -100,7 +114,7 @@ class ControlPlaneLink:
     def __init__(
         self,
         target: str,
-        prober: Prober | None = None,
+        prober: ProbedEndpoints | None = None,
         *,
         prober_id: str,
         backoff_base: float = 0.2,
@@ -128,7 +142,7 @@ class ControlPlaneLink:
         self.check_report_interval = check_report_interval
         self._checks_sent: dict[tuple[str, str], tuple[int, float | None]] = {}
 
-    def _prober(self) -> Prober:
+    def _prober(self) -> ProbedEndpoints:
         if self.prober is None:
             raise RuntimeError("ControlPlaneLink.prober is not set")
         return self.prober

@@ -25,12 +25,12 @@ them are cheap. Every check feeds its endpoint's `EndpointState`. Each transitio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import gc
 import heapq
 import itertools
 import logging
+import math
 import random
 import socket
 import time
@@ -45,6 +45,13 @@ from controlplane.health.store import EndpointId, HealthStatus, Verdict
 from controlplane.topology.model import HealthCheck, Topology
 from prober.checks import Checker, NetworkChecker
 from prober.events import JsonLinesLog, NullSink, ProbeEvent, ProberSink
+from prober.limits import (
+    descriptors_in_use,
+    keepalive_connections,
+    pool_budget,
+    pool_message,
+    raise_open_files_limit,
+)
 from prober.state import CheckResult, Counters, EndpointState, PendingEdge, ResultKind, Target
 
 __all__ = [
@@ -78,6 +85,9 @@ def tune_gc_for_checks() -> None:
 
 # A 100% jitter could plan a delay of 0; a floor keeps one endpoint from spinning.
 MIN_DELAY = 0.001
+# The scheduling loop starts checks due up to BATCH_AHEAD early and sleeps at least BATCH_SLEEP.
+BATCH_AHEAD = 0.0005
+BATCH_SLEEP = 0.001
 
 
 def base_interval(state: EndpointState, policy: HealthCheck) -> float:
@@ -162,6 +172,7 @@ class ProberStats:
     lag_p50: float  # over the last `lag_window` checks
     lag_p99: float
     lag_window: int
+    failed: int = 0  # checks that failed (HTTP, TCP, timeout) over the prober's life
 
 
 class _State(enum.Enum):
@@ -188,7 +199,9 @@ class Prober:
     """Checks every endpoint of a topology on its own schedule and reports health transitions.
 
     Lifecycle: unopened -> `start()` -> running -> `aclose()` -> closed; `async with` does both.
-    The prober owns its checker (a `NetworkChecker` unless one is given) and closes it.
+    The prober owns its checker (a `NetworkChecker` unless one is given) and closes it. A
+    `NetworkChecker` it makes itself gets a keep-alive pool sized to the open-files limit,
+    which `start()` raises to the hard limit first (prober/limits.py).
     """
 
     def __init__(
@@ -198,6 +211,7 @@ class Prober:
         sink: ProberSink | None = None,
         checker: Checker | None = None,
         max_concurrency: int = 512,
+        open_files_limit: int | None = None,
         source: str | None = None,
         event_log: str | Path | None = None,
         lag_window: int = 4096,
@@ -209,6 +223,11 @@ class Prober:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
         self.source = source if source is not None else f"prober:{socket.gethostname()}"
         self.max_concurrency = max_concurrency
+        # The open-files limit the keep-alive pool is sized for (prober/limits.py); None: raise
+        # the soft limit to the hard one at start and use that.
+        self._open_files_limit = open_files_limit
+        self._pool_budget: int | None = None
+        self._pool_needed_logged = 0
         self._sink: ProberSink = sink if sink is not None else NullSink()
         self._checker = checker
         self._log = JsonLinesLog(event_log) if event_log is not None else None
@@ -219,14 +238,17 @@ class Prober:
         self._entries: dict[EndpointId, _Entry] = {}
         self._heap: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
-        self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_concurrency)
+        self._wake: asyncio.Future[None] | None = None  # the scheduling loop sleeps on it
+        self._wake_at = math.inf  # when the loop wakes by itself
+        self._fast_start: Callable[[Target, _Entry, Callable[[_Entry, CheckResult], None]], bool] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # checks that run as coroutines
         self._outbox: asyncio.Queue[Verdict | ProbeEvent] = asyncio.Queue()
         self._releases: list[Target] = []
         self._main: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._checks_started = 0
         self._inconclusive = 0
+        self._failed = 0
         self._overload_logged = -1.0e9
         self._lags: deque[float] = deque(maxlen=max(lag_window, 1))
         self._lag_max = 0.0
@@ -248,12 +270,42 @@ class Prober:
         if self._state is _State.CLOSED:
             raise RuntimeError("prober is closed")
         if self._checker is None:
-            self._checker = NetworkChecker(clock=self._clock, wall=self._wall)
+            self._checker = NetworkChecker(
+                clock=self._clock, wall=self._wall, max_idle_connections=self._plan_descriptors()
+            )
+            self._check_descriptors()
+        if isinstance(self._checker, NetworkChecker):
+            self._fast_start = self._checker.start_check
         self._state = _State.RUNNING
         now = self._clock()
         for entry in self._entries.values():
             self._push(entry, first_check_time(now, entry.target.health_check, self._rng))
         self._main = asyncio.create_task(self._run(), name="healthplane-prober")
+
+    def _plan_descriptors(self) -> int:
+        """Raise the open-files limit (unless one was given) and size the keep-alive pool under it."""
+        limit = self._open_files_limit
+        if limit is None:
+            files = raise_open_files_limit()
+            if files.raised:
+                log.info("prober: open-files limit raised from %d to %d (the hard limit)", files.before, files.soft)
+            limit = files.soft
+        self._open_files_limit = limit
+        self._pool_budget = pool_budget(limit, in_use=descriptors_in_use(), max_concurrency=self.max_concurrency)
+        return self._pool_budget
+
+    def _check_descriptors(self) -> None:
+        """Say when the keep-alive endpoints stop (or start again) fitting the descriptor budget."""
+        if self._pool_budget is None or self._open_files_limit is None:
+            return
+        needed = keepalive_connections(e.target for e in self._entries.values())
+        short = needed > self._pool_budget
+        if short and needed != self._pool_needed_logged:
+            log.warning("prober: %s", pool_message(needed, self._pool_budget, self._open_files_limit))
+            self._pool_needed_logged = needed
+        elif not short and self._pool_needed_logged:
+            log.info("prober: %d keep-alive endpoints fit the open-files limit again", needed)
+            self._pool_needed_logged = 0
 
     async def aclose(self) -> None:
         """Stop checking, deliver what is still queued, close the checker and the log; idempotent."""
@@ -265,6 +317,10 @@ class Prober:
             # A loop that crashed has logged why already; closing must still finish.
             await asyncio.gather(self._main, return_exceptions=True)
             self._main = None
+        tasks, self._tasks = list(self._tasks), set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         while not self._outbox.empty():
             await self._deliver_one(self._outbox.get_nowait())
         if self._checker is not None:
@@ -318,6 +374,8 @@ class Prober:
                 len(replaced),
                 kept,
             )
+        if added or replaced:
+            self._check_descriptors()
         return TopologyChange(tuple(added), tuple(removed), tuple(replaced), kept)
 
     def _add(self, target: Target, *, previous: EndpointState | None) -> None:
@@ -351,7 +409,7 @@ class Prober:
         del self._entries[entry.target.id]
         if not entry.running:
             self._releases.append(entry.target)  # a running check releases when it ends
-            self._wake.set()
+            self._wake_up()
 
     # ------------------------------------------------------------------ reports
 
@@ -398,6 +456,7 @@ class Prober:
             lag_p50=pick(0.5),
             lag_p99=pick(0.99),
             lag_window=len(lags),
+            failed=self._failed,
         )
 
     # ------------------------------------------------------------------ the loop
@@ -405,8 +464,12 @@ class Prober:
     def _push(self, entry: _Entry, due: float) -> None:
         entry.due = due
         heapq.heappush(self._heap, (due, next(self._seq), entry))
-        if self._heap[0][2] is entry:
-            self._wake.set()  # the loop may be sleeping until a later time
+        if due < self._wake_at and self._heap[0][2] is entry:
+            self._wake_up()  # the loop is sleeping until a later time
+
+    def _wake_up(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def _run(self) -> None:
         try:
@@ -420,46 +483,79 @@ class Prober:
             raise
 
     async def _schedule(self, tg: asyncio.TaskGroup) -> None:
+        """Start every check that is due, in batches, then sleep until the next one is.
+
+        One wake-up starts every check due within `BATCH_AHEAD`, and the loop sleeps at least
+        `BATCH_SLEEP`: at 10,000 checks a second that is a few checks per wake-up instead of a
+        timer and an event per check (bench/checkers.py).
+        """
+        loop = asyncio.get_running_loop()
+        heap = self._heap
         while True:
-            self._wake.clear()
             while self._releases:
                 tg.create_task(self._release(self._releases.pop()))
-            if not self._heap:
-                await self._wake.wait()
-                continue
-            due, _, entry = self._heap[0]
-            delay = due - self._clock()
-            if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
-                continue
-            heapq.heappop(self._heap)
-            if entry.removed:
-                continue
-            await self._slots.acquire()
-            if entry.removed:  # dropped while we waited for a slot
-                self._slots.release()
-                continue
-            entry.running = True
-            self._in_flight += 1
-            tg.create_task(self._probe(entry, due))
-
-    async def _probe(self, entry: _Entry, planned: float) -> None:
-        try:
-            lag = max(self._clock() - planned, 0.0)
-            self._checks_started += 1
-            self._lags.append(lag)
-            self._lag_max = max(self._lag_max, lag)
-            assert self._checker is not None
-            result: CheckResult | None
+            now = self._clock()
+            horizon = now + BATCH_AHEAD
+            while heap and heap[0][0] <= horizon and self._in_flight < self.max_concurrency:
+                due, _, entry = heapq.heappop(heap)
+                if entry.removed or entry.due != due:
+                    continue
+                self._start(entry, due, now)
+            if self._in_flight >= self.max_concurrency:
+                wake_at = math.inf  # a check that ends wakes the loop
+            elif heap:
+                wake_at = max(heap[0][0], now + BATCH_SLEEP)
+            else:
+                wake_at = math.inf
+            self._wake = waiter = loop.create_future()
+            self._wake_at = wake_at
+            handle = None
+            if wake_at < math.inf:
+                handle = loop.call_at(loop.time() + (wake_at - now), self._wake_up)
             try:
-                result = await self._checker.check(entry.target)
-            except Exception:
-                log.exception("checker failed on %s/%s", entry.target.cluster, entry.target.endpoint)
-                result = None
+                await waiter
+            finally:
+                self._wake = None
+                self._wake_at = math.inf
+                if handle is not None:
+                    handle.cancel()
+
+    def _start(self, entry: _Entry, planned: float, now: float) -> None:
+        entry.running = True
+        self._in_flight += 1
+        self._checks_started += 1
+        lag = now - planned
+        if lag < 0.0:
+            lag = 0.0
+        elif lag > self._lag_max:
+            self._lag_max = lag
+        self._lags.append(lag)
+        fast = self._fast_start
+        if fast is not None and fast(entry.target, entry, self._finish):
+            return
+        task = asyncio.get_running_loop().create_task(self._probe(entry))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _probe(self, entry: _Entry) -> None:
+        assert self._checker is not None
+        result: CheckResult | None
+        try:
+            result = await self._checker.check(entry.target)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("checker failed on %s/%s", entry.target.cluster, entry.target.endpoint)
+            result = None
+        self._finish(entry, result)
+
+    def _finish(self, entry: _Entry, result: CheckResult | None) -> None:
+        """Everything after a check: counters, transition, the next check time (plain code, no await)."""
+        if self._state is not _State.RUNNING:
+            return
+        try:
             if entry.removed:
-                await self._release(entry.target)
+                self._releases.append(entry.target)
                 return
             if result is not None:
                 entry.last_result = result
@@ -474,11 +570,14 @@ class Prober:
                             result.reason,
                             self._inconclusive,
                         )
-                for listener in self.check_listeners:
-                    try:
-                        listener(entry.target, result)
-                    except Exception:
-                        log.exception("check listener failed")
+                elif result.kind is not ResultKind.SUCCESS:
+                    self._failed += 1
+                if self.check_listeners:
+                    for listener in self.check_listeners:
+                        try:
+                            listener(entry.target, result)
+                        except Exception:
+                            log.exception("check listener failed")
                 transition = entry.state.observe(result)
                 if transition is not None:
                     self._emit(
@@ -489,12 +588,12 @@ class Prober:
                             latency=result.latency,
                         )
                     )
-            now = self._clock()
-            self._push(entry, next_check_time(now, entry.state, entry.target.health_check, self._rng))
+            self._push(entry, next_check_time(self._clock(), entry.state, entry.target.health_check, self._rng))
         finally:
             entry.running = False
             self._in_flight -= 1
-            self._slots.release()
+            if self._in_flight == self.max_concurrency - 1 or self._releases:
+                self._wake_up()  # the loop may be waiting for a free slot or have resources to release
 
     async def _release(self, target: Target) -> None:
         current = self._entries.get(target.id)

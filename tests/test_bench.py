@@ -35,6 +35,14 @@ TOY_RUNS = {
         ],
         "http-keepalive",
     ),
+    "checkers.py": (
+        # A toy run measures nothing: no waiting for a quiet machine (--busy-retries 0).
+        [
+            *("--endpoints", "20", "--rounds", "1", "--duration", "1", "--warmup", "0.5"),
+            *("--backends", "1", "--busy-retries", "0"),
+        ],
+        "| 20 | envoy | 1 |",
+    ),
     "admin.py": (["--endpoints", "20", "--nodes", "2", "--repeat", "1"], "CSDS 2 nodes"),
     "propagation.py": (
         ["--nodes", "5", "--pushes", "2", "--model-nodes", "5", "--model-pushes", "2", "--workers", "1"],

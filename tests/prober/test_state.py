@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -107,8 +105,8 @@ def test_unknown_needs_a_full_failure_threshold() -> None:
 def test_healthy_to_unhealthy_and_back_with_transitions() -> None:
     state = machine(successes=2, failures=3, initial=HealthStatus.HEALTHY)
     assert state.observe(HTTP) is None
-    assert state.observe(replace(HTTP, time=5.0)) is None
-    t = state.observe(replace(HTTP, time=7.5))
+    assert state.observe(HTTP._replace(time=5.0)) is None
+    t = state.observe(HTTP._replace(time=7.5))
     assert t is not None
     assert (t.old, t.new, t.reason, t.time) == (HealthStatus.HEALTHY, HealthStatus.UNHEALTHY, "http 506", 7.5)
     assert t.counters == Counters(http_failures=3)
@@ -181,7 +179,7 @@ def test_pending_edge() -> None:
 
 def test_restart_keeps_status_and_resets_counters() -> None:
     state = machine(initial=HealthStatus.HEALTHY)
-    feed(state, HTTP, replace(HTTP, time=3.0), replace(HTTP, time=4.0), OK)
+    feed(state, HTTP, HTTP._replace(time=3.0), HTTP._replace(time=4.0), OK)
     hc = HealthCheck(kind="http", healthy_threshold=5, unhealthy_threshold=1)
     fresh = state.restart(Target("web", "10.0.0.1", 8080, hc))
     assert (fresh.status, fresh.reason, fresh.since) == (HealthStatus.UNHEALTHY, "http 506", 4.0)
