@@ -18,6 +18,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.errors import ProtocolError
@@ -26,6 +27,15 @@ from controlplane.snapshots.snapshot import Snapshot
 
 WILDCARD = "*"
 SUPPORTED_TYPES = frozenset(rs.ADS_ORDER)
+
+
+def _user_agent(node: base_pb2.Node) -> str:
+    """ "envoy 1.40.0" from Envoy's build version; "gRPC C-core python 1.85.3" from a gRPC client's
+    `user_agent_version` string, which is how proxyless clients tell themselves apart."""
+    if node.HasField("user_agent_build_version"):
+        v = node.user_agent_build_version.version
+        return f"{node.user_agent_name} {v.major_number}.{v.minor_number}.{v.patch}"
+    return f"{node.user_agent_name} {node.user_agent_version}".strip()
 
 
 class RequestKind(enum.Enum):
@@ -117,7 +127,7 @@ class StreamState:
                 loc = request.node.locality
                 self.node_zone = loc.zone
                 self.node_locality = "/".join(p for p in (loc.region, loc.zone, loc.sub_zone) if p)
-                self.user_agent = f"{request.node.user_agent_name} {request.node.user_agent_build_version.version.major_number}.{request.node.user_agent_build_version.version.minor_number}.{request.node.user_agent_build_version.version.patch}"  # noqa: E501
+                self.user_agent = _user_agent(request.node)
             elif request.node.id != self.node_id:
                 raise ProtocolError(f"node.id changed on one stream: {self.node_id!r} -> {request.node.id!r}")
         elif self.node_id is None:
@@ -211,7 +221,7 @@ class StreamState:
             table = snapshot.resources[type_url]
             type_version = snapshot.type_versions[type_url]
             if type_url == rs.LISTENER:
-                available = list(snapshot.listener_names_for(self.node_cluster))
+                available = list(snapshot.listener_names_for(self.node_cluster, wildcard=ts.wildcard))
             else:
                 available = list(table)
             names = tuple(ts.subscribed(available))
