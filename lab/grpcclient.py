@@ -18,12 +18,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from lab.grpcdemo import CLIENT_METADATA, WHO_METHOD
 
-__all__ = ["main"]
+__all__ = ["Call", "ClientProcess", "main"]
 
 
 def _identity(data: bytes) -> bytes:
@@ -76,6 +79,87 @@ async def _run(args: argparse.Namespace) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     for channel in channels:
         await channel.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call as the client process reported it."""
+
+    t: float
+    target: str
+    channel: int
+    server: str | None
+    error: str | None = None
+    detail: str = ""
+
+
+class ClientProcess:
+    """`python -m lab.grpcclient` as a subprocess, its calls collected as they are printed."""
+
+    def __init__(
+        self,
+        bootstrap: str | Path,
+        targets: Sequence[str],
+        *,
+        rate: float = 20.0,
+        channels: int = 1,
+        name: str | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.bootstrap = str(bootstrap)
+        self.targets = tuple(targets)
+        self.rate = rate
+        self.channels = channels
+        self.name = name
+        self.quiet = quiet
+        self.calls: list[Call] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        argv = [sys.executable, "-m", "lab.grpcclient", "--rate", str(self.rate), "--channels", str(self.channels)]
+        for target in self.targets:
+            argv += ["--target", target]
+        if self.name:
+            argv += ["--name", self.name]
+        if self.quiet:
+            argv.append("--quiet")
+        env = dict(os.environ, GRPC_XDS_BOOTSTRAP=self.bootstrap)
+        self._proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        self._reader = asyncio.create_task(self._read(self._proc))
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            with contextlib.suppress(ValueError, KeyError):
+                d = json.loads(line)
+                self.calls.append(
+                    Call(d["t"], d["target"], d["channel"], d.get("server"), d.get("error"), d.get("detail", ""))
+                )
+
+    def since(self, t: float, target: str | None = None) -> list[Call]:
+        return [c for c in self.calls if c.t >= t and (target is None or c.target == target)]
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
 
 
 def main(argv: list[str] | None = None) -> int:

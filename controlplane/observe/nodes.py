@@ -25,13 +25,13 @@ class NodeRegistry(StreamCallbacks):
 
     def on_stream_open(self, stream: StreamState) -> None:
         assert stream.node_id is not None
-        previous = self._streams.get(stream.node_id)
-        self._streams[stream.node_id] = stream
-        self.disconnected.pop(stream.node_id, None)
+        previous = self._streams.get(stream.node_key)
+        self._streams[stream.node_key] = stream
+        self.disconnected.pop(stream.node_key, None)
         self.events.record(
             "node",
-            f"node {stream.node_id} connected from {stream.peer}",
-            node=stream.node_id,
+            f"node {stream.node_key} connected from {stream.peer}",
+            node=stream.node_key,
             node_cluster=stream.node_cluster,
             peer=stream.peer,
             replaced_stream=previous.stream_id if previous is not None else None,
@@ -39,10 +39,10 @@ class NodeRegistry(StreamCallbacks):
 
     def on_stream_closed(self, stream: StreamState) -> None:
         assert stream.node_id is not None
-        if self._streams.get(stream.node_id) is stream:
-            del self._streams[stream.node_id]
-            self.disconnected[stream.node_id] = time.time()
-            self.events.record("node", f"node {stream.node_id} disconnected", node=stream.node_id)
+        if self._streams.get(stream.node_key) is stream:
+            del self._streams[stream.node_key]
+            self.disconnected[stream.node_key] = time.time()
+            self.events.record("node", f"node {stream.node_key} disconnected", node=stream.node_key)
 
     def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
         if outcome.kind is RequestKind.ACK:
@@ -51,9 +51,9 @@ class NodeRegistry(StreamCallbacks):
             self.nacks += 1
             self.events.record(
                 "nack",
-                f"node {stream.node_id} rejected {rs.SHORT_NAMES[outcome.type_url]} version "
+                f"node {stream.node_key} rejected {rs.SHORT_NAMES[outcome.type_url]} version "
                 f"{stream.types[outcome.type_url].sent_version}: {outcome.error}",
-                node=stream.node_id,
+                node=stream.node_key,
                 type_url=outcome.type_url,
                 rejected_version=stream.types[outcome.type_url].sent_version,
                 kept_version=outcome.version,
@@ -66,8 +66,9 @@ class NodeRegistry(StreamCallbacks):
     def streams(self) -> list[StreamState]:
         return list(self._streams.values())
 
-    def get(self, node_id: str) -> StreamState | None:
-        return self._streams.get(node_id)
+    def get(self, node_key: str) -> StreamState | None:
+        """The stream of a node by `StreamState.node_key` (its node.id, for Envoys)."""
+        return self._streams.get(node_key)
 
 
 def type_view(ts: TypeState) -> dict[str, Any]:
@@ -89,7 +90,8 @@ def node_view(stream: StreamState, snapshot: Snapshot | None) -> dict[str, Any]:
     current = snapshot.type_versions if snapshot is not None else {}
     up_to_date = all(ts.acked_version == current.get(t) for t, ts in stream.types.items() if t in current)
     return {
-        "id": stream.node_id,
+        "id": stream.node_key,
+        "node_id": stream.node_id,
         "cluster": stream.node_cluster,
         "locality": stream.node_locality,
         "user_agent": stream.user_agent.strip(),

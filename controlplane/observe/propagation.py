@@ -249,11 +249,11 @@ class PropagationTracker(StreamCallbacks):
 
     def on_stream_open(self, stream: StreamState) -> None:
         assert stream.node_id is not None
-        self._streams[stream.node_id] = stream  # the latest stream of a node wins, as in NodeRegistry
+        self._streams[stream.node_key] = stream  # the latest stream of a node wins, as in NodeRegistry
 
     def on_stream_closed(self, stream: StreamState) -> None:
-        node = stream.node_id
-        if node is None or self._streams.get(node) is not stream:
+        node = stream.node_key
+        if stream.node_id is None or self._streams.get(node) is not stream:
             return
         del self._streams[node]
         now = self.clock()
@@ -267,7 +267,7 @@ class PropagationTracker(StreamCallbacks):
         kind = outcome.kind
         if kind is not RequestKind.ACK and kind is not RequestKind.NACK:
             return
-        node = stream.node_id or ""
+        node = stream.node_key
         ts = stream.types.get(outcome.type_url)
         if ts is None:
             return

@@ -101,6 +101,10 @@ class StreamState:
         self.peer = peer
         self.opened = time.time()
         self.node_id: str | None = None
+        # What the registry and views key this stream's node by: node.id, except for gRPC clients,
+        # which open one ADS stream per channel target (grpcio >= 1.6x keeps an xDS client per
+        # target), all with the process's one node.id: "ID@TARGET" keeps them apart.
+        self.node_key = ""
         self.node_cluster = ""
         self.node_locality = ""
         self.node_zone = ""  # node.locality.zone, which the propagation model matches on
@@ -128,6 +132,10 @@ class StreamState:
                 self.node_zone = loc.zone
                 self.node_locality = "/".join(p for p in (loc.region, loc.zone, loc.sub_zone) if p)
                 self.user_agent = _user_agent(request.node)
+                self.node_key = self.node_id
+                names = request.resource_names
+                if request.node.user_agent_name.startswith("gRPC") and request.type_url == rs.LISTENER and names:
+                    self.node_key = f"{self.node_id}@{names[0]}"
             elif request.node.id != self.node_id:
                 raise ProtocolError(f"node.id changed on one stream: {self.node_id!r} -> {request.node.id!r}")
         elif self.node_id is None:
