@@ -102,9 +102,12 @@ class StreamState:
         self.opened = time.time()
         self.node_id: str | None = None
         # What the registry and views key this stream's node by: node.id, except for gRPC clients,
-        # which open one ADS stream per channel target (grpcio >= 1.6x keeps an xDS client per
-        # target), all with the process's one node.id: "ID@TARGET" keeps them apart.
+        # which open one ADS stream per channel target (grpcio keeps an xDS client per target),
+        # all with the process's one node.id: "ID@TARGET" keeps them apart. TARGET is the name
+        # the stream asks LDS for, which may not be its first request (a reconnecting gRPC client
+        # asks CDS first), so a gRPC stream has no key until its LDS request: see `identified`.
         self.node_key = ""
+        self._grpc = False
         self.node_cluster = ""
         self.node_locality = ""
         self.node_zone = ""  # node.locality.zone, which the propagation model matches on
@@ -132,10 +135,9 @@ class StreamState:
                 self.node_zone = loc.zone
                 self.node_locality = "/".join(p for p in (loc.region, loc.zone, loc.sub_zone) if p)
                 self.user_agent = _user_agent(request.node)
-                self.node_key = self.node_id
-                names = request.resource_names
-                if request.node.user_agent_name.startswith("gRPC") and request.type_url == rs.LISTENER and names:
-                    self.node_key = f"{self.node_id}@{names[0]}"
+                self._grpc = request.node.user_agent_name.startswith("gRPC")
+                if not self._grpc:
+                    self.node_key = self.node_id
             elif request.node.id != self.node_id:
                 raise ProtocolError(f"node.id changed on one stream: {self.node_id!r} -> {request.node.id!r}")
         elif self.node_id is None:
@@ -143,6 +145,9 @@ class StreamState:
         type_url = request.type_url
         if not type_url:
             raise ProtocolError("type_url is empty: ADS needs it on every request")
+        if not self.node_key and type_url == rs.LISTENER and self._grpc:
+            names = sorted(n for n in request.resource_names if n != WILDCARD)
+            self.node_key = f"{self.node_id}@{names[0]}" if names else self.node_id
         nonce = request.response_nonce
         if type_url not in SUPPORTED_TYPES:
             return RequestOutcome(RequestKind.UNSUPPORTED, type_url, request.version_info, nonce)
@@ -197,6 +202,11 @@ class StreamState:
             ts.wildcard, ts.names = wildcard, names
             ts.sent_names = None
             self.dirty = True
+
+    @property
+    def identified(self) -> bool:
+        """Whether `node_key` is known: the stream may be opened, served and shown."""
+        return bool(self.node_key)
 
     # ------------------------------------------------------------------ responses
 
