@@ -108,6 +108,14 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+
+    def toggle() -> None:
+        server.set_serving(not server.serving)
+        print(f"grpc demo {args.name}: health {'SERVING' if server.serving else 'NOT_SERVING'}", flush=True)
+
+    # `kill -USR1 PID` flips the health service, for the lab's "fail a backend" step.
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGUSR1, toggle)
     await stop.wait()
     await server.stop(0.5)
 
