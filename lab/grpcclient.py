@@ -66,7 +66,9 @@ async def _run(args: argparse.Namespace) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     client = args.name or f"pid{os.getpid()}"
-    channels = [grpc.aio.insecure_channel(f"xds:///{t}") for t in args.target for _ in range(args.channels)]
+    # --plain: dial the targets as given (a host:port, e.g. an Envoy listener), not over xDS.
+    dial = (lambda t: t) if args.plain else (lambda t: f"xds:///{t}")
+    channels = [grpc.aio.insecure_channel(dial(t)) for t in args.target for _ in range(args.channels)]
     interval = 1.0 / args.rate if args.rate > 0 else 0.0
     tasks = [
         asyncio.create_task(_call_loop(channels[i * args.channels + c], t, c, client, interval, not args.quiet, stop))
@@ -98,15 +100,17 @@ class ClientProcess:
 
     def __init__(
         self,
-        bootstrap: str | Path,
+        bootstrap: str | Path | None,
         targets: Sequence[str],
         *,
         rate: float = 20.0,
         channels: int = 1,
         name: str | None = None,
         quiet: bool = False,
+        plain: bool = False,
     ) -> None:
-        self.bootstrap = str(bootstrap)
+        self.bootstrap = None if bootstrap is None else str(bootstrap)
+        self.plain = plain
         self.targets = tuple(targets)
         self.rate = rate
         self.channels = channels
@@ -124,7 +128,11 @@ class ClientProcess:
             argv += ["--name", self.name]
         if self.quiet:
             argv.append("--quiet")
-        env = dict(os.environ, GRPC_XDS_BOOTSTRAP=self.bootstrap)
+        if self.plain:
+            argv.append("--plain")
+        env = dict(os.environ)
+        if self.bootstrap is not None:
+            env["GRPC_XDS_BOOTSTRAP"] = self.bootstrap
         self._proc = await asyncio.create_subprocess_exec(
             *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
         )
@@ -171,10 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help=f"how this client names itself to servers ({CLIENT_METADATA})")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: on SIGTERM)")
     parser.add_argument("--quiet", action="store_true", help="do not print a line per call")
+    parser.add_argument("--plain", action="store_true", help="dial each target as given (HOST:PORT), not xds:///")
     args = parser.parse_args(argv)
     if args.bootstrap:
         os.environ["GRPC_XDS_BOOTSTRAP"] = args.bootstrap
-    if not os.environ.get("GRPC_XDS_BOOTSTRAP"):
+    if not args.plain and not os.environ.get("GRPC_XDS_BOOTSTRAP"):
         parser.error("give --bootstrap or set GRPC_XDS_BOOTSTRAP (see `healthplane bootstrap --grpc`)")
     asyncio.run(_run(args))
     return 0

@@ -15,15 +15,18 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import json
 import signal
 import time
 from typing import Any
 
 import grpc
 
-__all__ = ["WHO_METHOD", "GrpcDemoServer", "main"]
+__all__ = ["LAST_CALLS_METHOD", "WHO_METHOD", "GrpcDemoServer", "main"]
 
 WHO_METHOD = "/healthplane.demo.Demo/Who"
+# JSON {client: time of its latest call}: how benchmarks see when each client stopped calling.
+LAST_CALLS_METHOD = "/healthplane.demo.Demo/LastCalls"
 CLIENT_METADATA = "x-demo-client"  # callers may name themselves; the server keeps when it last saw each
 _SERVING, _NOT_SERVING, _SERVICE_UNKNOWN = 1, 2, 3
 
@@ -57,7 +60,10 @@ class GrpcDemoServer:
         handlers = {
             "Who": grpc.unary_unary_rpc_method_handler(
                 self._who, request_deserializer=_identity, response_serializer=_identity
-            )
+            ),
+            "LastCalls": grpc.unary_unary_rpc_method_handler(
+                self._last_calls, request_deserializer=_identity, response_serializer=_identity
+            ),
         }
         health = {
             "Check": grpc.unary_unary_rpc_method_handler(
@@ -86,6 +92,9 @@ class GrpcDemoServer:
                 self.last_call[client] = time.time()
                 self.calls_by_client[client] += 1
         return self.name.encode()
+
+    async def _last_calls(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        return json.dumps(self.last_call).encode()
 
     async def _check(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         service = _health_service(request)
