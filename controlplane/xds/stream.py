@@ -30,8 +30,8 @@ SUPPORTED_TYPES = frozenset(rs.ADS_ORDER)
 
 
 def _user_agent(node: base_pb2.Node) -> str:
-    """ "envoy 1.40.0" from Envoy's build version; "gRPC C-core python 1.85.3" from a gRPC client's
-    `user_agent_version` string, which is how proxyless clients tell themselves apart."""
+    """The node's user agent as shown: Envoy's from its build version ("envoy 1.40.0"), a gRPC
+    client's from its `user_agent_version` string ("gRPC C-core linux Python ... 1.85.3")."""
     if node.HasField("user_agent_build_version"):
         v = node.user_agent_build_version.version
         return f"{node.user_agent_name} {v.major_number}.{v.minor_number}.{v.patch}"
