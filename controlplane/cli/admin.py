@@ -120,6 +120,7 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
             n["id"],
             n.get("cluster"),
             n.get("peer"),
+            (n.get("user_agent") or "-")[:40],  # Envoy or a proxyless gRPC client (which language)
             "yes" if n.get("up_to_date") else "no",
             ",".join(f"{s}={t.get('version_acked') or '-'}" for s, t in n.get("types", {}).items()),
             _lag(n),
@@ -127,7 +128,9 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
         ]
         for n in nodes
     ]
-    return table(["NODE", "CLUSTER", "PEER", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"], rows)
+    return table(
+        ["NODE", "CLUSTER", "PEER", "USER AGENT", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"], rows
+    )
 
 
 def endpoints_table(endpoints: Sequence[dict[str, Any]], now: float) -> str:
@@ -324,7 +327,11 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--status", help="only this status (healthy, unhealthy, ...)")
     p.set_defaults(func=cmd_endpoints)
 
-    p = sub.add_parser("nodes", parents=[common], help="connected Envoys: versions ACKed, lag, last NACK")
+    p = sub.add_parser(
+        "nodes",
+        parents=[common],
+        help="connected nodes (Envoys, gRPC clients): versions ACKed, lag, last NACK",
+    )
     p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("alarms", parents=[common], help="active alarms: stale probers, held mass failures")

@@ -21,6 +21,7 @@ from lab.envoyproc import free_port, poll_until
 from lab.grpcclient import Call, ClientProcess
 from lab.grpcdemo import GrpcDemoServer
 from tests.conftest import Lab, web_topology
+from tests.controlplane.test_cli_admin import healthplane
 
 GREETER = "grpc-1@greeter"  # how /nodes keys a gRPC client's stream: node.id@target
 
@@ -165,6 +166,12 @@ async def test_calls_reach_every_backend_and_the_client_shows_as_a_node(
     for short, t in node["types"].items():
         assert t["version_acked"] == t["version_sent"] and t["last_nack"] is None, short
     assert node["up_to_date"] is True
+
+    assert lab.cp is not None
+    code, out, err = await healthplane("nodes", "--admin", f"http://127.0.0.1:{lab.cp.admin_port}")
+    assert code == 0, err
+    [row] = [line for line in out.splitlines() if line.startswith(GREETER)]
+    assert "gRPC C-core" in row and row.split()[-1] == "-"  # no NACK
 
 
 # --------------------------------------------------------------------------- 2. out and back
