@@ -15,12 +15,16 @@ from typing import Any
 
 import pytest
 
+from controlplane.app import ControlPlane
+from controlplane.cli.main import main
+from controlplane.topology.parse import load_topology
 from controlplane.xds.bootstrap import make_grpc_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import free_port, poll_until
 from lab.grpcclient import Call, ClientProcess
 from lab.grpcdemo import GrpcDemoServer
 from tests.conftest import Lab, web_topology
+from tests.controlplane.certs import make_certs
 from tests.controlplane.test_cli_admin import healthplane
 
 GREETER = "grpc-1@greeter"  # how /nodes keys a gRPC client's stream: node.id@target
@@ -362,3 +366,34 @@ async def test_envoys_and_proxyless_clients_agree_on_every_endpoints_health(
         assert t["last_nack"] is None, short
     assert set(await envoy.listeners()) == {"ingress"}
     assert {c.server for c in await more_calls(client, 30)} == {"g3"}
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+async def test_bootstrap_grpc_with_mutual_tls_reaches_a_tls_control_plane(
+    lab: Lab, servers: list[GrpcDemoServer], tmp_path: Path
+) -> None:
+    certs = make_certs(tmp_path / "certs")
+    document = grpc_topology(servers)
+    tls = {"cert": str(certs.server_cert), "key": str(certs.server_key), "client_ca": str(certs.ca)}
+    document["controlplane"]["xds"] = {"address": "127.0.0.1", "port": 0, "tls": tls}
+    lab.write(document)
+    lab.cp = ControlPlane(load_topology(lab.config), config_path=lab.config)
+    await lab.cp.start()
+    path = tmp_path / "tls-bootstrap.json"
+    argv = ["bootstrap", "--grpc", "--node-id", "grpc-tls", "--xds", f"127.0.0.1:{lab.cp.xds_port}", "-o", str(path)]
+    assert (
+        main(
+            [*argv, "--tls-ca", str(certs.ca), "--tls-cert", str(certs.client_cert), "--tls-key", str(certs.client_key)]
+        )
+        == 0
+    )
+    client = ClientProcess(path, ["greeter"], rate=40)
+    await client.start()
+    try:
+        await wait_reaching(client, {"g1", "g2", "g3"})
+        node = await grpc_node(lab, "grpc-tls@greeter")
+        assert node is not None and node["peer"].startswith("ipv4:127.0.0.1")
+    finally:
+        await client.stop()
