@@ -85,10 +85,27 @@ def type_view(ts: TypeState) -> dict[str, Any]:
     }
 
 
+def _type_up_to_date(ts: TypeState, snapshot: Snapshot) -> bool:
+    """Whether the node ACKed what the snapshot says for everything it subscribes to.
+
+    CDS and LDS (and wildcards) carry a new type version to every node. EDS and RDS by name do
+    not: a gRPC client watching one cluster is not sent, and is not behind on, another's change.
+    """
+    if ts.type_url in rs.FULL_STATE_TYPES or ts.wildcard:
+        return ts.acked_version == snapshot.type_versions[ts.type_url]
+    table = snapshot.resources[ts.type_url]
+    return (
+        not ts.awaiting_ack
+        and ts.acked_version == ts.sent_version
+        and all(ts.sent.get(name) == table[name].version for name in ts.names if name in table)
+    )
+
+
 def node_view(stream: StreamState, snapshot: Snapshot | None) -> dict[str, Any]:
     types = {rs.SHORT_NAMES.get(t, t): type_view(ts) for t, ts in stream.types.items()}
-    current = snapshot.type_versions if snapshot is not None else {}
-    up_to_date = all(ts.acked_version == current.get(t) for t, ts in stream.types.items() if t in current)
+    up_to_date = snapshot is not None and all(
+        _type_up_to_date(ts, snapshot) for t, ts in stream.types.items() if t in snapshot.type_versions
+    )
     return {
         "id": stream.node_key,
         "node_id": stream.node_id,

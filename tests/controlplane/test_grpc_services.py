@@ -17,6 +17,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane.cli.main import main
 from controlplane.errors import ConfigError
 from controlplane.health.store import HealthStatus
+from controlplane.observe.nodes import node_view
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import Cause, Snapshot, build_snapshot
 from controlplane.topology.model import GrpcRoute, WeightedCluster
@@ -244,3 +245,45 @@ def test_bootstrap_grpc_refuses_sni_and_envoy_still_needs_service(capsys: pytest
     assert "--tls-sni" in capsys.readouterr().err
     assert main(["bootstrap", "--node-id", "e1", "--xds", "127.0.0.1:18000"]) != 0
     assert "--service" in capsys.readouterr().err
+
+
+def test_a_client_watching_one_cluster_is_not_behind_on_anothers_change(doc: dict[str, Any]) -> None:
+    topology = parse_topology(doc)
+    down: set[str] = set()
+
+    def health(cluster: str, endpoint: str) -> HealthStatus:
+        return HealthStatus.UNHEALTHY if cluster in down else HealthStatus.HEALTHY
+
+    first = build_snapshot(topology, health, version="1.1", cause=Cause("start", "", 0.0))
+    stream = StreamState(1)
+    stream.on_request(request(rs.LISTENER, ["greeter"], agent="gRPC Python"))
+    stream.on_request(request(rs.ENDPOINT, ["greeter"], agent="gRPC Python", node=False))
+
+    def ack(snapshot: Snapshot) -> None:
+        for pending in stream.due(snapshot):
+            ack = request(pending.type_url, list(pending.names), agent="", node=False)
+            ack.version_info, ack.response_nonce = pending.version, pending.nonce
+            stream.on_request(ack)
+
+    ack(first)
+    assert node_view(stream, first)["up_to_date"] is True
+
+    down.add("greeter-canary")
+    second = build_snapshot(
+        topology,
+        health,
+        version="1.2",
+        cause=Cause("verdict", "", 0.0),
+        previous=first,
+        dirty_clusters=["greeter-canary"],
+    )
+    assert second.type_versions[rs.ENDPOINT] == "1.2" and stream.due(second) == []
+    assert node_view(stream, second)["up_to_date"] is True
+
+    down.add("greeter")
+    third = build_snapshot(
+        topology, health, version="1.3", cause=Cause("verdict", "", 0.0), previous=second, dirty_clusters=["greeter"]
+    )
+    assert node_view(stream, third)["up_to_date"] is False
+    ack(third)
+    assert node_view(stream, third)["up_to_date"] is True
