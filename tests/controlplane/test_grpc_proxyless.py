@@ -190,7 +190,14 @@ async def test_override_unhealthy_takes_a_backend_out_and_healthy_brings_it_back
     g1 = servers[0]
 
     await lab.override(f"127.0.0.1:{g1.port}", "UNHEALTHY", cluster="greeter")
+    assert lab.cp is not None
+    version = lab.cp.snapshot.version
     await assert_taken_out(lab, client, servers, g1)
+    # Propagation is tracked for the gRPC client like for any Envoy: its ACK of that version.
+    code, record = await lab.admin("GET", f"/versions/{version}")
+    assert code == 200, record
+    [mine] = [n for n in record["per_node"] if n["node"] == GREETER]
+    assert mine["status"] == "acked" and mine["ack_ms"] >= 0
 
     await lab.override(f"127.0.0.1:{g1.port}", "HEALTHY", cluster="greeter")
     await wait_reaching(client, {"g1", "g2", "g3"})
