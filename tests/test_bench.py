@@ -40,6 +40,10 @@ TOY_RUNS = {
     "soak.py": (["--nodes", "5", "--minutes", "0.1", "--workers", "1"], '"refused_streams": 0'),
     "verdicts.py": (["--endpoints", "20", "--repeat", "1"], "| 20 |"),
     "fuzz_xds.py": (["--fuzz-count", "50"], '"findings": []'),
+    "grpc_proxyless.py": (
+        ["--processes", "1", "--targets", "2", "--envoys", "1", "--envoy-channels", "1", "--rounds", "1"],
+        "| 2 proxyless channels",
+    ),
 }
 
 

@@ -115,12 +115,15 @@ def clusters_table(endpoints: Sequence[dict[str, Any]]) -> str:
 
 
 def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
+    # With proxyless gRPC clients among the nodes, a USER AGENT column tells them from Envoys
+    # (and says which gRPC); an all-Envoy fleet keeps the narrower table.
+    mixed = any(not (n.get("user_agent") or "envoy").startswith("envoy") for n in nodes)
     rows = [
         [
             n["id"],
             n.get("cluster"),
             n.get("peer"),
-            (n.get("user_agent") or "-")[:40],  # Envoy or a proxyless gRPC client (which language)
+            *([(n.get("user_agent") or "-")[:40]] if mixed else []),
             "yes" if n.get("up_to_date") else "no",
             ",".join(f"{s}={t.get('version_acked') or '-'}" for s, t in n.get("types", {}).items()),
             _lag(n),
@@ -128,8 +131,9 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
         ]
         for n in nodes
     ]
+    agent = ["USER AGENT"] if mixed else []
     return table(
-        ["NODE", "CLUSTER", "PEER", "USER AGENT", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"], rows
+        ["NODE", "CLUSTER", "PEER", *agent, "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"], rows
     )
 
 
