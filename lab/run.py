@@ -38,8 +38,12 @@ from typing import Any, Self, TextIO, TypeVar
 import aiohttp
 import yaml
 
+from controlplane.xds.bootstrap import grpc_bootstrap_json, make_grpc_bootstrap
 from lab.envoyproc import EnvoyError, EnvoyProcess, find_envoy, with_parent_death_signal
 from lab.topology import (
+    GRPC_BACKENDS,
+    GRPC_CLIENT_NODE,
+    GRPC_SERVICE,
     WEB_CLUSTER,
     BackendLayout,
     LabConfig,
@@ -52,6 +56,7 @@ from lab.topology import (
     make_layout,
     sidecar_bootstrap,
     topology_document,
+    with_grpc_ports,
 )
 
 __all__ = [
@@ -395,6 +400,8 @@ class Lab:
         self.apps: dict[str, ChildProcess] = {}
         self.sidecars: dict[str, ChildProcess] = {}
         self.fronts: list[EnvoyProcess] = []
+        self.grpc_servers: dict[str, ChildProcess] = {}  # --grpc
+        self.grpc_client: ChildProcess | None = None
         self._close_lock = asyncio.Lock()
         self.started_in: float | None = None
 
@@ -418,7 +425,7 @@ class Lab:
 
     async def _start(self) -> None:
         config = self.config
-        layout = self._layout = make_layout(config, PortPlan.resolve(config.ports_base))
+        layout = self._layout = with_grpc_ports(make_layout(config, PortPlan.resolve(config.ports_base)))
         if config.workdir is not None:
             config.workdir.mkdir(parents=True, exist_ok=True)
             self._workdir = config.workdir
@@ -436,6 +443,8 @@ class Lab:
             await self._start_controlplane(deadline)
         await _all(self._start_backend(b, deadline) for b in layout.backends)
         await _all(self._start_front(i, deadline) for i in range(len(layout.fronts)))
+        if config.grpc:
+            await self._start_grpc(deadline)
 
     async def _start_controlplane(self, deadline: float) -> None:
         layout, workdir = self.layout, self.workdir
@@ -481,6 +490,37 @@ class Lab:
             what="LIVE",
         )
 
+    async def _start_grpc(self, deadline: float) -> None:
+        """`--grpc`: the gRPC demo servers, then a proxyless client of xds:///greeter logging who answered."""
+        workdir = self.workdir
+
+        async def server(name: str, port: int) -> None:
+            proc = self.grpc_servers[name] = ChildProcess(
+                f"{name} gRPC server",
+                [sys.executable, "-m", "lab.grpcdemo", "--host", "127.0.0.1", "--port", str(port), "--name", name],
+                log_path=workdir / f"{name}.log",
+                capture_stdout=True,
+            )
+            await proc.start()
+            await proc.first_line(timeout=_left(deadline))  # "grpc demo NAME on HOST:PORT"
+
+        await _all(server(name, port) for name, port in zip(GRPC_BACKENDS, self.layout.grpc_ports, strict=True))
+        bootstrap = workdir / f"{GRPC_CLIENT_NODE}.json"
+        bootstrap.write_text(
+            grpc_bootstrap_json(
+                make_grpc_bootstrap(
+                    node_id=GRPC_CLIENT_NODE, xds_host=self.layout.xds_address, xds_port=self.layout.ports.xds
+                )
+            )
+        )
+        self.grpc_client = ChildProcess(
+            "proxyless gRPC client",
+            [sys.executable, "-m", "lab.grpcclient", "--bootstrap", str(bootstrap), "--target", GRPC_SERVICE,
+             "--rate", "2", "--name", GRPC_CLIENT_NODE],
+            log_path=workdir / f"{GRPC_CLIENT_NODE}.log",
+        )  # fmt: skip
+        await self.grpc_client.start()
+
     async def _start_front(self, index: int, deadline: float) -> None:
         front = self.layout.fronts[index]
         envoy = EnvoyProcess(
@@ -511,7 +551,9 @@ class Lab:
 
             # Envoys first: with the control plane gone first they would only log xDS errors.
             await stop_all([f.stop() for f in self.fronts] + [s.stop() for s in self.sidecars.values()])
-            await stop_all([a.stop() for a in self.apps.values()])
+            if self.grpc_client is not None:
+                await stop_all([self.grpc_client.stop()])
+            await stop_all([a.stop() for a in [*self.apps.values(), *self.grpc_servers.values()]])
             if self.controlplane is not None:
                 await stop_all([self.controlplane.stop()])
             if self._network is not None:
@@ -554,9 +596,11 @@ class Lab:
 
     def children(self) -> list[tuple[str, int, bool]]:
         """(name, pid, running) of every process the lab has started."""
-        procs: list[ChildProcess] = [*self.apps.values(), *self.sidecars.values()]
+        procs: list[ChildProcess] = [*self.apps.values(), *self.sidecars.values(), *self.grpc_servers.values()]
         if self.controlplane is not None:
             procs.append(self.controlplane)
+        if self.grpc_client is not None:
+            procs.append(self.grpc_client)
         rows = [(p.name, p.pid, p.running) for p in procs if p.started]
         for envoy in self.fronts:
             with contextlib.suppress(EnvoyError):  # not spawned: start() failed before
@@ -613,11 +657,13 @@ class Lab:
         deadline = time.monotonic() + timeout
         n = len(self.layout.backends)
         if self.config.mode is Mode.CENTRAL:
+            checked = (WEB_CLUSTER, GRPC_SERVICE) if self.config.grpc else (WEB_CLUSTER,)
 
             async def verdicts() -> bool:
                 snap = await self.controlplane_get("/snapshot")
-                web = next(c for c in snap["clusters"] if c["name"] == WEB_CLUSTER)
-                return all(ep["status"] == "HEALTHY" for ep in web["endpoints"])
+                return all(
+                    ep["status"] == "HEALTHY" for c in snap["clusters"] if c["name"] in checked for ep in c["endpoints"]
+                )
 
             await self._poll(verdicts, deadline, "every backend HEALTHY in the control plane's /snapshot")
 
@@ -657,6 +703,18 @@ class Lab:
                 (f"curl {cp}/nodes", "which Envoy ACKed which version"),
                 (f"curl '{cp}/events?kind=probe'", "every verdict change"),
             ]
+        if self.grpc_client is not None:
+            first = GRPC_BACKENDS[0]
+            tries += [
+                (
+                    f"tail -f {self.grpc_client.log_path}",
+                    f"the proxyless client: which server answered xds:///{GRPC_SERVICE}",
+                ),
+                (
+                    f"kill -USR1 {self.grpc_servers[first].pid}",
+                    f"{first} fails its gRPC health check (again: recovers)",
+                ),
+            ]
         tries += [
             (f"curl -s {self.fronts[0].admin_url}/clusters | grep health_flags", "the front proxy's view"),
             (f"curl {b1.url}/configs", f"{b1.name}'s counters: requests served, /livez checks received"),
@@ -683,6 +741,10 @@ class Lab:
             ns = f" (netns {b.netns})" if b.netns else ""
             rows.append((b.node_id, str(self.sidecars[b.name].pid), f"listener {b.url}, admin {b.admin_url}{ns}"))
             rows.append((f"{b.name} app", str(self.apps[b.name].pid), f"http://127.0.0.1:{b.app_port}{ns}"))
+        for (name, proc), port in zip(self.grpc_servers.items(), layout.grpc_ports, strict=True):
+            rows.append((f"{name} gRPC", str(proc.pid), f"127.0.0.1:{port}, in xds:///{GRPC_SERVICE}"))
+        if self.grpc_client is not None:
+            rows.append((GRPC_CLIENT_NODE, str(self.grpc_client.pid), f"log {self.grpc_client.log_path}"))
         width = max(len(r[0]) for r in rows)
         lines += [f"  {name:<{width}}  pid {pid:<7}  {what}" for name, pid, what in rows]
         lines.append("")

@@ -25,7 +25,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ from controlplane.xds.bootstrap import make_bootstrap
 
 __all__ = [
     "BACKENDS",
+    "GRPC_BACKENDS",
+    "GRPC_CLIENT_NODE",
+    "GRPC_SERVICE",
     "BackendLayout",
     "FrontLayout",
     "HealthCheckSpec",
@@ -50,6 +53,7 @@ __all__ = [
     "make_layout",
     "sidecar_bootstrap",
     "topology_document",
+    "with_grpc_ports",
 ]
 
 # The compose file's three backends: each name is the demo app's ServerName and its sidecar's
@@ -58,6 +62,10 @@ BACKENDS = ("webserver01", "webserver02", "webserver03")
 LOOPBACK = "127.0.0.1"
 FRONT_NODE_CLUSTER = "front-proxy"
 WEB_CLUSTER = "web"
+# `lab --grpc`: gRPC demo servers behind service `greeter`, dialled as xds:///greeter.
+GRPC_BACKENDS = ("grpc01", "grpc02", "grpc03")
+GRPC_SERVICE = "greeter"
+GRPC_CLIENT_NODE = "grpc-client"
 # Inside a backend's namespace: the ports docker-compose.yaml uses in each container.
 NETNS_SIDECAR_PORT = 80
 NETNS_SIDECAR_ADMIN_PORT = 9901
@@ -104,10 +112,10 @@ class HealthCheckSpec:
             f"healthy {self.healthy_threshold}, unhealthy {self.unhealthy_threshold})"
         )
 
-    def topology(self) -> dict[str, Any]:
-        """The cluster's `health_check` in healthplane's topology schema."""
+    def topology(self, kind: str = "http") -> dict[str, Any]:
+        """The cluster's `health_check` in healthplane's topology schema (`grpc`: grpc.health.v1)."""
         return {
-            "http": {"path": self.path},
+            **({"http": {"path": self.path}} if kind == "http" else {"grpc": {}}),
             "interval": format_duration(self.interval),
             "timeout": format_duration(self.timeout),
             "healthy_threshold": self.healthy_threshold,
@@ -230,8 +238,11 @@ class LabConfig:
     workdir: Path | None = None
     envoy_log_level: str = "warning"
     delta: bool = False  # the Envoys speak incremental xDS (DELTA_GRPC) to the control plane
+    grpc: bool = False  # also gRPC demo servers and a proxyless client (xds:///greeter)
 
     def __post_init__(self) -> None:
+        if self.grpc and self.mode is not Mode.CENTRAL:
+            raise ConfigError("needs the central prober and control plane (--mode central)", path="--grpc")
         hc = self.health_check
         if hc.interval <= 0:
             raise ConfigError("must be more than 0", path="--interval")
@@ -315,6 +326,7 @@ class LabLayout:
     fronts: tuple[FrontLayout, ...]
     bridge: str | None = None
     bridge_cidr: str | None = None
+    grpc_ports: tuple[int, ...] = ()  # `--grpc`: the gRPC demo servers', on 127.0.0.1, any free ones
 
     @property
     def front_url(self) -> str:
@@ -391,6 +403,23 @@ def make_layout(config: LabConfig, ports: PortPlan) -> LabLayout:
     )
 
 
+def with_grpc_ports(layout: LabLayout) -> LabLayout:
+    """The layout with free loopback ports for the gRPC demo servers (when `--grpc`)."""
+    if not layout.config.grpc:
+        return layout
+    socks: list[socket.socket] = []
+    try:
+        for _ in GRPC_BACKENDS:  # held together, so no port is handed out twice
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((LOOPBACK, 0))
+        ports = tuple(int(s.getsockname()[1]) for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+    return replace(layout, grpc_ports=ports)
+
+
 def check_ports_free(layout: LabLayout) -> None:
     """ConfigError naming the first host port already in use and the option that changes it."""
     config = layout.config
@@ -459,7 +488,7 @@ def topology_document(layout: LabLayout) -> dict[str, Any]:
                     "nodes": [b.name],
                 }
             )
-    return {
+    document: dict[str, Any] = {
         "controlplane": {
             "xds": {"address": layout.xds_address, "port": layout.ports.xds},
             "admin": {"address": LOOPBACK, "port": layout.ports.controlplane_admin},
@@ -468,6 +497,16 @@ def topology_document(layout: LabLayout) -> dict[str, Any]:
         "clusters": clusters,
         "listeners": listeners,
     }
+    if layout.grpc_ports:
+        clusters.append(
+            {
+                "name": GRPC_SERVICE,
+                "endpoints": [{"address": LOOPBACK, "port": p} for p in layout.grpc_ports],
+                "health_check": config.health_check.topology("grpc"),
+            }
+        )
+        document["grpc_services"] = [{"name": GRPC_SERVICE, "cluster": GRPC_SERVICE}]
+    return document
 
 
 def front_bootstrap(layout: LabLayout, front: FrontLayout) -> dict[str, Any]:
@@ -650,6 +689,13 @@ def _add_common(parser: argparse.ArgumentParser, *, inherit: bool) -> None:
     g.add_argument(
         "--envoy-log-level", default=d(defaults.envoy_log_level), choices=["trace", "debug", "info", "warning", "error"]
     )
+    g.add_argument(
+        "--grpc",
+        action="store_true",
+        default=d(False),
+        help="also three gRPC demo servers (checked by the prober over grpc.health.v1) behind xds:///greeter, "
+        "and a proxyless gRPC client printing which server answered",
+    )
     g = parser.add_argument_group("health check of the backends (both modes)")
     g.add_argument("--interval", type=_duration_arg, default=d(hc.interval), help="default 1s")
     g.add_argument("--timeout", type=_duration_arg, default=d(None), help="default 500ms, at most --interval")
@@ -744,6 +790,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> LabConfig:
         "workdir": args.workdir,
         "envoy_log_level": args.envoy_log_level,
         "delta": getattr(args, "delta", False),
+        "grpc": getattr(args, "grpc", False),
     }
     values.update(overrides)
     return LabConfig(**values)

@@ -67,6 +67,10 @@ TOY_RUNS = {
         ["--nodes", "4", "--clusters", "20", "--pushes", "1", "--adds", "1", "--workers", "1", "--pause", "0.1"],
         "| one cluster added | bytes written per node |",
     ),
+    "grpc_proxyless.py": (
+        ["--processes", "1", "--targets", "2", "--envoys", "1", "--envoy-channels", "1", "--rounds", "1"],
+        "| 2 proxyless channels",
+    ),
 }
 
 

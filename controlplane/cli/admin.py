@@ -118,11 +118,15 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
     # XDS (which ADS protocol each node speaks) comes last, and only from a server that says it:
     # the columns before it keep their places for scripts that read them.
     protocols = any("protocol" in n for n in nodes)
+    # With proxyless gRPC clients among the nodes, a USER AGENT column tells them from Envoys
+    # (and says which gRPC); an all-Envoy fleet keeps the narrower table.
+    mixed = any(not (n.get("user_agent") or "envoy").startswith("envoy") for n in nodes)
     rows = [
         [
             n["id"],
             n.get("cluster"),
             n.get("peer"),
+            *([(n.get("user_agent") or "-")[:40]] if mixed else []),
             "yes" if n.get("up_to_date") else "no",
             ",".join(f"{s}={t.get('version_acked') or '-'}" for s, t in n.get("types", {}).items()),
             _lag(n),
@@ -131,7 +135,8 @@ def nodes_table(nodes: Sequence[dict[str, Any]], current: str) -> str:
         ]
         for n in nodes
     ]
-    headers = ["NODE", "CLUSTER", "PEER", "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"]
+    agent = ["USER AGENT"] if mixed else []
+    headers = ["NODE", "CLUSTER", "PEER", *agent, "UP-TO-DATE", f"ACKED (current {current})", "LAG", "LAST NACK"]
     return table(headers + (["XDS"] if protocols else []), rows)
 
 
@@ -329,7 +334,11 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--status", help="only this status (healthy, unhealthy, ...)")
     p.set_defaults(func=cmd_endpoints)
 
-    p = sub.add_parser("nodes", parents=[common], help="connected Envoys: versions ACKed, lag, last NACK")
+    p = sub.add_parser(
+        "nodes",
+        parents=[common],
+        help="connected nodes (Envoys, gRPC clients): versions ACKed, lag, last NACK",
+    )
     p.set_defaults(func=cmd_nodes)
 
     p = sub.add_parser("alarms", parents=[common], help="active alarms: stale probers, held mass failures")

@@ -9,6 +9,7 @@ import signal
 import sys
 from typing import Any
 
+from controlplane.errors import ConfigError
 from controlplane.topology.addresses import host_port
 
 
@@ -61,9 +62,31 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _bootstrap(args: argparse.Namespace) -> int:
-    from controlplane.xds.bootstrap import bootstrap_yaml, make_bootstrap, xds_tls_from_args
+    from controlplane.xds.bootstrap import (
+        bootstrap_yaml,
+        grpc_bootstrap_json,
+        make_bootstrap,
+        make_grpc_bootstrap,
+        xds_tls_from_args,
+    )
 
     host, port = host_port(args.xds, "--xds")
+    if args.grpc:
+        if args.delta:
+            raise ConfigError("gRPC's xDS client speaks state of the world only", path="--delta")
+        text = grpc_bootstrap_json(
+            make_grpc_bootstrap(
+                node_id=args.node_id,
+                xds_host=host,
+                xds_port=port,
+                service=args.service or "",
+                zone=args.zone,
+                tls=xds_tls_from_args(args),
+            )
+        )
+        return _write_bootstrap(args, text)
+    if not args.service:
+        raise ConfigError("is required for an Envoy bootstrap (node.cluster)", path="--service")
     text = bootstrap_yaml(
         make_bootstrap(
             node_id=args.node_id,
@@ -77,6 +100,10 @@ def _bootstrap(args: argparse.Namespace) -> int:
             delta=args.delta,
         )
     )
+    return _write_bootstrap(args, text)
+
+
+def _write_bootstrap(args: argparse.Namespace, text: str) -> int:
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
@@ -96,9 +123,12 @@ def add_serve_commands(sub: Any) -> None:
     p.add_argument("config")
     p.set_defaults(func=_validate)
 
-    p = sub.add_parser("bootstrap", help="print an Envoy bootstrap that gets everything over ADS")
-    p.add_argument("--node-id", required=True, help="node.id (unique per Envoy)")
-    p.add_argument("--service", required=True, help="node.cluster, as --service-cluster sets it")
+    p = sub.add_parser("bootstrap", help="print an Envoy (or, with --grpc, a proxyless gRPC) bootstrap over ADS")
+    p.add_argument(
+        "--grpc", action="store_true", help="print the JSON a proxyless gRPC client reads from GRPC_XDS_BOOTSTRAP"
+    )
+    p.add_argument("--node-id", required=True, help="node.id (unique per Envoy or gRPC client process)")
+    p.add_argument("--service", help="node.cluster, as --service-cluster sets it (required for Envoy)")
     p.add_argument("--xds", required=True, help="control plane xDS address HOST:PORT")
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (0: any free port)")
     p.add_argument("--admin-address", default="127.0.0.1")

@@ -88,7 +88,7 @@ class NackGroups(StreamCallbacks):
         group.nacks += 1
         group.last = now
         if stream.node_id is not None:
-            group.nodes.add(stream.node_id)
+            group.nodes.add(stream.node_key)
         error = outcome.error or ""
         if error in group.errors or len(group.errors) < MAX_ERRORS:
             group.errors[error] = group.errors.get(error, 0) + 1

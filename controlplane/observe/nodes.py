@@ -17,7 +17,7 @@ class NodeStreams(Protocol):
 
     def streams(self) -> list[StreamState]: ...
 
-    def get(self, node_id: str) -> StreamState | None: ...
+    def get(self, node_key: str) -> StreamState | None: ...
 
 
 class NodeRegistry(StreamCallbacks):
@@ -33,13 +33,13 @@ class NodeRegistry(StreamCallbacks):
 
     def on_stream_open(self, stream: StreamState) -> None:
         assert stream.node_id is not None
-        previous = self._streams.get(stream.node_id)
-        self._streams[stream.node_id] = stream
-        self.disconnected.pop(stream.node_id, None)
+        previous = self._streams.get(stream.node_key)
+        self._streams[stream.node_key] = stream
+        self.disconnected.pop(stream.node_key, None)
         self.events.record(
             "node",
-            f"node {stream.node_id} connected from {stream.peer}",
-            node=stream.node_id,
+            f"node {stream.node_key} connected from {stream.peer}",
+            node=stream.node_key,
             node_cluster=stream.node_cluster,
             peer=stream.peer,
             replaced_stream=previous.stream_id if previous is not None else None,
@@ -47,10 +47,10 @@ class NodeRegistry(StreamCallbacks):
 
     def on_stream_closed(self, stream: StreamState) -> None:
         assert stream.node_id is not None
-        if self._streams.get(stream.node_id) is stream:
-            del self._streams[stream.node_id]
-            self.disconnected[stream.node_id] = time.time()
-            self.events.record("node", f"node {stream.node_id} disconnected", node=stream.node_id)
+        if self._streams.get(stream.node_key) is stream:
+            del self._streams[stream.node_key]
+            self.disconnected[stream.node_key] = time.time()
+            self.events.record("node", f"node {stream.node_key} disconnected", node=stream.node_key)
 
     def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
         if outcome.kind is RequestKind.ACK:
@@ -59,9 +59,9 @@ class NodeRegistry(StreamCallbacks):
             self.nacks += 1
             self.events.record(
                 "nack",
-                f"node {stream.node_id} rejected {rs.SHORT_NAMES[outcome.type_url]} version "
+                f"node {stream.node_key} rejected {rs.SHORT_NAMES[outcome.type_url]} version "
                 f"{stream.types[outcome.type_url].sent_version}: {outcome.error}",
-                node=stream.node_id,
+                node=stream.node_key,
                 type_url=outcome.type_url,
                 rejected_version=stream.types[outcome.type_url].sent_version,
                 kept_version=outcome.version,
@@ -74,8 +74,9 @@ class NodeRegistry(StreamCallbacks):
     def streams(self) -> list[StreamState]:
         return list(self._streams.values())
 
-    def get(self, node_id: str) -> StreamState | None:
-        return self._streams.get(node_id)
+    def get(self, node_key: str) -> StreamState | None:
+        """The stream of a node by `StreamState.node_key` (its node.id, for Envoys)."""
+        return self._streams.get(node_key)
 
 
 def type_view(ts: TypeState) -> dict[str, Any]:
@@ -92,12 +93,30 @@ def type_view(ts: TypeState) -> dict[str, Any]:
     }
 
 
+def _type_up_to_date(ts: TypeState, snapshot: Snapshot) -> bool:
+    """Whether the node ACKed what the snapshot says for everything it subscribes to.
+
+    CDS and LDS (and wildcards) carry a new type version to every node. EDS and RDS by name do
+    not: a gRPC client watching one cluster is not sent, and is not behind on, another's change.
+    """
+    if ts.type_url in rs.FULL_STATE_TYPES or ts.wildcard:
+        return ts.acked_version == snapshot.type_versions[ts.type_url]
+    table = snapshot.resources[ts.type_url]
+    return (
+        not ts.awaiting_ack
+        and ts.acked_version == ts.sent_version
+        and all(ts.sent.get(name) == table[name].version for name in ts.names if name in table)
+    )
+
+
 def node_view(stream: StreamState, snapshot: Snapshot | None) -> dict[str, Any]:
     types = {rs.SHORT_NAMES.get(t, t): type_view(ts) for t, ts in stream.types.items()}
-    current = snapshot.type_versions if snapshot is not None else {}
-    up_to_date = all(ts.acked_version == current.get(t) for t, ts in stream.types.items() if t in current)
+    up_to_date = snapshot is not None and all(
+        _type_up_to_date(ts, snapshot) for t, ts in stream.types.items() if t in snapshot.type_versions
+    )
     return {
-        "id": stream.node_id,
+        "id": stream.node_key,
+        "node_id": stream.node_id,
         "protocol": stream.protocol,
         "cluster": stream.node_cluster,
         "locality": stream.node_locality,

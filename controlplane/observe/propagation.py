@@ -233,8 +233,7 @@ class PropagationTracker(StreamCallbacks):
         if changed:
             types, opened = record.types, self._open
             for stream in self._nodes.streams():
-                node = stream.node_id
-                assert node is not None
+                node = stream.node_key
                 mask = affected_types(stream, changed)
                 if mask:
                     types[node] = mask
@@ -254,8 +253,8 @@ class PropagationTracker(StreamCallbacks):
         return record
 
     def on_stream_closed(self, stream: StreamState) -> None:
-        node = stream.node_id
-        if node is None or self._nodes.get(node) is not None:
+        node = stream.node_key
+        if stream.node_id is None or self._nodes.get(node) is not None:
             return  # a newer stream of the node replaced this one: its versions are still in flight
         now = self.clock()
         for record in self._open.pop(node, []):
@@ -268,7 +267,7 @@ class PropagationTracker(StreamCallbacks):
         kind = outcome.kind
         if kind is not RequestKind.ACK and kind is not RequestKind.NACK:
             return
-        node = stream.node_id or ""
+        node = stream.node_key
         ts = stream.types.get(outcome.type_url)
         if ts is None:
             return
@@ -371,7 +370,7 @@ class PropagationTracker(StreamCallbacks):
         )
 
     def nodes(self) -> list[str]:
-        return sorted(s.node_id for s in self._nodes.streams() if s.node_id is not None)
+        return sorted(s.node_key for s in self._nodes.streams())
 
 
 def changed_types(previous: Snapshot | None, snapshot: Snapshot) -> list[tuple[str, int, frozenset[str] | None]]:

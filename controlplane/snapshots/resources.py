@@ -22,7 +22,7 @@ from google.protobuf import duration_pb2, json_format, wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane.health.store import HealthStatus
-from controlplane.topology.model import Cluster, Listener, Topology
+from controlplane.topology.model import Cluster, GrpcService, Listener, Topology
 
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -171,6 +171,48 @@ def build_route_configuration(listener: Listener) -> route_pb2.RouteConfiguratio
             action.prefix_rewrite = route.prefix_rewrite
         vhost.routes.append(route_components_pb2.Route(match=match, route=action))
     return route_pb2.RouteConfiguration(name=listener.name, virtual_hosts=[vhost])
+
+
+def build_api_listener(service: GrpcService) -> listener_pb2.Listener:
+    """What a proxyless gRPC client asks LDS for when it dials `xds:///NAME`: a listener named
+    exactly NAME with no address, only an HttpConnectionManager (gRFC A27) whose routes come
+    over RDS under the same name and whose last (here only) HTTP filter is the router (A39)."""
+    manager = hcm_pb2.HttpConnectionManager(
+        stat_prefix=service.name,
+        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=service.name),
+    )
+    router = manager.http_filters.add(name="envoy.filters.http.router")
+    router.typed_config.Pack(router_pb2.Router())
+    msg = listener_pb2.Listener(name=service.name)
+    msg.api_listener.api_listener.Pack(manager)
+    return msg
+
+
+def build_grpc_route_configuration(service: GrpcService) -> route_pb2.RouteConfiguration:
+    """The service's routes in one virtual host for the authority NAME; first match wins.
+
+    gRPC honours a route's `max_stream_duration` (gRFC A31), not Envoy's `timeout`.
+    """
+    vhost = route_components_pb2.VirtualHost(name=service.name, domains=[service.name])
+    for route in service.routes:
+        if route.path is not None:
+            match = route_components_pb2.RouteMatch(path=route.path)
+        else:
+            match = route_components_pb2.RouteMatch(prefix=route.prefix)
+        action = route_components_pb2.RouteAction()
+        if len(route.clusters) == 1:
+            action.cluster = route.clusters[0].cluster
+        else:
+            for target in route.clusters:
+                action.weighted_clusters.clusters.append(
+                    route_components_pb2.WeightedCluster.ClusterWeight(
+                        name=target.cluster, weight=wrappers_pb2.UInt32Value(value=target.weight)
+                    )
+                )
+        if route.timeout is not None:
+            action.max_stream_duration.max_stream_duration.CopyFrom(_duration(route.timeout))
+        vhost.routes.append(route_components_pb2.Route(match=match, route=action))
+    return route_pb2.RouteConfiguration(name=service.name, virtual_hosts=[vhost])
 
 
 def type_name(message: Message) -> str:

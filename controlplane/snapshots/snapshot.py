@@ -177,8 +177,14 @@ class Snapshot:
     _bodies: dict[tuple[str, tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
     _delta_bodies: dict[tuple[str, tuple[str, ...], tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
 
-    def listener_names_for(self, node_cluster: str) -> tuple[str, ...]:
-        return tuple(lst.name for lst in self.topology.listeners if lst.for_node(node_cluster))
+    def listener_names_for(self, node_cluster: str, *, wildcard: bool = True) -> tuple[str, ...]:
+        """The listeners a node may get. API listeners (gRPC services) only go to nodes that ask
+        for them by name, as gRPC clients do: Envoy subscribes to LDS by wildcard and would
+        reject a listener without an address."""
+        names = tuple(lst.name for lst in self.topology.listeners if lst.for_node(node_cluster))
+        if wildcard:
+            return names
+        return names + tuple(svc.name for svc in self.topology.grpc_services)
 
     def response_body(self, type_url: str, names: tuple[str, ...]) -> bytes:
         """DiscoveryResponse bytes (all but the nonce) carrying `names`, encoded once."""
@@ -269,9 +275,21 @@ def build_snapshot(
         )
         tables[rs.LISTENER] = table(
             rs.LISTENER,
-            ((ln.name, rs.build_listener(ln, access_log=rs.logs_passive(ln, topology))) for ln in topology.listeners),
+            [
+                *(
+                    (ln.name, rs.build_listener(ln, access_log=rs.logs_passive(ln, topology)))
+                    for ln in topology.listeners
+                ),
+                *((svc.name, rs.build_api_listener(svc)) for svc in topology.grpc_services),
+            ],
         )
-        tables[rs.ROUTE] = table(rs.ROUTE, ((ln.name, rs.build_route_configuration(ln)) for ln in topology.listeners))
+        tables[rs.ROUTE] = table(
+            rs.ROUTE,
+            [
+                *((ln.name, rs.build_route_configuration(ln)) for ln in topology.listeners),
+                *((svc.name, rs.build_grpc_route_configuration(svc)) for svc in topology.grpc_services),
+            ],
+        )
 
     type_versions: dict[str, str] = {}
     for type_url, entries in tables.items():

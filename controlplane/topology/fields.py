@@ -5,7 +5,7 @@ error is a `ConfigError` naming the file and the field path (`clusters[1].endpoi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from controlplane.errors import ConfigError
@@ -34,15 +34,19 @@ class Field:
     def missing(self) -> bool:
         return self.value is None
 
-    def mapping(self, allowed: set[str]) -> Field:
+    def mapping(self, allowed: set[str], *, also: Mapping[str, str] | None = None) -> Field:
+        """Check this is a mapping of `allowed` keys, or of keys in `also` (key -> what it is for,
+        named after the others in the error)."""
         if not isinstance(self.value, dict):
             raise self.error(f"must be a mapping, got {kind_of(self.value)}")
+        extra = also or {}
         for key in self.value:
             if not isinstance(key, str):
                 raise self.error(f"keys must be strings, got {key!r}")
-            if key not in allowed:
+            if key not in allowed and key not in extra:
                 hint = ", ".join(sorted(allowed))
-                raise self.child(key).error(f"unknown field (expected one of: {hint})")
+                more = "".join(f"; {why}: {name}" for name, why in extra.items())
+                raise self.child(key).error(f"unknown field (expected one of: {hint}){more}")
         return self
 
     def items(self) -> Iterator[Field]:

@@ -1,5 +1,5 @@
-"""The topology as frozen dataclasses: clusters, endpoints, health checks, listeners, routes and the
-control plane's own settings; `restart_only_changes` names the settings bound at start.
+"""The topology as frozen dataclasses: clusters, endpoints, health checks, listeners, routes, gRPC services
+and the control plane's own settings; `restart_only_changes` names the settings bound at start.
 """
 
 from __future__ import annotations
@@ -193,10 +193,43 @@ class Listener:
 
 
 @dataclass(frozen=True, slots=True)
+class WeightedCluster:
+    cluster: str
+    weight: int
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcRoute:
+    """One route of a gRPC service: which calls (all, a service's, one method) go to which clusters."""
+
+    clusters: tuple[WeightedCluster, ...]  # one entry: all calls to it; several: split by weight
+    service: str | None = None  # "pkg.Service": matches the path prefix "/pkg.Service/"
+    method: str | None = None  # with service: matches exactly "/pkg.Service/Method"
+    timeout: float | None = None  # max_stream_duration: a deadline for calls without a shorter one
+
+    @property
+    def path(self) -> str | None:
+        return f"/{self.service}/{self.method}" if self.service and self.method else None
+
+    @property
+    def prefix(self) -> str:
+        return f"/{self.service}/" if self.service else ""
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcService:
+    """A name proxyless gRPC clients dial as `xds:///NAME`: an API listener and its routes."""
+
+    name: str
+    routes: tuple[GrpcRoute, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     controlplane: ControlPlaneConfig = ControlPlaneConfig()
     clusters: tuple[Cluster, ...] = ()
     listeners: tuple[Listener, ...] = ()
+    grpc_services: tuple[GrpcService, ...] = ()
     source: str = ""
     # The validated document as given (plain JSON types), e.g. for sending clusters to probers.
     document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)

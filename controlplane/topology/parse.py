@@ -24,6 +24,8 @@ from controlplane.topology.model import (
     ControlPlaneConfig,
     Endpoint,
     GrpcCheck,
+    GrpcRoute,
+    GrpcService,
     HealthCheck,
     HttpCheck,
     Listener,
@@ -32,6 +34,7 @@ from controlplane.topology.model import (
     SocketAddress,
     TcpCheck,
     Topology,
+    WeightedCluster,
 )
 from controlplane.topology.propagation import parse_propagation
 from controlplane.topology.security import (
@@ -490,6 +493,112 @@ def _check_shape(document: Any, source: str) -> None:
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
 
 
+_PROTO_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_METHOD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _weighted_clusters(f: Field, clusters: set[str]) -> tuple[WeightedCluster, ...]:
+    out: list[WeightedCluster] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(f.items()):
+        item.mapping({"cluster", "weight"})
+        name = item.child("cluster").string()
+        if name not in clusters:
+            raise item.child("cluster").error(f"no cluster named {name!r}")
+        if name in seen:
+            raise item.child("cluster").error(f"{name!r} is listed twice (also weighted_clusters[{seen[name]}])")
+        seen[name] = i
+        # gRPC rejects a route whose weights sum to 0 or past 2^32-1; 1..10000 each keeps well inside.
+        out.append(WeightedCluster(name, item.child("weight").integer(lo=1, hi=10_000)))
+    if not out:
+        raise f.error("must list at least one {cluster, weight}")
+    return tuple(out)
+
+
+def _grpc_route(f: Field, clusters: set[str]) -> GrpcRoute:
+    f.mapping({"service", "method", "cluster", "weighted_clusters", "timeout"})
+    has_cluster, has_weighted = not f.child("cluster").missing, not f.child("weighted_clusters").missing
+    if has_cluster == has_weighted:
+        raise f.error("give cluster or weighted_clusters" + (", not both" if has_cluster else ""))
+    if has_cluster:
+        name = f.child("cluster").string()
+        if name not in clusters:
+            raise f.child("cluster").error(f"no cluster named {name!r}")
+        targets: tuple[WeightedCluster, ...] = (WeightedCluster(name, 1),)
+    else:
+        targets = _weighted_clusters(f.child("weighted_clusters"), clusters)
+    service = None if f.child("service").missing else f.child("service").string(pattern=_PROTO_NAME)
+    method = None if f.child("method").missing else f.child("method").string(pattern=_METHOD)
+    if method is not None and service is None:
+        raise f.child("method").error("needs service (the full name, such as helloworld.Greeter)")
+    return GrpcRoute(
+        clusters=targets,
+        service=service,
+        method=method,
+        timeout=f.child("timeout").opt_duration(positive=True),
+    )
+
+
+def _grpc_service(f: Field, clusters: set[str]) -> GrpcService:
+    f.mapping({"name", "cluster", "routes"})
+    name = f.child("name").string(pattern=_NAME)
+    has_cluster, has_routes = not f.child("cluster").missing, not f.child("routes").missing
+    if has_cluster == has_routes:
+        raise f.error("give cluster (every call to one cluster) or routes" + (", not both" if has_cluster else ""))
+    if has_cluster:
+        return GrpcService(name, (_grpc_route(Field({"cluster": f.value["cluster"]}, f.path, f.source), clusters),))
+    routes: list[GrpcRoute] = []
+    for item in f.child("routes").items():
+        route = _grpc_route(item, clusters)
+        for j, earlier in enumerate(routes):
+            # gRPC takes the first matching route: one that an earlier route shadows is a mistake.
+            if earlier.service is None or (earlier.method is None and earlier.service == route.service):
+                raise item.error(f"is never used: routes[{j}] already matches every call it would")
+            if earlier.path is not None and earlier.path == route.path:
+                raise item.error(f"is never used: routes[{j}] matches the same method")
+        routes.append(route)
+    if not routes:
+        raise f.child("routes").error("must have at least one route")
+    return GrpcService(name, tuple(routes))
+
+
+# What grpcio's xDS client accepts in Cluster.lb_policy (it NACKs the rest: "LB policy is not
+# supported"); measured against grpcio 1.85, see docs/design.md.
+GRPC_LB_POLICIES = frozenset({"ROUND_ROBIN", "RING_HASH"})
+
+
+def _grpc_services(f: Field, clusters: dict[str, Cluster], listeners: dict[str, int]) -> tuple[GrpcService, ...]:
+    if f.missing:
+        return ()
+    out: list[GrpcService] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(f.items()):
+        service = _grpc_service(item, set(clusters))
+        for r, route in enumerate(service.routes):
+            for target in route.clusters:
+                policy = clusters[target.cluster].lb_policy
+                if policy not in GRPC_LB_POLICIES:
+                    shorthand = not item.child("cluster").missing
+                    where = item.child("cluster") if shorthand else item.child("routes").child(r)
+                    raise where.error(
+                        f"cluster {target.cluster!r} has lb_policy {policy}, which gRPC's xDS client rejects "
+                        f"(it takes {' or '.join(sorted(GRPC_LB_POLICIES))})"
+                    )
+        if service.name in seen:
+            raise item.child("name").error(
+                f"duplicate gRPC service name {service.name!r} (also grpc_services[{seen[service.name]}])"
+            )
+        if service.name in listeners:
+            # One LDS and RDS namespace: an API listener and an Envoy listener cannot share a name.
+            raise item.child("name").error(
+                f"{service.name!r} is also the name of listeners[{listeners[service.name]}]; "
+                "listener and gRPC service names share one namespace"
+            )
+        seen[service.name] = i
+        out.append(service)
+    return tuple(out)
+
+
 def parse_topology(document: Any, *, source: str = "") -> Topology:
     """Validate a topology document (already parsed from YAML or JSON).
 
@@ -499,7 +608,7 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
     """
     _check_shape(document, source)
     root = Field(document if document is not None else {}, "", source)
-    root.mapping({"controlplane", "clusters", "listeners"})
+    root.mapping({"controlplane", "clusters", "listeners"}, also={"grpc_services": "for proxyless gRPC clients"})
     errors: list[ConfigError] = []
     clusters: list[Cluster] = []
     names: dict[str, int] = {}
@@ -558,6 +667,7 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
         controlplane=controlplane,
         clusters=tuple(clusters),
         listeners=tuple(listeners),
+        grpc_services=_grpc_services(root.child("grpc_services"), {c.name: c for c in clusters}, lnames),
         source=source,
         document=json.loads(json.dumps(document if document is not None else {})),
     )

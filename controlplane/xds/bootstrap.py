@@ -1,9 +1,10 @@
-"""Envoy bootstraps that get everything over ADS from healthplane."""
+"""Bootstraps that get everything over ADS from healthplane: Envoy's, and proxyless gRPC's."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,3 +138,45 @@ def make_bootstrap(
 
 def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:
     return yaml.safe_dump(bootstrap, sort_keys=False, default_flow_style=False)
+
+
+def make_grpc_bootstrap(
+    *,
+    node_id: str,
+    xds_host: str,
+    xds_port: int,
+    service: str = "",
+    zone: str = "",
+    tls: XdsTls | None = None,
+) -> dict[str, Any]:
+    """The JSON a proxyless gRPC client reads from `GRPC_XDS_BOOTSTRAP` (gRFC A27; TLS: A65).
+
+    gRPC's bootstrap has no SNI or SAN override: the control plane's certificate must match
+    the host of `server_uri`.
+    """
+    from controlplane.errors import ConfigError
+
+    if tls is not None and tls.sni:
+        raise ConfigError(
+            "gRPC's xDS bootstrap cannot override the name checked on the control plane's certificate; "
+            "give that name as the host in --xds instead",
+            path="--tls-sni",
+        )
+    creds: dict[str, Any] = {"type": "insecure"}
+    if tls is not None:
+        config = {"ca_certificate_file": tls.ca}
+        if tls.cert and tls.key:
+            config |= {"certificate_file": tls.cert, "private_key_file": tls.key}
+        creds = {"type": "tls", "config": config}
+    host = f"[{xds_host}]" if ":" in xds_host else xds_host
+    node: dict[str, Any] = {"id": node_id, "cluster": service}
+    if zone:
+        node["locality"] = {"zone": zone}
+    return {
+        "xds_servers": [{"server_uri": f"{host}:{xds_port}", "channel_creds": [creds], "server_features": ["xds_v3"]}],
+        "node": node,
+    }
+
+
+def grpc_bootstrap_json(bootstrap: dict[str, Any]) -> str:
+    return json.dumps(bootstrap, indent=2) + "\n"

@@ -121,7 +121,7 @@ def type_configs(
     snapshot = snapshots[-1]
     table = snapshot.resources.get(ts.type_url, {})
     if ts.type_url == rs.LISTENER:
-        available = list(snapshot.listener_names_for(stream.node_cluster))
+        available = list(snapshot.listener_names_for(stream.node_cluster, wildcard=ts.wildcard))
     else:
         available = list(table)
     names = list(ts.subscribed(available))

@@ -137,11 +137,11 @@ class AdsServer:
                 wake.clear()
                 if reader.done():
                     break
-                if not opened and state.node_id is not None:
+                if not opened and state.identified:
                     opened = True
                     self.callbacks.on_stream_open(state)
                 snapshot = self.source.current()
-                if snapshot is None or state.node_id is None:
+                if snapshot is None or not opened:
                     continue
                 due = state.due(snapshot)
                 if due and self.delay is not None and (pause := self.delay(state)) > 0:

@@ -18,6 +18,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.errors import ProtocolError
@@ -26,6 +27,15 @@ from controlplane.snapshots.snapshot import Snapshot
 
 WILDCARD = "*"
 SUPPORTED_TYPES = frozenset(rs.ADS_ORDER)
+
+
+def _user_agent(node: base_pb2.Node) -> str:
+    """The node's user agent as shown: Envoy's from its build version ("envoy 1.40.0"), a gRPC
+    client's from its `user_agent_version` string ("gRPC C-core linux Python ... 1.85.3")."""
+    if node.HasField("user_agent_build_version"):
+        v = node.user_agent_build_version.version
+        return f"{node.user_agent_name} {v.major_number}.{v.minor_number}.{v.patch}"
+    return f"{node.user_agent_name} {node.user_agent_version}".strip()
 
 
 class RequestKind(enum.Enum):
@@ -93,6 +103,13 @@ class StreamState:
         self.peer = peer
         self.opened = time.time()
         self.node_id: str | None = None
+        # What the registry and views key this stream's node by: node.id, except for gRPC clients,
+        # which open one ADS stream per channel target (grpcio keeps an xDS client per target),
+        # all with the process's one node.id: "ID@TARGET" keeps them apart. TARGET is the name
+        # the stream asks LDS for, which may not be its first request (a reconnecting gRPC client
+        # asks CDS first), so a gRPC stream has no key until its LDS request: see `identified`.
+        self.node_key = ""
+        self._grpc = False
         self.node_cluster = ""
         self.node_locality = ""
         self.node_zone = ""  # node.locality.zone, which the propagation model matches on
@@ -114,6 +131,9 @@ class StreamState:
         type_url = request.type_url
         if not type_url:
             raise ProtocolError("type_url is empty: ADS needs it on every request")
+        if not self.node_key and type_url == rs.LISTENER and self._grpc:
+            names = sorted(n for n in request.resource_names if n != WILDCARD)
+            self.node_key = f"{self.node_id}@{names[0]}" if names else (self.node_id or "")
         nonce = request.response_nonce
         if type_url not in SUPPORTED_TYPES:
             return RequestOutcome(RequestKind.UNSUPPORTED, type_url, request.version_info, nonce)
@@ -162,7 +182,12 @@ class StreamState:
                 loc = request.node.locality
                 self.node_zone = loc.zone
                 self.node_locality = "/".join(p for p in (loc.region, loc.zone, loc.sub_zone) if p)
-                self.user_agent = f"{request.node.user_agent_name} {request.node.user_agent_build_version.version.major_number}.{request.node.user_agent_build_version.version.minor_number}.{request.node.user_agent_build_version.version.patch}"  # noqa: E501
+                self.user_agent = _user_agent(request.node)
+                # gRPC's client opens one stream per channel target under one node.id: its key
+                # waits for its LDS request (see `identified`); an Envoy's key is its node.id.
+                self._grpc = request.node.user_agent_name.startswith("gRPC")
+                if not self._grpc:
+                    self.node_key = self.node_id
             elif request.node.id != self.node_id:
                 raise ProtocolError(f"node.id changed on one stream: {self.node_id!r} -> {request.node.id!r}")
         elif self.node_id is None:
@@ -185,6 +210,11 @@ class StreamState:
             ts.wildcard, ts.names = wildcard, names
             ts.sent_names = None
             self.dirty = True
+
+    @property
+    def identified(self) -> bool:
+        """Whether `node_key` is known: the stream may be opened, served and shown."""
+        return bool(self.node_key)
 
     # ------------------------------------------------------------------ responses
 
@@ -221,7 +251,7 @@ class StreamState:
             table = snapshot.resources[type_url]
             type_version = snapshot.type_versions[type_url]
             if type_url == rs.LISTENER:
-                available = list(snapshot.listener_names_for(self.node_cluster))
+                available = list(snapshot.listener_names_for(self.node_cluster, wildcard=ts.wildcard))
             else:
                 available = list(table)
             names = tuple(ts.subscribed(available))

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,9 @@ from lab.envoyproc import EnvoyTimeout, find_envoy, poll_until
 from lab.run import Lab, netns_unavailable_reason
 from lab.topology import (
     BACKENDS,
+    GRPC_BACKENDS,
+    GRPC_CLIENT_NODE,
+    GRPC_SERVICE,
     HealthCheckSpec,
     LabConfig,
     LabError,
@@ -437,3 +441,59 @@ async def test_children_die_with_a_killed_lab(leftovers: Leftovers) -> None:
     finally:
         # What only a clean stop removes: the temporary directory.
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.envoy
+async def test_grpc_lab_adds_servers_checked_by_the_prober_and_a_proxyless_client(leftovers: Leftovers) -> None:
+    lab = Lab(LabConfig(ports_base=0, health_check=FAST, grpc=True))
+    async with lab:
+        await lab.wait_healthy()  # the gRPC servers too: HEALTHY from the prober's grpc.health.v1 checks
+        leftovers.remember(lab.children())
+        assert lab.grpc_client is not None
+        log = lab.grpc_client.log_path
+
+        def answered_since(offset: int) -> Counter[str]:
+            lines = log.read_text().splitlines()[offset:]
+            return Counter(json.loads(line).get("server") for line in lines if line.startswith("{"))
+
+        async def every_server() -> bool:
+            return set(answered_since(0)) >= set(GRPC_BACKENDS)
+
+        await poll_until(every_server, timeout=20, what="the proxyless client reaching every gRPC server")
+        nodes = await lab.controlplane_get("/nodes")
+        assert f"{GRPC_CLIENT_NODE}@{GRPC_SERVICE}" in {n["id"] for n in nodes["nodes"]}
+
+        # SIGUSR1 fails grpc01's health service: the prober's verdict takes it out of the client's picks.
+        os.kill(lab.grpc_servers[GRPC_BACKENDS[0]].pid, signal.SIGUSR1)
+
+        async def out() -> bool:
+            snap = await lab.controlplane_get("/snapshot")
+            greeter = next(c for c in snap["clusters"] if c["name"] == GRPC_SERVICE)
+            return any(ep["status"] == "UNHEALTHY" for ep in greeter["endpoints"])
+
+        await poll_until(out, timeout=10, what="grpc01 UNHEALTHY")
+        await asyncio.sleep(1)  # the client calls twice a second: let a call already on its way land
+        offset = len(log.read_text().splitlines())
+
+        async def without_first() -> bool:
+            seen = answered_since(offset)
+            return sum(seen.values()) >= 6 and GRPC_BACKENDS[0] not in seen
+
+        await poll_until(without_first, timeout=10, what="calls reaching only grpc02 and grpc03")
+        assert "kill -USR1" in lab.describe()
+        leftovers.workdirs.append(lab.workdir)
+    leftovers.assert_none()
+
+
+def test_grpc_lab_needs_the_central_mode() -> None:
+    with pytest.raises(ConfigError) as info:
+        LabConfig(grpc=True, mode=Mode.PER_ENVOY)
+    assert info.value.path == "--grpc"
+    layout = make_layout(LabConfig(grpc=True, ports_base=0), PortPlan.free())
+    assert layout.grpc_ports == ()  # picked when the lab starts
+    document = topology_document(replace(layout, grpc_ports=(50051, 50052, 50053)))
+    topology = parse_topology(document)
+    [service] = topology.grpc_services
+    cluster = topology.cluster(service.routes[0].clusters[0].cluster)
+    assert cluster is not None and cluster.health_check is not None and cluster.health_check.kind == "grpc"
+    assert [e.port for e in cluster.endpoints] == [50051, 50052, 50053]

@@ -17,8 +17,8 @@ async def nodes(request: web.Request) -> web.Response:
         {
             "version": snap.version,
             "nodes": [
-                {**node_view(s, snap), "lag": node_lag(cp, s.node_id or "")}
-                for s in sorted(cp.nodes.streams(), key=lambda s: s.node_id or "")
+                {**node_view(s, snap), "lag": node_lag(cp, s.node_key)}
+                for s in sorted(cp.nodes.streams(), key=lambda s: s.node_key)
             ],
             "disconnected": [{"id": n, "since": t} for n, t in sorted(cp.nodes.disconnected.items())],
         }
@@ -30,4 +30,4 @@ async def node(request: web.Request) -> web.Response:
     stream = cp.nodes.get(request.match_info["node_id"])
     if stream is None:
         return error_response(404, f"no connected node {request.match_info['node_id']!r}", "node_id")
-    return json_response({**node_view(stream, cp.snapshot), "lag": node_lag(cp, stream.node_id or "")})
+    return json_response({**node_view(stream, cp.snapshot), "lag": node_lag(cp, stream.node_key)})
