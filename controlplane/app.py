@@ -26,6 +26,7 @@ from controlplane.errors import ConfigError
 from controlplane.events import EventLog
 from controlplane.health.admission import Admission
 from controlplane.health.alarms import Alarm
+from controlplane.health.passive import PassiveState
 from controlplane.health.quorum import PASSIVE
 from controlplane.health.store import HealthStatus, HealthStore, Verdict
 from controlplane.observe.metrics import CallbackChain, Metrics, served_state
@@ -333,6 +334,10 @@ class ControlPlane:
         """Raise or resolve the staleness alarm of each remote prober."""
         limit = self.topology.controlplane.prober_staleness
         check_probers(self.prober_link.probers.values(), self.admission.alarms, limit, now)
+
+    def passive_state(self, cluster: str, endpoint: str) -> PassiveState | None:
+        """A copy of one endpoint's passive counters and ejection (for the admin API); None without `passive`."""
+        return self.access_log.passive.state(cluster, endpoint)
 
     def expire_passive(self, now: float | None = None) -> None:
         """End the passive ejections whose hold is over (the probers, or HEALTHY, decide again)."""

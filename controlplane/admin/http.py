@@ -16,6 +16,7 @@ from aiohttp import web
 from controlplane.events import EventLog
 from controlplane.health.admission import Admission
 from controlplane.health.alarms import Alarm
+from controlplane.health.passive import PassiveState
 from controlplane.health.store import HealthStatus, HealthStore
 from controlplane.observe.metrics import Metrics
 from controlplane.observe.nacks import NackGroups
@@ -62,6 +63,9 @@ class ControlPlaneView(Protocol):
     def local_prober(self) -> LocalProber | None: ...
     @property
     def expect_remote_prober(self) -> bool: ...
+    def passive_state(self, cluster: str, endpoint: str) -> PassiveState | None:
+        """A copy of one endpoint's passive counters and ejection; None when its cluster has no `passive`."""
+        ...
 
     # Changes
     def set_override(

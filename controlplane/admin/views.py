@@ -15,17 +15,44 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from controlplane.health.checks import CheckInfo
+from controlplane.health.passive import PassiveState
 from controlplane.health.store import EndpointHealth, EndpointId, HealthStatus
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import EndpointView, Snapshot
 
 HealthLookup = Callable[[str, str], EndpointHealth]
 CheckLookup = Callable[[str, str], CheckInfo | None]
+PassiveLookup = Callable[[str, str], PassiveState | None]
 
 
-def endpoint_row(view: EndpointView, health: EndpointHealth, check: CheckInfo | None) -> dict[str, Any]:
-    """One endpoint as `/endpoints` shows it: the status served, why, since when, and its checks."""
+def passive_row(state: PassiveState, now: float) -> dict[str, Any]:
+    """One endpoint's passive checks as `/endpoints` shows them: the consecutive counters across
+    every Envoy, who saw the failures of the current run, and the latest ejection and its hold."""
+    held = state.ejected and state.ejected_until is not None
     return {
+        "successes": state.successes,
+        "http_failures": state.http_failures,
+        "tcp_failures": state.tcp_failures,
+        "timeouts": state.timeouts,
+        "seen_by": dict(sorted(state.seen_by.items())),
+        "ejected": state.ejected,
+        "ejections_in_a_row": state.ejections_in_a_row,
+        "ejected_at": state.ejected_at,
+        "ejected_until": state.ejected_until,
+        "remaining_s": round(max(0.0, (state.ejected_until or now) - now), 3) if held else None,
+    }
+
+
+def endpoint_row(
+    view: EndpointView,
+    health: EndpointHealth,
+    check: CheckInfo | None,
+    passive: PassiveState | None = None,
+    now: float = 0.0,
+) -> dict[str, Any]:
+    """One endpoint as `/endpoints` shows it: the status served, why, since when, and its checks
+    (and, for a cluster with `passive`, its passive counters and ejection as of `now`)."""
+    row = {
         "cluster": view.cluster,
         "address": view.address,
         "port": view.port,
@@ -40,6 +67,9 @@ def endpoint_row(view: EndpointView, health: EndpointHealth, check: CheckInfo | 
         "override_by": health.override.source.removeprefix("override:") if health.override else None,
         "check": check.to_json() if check is not None else None,
     }
+    if passive is not None:
+        row["passive"] = passive_row(passive, now)
+    return row
 
 
 # nginx check_status's two words: "up" where Envoy sends traffic (UNKNOWN and DEGRADED hosts
@@ -76,13 +106,19 @@ def endpoint_rows(
     *,
     cluster: str | None = None,
     status: Collection[HealthStatus] | None = None,
+    passive: PassiveLookup | None = None,
+    now: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Every endpoint of `snapshot` in topology order, filtered by cluster and served status."""
-    return [
-        endpoint_row(v, health(v.cluster, f"{v.address}:{v.port}"), check(v.cluster, f"{v.address}:{v.port}"))
-        for v in snapshot.endpoints
-        if (cluster is None or v.cluster == cluster) and (status is None or v.status in status)
-    ]
+    """Every endpoint of `snapshot` in topology order, filtered by cluster and served status; rows
+    of clusters with `passive` carry their passive state (`passive`, timed from `now`)."""
+    now = time.time() if now is None else now
+    rows = []
+    for v in snapshot.endpoints:
+        if (cluster is None or v.cluster == cluster) and (status is None or v.status in status):
+            key = f"{v.address}:{v.port}"
+            state = passive(v.cluster, key) if passive is not None else None
+            rows.append(endpoint_row(v, health(v.cluster, key), check(v.cluster, key), state, now))
+    return rows
 
 
 # --------------------------------------------------------------------------- snapshots
@@ -209,6 +245,8 @@ def status_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "reason": row["reason"],
             }
         )
+        if "passive" in row:
+            out[-1]["passive"] = row["passive"]
     return out
 
 

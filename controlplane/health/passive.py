@@ -74,6 +74,21 @@ class Ejection:
     active: bool = True
 
 
+@dataclass(frozen=True, slots=True)
+class PassiveState:
+    """One endpoint's passive state as plain data (a copy: the admin API reads it, never the live counts)."""
+
+    successes: int
+    http_failures: int
+    tcp_failures: int
+    timeouts: int
+    seen_by: dict[str, int]  # node id -> failures in the current run
+    ejections_in_a_row: int  # the latest hold's multiplier (0: never ejected, or cleared by successes)
+    ejected_at: float | None  # the latest hold's start and end (None: no hold to show)
+    ejected_until: float | None
+    ejected: bool  # whether that hold is still on
+
+
 def _in(ranges: tuple[tuple[int, int], ...], status: int) -> bool:
     for lo, hi in ranges:
         if lo <= status <= hi:
@@ -184,20 +199,23 @@ class PassiveHealth:
     def ejected(self) -> list[Ejection]:
         return [e for e in self.ejections.values() if e.active]
 
-    def to_json(self, cluster: str, endpoint: str, now: float) -> dict[str, Any] | None:
-        """What /endpoints shows of one endpoint's passive state; None when it has none."""
-        key = (cluster, endpoint)
-        counts, ejection = self.counts.get(key), self.ejections.get(key)
-        if counts is None and ejection is None:
+    def state(self, cluster: str, endpoint: str) -> PassiveState | None:
+        """A copy of one endpoint's counters and latest ejection; None when its cluster has no `passive`."""
+        if self.policy_of(cluster) is None:
             return None
-        active = ejection if ejection is not None and ejection.active else None
-        return {
-            "counters": (counts or Counts()).to_json(),
-            "ejected": active is not None,
-            "ejected_until": active.until if active is not None else None,
-            "remaining_s": round(max(0.0, active.until - now), 3) if active is not None else None,
-            "ejections_in_a_row": ejection.multiplier if ejection is not None else 0,
-        }
+        key = (cluster, endpoint)
+        counts, ejection = self.counts.get(key) or Counts(), self.ejections.get(key)
+        return PassiveState(
+            successes=counts.successes,
+            http_failures=counts.http_failures,
+            tcp_failures=counts.tcp_failures,
+            timeouts=counts.timeouts,
+            seen_by=dict(counts.seen_by),
+            ejections_in_a_row=ejection.multiplier if ejection is not None else 0,
+            ejected_at=ejection.start if ejection is not None else None,
+            ejected_until=ejection.until if ejection is not None else None,
+            ejected=ejection is not None and ejection.active,
+        )
 
 
 def _crossed(policy: PassiveCheck, counts: Counts) -> str | None:

@@ -48,7 +48,9 @@ def filtered_rows(request: web.Request) -> list[dict[str, Any]] | web.Response:
     cluster = request.query.get("cluster") or None
     if cluster is not None and cp.snapshot.topology.cluster(cluster) is None:
         return error_response(404, f"no cluster named {cluster!r}", "cluster")
-    return endpoint_rows(cp.snapshot, cp.health.effective, check_lookup(cp), cluster=cluster, status=status)
+    return endpoint_rows(
+        cp.snapshot, cp.health.effective, check_lookup(cp), cluster=cluster, status=status, passive=cp.passive_state
+    )
 
 
 async def endpoints(request: web.Request) -> web.Response:

@@ -16,12 +16,13 @@ import yaml
 
 from controlplane.app import ControlPlane
 from controlplane.health.store import HealthStatus, Verdict
-from controlplane.topology.parse import load_topology
+from controlplane.topology.parse import load_topology, parse_topology
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
 from prober.embedded import attach_embedded_prober
 from tests.conftest import Lab, web_topology
 from tests.controlplane.admin.test_admin import DOCUMENT, Admin
+from tests.controlplane.probers import test_accesslog as als
 
 
 @pytest.fixture
@@ -297,3 +298,41 @@ async def test_remote_prober_check_states_reach_endpoints_and_status(
     finally:
         await external.disconnect()
         await lab.aclose()
+
+
+async def test_endpoints_show_the_passive_counters_fed_by_access_logs() -> None:
+    async with ControlPlane(parse_topology(als.DOCUMENT)) as cp, aiohttp.ClientSession() as session:
+        admin = Admin(cp, session, Path())
+        one, two = als.Stream(cp), als.Stream(cp)
+        try:
+            await one.send(als.message([als.entry(8081, 500), als.entry(8082, 500)], node="front-1"))
+            await two.send(
+                als.message(
+                    [als.entry(8081, 500), als.entry(8082, 503, upstream_connection_failure=True)], node="front-2"
+                )
+            )
+            await als.until(lambda: cp.access_log.entries["counted"] == 4)
+            code, body = await admin.call("GET", "/endpoints")
+            assert code == 200
+            rows = {(r["cluster"], r["endpoint"]): r for r in body["endpoints"]}
+            assert "passive" not in rows["plain", "127.0.0.1:9000"]  # a cluster without `passive`
+            first = rows["web", "127.0.0.1:8081"]["passive"]
+            assert (first["http_failures"], first["tcp_failures"], first["successes"]) == (2, 0, 0)
+            assert first["seen_by"] == {"front-1": 1, "front-2": 1} and first["ejected"] is False
+            second = rows["web", "127.0.0.1:8082"]["passive"]
+            assert (second["http_failures"], second["tcp_failures"]) == (1, 1)
+            assert rows["web", "127.0.0.1:8083"]["passive"]["seen_by"] == {}
+
+            await one.send(als.message([als.entry(8081, 500)]))  # the third in a row: ejected
+            await als.until(lambda: cp.health.status("web", "127.0.0.1:8081").name == "UNHEALTHY")
+            code, body = await admin.call("GET", "/endpoints?cluster=web&status=unhealthy")
+            (row,) = body["endpoints"]
+            assert row["source"] == "passive" and row["passive"]["ejected"] is True
+            assert row["passive"]["ejections_in_a_row"] == 1 and row["passive"]["http_failures"] == 0
+            assert row["passive"]["ejected_until"] > row["passive"]["ejected_at"] and row["passive"]["remaining_s"] > 0
+            code, body = await admin.call("GET", "/status?format=json&status=down")
+            (server,) = body["servers"]["server"]
+            assert server["name"] == "127.0.0.1:8081" and server["passive"]["ejected"] is True
+        finally:
+            await one.aclose()
+            await two.aclose()

@@ -7,9 +7,10 @@ import io
 
 import pytest
 
-from controlplane.admin.views import snapshot_diff, status_csv, status_html, status_rows
+from controlplane.admin.views import endpoint_rows, passive_row, snapshot_diff, status_csv, status_html, status_rows
 from controlplane.errors import ConfigError
-from controlplane.health.store import HealthStatus
+from controlplane.health.passive import PassiveState
+from controlplane.health.store import HealthStatus, HealthStore
 from controlplane.snapshots.snapshot import Cause, VersionClock, build_snapshot
 from controlplane.topology.parse import parse_topology, parse_topology_text
 
@@ -78,3 +79,46 @@ def test_admin_token_is_validated_with_its_path(token: str, ok: bool) -> None:
             parse_topology(document)
         assert info.value.path == "controlplane.admin.token"
     assert "token" not in repr(parse_topology(document if ok else {}).controlplane)
+
+
+def test_passive_row_shows_the_counters_the_envoys_and_the_hold() -> None:
+    counting = PassiveState(0, 2, 1, 0, {"front-2": 1, "front-1": 2}, 0, None, None, False)
+    assert passive_row(counting, now=100.0) == {
+        "successes": 0,
+        "http_failures": 2,
+        "tcp_failures": 1,
+        "timeouts": 0,
+        "seen_by": {"front-1": 2, "front-2": 1},
+        "ejected": False,
+        "ejections_in_a_row": 0,
+        "ejected_at": None,
+        "ejected_until": None,
+        "remaining_s": None,
+    }
+    held = PassiveState(0, 0, 0, 0, {}, 2, 90.0, 110.0, True)
+    row = passive_row(held, now=100.0)
+    assert (row["ejected"], row["ejections_in_a_row"], row["ejected_until"], row["remaining_s"]) == (
+        True,
+        2,
+        110.0,
+        10.0,
+    )
+    over = passive_row(PassiveState(3, 0, 0, 0, {}, 2, 90.0, 110.0, False), now=120.0)
+    assert (over["ejected"], over["remaining_s"], over["ejected_until"], over["successes"]) == (False, None, 110.0, 3)
+
+
+def test_only_rows_of_passive_clusters_carry_passive_and_the_status_rows_keep_it() -> None:
+    topology = parse_topology_text(TOPOLOGY)
+    snap = build_snapshot(topology, lambda c, e: HealthStatus.UNKNOWN, version="1", cause=Cause("start", "", 0))
+    state = PassiveState(0, 1, 0, 0, {"e1": 1}, 0, None, None, False)
+    rows = endpoint_rows(
+        snap,
+        HealthStore().effective,
+        lambda c, e: None,
+        passive=lambda c, e: state if e.endswith("8081") else None,
+        now=0.0,
+    )
+    assert rows[0]["passive"]["http_failures"] == 1 and rows[0]["passive"]["seen_by"] == {"e1": 1}
+    assert "passive" not in rows[1]
+    flat = status_rows(rows)
+    assert flat[0]["passive"] == rows[0]["passive"] and "passive" not in flat[1]

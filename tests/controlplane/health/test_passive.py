@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.health.passive import Failure, PassiveHealth
+from controlplane.health.passive import Failure, PassiveHealth, PassiveState
 from controlplane.health.quorum import PASSIVE, Quorum
 from controlplane.health.store import HealthStatus, Verdict
 from controlplane.topology.model import PassiveCheck
@@ -254,3 +254,18 @@ def test_removing_passive_from_a_cluster_ends_its_holds(tmp_path: Any) -> None:
         assert (health.status, health.reason) == (HealthStatus.HEALTHY, "passive checks removed from the cluster")
     finally:
         cp.close()
+
+
+def test_state_is_a_copy_of_the_counts_and_the_latest_ejection() -> None:
+    p = machine()
+    assert p.state("other", EP) is None  # no `passive` on that cluster
+    assert p.state("web", EP) == PassiveState(0, 0, 0, 0, {}, 0, None, None, False)
+    hit(p, 500, node="e1")
+    hit(p, failure=Failure.TCP, node="e2")
+    state = p.state("web", EP)
+    assert state == PassiveState(0, 1, 1, 0, {"e1": 1, "e2": 1}, 0, None, None, False)
+    assert hit(p, failure=Failure.TCP, node="e2", now=4.0) is not None
+    assert state is not None and state.seen_by == {"e1": 1, "e2": 1}  # a copy: the ejection cleared the live one
+    assert p.state("web", EP) == PassiveState(0, 0, 0, 0, {}, 1, 4.0, 14.0, True)
+    p.expire(14.0)
+    assert p.state("web", EP) == PassiveState(0, 0, 0, 0, {}, 1, 4.0, 14.0, False)
