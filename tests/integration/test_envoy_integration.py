@@ -149,8 +149,13 @@ async def test_topology_edits_reach_envoy_without_warming(
     await poll_until(api_gone, timeout=10, what="cluster api removed from Envoy")
     assert await envoy.warming_clusters() == []
     assert version_key(cp.snapshot.version) > version_key(first_version)
-    _, nodes = await lab.admin("GET", "/nodes")
-    assert nodes["nodes"][0]["up_to_date"] is True
+
+    async def up_to_date() -> bool:
+        # Envoy has dropped the cluster (CDS) before it ACKs the LDS and RDS that followed it.
+        _, nodes = await lab.admin("GET", "/nodes")
+        return nodes["nodes"][0]["up_to_date"] is True
+
+    await poll_until(up_to_date, timeout=10, what="the node up to date after the removal")
 
 
 async def _no_warming(envoy: EnvoyProcess) -> bool:
