@@ -463,6 +463,41 @@ async def test_weighted_clusters_split_calls_by_weight(
     assert all(t["last_nack"] is None for t in node["types"].values()), node["types"]
 
 
+async def test_a_weighted_cluster_with_every_endpoint_unhealthy_fails_its_share_of_calls(
+    lab: Lab, clients: Clients, servers: list[GrpcDemoServer]
+) -> None:
+    """gRFC A28: the route picks a cluster by weight for each call, before load balancing; a cluster
+    with no endpoint left fails the calls it gets (UNAVAILABLE), with no failover to the other one."""
+    g1, g2, g3 = servers
+    split = [{"cluster": "heavy", "weight": 3}, {"cluster": "light", "weight": 1}]
+    document = routed_topology(servers, {"heavy": [g1, g2], "light": [g3]}, [{"weighted_clusters": split}])
+    await lab.start_control_plane(document)
+    client = await clients.start(rate=100)
+    await answered_calls(client, 40)
+
+    await lab.override(f"127.0.0.1:{g3.port}", "UNHEALTHY", cluster="light")
+    await wait_acked(lab, GREETER)
+
+    async def failing() -> bool | None:
+        return True if any(c.error is not None for c in client.calls[-20:]) else None
+
+    await poll_until(failing, timeout=10, what="calls to `light` failing")
+    served = g3.served
+    calls = await more_calls(client, 400)
+    failed = collections.Counter(c.error for c in calls if c.error is not None)
+    answered = collections.Counter(c.server for c in calls if c.error is None)
+    assert set(failed) == {"UNAVAILABLE"}, failed
+    assert 60 <= failed["UNAVAILABLE"] <= 140, (failed, answered)  # light's quarter, ~100
+    assert set(answered) == {"g1", "g2"}, answered
+    assert g3.served == served
+
+    await lab.override(f"127.0.0.1:{g3.port}", "HEALTHY", cluster="light")
+    # 60 answered calls in a row: 0.75**60 ~ 3e-8 while `light` still fails a quarter of them.
+    await wait_reaching(client, {"g1", "g2", "g3"}, window=60)
+    back = await more_calls(client, 100)
+    assert all(c.error is None for c in back), collections.Counter(c.error for c in back)
+
+
 # --------------------------------------------------------------------------- TLS
 
 
