@@ -2,10 +2,11 @@
 
     GRPC_XDS_BOOTSTRAP=grpc-bootstrap.json python -m lab.grpcclient --target greeter --rate 10
 
-One JSON line per call on stdout: `{"t": ..., "target": "greeter", "channel": 0, "server": "g1"}`
+One JSON line per call on stdout: `{"t": ..., "target": "greeter", "channel": 0, "method": "Who", "server": "g1"}`
 or, for a failed call, `"error": "UNAVAILABLE", "detail": "..."`. The bootstrap is read once
 per process (at the first xds: channel), so tests and benchmarks run this as a subprocess; all
 the channels of one process share one xDS client, hence one ADS stream and one node.
+`--method Hello` (repeatable) calls other methods of the demo service too, each in its own loop.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from lab.grpcdemo import CLIENT_METADATA, WHO_METHOD
+from lab.grpcdemo import CLIENT_METADATA, DEMO_SERVICE
 
 __all__ = ["Call", "ClientProcess", "main"]
 
@@ -34,13 +35,21 @@ def _identity(data: bytes) -> bytes:
 
 
 async def _call_loop(
-    channel: grpc.aio.Channel, target: str, index: int, client: str, interval: float, log: bool, stop: asyncio.Event
+    channel: grpc.aio.Channel,
+    target: str,
+    index: int,
+    method: str,
+    client: str,
+    interval: float,
+    log: bool,
+    stop: asyncio.Event,
 ) -> None:
-    who = channel.unary_unary(WHO_METHOD, request_serializer=_identity, response_deserializer=_identity)
+    path = f"/{DEMO_SERVICE}/{method}"
+    who = channel.unary_unary(path, request_serializer=_identity, response_deserializer=_identity)
     metadata = ((CLIENT_METADATA, f"{client}/{target}/{index}"),)
     next_at = time.monotonic()
     while not stop.is_set():
-        record: dict[str, object] = {"target": target, "channel": index}
+        record: dict[str, object] = {"target": target, "channel": index, "method": method}
         try:
             answer = await who(b"", timeout=2.0, metadata=metadata)
             record["server"] = answer.decode()
@@ -70,10 +79,14 @@ async def _run(args: argparse.Namespace) -> None:
     dial = (lambda t: t) if args.plain else (lambda t: f"xds:///{t}")
     channels = [grpc.aio.insecure_channel(dial(t)) for t in args.target for _ in range(args.channels)]
     interval = 1.0 / args.rate if args.rate > 0 else 0.0
+    methods = args.method or ["Who"]
     tasks = [
-        asyncio.create_task(_call_loop(channels[i * args.channels + c], t, c, client, interval, not args.quiet, stop))
+        asyncio.create_task(
+            _call_loop(channels[i * args.channels + c], t, c, m, client, interval, not args.quiet, stop)
+        )
         for i, t in enumerate(args.target)
         for c in range(args.channels)
+        for m in methods
     ]
     if args.duration:
         loop.call_later(args.duration, stop.set)
@@ -93,6 +106,7 @@ class Call:
     server: str | None
     error: str | None = None
     detail: str = ""
+    method: str = "Who"
 
 
 class ClientProcess:
@@ -108,9 +122,11 @@ class ClientProcess:
         name: str | None = None,
         quiet: bool = False,
         plain: bool = False,
+        methods: Sequence[str] = (),
     ) -> None:
         self.bootstrap = None if bootstrap is None else str(bootstrap)
         self.plain = plain
+        self.methods = tuple(methods)
         self.targets = tuple(targets)
         self.rate = rate
         self.channels = channels
@@ -124,6 +140,8 @@ class ClientProcess:
         argv = [sys.executable, "-m", "lab.grpcclient", "--rate", str(self.rate), "--channels", str(self.channels)]
         for target in self.targets:
             argv += ["--target", target]
+        for method in self.methods:
+            argv += ["--method", method]
         if self.name:
             argv += ["--name", self.name]
         if self.quiet:
@@ -144,7 +162,15 @@ class ClientProcess:
             with contextlib.suppress(ValueError, KeyError):
                 d = json.loads(line)
                 self.calls.append(
-                    Call(d["t"], d["target"], d["channel"], d.get("server"), d.get("error"), d.get("detail", ""))
+                    Call(
+                        d["t"],
+                        d["target"],
+                        d["channel"],
+                        d.get("server"),
+                        d.get("error"),
+                        d.get("detail", ""),
+                        d.get("method", "Who"),
+                    )
                 )
 
     def since(self, t: float, target: str | None = None) -> list[Call]:
@@ -176,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", help="the gRPC xDS bootstrap file (default: $GRPC_XDS_BOOTSTRAP)")
     parser.add_argument("--rate", type=float, default=10.0, help="calls per second per channel (0: back to back)")
     parser.add_argument("--channels", type=int, default=1, help="channels per target")
+    parser.add_argument(
+        "--method", action="append", help=f"a method of {DEMO_SERVICE} to call (repeatable; default: Who)"
+    )
     parser.add_argument("--name", help=f"how this client names itself to servers ({CLIENT_METADATA})")
     parser.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: on SIGTERM)")
     parser.add_argument("--quiet", action="store_true", help="do not print a line per call")

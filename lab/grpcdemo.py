@@ -2,11 +2,11 @@
 
     python -m lab.grpcdemo --port 50051 --name g1
 
-`/healthplane.demo.Demo/Who` answers with the server's name (UTF-8), so a client sees which
-backend took each call; `/grpc.health.v1.Health/Check` answers SERVING until `set_serving(False)`,
-which the prober's gRPC check turns into a verdict. Messages are
-raw bytes on both methods, so no generated code is needed; the health messages are one field
-each and encoded by hand.
+`/healthplane.demo.Demo/Who` (and `Hello`, the same answer under a second method, for per-method
+routes) answers with the server's name (UTF-8), so a client sees which backend took each call;
+`/grpc.health.v1.Health/Check` answers SERVING until `set_serving(False)`, which the prober's
+gRPC check turns into a verdict. Messages are raw bytes on every method, so no generated code is
+needed; the health messages are one field each and encoded by hand.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from typing import Any
 
 import grpc
 
-__all__ = ["LAST_CALLS_METHOD", "WHO_METHOD", "GrpcDemoServer", "main"]
+__all__ = ["DEMO_SERVICE", "LAST_CALLS_METHOD", "WHO_METHOD", "GrpcDemoServer", "main"]
 
-WHO_METHOD = "/healthplane.demo.Demo/Who"
+DEMO_SERVICE = "healthplane.demo.Demo"
+WHO_METHOD = f"/{DEMO_SERVICE}/Who"
 # JSON {client: time of its latest call}: how benchmarks see when each client stopped calling.
-LAST_CALLS_METHOD = "/healthplane.demo.Demo/LastCalls"
+LAST_CALLS_METHOD = f"/{DEMO_SERVICE}/LastCalls"
 CLIENT_METADATA = "x-demo-client"  # callers may name themselves; the server keeps when it last saw each
 _SERVING, _NOT_SERVING, _SERVICE_UNKNOWN = 1, 2, 3
 
@@ -61,6 +62,9 @@ class GrpcDemoServer:
             "Who": grpc.unary_unary_rpc_method_handler(
                 self._who, request_deserializer=_identity, response_serializer=_identity
             ),
+            "Hello": grpc.unary_unary_rpc_method_handler(
+                self._who, request_deserializer=_identity, response_serializer=_identity
+            ),
             "LastCalls": grpc.unary_unary_rpc_method_handler(
                 self._last_calls, request_deserializer=_identity, response_serializer=_identity
             ),
@@ -72,7 +76,7 @@ class GrpcDemoServer:
         }
         server.add_generic_rpc_handlers(
             (
-                grpc.method_handlers_generic_handler("healthplane.demo.Demo", handlers),
+                grpc.method_handlers_generic_handler(DEMO_SERVICE, handlers),
                 grpc.method_handlers_generic_handler("grpc.health.v1.Health", health),
             )
         )

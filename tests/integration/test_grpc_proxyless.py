@@ -23,7 +23,7 @@ from controlplane.xds.bootstrap import make_grpc_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import free_port, poll_until
 from lab.grpcclient import Call, ClientProcess
-from lab.grpcdemo import GrpcDemoServer
+from lab.grpcdemo import DEMO_SERVICE, GrpcDemoServer
 from tests.conftest import Lab, web_topology
 from tests.controlplane.cli.test_cli_admin import healthplane
 from tests.controlplane.xds.certs import make_certs
@@ -56,13 +56,17 @@ class Clients:
         self.started: list[ClientProcess] = []
 
     async def start(
-        self, node_id: str = "grpc-1", targets: tuple[str, ...] = ("greeter",), rate: float = 40
+        self,
+        node_id: str = "grpc-1",
+        targets: tuple[str, ...] = ("greeter",),
+        rate: float = 40,
+        methods: tuple[str, ...] = (),
     ) -> ClientProcess:
         assert self.lab.cp is not None
         path = self.tmp_path / f"{node_id}.json"
         bootstrap = make_grpc_bootstrap(node_id=node_id, xds_host="127.0.0.1", xds_port=self.lab.cp.xds_port)
         path.write_text(json.dumps(bootstrap))
-        client = ClientProcess(path, targets, rate=rate)
+        client = ClientProcess(path, targets, rate=rate, methods=methods)
         self.started.append(client)
         await client.start()
         return client
@@ -383,6 +387,115 @@ async def test_envoys_and_proxyless_clients_agree_on_every_endpoints_health(
             assert t["last_nack"] is None, (node["id"], short)
     assert set(await envoy.listeners()) == {"ingress"}
     assert {c.server for c in await more_calls(client, 30)} == {"g3"}
+
+
+# --------------------------------------------------------------------------- routes
+
+
+def routed_topology(
+    servers: list[GrpcDemoServer], clusters: dict[str, list[GrpcDemoServer]], routes: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Service `greeter` with `routes` over the named clusters of the servers."""
+    document = grpc_topology(servers)
+    document["clusters"] = [
+        {"name": name, "endpoints": [{"address": "127.0.0.1", "port": s.port} for s in members]}
+        for name, members in clusters.items()
+    ]
+    document["grpc_services"] = [{"name": "greeter", "routes": routes}]
+    return document
+
+
+def of_method(calls: list[Call], method: str) -> list[Call]:
+    return [c for c in calls if c.method == method]
+
+
+async def answered_calls(client: ClientProcess, n: int, method: str = "Who") -> list[Call]:
+    """The next `n` calls of `method`, once the client's calls of it stopped failing (routes applied)."""
+
+    async def settled() -> bool | None:
+        recent = of_method(client.calls, method)[-10:]
+        return True if len(recent) == 10 and all(c.error is None for c in recent) else None
+
+    await poll_until(settled, timeout=15, what=f"calls of {method} answered")
+    start = len(of_method(client.calls, method))
+
+    async def probe() -> list[Call] | None:
+        calls = of_method(client.calls, method)
+        return calls[start : start + n] if len(calls) >= start + n else None
+
+    return await poll_until(probe, timeout=30, what=f"{n} more calls of {method}")
+
+
+async def test_a_per_method_route_sends_that_method_to_its_cluster_and_the_rest_elsewhere(
+    lab: Lab, clients: Clients, servers: list[GrpcDemoServer]
+) -> None:
+    g1, g2, g3 = servers
+    routes = [{"service": DEMO_SERVICE, "method": "Hello", "cluster": "hello"}, {"cluster": "rest"}]
+    await lab.start_control_plane(routed_topology(servers, {"hello": [g1], "rest": [g2, g3]}, routes))
+    client = await clients.start(methods=("Who", "Hello"))
+
+    hello = await answered_calls(client, 40, "Hello")
+    who = await answered_calls(client, 40, "Who")
+    assert collections.Counter(c.server for c in hello) == {"g1": 40}
+    spread = collections.Counter(c.server for c in who)
+    assert set(spread) == {"g2", "g3"} and min(spread.values()) >= 10, spread  # round robin over `rest`
+    node = await wait_acked(lab, GREETER, "rds")
+    assert all(t["last_nack"] is None for t in node["types"].values()), node["types"]
+
+
+async def test_weighted_clusters_split_calls_by_weight(
+    lab: Lab, clients: Clients, servers: list[GrpcDemoServer]
+) -> None:
+    g1, g2, g3 = servers
+    split = [{"cluster": "heavy", "weight": 3}, {"cluster": "light", "weight": 1}]
+    await lab.start_control_plane(
+        routed_topology(servers, {"heavy": [g1, g2], "light": [g3]}, [{"weighted_clusters": split}])
+    )
+    client = await clients.start(rate=100)
+
+    calls = await answered_calls(client, 400)
+    spread = collections.Counter(c.server for c in calls)
+    light = spread["g3"]
+    # 3:1 puts 100 of 400 on `light` (standard deviation ~9); an even split would put 200, no split 0 or 400.
+    assert 60 <= light <= 140, spread
+    assert min(spread["g1"], spread["g2"]) >= 100, spread  # `heavy` round robins over both of its endpoints
+    node = await wait_acked(lab, GREETER, "rds")
+    assert all(t["last_nack"] is None for t in node["types"].values()), node["types"]
+
+
+async def test_a_weighted_cluster_with_every_endpoint_unhealthy_fails_its_share_of_calls(
+    lab: Lab, clients: Clients, servers: list[GrpcDemoServer]
+) -> None:
+    """gRFC A28: the route picks a cluster by weight for each call, before load balancing; a cluster
+    with no endpoint left fails the calls it gets (UNAVAILABLE), with no failover to the other one."""
+    g1, g2, g3 = servers
+    split = [{"cluster": "heavy", "weight": 3}, {"cluster": "light", "weight": 1}]
+    document = routed_topology(servers, {"heavy": [g1, g2], "light": [g3]}, [{"weighted_clusters": split}])
+    await lab.start_control_plane(document)
+    client = await clients.start(rate=100)
+    await answered_calls(client, 40)
+
+    await lab.override(f"127.0.0.1:{g3.port}", "UNHEALTHY", cluster="light")
+    await wait_acked(lab, GREETER)
+
+    async def failing() -> bool | None:
+        return True if any(c.error is not None for c in client.calls[-20:]) else None
+
+    await poll_until(failing, timeout=10, what="calls to `light` failing")
+    served = g3.served
+    calls = await more_calls(client, 400)
+    failed = collections.Counter(c.error for c in calls if c.error is not None)
+    answered = collections.Counter(c.server for c in calls if c.error is None)
+    assert set(failed) == {"UNAVAILABLE"}, failed
+    assert 60 <= failed["UNAVAILABLE"] <= 140, (failed, answered)  # light's quarter, ~100
+    assert set(answered) == {"g1", "g2"}, answered
+    assert g3.served == served
+
+    await lab.override(f"127.0.0.1:{g3.port}", "HEALTHY", cluster="light")
+    # 60 answered calls in a row: 0.75**60 ~ 3e-8 while `light` still fails a quarter of them.
+    await wait_reaching(client, {"g1", "g2", "g3"}, window=60)
+    back = await more_calls(client, 100)
+    assert all(c.error is None for c in back), collections.Counter(c.error for c in back)
 
 
 # --------------------------------------------------------------------------- TLS
