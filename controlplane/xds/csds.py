@@ -138,7 +138,15 @@ def type_configs(
         )
         if sent_version is not None:
             config.version_info = sent_version
-            as_sent = find_resource(snapshots, ts.type_url, name, sent_version) if include_contents else None
+            delta = stream.protocol == "delta"
+            as_sent = find_resource(snapshots, ts.type_url, name, sent_version) if include_contents or delta else None
+            if delta and as_sent is not None:
+                # A delta node holds each resource at its own version (the digest of its bytes),
+                # which is what Envoy's own config dump shows; the snapshot version is kept where
+                # the resource as sent has left the history.
+                config.version_info = as_sent.delta_version
+            if not include_contents:
+                as_sent = None
             when = ts.acked_at if status == RS.ACKED else ts.sent_at
             if (stamp := _timestamp(when)) is not None:
                 config.last_updated.CopyFrom(stamp)

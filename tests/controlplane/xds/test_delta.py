@@ -382,3 +382,17 @@ def test_a_resource_delta_entry_is_built_once_and_shared_by_later_snapshots() ->
     fleet.flip("api", "127.0.0.2:9000")  # web unchanged: the same resource, the same bytes
     assert fleet.snapshot.resources[EDS]["web"].delta_field is entry
     assert fleet.snapshot.resources[EDS]["api"].delta_version != Fleet().snapshot.resources[EDS]["api"].delta_version
+
+
+def test_csds_shows_a_delta_nodes_resources_at_the_versions_it_holds() -> None:
+    from controlplane.xds.csds import client_config
+
+    fleet = Fleet()
+    stream = connect(fleet)
+    config = client_config(stream.state, [fleet.snapshot])
+    shown = {(c.type_url, c.name): c.version_info for c in config.generic_xds_configs}
+    held = {(t, n): v for t, names in stream.holds.items() for n, v in names.items()}
+    assert shown == held and held
+    # Without contents too: the version is what the node holds, not the snapshot's.
+    bare = client_config(stream.state, [fleet.snapshot], include_contents=False)
+    assert {(c.type_url, c.name): c.version_info for c in bare.generic_xds_configs} == held
