@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import re
 from collections.abc import AsyncIterator
@@ -143,3 +144,28 @@ async def lab(tmp_path: Path) -> AsyncIterator[Lab]:
 @pytest.fixture
 def listener_port() -> int:
     return free_port()
+
+
+class Traffic:
+    """Requests through the listener back to back, counted by outcome, until stopped."""
+
+    def __init__(self, lab: Lab, port: int) -> None:
+        self.lab, self.port = lab, port
+        self.results: collections.Counter[str] = collections.Counter()
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async with self.lab.session.get(f"http://127.0.0.1:{self.port}/") as response:
+                    await response.read()
+                    self.results["ok" if response.status == 200 else f"status {response.status}"] += 1
+            except aiohttp.ClientError as exc:
+                self.results[f"error {type(exc).__name__}"] += 1
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> collections.Counter[str]:
+        self._stop.set()
+        await self._task
+        return self.results

@@ -4,7 +4,6 @@ edits, NACKs, restarts, and a fleet that mixes both protocols."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 from typing import Any
 
@@ -23,7 +22,7 @@ from controlplane.xds.server import StreamCallbacks
 from controlplane.xds.stream import PendingResponse, StreamState
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, poll_until
-from tests.conftest import Lab, web_topology
+from tests.conftest import Lab, Traffic, web_topology
 from tests.controlplane.xds.test_csds import CS, RS, statuses
 from tests.integration.test_central_prober import HEALTH_CHECK, fail_and_recover
 from tests.integration.test_envoy_integration import host_flags, wait_flags, wait_traffic
@@ -214,20 +213,7 @@ async def test_delta_control_plane_restart_sends_only_what_changed(
     envoy = await lab.start_envoy(delta=True)
     await wait_traffic(lab, listener_port, {"b1", "b2", "b3"})
 
-    results: collections.Counter[str] = collections.Counter()
-    stop = asyncio.Event()
-
-    async def steady_traffic() -> None:
-        while not stop.is_set():
-            try:
-                async with lab.session.get(f"http://127.0.0.1:{listener_port}/") as response:
-                    await response.read()
-                    results["ok" if response.status == 200 else f"status {response.status}"] += 1
-            except aiohttp.ClientError as exc:
-                results[f"error {type(exc).__name__}"] += 1
-            await asyncio.sleep(0.005)
-
-    traffic = asyncio.create_task(steady_traffic())
+    traffic = Traffic(lab, listener_port)
     try:
         await asyncio.sleep(0.5)
         await cp.aclose()
@@ -248,8 +234,7 @@ async def test_delta_control_plane_restart_sends_only_what_changed(
         await poll_until(reconnected, timeout=20, what="Envoy reconnected and ACKed the new control plane")
         await asyncio.sleep(0.5)
     finally:
-        stop.set()
-        await traffic
+        results = await traffic.stop()
     assert results["ok"] > 100
     assert set(results) == {"ok"}, f"failed requests during the restart: {results}"
     stream = new_cp.nodes.get("front-1")

@@ -12,7 +12,7 @@ import pytest
 from controlplane.snapshots.snapshot import version_key
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, HostStatus, poll_until
-from tests.conftest import Lab, web_topology
+from tests.conftest import Lab, Traffic, web_topology
 
 pytestmark = pytest.mark.envoy
 
@@ -218,20 +218,7 @@ async def test_control_plane_restart_under_traffic(lab: Lab, backends: list[Demo
     await wait_traffic(lab, listener_port, {"b1", "b2", "b3"})
     old_versions = dict(cp.snapshot.type_versions)
 
-    results: collections.Counter[str] = collections.Counter()
-    stop = asyncio.Event()
-
-    async def steady_traffic() -> None:
-        while not stop.is_set():
-            try:
-                async with lab.session.get(f"http://127.0.0.1:{listener_port}/") as response:
-                    await response.read()
-                    results["ok" if response.status == 200 else f"status {response.status}"] += 1
-            except aiohttp.ClientError as exc:
-                results[f"error {type(exc).__name__}"] += 1
-            await asyncio.sleep(0.005)
-
-    traffic = asyncio.create_task(steady_traffic())
+    traffic = Traffic(lab, listener_port)
     try:
         await asyncio.sleep(0.5)
         await cp.aclose()
@@ -249,8 +236,7 @@ async def test_control_plane_restart_under_traffic(lab: Lab, backends: list[Demo
         await poll_until(reconnected, timeout=20, what="Envoy reconnected and ACKed the new control plane")
         await asyncio.sleep(0.5)
     finally:
-        stop.set()
-        await traffic
+        results = await traffic.stop()
     assert results["ok"] > 100
     assert set(results) == {"ok"}, f"failed requests during the restart: {results}"
     for type_url, version in new_cp.snapshot.type_versions.items():

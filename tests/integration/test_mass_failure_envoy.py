@@ -16,9 +16,8 @@ import pytest
 
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
-from tests.conftest import Lab, web_topology
+from tests.conftest import Lab, Traffic, web_topology
 from tests.integration.test_central_prober import wait_envoy_flag, wait_status
-from tests.integration.test_restart_persisted import Traffic
 
 pytestmark = pytest.mark.envoy
 

@@ -9,14 +9,11 @@ prober restarts too and arrives late with no opinion yet.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from controlplane.app import ControlPlane
@@ -25,7 +22,7 @@ from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import version_key
 from lab.demoapp import DemoApp
 from lab.envoyproc import poll_until
-from tests.conftest import Lab, web_topology
+from tests.conftest import Lab, Traffic, web_topology
 from tests.integration.test_central_prober import HEALTH_CHECK, ExternalProber, wait_envoy_flag, wait_status
 
 pytestmark = pytest.mark.envoy
@@ -38,31 +35,6 @@ async def external_prober() -> AsyncIterator[ExternalProber]:
         yield external
     finally:
         await external.disconnect()
-
-
-class Traffic:
-    """Requests through the listener back to back, counted by outcome, until stopped."""
-
-    def __init__(self, lab: Lab, port: int) -> None:
-        self.lab, self.port = lab, port
-        self.results: collections.Counter[str] = collections.Counter()
-        self._stop = asyncio.Event()
-        self._task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                async with self.lab.session.get(f"http://127.0.0.1:{self.port}/") as response:
-                    await response.read()
-                    self.results["ok" if response.status == 200 else f"status {response.status}"] += 1
-            except aiohttp.ClientError as exc:
-                self.results[f"error {type(exc).__name__}"] += 1
-            await asyncio.sleep(0.005)
-
-    async def stop(self) -> collections.Counter[str]:
-        self._stop.set()
-        await self._task
-        return self.results
 
 
 async def setup(lab: Lab, backends: list[DemoApp], listener_port: int, tmp_path: Path, prober: ExternalProber) -> Any:
