@@ -2,8 +2,9 @@
 
 Probers connect to the xDS port's gRPC server, say Hello, send their full state, then changes.
 The control plane sends each prober the clusters to check, and again after every topology edit.
-Verdicts become `Verdict`s through the same `HealthInput` as everything else; when a prober
-goes away its verdicts stay (the control plane says how old they are) rather than being guessed.
+Verdicts become `Verdict`s handed to a `VerdictSink` (the control plane batches and admits them
+like every other verdict); when a prober goes away its verdicts stay (the control plane says
+how old they are) rather than being guessed.
 """
 
 from __future__ import annotations
