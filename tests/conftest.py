@@ -18,9 +18,24 @@ from controlplane.topology.parse import load_topology
 from controlplane.xds.bootstrap import make_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, free_port
+from lab.etcd import EtcdNotFound, EtcdServer
 from prober.embedded import attach_embedded_prober
 
 _SERVER_NAME = re.compile(r"ServerName: ([^,\s]+)")
+
+
+@pytest.fixture
+async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
+    """A real single-member etcd on ephemeral 127.0.0.1 ports (Debian's etcd-server; `.ci/run` installs it)."""
+    server = EtcdServer(tmp_path / "etcd")
+    try:
+        await server.start()
+    except EtcdNotFound as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,181 @@
+"""Run a real etcd server on 127.0.0.1 for the tests, the benchmarks and the lab.
+
+    async with EtcdServer(tmp_path / "etcd") as etcd:
+        store = {"etcd": {"endpoints": [etcd.endpoint]}}
+        ...
+        await etcd.kill()       # SIGKILL, as a crash would
+        await etcd.start()      # back on the same ports with the same data
+
+The binary is Debian's `etcd-server` package (`apt-get install etcd-server`; `.ci/run` installs
+it). Client and peer ports are ephemeral, chosen at the first start and kept across restarts so
+that clients reconnect to the same address; the data directory survives a kill, as a real
+member's disk does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+
+from controlplane.errors import LabError
+from lab.envoyproc import free_port, with_parent_death_signal
+
+__all__ = ["EtcdError", "EtcdNotFound", "EtcdServer", "find_etcd"]
+
+_POLL_INTERVAL = 0.05
+_TAIL_BYTES = 16 * 1024
+
+
+class EtcdError(LabError):
+    """An etcd server of the lab's did not start, or did not stop, as asked."""
+
+
+class EtcdNotFound(EtcdError):
+    """No `etcd` binary on PATH (Debian's etcd-server package provides it)."""
+
+
+def find_etcd() -> str:
+    """Path of the etcd binary; EtcdNotFound naming the package when there is none."""
+    found = shutil.which("etcd") or ("/usr/bin/etcd" if Path("/usr/bin/etcd").is_file() else None)
+    if found is None:
+        raise EtcdNotFound("no etcd binary on PATH; install Debian's etcd-server package (apt-get install etcd-server)")
+    return found
+
+
+class EtcdServer:
+    """One single-member etcd cluster: start(), kill(), stop(); an async context manager."""
+
+    def __init__(self, data_dir: Path, *, name: str = "healthplane-test") -> None:
+        self.name = name
+        self.data_dir = Path(data_dir)
+        self.client_port = 0
+        self.peer_port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """HOST:PORT of the client URL, as `controlplane.store.etcd.endpoints` takes it."""
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir.parent / f"{self.data_dir.name}.log"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    async def start(self, timeout: float = 30) -> None:  # noqa: ASYNC109 - startup deadline
+        """Start etcd (again, after kill() or stop(), on the same ports) and wait until it is healthy."""
+        if self.running:
+            raise EtcdError(f"etcd {self.name}: already running (pid {self._proc.pid if self._proc else '?'})")
+        binary = find_etcd()
+        if not self.client_port:
+            self.client_port = free_port()
+            self.peer_port = free_port()
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        client_url = f"http://127.0.0.1:{self.client_port}"
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        args = [
+            binary,
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"{self.name}={peer_url}",
+            "--initial-cluster-state", "new",
+            "--log-level", "warn",
+            "--logger", "zap",
+        ]  # fmt: skip
+        with self.log_path.open("ab") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                *with_parent_death_signal(args),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+        try:
+            await self._wait_healthy(client_url, timeout)
+        except BaseException:
+            await self.kill()
+            raise
+
+    async def _wait_healthy(self, client_url: str, limit: float) -> None:
+        deadline = time.monotonic() + limit
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+            while True:
+                if self._proc is not None and self._proc.returncode is not None:
+                    raise EtcdError(
+                        f"etcd {self.name} exited with {self._proc.returncode} while starting; "
+                        f"its log ({self.log_path}) ends:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError, AttributeError):
+                    if await self._answers_as_us(session, client_url):
+                        return
+                if time.monotonic() >= deadline:
+                    raise EtcdError(
+                        f"etcd {self.name} did not become healthy on {client_url} within {limit}s; "
+                        f"its log ends:\n{self.log_tail()}"
+                    )
+                await asyncio.sleep(_POLL_INTERVAL)
+
+    async def _answers_as_us(self, session: aiohttp.ClientSession, client_url: str) -> bool:
+        """Healthy, and the member answering is this one (not another etcd already on the port)."""
+        async with session.get(f"{client_url}/health") as response:
+            health = await response.json(content_type=None)
+            if response.status != 200 or str(health.get("health")) != "true":
+                return False
+        async with session.post(f"{client_url}/v3/cluster/member/list", json={}) as response:
+            members = (await response.json(content_type=None)).get("members", [])
+        peer_url = f"http://127.0.0.1:{self.peer_port}"
+        return any(m.get("name") == self.name and peer_url in m.get("peerURLs", []) for m in members)
+
+    async def kill(self) -> None:
+        """SIGKILL, as a crash or a lost host would; the data directory stays."""
+        await self._end(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        """SIGTERM and wait; the data directory stays."""
+        await self._end(signal.SIGTERM)
+
+    async def _end(self, sig: signal.Signals) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    def log_tail(self) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(0, 2)
+                size = log.tell()
+                log.seek(max(0, size - _TAIL_BYTES))
+                return log.read().decode("utf-8", "replace")
+        except OSError:
+            return "(no log)"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
