@@ -430,7 +430,8 @@ class ProberLinkService:
                     # the prober does not own is its owners' (it may check it for another replica).
                     if key in live and self._reports(record, key):
                         self.checks[key] = check_info(state, source)
-                self.verdicts.submit_verdicts_soon(verdicts)
+                if verdicts:  # an empty batch says the prober is alive, nothing more
+                    self.verdicts.submit_verdicts_soon(verdicts)
             record.left = True  # it half-closed its stream: a clean stop
         finally:
             wake.set()
