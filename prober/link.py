@@ -217,6 +217,7 @@ class ControlPlaneLink:
         self._done.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
+                await outbox.put(prober_pb2.ProberMessage(goodbye=prober_pb2.Goodbye(reason="the prober stops")))
                 await outbox.put(None)
                 await self._done.wait()
 

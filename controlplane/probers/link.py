@@ -65,7 +65,7 @@ class ProberRecord:
     full_state_at: float | None = None
     verdicts: int = 0
     shards: bool = False  # it takes a share (Hello.shards); False: it checks everything, as before shards
-    left: bool = False  # it ended its stream itself (a clean stop): its share moved, no staleness alarm
+    left: bool = False  # it said goodbye (a clean stop): its share moved, no staleness alarm
 
     @property
     def connected(self) -> bool:
@@ -388,7 +388,7 @@ class ProberLinkService:
             self.events.record(
                 "prober",
                 f"prober {hello.prober_id} "
-                + ("left (it ended its stream)" if record.left else "disconnected")
+                + ("left (it said goodbye)" if record.left else "disconnected")
                 + (
                     "; its share moves to the probers that remain (its endpoints keep their last verdicts)"
                     if record.shards
@@ -402,8 +402,12 @@ class ProberLinkService:
         source = f"{SOURCE_PREFIX}{record.prober_id}"
         try:
             while (message := await context.read()) is not grpc.aio.EOF:
-                if message.WhichOneof("message") != "verdicts":
-                    raise ProtocolError("after hello, a prober sends only verdicts")
+                kind = message.WhichOneof("message")
+                if kind == "goodbye":
+                    record.left = True  # a clean stop: what follows is the end of the stream
+                    continue
+                if kind != "verdicts" or record.left:
+                    raise ProtocolError("after hello, a prober sends only verdicts (and a goodbye last)")
                 now = time.time()
                 record.last_message_at = now
                 if record.shards and self.ownership.members and record.prober_id not in self.ownership.members:
@@ -432,7 +436,6 @@ class ProberLinkService:
                         self.checks[key] = check_info(state, source)
                 if verdicts:  # an empty batch says the prober is alive, nothing more
                     self.verdicts.submit_verdicts_soon(verdicts)
-            record.left = True  # it half-closed its stream: a clean stop
         finally:
             wake.set()
 
