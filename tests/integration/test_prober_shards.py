@@ -123,9 +123,7 @@ async def test_two_probers_share_the_endpoints_and_a_killed_ones_share_moves_wit
         await wait(
             lambda: all(check_source(cp, ep)[0] == f"prober:{mine[ep]}" for ep in endpoints), "checks by the owners"
         )
-        await wait(
-            lambda: all(cp.health.status("web", ep) is HealthStatus.HEALTHY for ep in endpoints), "all HEALTHY"
-        )
+        await wait(lambda: all(cp.health.status("web", ep) is HealthStatus.HEALTHY for ep in endpoints), "all HEALTHY")
         envoy = await lab.start_envoy()
         await wait(lambda: cp.nodes.get("front-1") is not None, "the Envoy connected")
 
@@ -160,8 +158,9 @@ async def test_two_probers_share_the_endpoints_and_a_killed_ones_share_moves_wit
         await probers[1].stop(signal.SIGKILL)
         moved = [ep for ep in endpoints if mine[ep] == two]
         await wait(
-            lambda: all(check_source(cp, ep)[0] == f"prober:{one}" and check_source(cp, ep)[1] > killed_at
-                        for ep in moved),  # fmt: skip
+            lambda: all(
+                check_source(cp, ep)[0] == f"prober:{one}" and check_source(cp, ep)[1] > killed_at for ep in moved
+            ),
             f"{two}'s share checked by {one}",
             within=STALENESS,
         )
@@ -224,8 +223,10 @@ async def test_a_prober_linked_to_two_control_planes_gives_both_the_same_verdict
         b = ControlPlane(parse_topology(doc_b))
         await b.start()
         await wait(
-            lambda: [status(b, x) for x in backends]
-            == [HealthStatus.UNHEALTHY, HealthStatus.UNHEALTHY, HealthStatus.HEALTHY],
+            lambda: (
+                [status(b, x) for x in backends]
+                == [HealthStatus.UNHEALTHY, HealthStatus.UNHEALTHY, HealthStatus.HEALTHY]
+            ),
             "b back with the full state",
         )
         assert [status(a, x) for x in backends] == [status(b, x) for x in backends]
