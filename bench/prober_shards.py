@@ -69,7 +69,8 @@ class Backends:
 
     def first_new_after(self, slot: int, t: float) -> float | None:
         """The first request after `t` on a connection not seen before `t` (the new owner's)."""
-        old = {peer for when, peer in self.arrivals[slot] if when <= t}
+        # Connections of the last few intervals only: a client port of an earlier run may be reused.
+        old = {peer for when, peer in self.arrivals[slot] if t - 3 * INTERVAL <= when <= t}
         return next((when for when, peer in self.arrivals[slot] if when > t and peer not in old), None)
 
     async def aclose(self) -> None:
