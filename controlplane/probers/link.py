@@ -220,6 +220,11 @@ class ProberLinkService:
         if ownership == self.ownership:
             return False
         before, self.ownership = self.ownership, ownership
+        for wake in self._share_wakes:
+            wake.set()
+        self.on_ownership(ownership)
+        if before.members == ownership.members == ():
+            return True  # probers.replicas edited with no prober sharing: nothing to tell
         joined = sorted(set(ownership.members) - set(before.members))
         gone = sorted(set(before.members) - set(ownership.members))
         self.events.record(
@@ -235,9 +240,6 @@ class ProberLinkService:
             members=list(ownership.members),
             replicas=ownership.replicas,
         )
-        for wake in self._share_wakes:
-            wake.set()
-        self.on_ownership(ownership)
         return True
 
     def counts(self, verdict: Verdict) -> bool:
@@ -406,7 +408,7 @@ class ProberLinkService:
                 if kind == "goodbye":
                     record.left = True  # a clean stop: what follows is the end of the stream
                     continue
-                if kind != "verdicts" or record.left:
+                if kind != "verdicts":
                     raise ProtocolError("after hello, a prober sends only verdicts (and a goodbye last)")
                 now = time.time()
                 record.last_message_at = now

@@ -282,3 +282,86 @@ async def test_a_new_share_gets_the_verdicts_the_prober_already_has() -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert cp.prober_link.probers["x"].left
+
+
+class SlowControlPlane:
+    """A real gRPC server on the prober link that takes the hello and then never reads again."""
+
+    def __init__(self) -> None:
+        self.server = grpc.aio.server()
+        self.hello = asyncio.Event()
+        handler = grpc.method_handlers_generic_handler(
+            "healthplane.v1.ProberLink",
+            {
+                "Report": grpc.stream_stream_rpc_method_handler(
+                    self.report,
+                    request_deserializer=prober_pb2.ProberMessage.FromString,
+                    response_serializer=prober_pb2.ControlPlaneMessage.SerializeToString,
+                )
+            },
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+    async def report(self, requests: Any, context: Any) -> None:
+        await context.read()
+        self.hello.set()
+        await asyncio.sleep(3600)  # a replica stuck: nothing read, nothing written
+
+
+async def test_a_replica_that_stops_reading_delays_nothing_for_the_others() -> None:
+    from prober.link import ControlPlaneLinks
+
+    class Nothing:
+        def update_topology(self, topology: Any) -> Any:
+            return None
+
+        def current_verdicts(self) -> list[Verdict]:
+            return []
+
+        def endpoints(self) -> list[tuple[str, str]]:
+            return []
+
+        def endpoint(self, cluster: str, endpoint: str) -> None:
+            return None
+
+    slow = SlowControlPlane()
+    await slow.server.start()
+    doc = document()
+    doc["controlplane"]["mass_failure"] = {"share": 1.0}
+    async with ControlPlane(parse_topology(doc)) as cp:
+        links = ControlPlaneLinks(
+            [f"127.0.0.1:{slow.port}", f"127.0.0.1:{cp.xds_port}"],
+            Nothing(),
+            prober_id="x",
+            max_queued=4,  # type: ignore[arg-type]
+        )
+        task = asyncio.create_task(links.run())
+        await asyncio.wait_for(slow.hello.wait(), 10)
+        await wait(lambda: cp.prober_link.ownership.members == ("x",), "x linked to the fast replica")
+        # Enough bytes for the stuck stream's HTTP/2 window many times over: each verdict names
+        # an endpoint of its own with a 1 KB reason (the fast replica drops unknown endpoints).
+        reason = "r" * 1000
+        for round_ in range(5):
+            for i in range(2000):
+                await links.on_verdict(Verdict("web", f"10.9.{i // 250}.{i % 250}:80", U, reason, source="prober:x"))
+            await asyncio.sleep(0.05)
+        status = [U, H]
+        for round_ in range(4):  # the real endpoints flip; the fast replica follows each time
+            for port in PORTS:
+                await links.on_verdict(
+                    Verdict("web", f"127.0.0.1:{port}", status[round_ % 2], "flip", source="prober:x")
+                )
+            await wait(
+                lambda r=round_: all(cp.health.status("web", f"127.0.0.1:{p}") is status[r % 2] for p in PORTS),
+                f"round {round_} at the fast replica",
+                within=5,
+            )
+        stuck = links.links[0]
+        # Its queue is full and stays at the bound; what it has not taken waits as the latest
+        # verdict per endpoint (coalesced), or in the one batch its sender holds.
+        assert stuck._outbox_now is not None and stuck._outbox_now.qsize() == 4
+        assert len(stuck._verdicts) <= 2000 + len(PORTS)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await slow.server.stop(None)
