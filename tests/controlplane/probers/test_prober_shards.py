@@ -342,7 +342,7 @@ async def test_a_replica_that_stops_reading_delays_nothing_for_the_others() -> N
         # Enough bytes for the stuck stream's HTTP/2 window many times over: each verdict names
         # an endpoint of its own with a 1 KB reason (the fast replica drops unknown endpoints).
         reason = "r" * 1000
-        for round_ in range(5):
+        for _ in range(5):
             for i in range(2000):
                 await links.on_verdict(Verdict("web", f"10.9.{i // 250}.{i % 250}:80", U, reason, source="prober:x"))
             await asyncio.sleep(0.05)
