@@ -108,7 +108,11 @@ class ControlPlane:
         self.metrics.add_state(self.admission.metrics)
         # Remote probers connect over the prober link, served on the xDS port.
         self.prober_link = ProberLinkService(
-            self, self.cache, self.events, tls=lambda: self.topology.controlplane.security.xds_tls
+            self,
+            self.cache,
+            self.events,
+            tls=lambda: self.topology.controlplane.security.xds_tls,
+            served=self.health.status,
         )
         self.metrics.add_state(lambda: silence_metrics(self.prober_link.probers.values()))
         # issue 17: probers sharing the endpoints; the quorum counts only each endpoint's owners.

@@ -105,17 +105,33 @@ def topology_message(topology: Topology, version: str) -> prober_pb2.ControlPlan
 
 
 def share_message(
-    topology: Topology, version: str, share: Callable[[str, str], bool]
+    topology: Topology,
+    version: str,
+    share: Callable[[str, str], bool],
+    served: Callable[[str, str], HealthStatus] | None = None,
 ) -> prober_pb2.ControlPlaneMessage:
-    """The topology message with only the endpoints `share(cluster, endpoint)` keeps (a prober's share)."""
+    """The topology message with only the endpoints `share(cluster, endpoint)` keeps (a prober's share).
+
+    An endpoint `served` with a known status has its `initial_status` sent as `unknown`: a prober
+    that takes it over (a share that moved) must not announce a configured initial status over
+    the verdict being served; it reports what its checks find. A new endpoint keeps its own.
+    """
     clusters = []
     # The document's clusters and endpoints are the parsed topology's, in the same order.
     for doc, cluster in zip(topology.document.get("clusters", []), topology.clusters, strict=True):
-        kept = [
-            ep_doc
-            for ep_doc, ep in zip(doc.get("endpoints", []), cluster.endpoints, strict=True)
-            if share(cluster.name, ep.key)
-        ]
+        kept = []
+        for ep_doc, ep in zip(doc.get("endpoints", []), cluster.endpoints, strict=True):
+            if not share(cluster.name, ep.key):
+                continue
+            hc = ep.health_check
+            if (
+                served is not None
+                and hc is not None
+                and hc.initial_status != "unknown"
+                and served(cluster.name, ep.key) is not HealthStatus.UNKNOWN
+            ):
+                ep_doc = {**ep_doc, "health_check": {**ep_doc.get("health_check", {}), "initial_status": "unknown"}}
+            kept.append(ep_doc)
         if kept:
             clusters.append({**doc, "endpoints": kept})
     return prober_pb2.ControlPlaneMessage(
@@ -189,8 +205,10 @@ class ProberLinkService:
         events: EventSink,
         *,
         tls: Callable[[], TlsFiles | None] = lambda: None,
+        served: Callable[[str, str], HealthStatus] | None = None,
     ) -> None:
         self.verdicts = verdicts
+        self.served = served  # each endpoint's status as served (a share's handover, see share_message)
         self.snapshots = snapshots
         self.events = events
         self.tls = tls
@@ -267,7 +285,9 @@ class ProberLinkService:
 
     def _share_message(self, record: ProberRecord, topology: Topology, version: str) -> prober_pb2.ControlPlaneMessage:
         ownership, prober_id = self.ownership, record.prober_id
-        return share_message(topology, version, lambda cluster, key: ownership.owns(prober_id, cluster, key))
+        return share_message(
+            topology, version, lambda cluster, key: ownership.owns(prober_id, cluster, key), self.served
+        )
 
     def close_all(self, reason: str) -> list[asyncio.Task[Any]]:
         """End every prober's stream with UNAVAILABLE and `reason` (a shutdown); the tasks to wait for."""

@@ -365,3 +365,20 @@ async def test_a_replica_that_stops_reading_delays_nothing_for_the_others() -> N
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await slow.server.stop(None)
+
+
+def test_a_share_handed_over_does_not_announce_a_configured_initial_status_over_the_served_verdict() -> None:
+    from controlplane.probers.link import share_message
+
+    doc = document()
+    doc["clusters"][0]["health_check"]["initial_status"] = "healthy"
+    topology = parse_topology(doc)
+    served = {f"127.0.0.1:{PORTS[0]}": U, f"127.0.0.1:{PORTS[1]}": H}
+    message = share_message(
+        topology, "v1", lambda c, e: e != f"127.0.0.1:{PORTS[2]}", lambda c, e: served.get(e, UNKNOWN)
+    )
+    sent = parse_topology(json.loads(message.topology.clusters_json))
+    initial = {e.port: e.health_check.initial_status for e in sent.clusters[0].endpoints if e.health_check}
+    # Served UNHEALTHY or HEALTHY: the new owner starts from nothing and its checks decide; an
+    # endpoint nobody has a verdict for yet is announced as configured. Not in the share: not sent.
+    assert initial == {PORTS[0]: "unknown", PORTS[1]: "unknown", **dict.fromkeys(PORTS[3:], "healthy")}
