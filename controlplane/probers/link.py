@@ -432,7 +432,7 @@ class ProberLinkService:
                     raise ProtocolError("after hello, a prober sends only verdicts (and a goodbye last)")
                 now = time.time()
                 record.last_message_at = now
-                if record.shards and self.ownership.members and record.prober_id not in self.ownership.members:
+                if record.shards and record.prober_id not in self.ownership.members:
                     self.refresh_members(now)  # silent past the staleness bound, heard again: back in
                 verdicts = verdicts_from_batch(message.verdicts, source, now)
                 record.verdicts += len(verdicts)
