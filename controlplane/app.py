@@ -35,6 +35,7 @@ from controlplane.observe.nodes import NodeRegistry
 from controlplane.observe.propagation import PropagationTracker
 from controlplane.probers.accesslog import AccessLogService
 from controlplane.probers.link import ProberLinkService
+from controlplane.probers.ownership import Ownership
 from controlplane.probers.sources import LocalProber
 from controlplane.probers.staleness import check_probers, silence_metrics
 from controlplane.process import Process, State
@@ -107,9 +108,15 @@ class ControlPlane:
         self.metrics.add_state(self.admission.metrics)
         # Remote probers connect over the prober link, served on the xDS port.
         self.prober_link = ProberLinkService(
-            self, self.cache, self.events, tls=lambda: self.topology.controlplane.security.xds_tls
+            self,
+            self.cache,
+            self.events,
+            tls=lambda: self.topology.controlplane.security.xds_tls,
+            served=self.health.status,
         )
         self.metrics.add_state(lambda: silence_metrics(self.prober_link.probers.values()))
+        # issue 17: probers sharing the endpoints; the quorum counts only each endpoint's owners.
+        self.prober_link.on_ownership = self._on_ownership
         # issue 15: passive checks from the Envoys' access logs, served on the xDS port too.
         self.access_log = AccessLogService(self, self.events, lambda: self.topology)
         self.metrics.add_state(self.access_log.metrics)
@@ -258,6 +265,13 @@ class ControlPlane:
         )
         return snapshot
 
+    def _on_ownership(self, ownership: Ownership) -> None:
+        self.admission.on_ownership(self._vote_counts if ownership.members else None)
+
+    def _vote_counts(self, verdict: Verdict) -> bool:
+        local = self.local_prober
+        return (local is not None and verdict.source == local.source) or self.prober_link.counts(verdict)
+
     def update_topology(
         self, topology: Topology, *, detail: str = "topology updated", who: str = "file watcher"
     ) -> Snapshot | None:
@@ -269,6 +283,7 @@ class ControlPlane:
             self.local_prober.update_topology(topology)
         before = self.snapshot
         snapshot = self._publish(Cause("topology", detail, time.time()), None)
+        self.prober_link.refresh_members()  # probers.replicas or the staleness bound may have changed
         changed = changed_resources(before, snapshot)
         self.events.record(
             "topology",
@@ -333,7 +348,9 @@ class ControlPlane:
     def check_probers(self, now: float | None = None) -> None:
         """Raise or resolve the staleness alarm of each remote prober."""
         limit = self.topology.controlplane.prober_staleness
-        check_probers(self.prober_link.probers.values(), self.admission.alarms, limit, now)
+        self.prober_link.refresh_members(now)  # a sharing prober silent past the limit gives its share up
+        members = self.prober_link.ownership.members
+        check_probers(self.prober_link.probers.values(), self.admission.alarms, limit, now, members=members)
 
     def passive_state(self, cluster: str, endpoint: str) -> PassiveState | None:
         """A copy of one endpoint's passive counters and ejection (for the admin API); None without `passive`."""

@@ -15,11 +15,13 @@ from controlplane.topology.addresses import host_port
 def prober_command(args: argparse.Namespace) -> int:
     import socket
 
-    from prober.link import ControlPlaneLink
+    from prober.link import ControlPlaneLinks
     from prober.processes import ShardedProber
     from prober.scheduler import Prober, tune_gc_for_checks
 
-    host_port(args.controlplane, "--controlplane")
+    targets: list[str] = list(dict.fromkeys(args.controlplane))  # each replica once, in the order given
+    for target in targets:
+        host_port(target, "--controlplane")
     prober_id = args.id or socket.gethostname()
 
     credentials = None
@@ -45,7 +47,8 @@ def prober_command(args: argparse.Namespace) -> int:
         print(f"healthplane prober {prober_id}: metrics on http://{args.metrics.rpartition(':')[0]}:{bound}/metrics")
 
     async def run() -> None:
-        link = ControlPlaneLink(args.controlplane, prober_id=prober_id, credentials=credentials)
+        # One link per control-plane replica, each sent the same verdicts (issue 17).
+        link = ControlPlaneLinks(targets, prober_id=prober_id, credentials=credentials)
         prober: Prober | ShardedProber
         if args.processes > 1:  # one prober id to the control plane, the checks across processes
             prober = ShardedProber(
@@ -70,9 +73,10 @@ def prober_command(args: argparse.Namespace) -> int:
         async with prober:
             tune_gc_for_checks()
             task = asyncio.create_task(link.run())
-            print(f"healthplane prober {prober_id}: reporting to {args.controlplane}", flush=True)
+            print(f"healthplane prober {prober_id}: reporting to {', '.join(targets)}", flush=True)
             try:
                 await stop.wait()
+                await link.leave()  # a clean stop: each control plane moves the share, raises no alarm
             finally:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
@@ -88,7 +92,13 @@ def prober_command(args: argparse.Namespace) -> int:
 def add_prober_command(sub: Any) -> None:
     """The `prober` subcommand of `healthplane`."""
     p = sub.add_parser("prober", help="run a prober on its own, reporting to a control plane")
-    p.add_argument("--controlplane", required=True, help="the control plane's xDS address HOST:PORT")
+    p.add_argument(
+        "--controlplane",
+        required=True,
+        action="append",
+        metavar="HOST:PORT",
+        help="a control plane's xDS address; repeat it for every replica (each gets the same verdicts)",
+    )
     p.add_argument("--id", help="prober id (default: the hostname)")
     p.add_argument("--event-log", help="append every status change to this JSON-lines file")
     p.add_argument("--concurrency", type=int, default=512, help="checks in flight at most (per process)")

@@ -5,25 +5,35 @@ full jitter. On every (re)connection it says hello, sends the prober's full curr
 forwards verdicts and events as they happen. The control plane sends the clusters to check; each
 topology message is loaded with the same validator as the topology file and handed to the
 prober, so an edit reaches the prober without a restart.
+
+`ControlPlaneLinks` is one prober linked to every control-plane replica (issue 17): each link
+gets the same verdicts and events, through its own bounded queue, so a replica that is down or
+slow delays nobody else (its verdicts coalesce to the latest per endpoint until it reads again,
+and a link that reconnects starts with the full state). Each replica sends the prober its share;
+the prober checks the union of the shares of the links that are up (`merge_shares`): when the
+replicas disagree for a moment (a prober seen by one and not yet by another), an endpoint is
+checked by one prober too many rather than by none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import grpc
 
 from controlplane.errors import ConfigError
-from controlplane.health.store import EndpointId, Verdict
-from controlplane.topology.model import Topology
+from controlplane.health.store import EndpointId, HealthStatus, Verdict
+from controlplane.topology.model import Cluster, Topology
 from controlplane.topology.parse import parse_topology
 from healthplane.v1 import prober_pb2, prober_pb2_grpc
 from prober.events import ProbeEvent
@@ -45,6 +55,9 @@ class ProbedEndpoints(Protocol):
 log = logging.getLogger("healthplane.prober.link")
 
 VERSION = "0.1.0"
+# Messages waiting for a control plane's gRPC stream, per link. A replica that reads slowly makes
+# its link wait here while verdicts coalesce (the latest per endpoint) and events drop the oldest.
+MAX_QUEUED_MESSAGES = 16
 
 
 def _timestamp(seconds: float) -> Any:
@@ -123,8 +136,16 @@ class ControlPlaneLink:
         rng: random.Random | None = None,
         check_report_interval: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
+        shards: bool = True,
+        max_queued: int = MAX_QUEUED_MESSAGES,
+        on_disconnect: Callable[[], None] | None = None,
     ) -> None:
         self.target = target
+        # Take a share (Hello.shards): with several probers, the control plane sends only the
+        # endpoints this one checks and counts only the owners' votes.
+        self.shards = shards
+        self.max_queued = max_queued
+        self.on_disconnect = on_disconnect
         # TLS (mutual when it holds a client certificate): controlplane.security.channel_credentials.
         self.credentials = credentials
         self.prober = prober
@@ -141,6 +162,10 @@ class ControlPlaneLink:
         self.topology_version = ""
         self.check_report_interval = check_report_interval
         self._checks_sent: dict[tuple[str, str], tuple[int, float | None]] = {}
+        self._share: set[EndpointId] | None = None  # the endpoints of the last topology on this connection
+        self._outbox_now: asyncio.Queue[prober_pb2.ProberMessage | None] | None = None
+        self._leaving = False
+        self._done = asyncio.Event()  # set when a connection ends
 
     def _prober(self) -> ProbedEndpoints:
         if self.prober is None:
@@ -164,7 +189,7 @@ class ControlPlaneLink:
         if self.prober is None:
             raise RuntimeError("ControlPlaneLink.prober is not set")
         delays = backoff_delays(self.backoff_base, self.backoff_cap, self._rng)
-        while True:
+        while not self._leaving:
             started = time.monotonic()
             try:
                 await self._connect_once()
@@ -172,9 +197,29 @@ class ControlPlaneLink:
                 log.warning("link to %s: %s %s", self.target, exc.code().name, exc.details())
             finally:
                 self.connected.clear()
+                self._outbox_now = None
+                self._done.set()
+                if self.on_disconnect is not None:
+                    self.on_disconnect()
+            if self._leaving:
+                return
             if time.monotonic() - started > self.backoff_cap:  # it was up for a while: start over
                 delays = backoff_delays(self.backoff_base, self.backoff_cap, self._rng)
             await asyncio.sleep(next(delays))
+
+    async def leave(self, grace: float = 2.0) -> None:
+        """Stop cleanly: end the stream after what is queued (the control plane sees a prober that
+        left, not one that died, and moves its share without an alarm) and do not reconnect."""
+        self._leaving = True
+        outbox = self._outbox_now
+        if outbox is None:
+            return
+        self._done.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await outbox.put(prober_pb2.ProberMessage(goodbye=prober_pb2.Goodbye(reason="the prober stops")))
+                await outbox.put(None)
+                await self._done.wait()
 
     async def _connect_once(self) -> None:
         channel_cm = (
@@ -183,13 +228,15 @@ class ControlPlaneLink:
             else grpc.aio.secure_channel(self.target, self.credentials)
         )
         async with channel_cm as channel:
-            outbox: asyncio.Queue[prober_pb2.ProberMessage | None] = asyncio.Queue()
+            # Bounded: hello and the full state fit; after that, a slow reader holds the senders.
+            outbox: asyncio.Queue[prober_pb2.ProberMessage | None] = asyncio.Queue(max(self.max_queued, 2))
             call = prober_pb2_grpc.ProberLinkStub(channel).Report(self._requests(outbox))
-            hello = prober_pb2.Hello(prober_id=self.prober_id, version=VERSION)
+            hello = prober_pb2.Hello(prober_id=self.prober_id, version=VERSION, shards=self.shards)
             await outbox.put(prober_pb2.ProberMessage(hello=hello))
             # Whatever was pending is superseded by the full state sent first.
             self._verdicts.clear()
             self._checks_sent.clear()
+            self._share = None
             await outbox.put(
                 prober_pb2.ProberMessage(
                     verdicts=prober_pb2.VerdictBatch(
@@ -201,6 +248,7 @@ class ControlPlaneLink:
                 )
             )
             self.connections += 1
+            self._outbox_now = outbox
             self.connected.set()
             log.info("connected to control plane %s", self.target)
             sender = asyncio.create_task(self._send_changes(outbox))
@@ -213,7 +261,7 @@ class ControlPlaneLink:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                await outbox.put(None)
+                _end(outbox)
 
     @staticmethod
     async def _requests(
@@ -244,10 +292,14 @@ class ControlPlaneLink:
                 )
 
     def _changed_checks(self) -> list[prober_pb2.CheckState]:
-        """Check states of the endpoints checked since they were last sent on this connection."""
+        """Check states of the endpoints checked since they were last sent on this connection
+        (of this link's share, once the control plane has sent one)."""
         prober = self._prober()
+        share = self._share
         out = []
         for key in list(prober.endpoints()):
+            if share is not None and key not in share:
+                continue
             report = prober.endpoint(*key)
             if report is None:
                 continue
@@ -260,9 +312,10 @@ class ControlPlaneLink:
     async def _send_checks(self, outbox: asyncio.Queue[prober_pb2.ProberMessage | None]) -> None:
         while True:
             await asyncio.sleep(self.check_report_interval)
+            # Nothing changed: an empty batch says the prober is alive (a prober with nothing to
+            # check, or only steady endpoints, is quiet, not silent; the staleness bound needs it).
             changed = self._changed_checks()
-            if changed:
-                await outbox.put(prober_pb2.ProberMessage(verdicts=prober_pb2.VerdictBatch(checks=changed)))
+            await outbox.put(prober_pb2.ProberMessage(verdicts=prober_pb2.VerdictBatch(checks=changed)))
 
     def _apply(self, message: prober_pb2.ControlPlaneMessage) -> None:
         if message.WhichOneof("message") != "topology":
@@ -275,6 +328,130 @@ class ControlPlaneLink:
             # what we have rather than stopping.
             log.error("topology %s from the control plane rejected: %s", message.topology.version, exc)
             return
-        change = self._prober().update_topology(topology)
+        prober = self._prober()
+        change = prober.update_topology(topology)
         self.topology_version = message.topology.version
         log.info("topology %s: %s", message.topology.version, change)
+        share = {(c.name, e.key) for c in topology.clusters for e in c.endpoints}
+        added, self._share = (share - self._share if self._share is not None else set()), share
+        if added:
+            # Endpoints new to this link's share that the prober already knows (it checks them for
+            # another replica): this control plane counts its votes from now on, so it gets them now.
+            for v in prober.current_verdicts():
+                if v.id in added and v.status is not HealthStatus.UNKNOWN:
+                    self._verdicts.setdefault(v.id, v)
+            self._flush.set()
+
+
+def _end(outbox: asyncio.Queue[prober_pb2.ProberMessage | None]) -> None:
+    """End the request stream after what is queued (a full queue of a dead stream is dropped)."""
+    while True:
+        try:
+            outbox.put_nowait(None)
+            return
+        except asyncio.QueueFull:
+            outbox.get_nowait()
+
+
+def merge_shares(shares: Sequence[Topology]) -> Topology:
+    """The union of several control planes' shares: every cluster, every endpoint once (the first
+    share that names an endpoint gives its policy)."""
+    clusters: dict[str, Cluster] = {}
+    for topology in shares:
+        for cluster in topology.clusters:
+            have = clusters.get(cluster.name)
+            if have is None:
+                clusters[cluster.name] = cluster
+                continue
+            keys = {e.key for e in have.endpoints}
+            more = tuple(e for e in cluster.endpoints if e.key not in keys)
+            if more:
+                clusters[cluster.name] = replace(have, endpoints=have.endpoints + more)
+    return Topology(clusters=tuple(clusters.values()), source="the control planes' shares")
+
+
+class _LinkShare:
+    """What one link sees as its prober: its topology goes into the union, the rest is the prober's."""
+
+    def __init__(self, links: ControlPlaneLinks, index: int) -> None:
+        self._links = links
+        self._index = index
+
+    def update_topology(self, topology: Topology) -> TopologyChange:
+        return self._links._set_share(self._index, topology)
+
+    def current_verdicts(self) -> list[Verdict]:
+        return self._links._prober().current_verdicts()
+
+    def endpoints(self) -> Iterable[EndpointId]:
+        return self._links._prober().endpoints()
+
+    def endpoint(self, cluster: str, endpoint: str) -> EndpointReport | None:
+        return self._links._prober().endpoint(cluster, endpoint)
+
+
+class ControlPlaneLinks:
+    """One prober linked to every control-plane replica: the same verdicts to each, the union of
+    their shares checked; a `ProberSink`."""
+
+    def __init__(
+        self,
+        targets: Sequence[str],
+        prober: ProbedEndpoints | None = None,
+        *,
+        prober_id: str,
+        **options: Any,
+    ) -> None:
+        if not targets:
+            raise ValueError("ControlPlaneLinks needs at least one control plane")
+        self.prober = prober
+        self.links = [
+            ControlPlaneLink(
+                target,
+                _LinkShare(self, i),
+                prober_id=prober_id,
+                on_disconnect=functools.partial(self._lost, i),
+                **options,
+            )
+            for i, target in enumerate(targets)
+        ]
+        self._shares: list[Topology | None] = [None] * len(targets)
+        self.checked: Topology | None = None  # the union handed to the prober last
+
+    def _prober(self) -> ProbedEndpoints:
+        if self.prober is None:
+            raise RuntimeError("ControlPlaneLinks.prober is not set")
+        return self.prober
+
+    async def on_verdict(self, verdict: Verdict) -> None:
+        for link in self.links:
+            await link.on_verdict(verdict)  # never waits: a slow link coalesces, it does not block
+
+    async def on_event(self, event: ProbeEvent) -> None:
+        for link in self.links:
+            await link.on_event(event)
+
+    async def run(self) -> None:
+        """Keep every link up until cancelled."""
+        self._prober()
+        async with asyncio.TaskGroup() as tg:
+            for link in self.links:
+                tg.create_task(link.run(), name=f"link-{link.target}")
+
+    async def leave(self, grace: float = 2.0) -> None:
+        """End every link's stream cleanly (the control planes move this prober's share, no alarm)."""
+        await asyncio.gather(*(link.leave(grace) for link in self.links))
+
+    def _set_share(self, index: int, topology: Topology) -> TopologyChange:
+        self._shares[index] = topology
+        return self._check_union()
+
+    def _lost(self, index: int) -> None:
+        # A replica that is gone no longer asks for anything; with none up, keep checking what we have.
+        self._shares[index] = None
+        if any(share is not None for share in self._shares) and self.prober is not None:
+            self._check_union()
+
+    def _check_union(self) -> TopologyChange:
+        self.checked = merge_shares([share for share in self._shares if share is not None])
+        return self._prober().update_topology(self.checked)

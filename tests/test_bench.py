@@ -67,6 +67,13 @@ TOY_RUNS = {
         ["--nodes", "4", "--clusters", "20", "--pushes", "1", "--adds", "1", "--workers", "1", "--pause", "0.1"],
         "| one cluster added | bytes written per node |",
     ),
+    "prober_shards.py": (
+        [
+            *("--endpoints", "6", "--probers", "1", "2", "--replicas", "1", "--duration", "0.5"),
+            *("--repeat", "1", "--leave", "SIGKILL"),
+        ],
+        "| SIGKILL |",
+    ),
     "grpc_proxyless.py": (
         ["--processes", "1", "--targets", "2", "--envoys", "1", "--envoy-channels", "1", "--rounds", "1"],
         "| 2 proxyless channels",

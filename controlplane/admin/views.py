@@ -23,6 +23,7 @@ from controlplane.snapshots.snapshot import EndpointView, Snapshot
 HealthLookup = Callable[[str, str], EndpointHealth]
 CheckLookup = Callable[[str, str], CheckInfo | None]
 PassiveLookup = Callable[[str, str], PassiveState | None]
+OwnerLookup = Callable[[str, str], tuple[str, ...]]  # the probers that check an endpoint (issue 17)
 
 
 def passive_row(state: PassiveState, now: float) -> dict[str, Any]:
@@ -49,9 +50,11 @@ def endpoint_row(
     check: CheckInfo | None,
     passive: PassiveState | None = None,
     now: float = 0.0,
+    owners: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """One endpoint as `/endpoints` shows it: the status served, why, since when, and its checks
-    (and, for a cluster with `passive`, its passive counters and ejection as of `now`)."""
+    (and, for a cluster with `passive`, its passive counters and ejection as of `now`; with
+    `owners`, the remote probers that check it: empty unless probers share the endpoints)."""
     row = {
         "cluster": view.cluster,
         "address": view.address,
@@ -67,6 +70,8 @@ def endpoint_row(
         "override_by": health.override.source.removeprefix("override:") if health.override else None,
         "check": check.to_json() if check is not None else None,
     }
+    if owners is not None:
+        row["owners"] = list(owners)
     if passive is not None:
         row["passive"] = passive_row(passive, now)
     return row
@@ -108,16 +113,19 @@ def endpoint_rows(
     status: Collection[HealthStatus] | None = None,
     passive: PassiveLookup | None = None,
     now: float | None = None,
+    owners: OwnerLookup | None = None,
 ) -> list[dict[str, Any]]:
     """Every endpoint of `snapshot` in topology order, filtered by cluster and served status; rows
-    of clusters with `passive` carry their passive state (`passive`, timed from `now`)."""
+    of clusters with `passive` carry their passive state (`passive`, timed from `now`), and with
+    `owners` every row names the probers that check it."""
     now = time.time() if now is None else now
     rows = []
     for v in snapshot.endpoints:
         if (cluster is None or v.cluster == cluster) and (status is None or v.status in status):
             key = f"{v.address}:{v.port}"
             state = passive(v.cluster, key) if passive is not None else None
-            rows.append(endpoint_row(v, health(v.cluster, key), check(v.cluster, key), state, now))
+            who = owners(v.cluster, key) if owners is not None else None
+            rows.append(endpoint_row(v, health(v.cluster, key), check(v.cluster, key), state, now, who))
     return rows
 
 

@@ -228,6 +228,12 @@ class Admission:
                 self.store.save_batch(verdicts=apply)
         return apply
 
+    def on_ownership(self, eligible: Callable[[Verdict], bool] | None) -> None:
+        """Probers share the endpoints (issue 17): count only the votes `eligible` keeps (None: all)."""
+        self.quorum.eligible = eligible
+        if eligible is not None:
+            self.quorum.prune(eligible)
+
     def on_override(self, cluster: str, endpoint: str, override: Verdict | None) -> None:
         if self.store is not None:
             self.store.save_override(cluster, endpoint, override)

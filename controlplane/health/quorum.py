@@ -9,6 +9,12 @@ A vote is held when its prober disconnects: the disconnect alone changes nothing
 
 With a single source, the combined verdict is that source's verdict unchanged.
 
+With probers sharing the endpoints (issue 17), `eligible` says whose vote counts now (an
+endpoint's owners, and sources that take no share): other votes are not recorded, `prune` drops
+the votes of probers that no longer own an endpoint (a departed prober's old vote neither wins
+nor blocks), and an UNKNOWN vote is never applied: an endpoint whose owners have not checked it
+yet keeps its last verdict (no UNKNOWN, no flip) until they report.
+
 Passive verdicts (source `passive`, health/passive.py) are not one prober's view but the count of
 every Envoy's real requests, already combined fleet-wide: a failing passive vote wins over the
 probers' votes while it holds (a backend can pass its health path and fail real requests), and a
@@ -18,7 +24,7 @@ the probers' votes decide again (HEALTHY when no prober checks the endpoint).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from controlplane.health.store import EndpointId, HealthStatus, Verdict
@@ -32,11 +38,15 @@ class Quorum:
 
     def __init__(self) -> None:
         self._votes: dict[EndpointId, dict[str, Verdict]] = {}
+        # Whose vote counts (probers sharing the endpoints); None: everyone's.
+        self.eligible: Callable[[Verdict], bool] | None = None
 
     def vote(self, verdict: Verdict) -> Verdict | None:
         """Record one source's verdict; the combined verdict, or None if it recorded nothing."""
         if verdict.source == PASSIVE:
             return self._passive(verdict)
+        if self.eligible is not None and (verdict.status is HealthStatus.UNKNOWN or not self.eligible(verdict)):
+            return None
         votes = self._votes.get(verdict.id)
         if votes is None:  # the common case, one prober: its verdict is the verdict
             self._votes[verdict.id] = {verdict.source: verdict}
@@ -89,6 +99,19 @@ class Quorum:
             else:
                 del self._votes[key]
         return out
+
+    def prune(self, eligible: Callable[[Verdict], bool]) -> int:
+        """Drop the votes that do not count any more (their prober no longer owns the endpoint);
+        nothing is recombined: each endpoint keeps its verdict until a vote that counts arrives."""
+        dropped = 0
+        for key, votes in list(self._votes.items()):
+            for source, v in list(votes.items()):
+                if source != PASSIVE and not eligible(v):
+                    del votes[source]
+                    dropped += 1
+            if not votes:
+                del self._votes[key]
+        return dropped
 
     def forget(self, keep: set[EndpointId]) -> None:
         for key in [k for k in self._votes if k not in keep]:

@@ -5,6 +5,13 @@ The control plane sends each prober the clusters to check, and again after every
 Verdicts become `Verdict`s handed to a `VerdictSink` (the control plane batches and admits them
 like every other verdict); when a prober goes away its verdicts stay (the control plane says
 how old they are) rather than being guessed.
+
+Probers that take a share (`Hello.shards`, issue 17) split the endpoints: the members are the
+connected sharing probers heard within `prober_staleness`, each endpoint is owned by
+`probers.replicas` of them (probers/ownership.py), and each is sent only its share. The owners
+are computed here, from this replica's own link records: every prober links to every replica,
+so every replica derives the same members and the same owners, and the replica that counts a
+vote is the one that told its prober to check (docs/scaling.md, "Probers with shards").
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from controlplane.errors import LimitExceeded, ProtocolError
 from controlplane.events import EventSink
 from controlplane.health.checks import CheckInfo
-from controlplane.health.store import HealthStatus, Verdict
+from controlplane.health.store import EndpointId, HealthStatus, Verdict
+from controlplane.probers.ownership import Ownership
 from controlplane.snapshots.cache import SnapshotSource
 from controlplane.topology.model import Topology
 from controlplane.topology.security import TlsFiles
@@ -41,6 +49,7 @@ MAX_EVENTS_PER_BATCH = 100
 # link client) dating a verdict in the future or in 1970 would skew its age in /endpoints, the
 # cause time of the version it makes, and the propagation figures measured from that.
 MAX_VERDICT_AGE = 86_400.0
+SOURCE_PREFIX = "prober:"  # a remote prober's verdicts carry the source `prober:ID`
 
 
 @dataclass(slots=True)
@@ -55,6 +64,8 @@ class ProberRecord:
     last_message_at: float | None = None
     full_state_at: float | None = None
     verdicts: int = 0
+    shards: bool = False  # it takes a share (Hello.shards); False: it checks everything, as before shards
+    left: bool = False  # it said goodbye (a clean stop): its share moved, no staleness alarm
 
     @property
     def connected(self) -> bool:
@@ -71,11 +82,58 @@ class ProberRecord:
             "last_message_at": self.last_message_at,
             "full_state_at": self.full_state_at,
             "verdicts": self.verdicts,
+            "shards": self.shards,
+            "left": self.left,
         }
+
+
+def last_heard(record: ProberRecord) -> float:
+    return max(record.last_message_at or 0.0, record.connected_at)
+
+
+def live_members(records: Sequence[ProberRecord], limit: float, now: float) -> list[str]:
+    """The ids of the probers that share the endpoints now: connected, taking a share, and heard
+    within `limit` seconds (0: no limit), so a hung prober's share moves within the staleness bound."""
+    return [r.prober_id for r in records if r.shards and r.connected and (limit <= 0 or now - last_heard(r) <= limit)]
 
 
 def topology_message(topology: Topology, version: str) -> prober_pb2.ControlPlaneMessage:
     clusters = topology.document.get("clusters", [])
+    return prober_pb2.ControlPlaneMessage(
+        topology=prober_pb2.Topology(version=version, clusters_json=json.dumps({"clusters": clusters}))
+    )
+
+
+def share_message(
+    topology: Topology,
+    version: str,
+    share: Callable[[str, str], bool],
+    served: Callable[[str, str], HealthStatus] | None = None,
+) -> prober_pb2.ControlPlaneMessage:
+    """The topology message with only the endpoints `share(cluster, endpoint)` keeps (a prober's share).
+
+    An endpoint `served` with a known status has its `initial_status` sent as `unknown`: a prober
+    that takes it over (a share that moved) must not announce a configured initial status over
+    the verdict being served; it reports what its checks find. A new endpoint keeps its own.
+    """
+    clusters = []
+    # The document's clusters and endpoints are the parsed topology's, in the same order.
+    for doc, cluster in zip(topology.document.get("clusters", []), topology.clusters, strict=True):
+        kept = []
+        for ep_doc, ep in zip(doc.get("endpoints", []), cluster.endpoints, strict=True):
+            if not share(cluster.name, ep.key):
+                continue
+            hc = ep.health_check
+            if (
+                served is not None
+                and hc is not None
+                and hc.initial_status != "unknown"
+                and served(cluster.name, ep.key) is not HealthStatus.UNKNOWN
+            ):
+                ep_doc = {**ep_doc, "health_check": {**ep_doc.get("health_check", {}), "initial_status": "unknown"}}
+            kept.append(ep_doc)
+        if kept:
+            clusters.append({**doc, "endpoints": kept})
     return prober_pb2.ControlPlaneMessage(
         topology=prober_pb2.Topology(version=version, clusters_json=json.dumps({"clusters": clusters}))
     )
@@ -147,8 +205,10 @@ class ProberLinkService:
         events: EventSink,
         *,
         tls: Callable[[], TlsFiles | None] = lambda: None,
+        served: Callable[[str, str], HealthStatus] | None = None,
     ) -> None:
         self.verdicts = verdicts
+        self.served = served  # each endpoint's status as served (a share's handover, see share_message)
         self.snapshots = snapshots
         self.events = events
         self.tls = tls
@@ -160,6 +220,74 @@ class ProberLinkService:
         self.checks: dict[tuple[str, str], CheckInfo] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # each open Report call's task, to close it
         self._closing = ""  # why close_all ended the streams
+        # Who shares the endpoints and who owns each (issue 17); every change is handed to
+        # `on_ownership` (the control plane's quorum counts the owners' votes only).
+        self.ownership = Ownership.of((), 1)
+        self.on_ownership: Callable[[Ownership], None] = lambda _ownership: None
+        self._share_wakes: set[asyncio.Event] = set()  # each sharing prober's stream: its share changed
+
+    # ------------------------------------------------------------------ shards (issue 17)
+
+    def refresh_members(self, now: float | None = None) -> bool:
+        """Recompute the members and the owners from the link records; True if they changed."""
+        snapshot = self.snapshots.current()
+        topology = snapshot.topology if snapshot is not None else Topology()
+        limit = topology.controlplane.prober_staleness
+        members = live_members(list(self.probers.values()), limit, time.time() if now is None else now)
+        ownership = Ownership.of(members, topology.probers.replicas)
+        if ownership == self.ownership:
+            return False
+        before, self.ownership = self.ownership, ownership
+        for wake in self._share_wakes:
+            wake.set()
+        self.on_ownership(ownership)
+        if before.members == ownership.members == ():
+            return True  # probers.replicas edited with no prober sharing: nothing to tell
+        joined = sorted(set(ownership.members) - set(before.members))
+        gone = sorted(set(before.members) - set(ownership.members))
+        self.events.record(
+            "prober",
+            f"probers sharing the endpoints: {', '.join(ownership.members) or 'none'} "
+            f"({ownership.replicas} per endpoint)"
+            + (f"; joined: {', '.join(joined)}" if joined else "")
+            + (
+                f"; gone: {', '.join(gone)} (their shares move, their endpoints keep their last verdicts)"
+                if gone
+                else ""
+            ),
+            members=list(ownership.members),
+            replicas=ownership.replicas,
+        )
+        return True
+
+    def counts(self, verdict: Verdict) -> bool:
+        """Whether a remote prober's vote counts now: with probers sharing the endpoints, only the
+        endpoint's owners' (and those of probers without shards); without, every one."""
+        if not self.ownership.members or not verdict.source.startswith(SOURCE_PREFIX):
+            return True
+        prober_id = verdict.source[len(SOURCE_PREFIX) :]
+        record = self.probers.get(prober_id)
+        if record is not None and not record.shards:
+            return True
+        return self.ownership.owns(prober_id, verdict.cluster, verdict.endpoint)
+
+    def owners(self, cluster: str, endpoint: str) -> tuple[str, ...]:
+        """The probers that check this endpoint (empty without probers sharing the endpoints)."""
+        return self.ownership.owners(cluster, endpoint)
+
+    def record_json(self, record: ProberRecord, shares: dict[str, int]) -> dict[str, Any]:
+        """One prober for GET /probers: its record, whether it shares the endpoints now and how many it owns."""
+        return {
+            **record.to_json(),
+            "member": record.prober_id in self.ownership.members,
+            "owns": shares.get(record.prober_id, 0) if record.shards else None,
+        }
+
+    def _share_message(self, record: ProberRecord, topology: Topology, version: str) -> prober_pb2.ControlPlaneMessage:
+        ownership, prober_id = self.ownership, record.prober_id
+        return share_message(
+            topology, version, lambda cluster, key: ownership.owns(prober_id, cluster, key), self.served
+        )
 
     def close_all(self, reason: str) -> list[asyncio.Task[Any]]:
         """End every prober's stream with UNAVAILABLE and `reason` (a shutdown); the tasks to wait for."""
@@ -217,7 +345,7 @@ class ProberLinkService:
         if first.WhichOneof("message") != "hello" or not first.hello.prober_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello with a prober_id")
         hello = first.hello
-        record = ProberRecord(hello.prober_id, context.peer() or "", hello.version, time.time())
+        record = ProberRecord(hello.prober_id, context.peer() or "", hello.version, time.time(), shards=hello.shards)
         previous = self.probers.get(hello.prober_id)
         if previous is not None and previous.connected:
             # One connection per id: a twin (two probers configured alike) would otherwise share one
@@ -235,14 +363,18 @@ class ProberLinkService:
         self.probers[hello.prober_id] = record
         self.events.record(
             "prober",
-            f"prober {hello.prober_id} connected from {record.peer}",
+            f"prober {hello.prober_id} connected from {record.peer}" + (" (takes a share)" if record.shards else ""),
             prober=hello.prober_id,
             peer=record.peer,
         )
         wake = asyncio.Event()
         cancel = self.snapshots.subscribe(wake.set)
+        if record.shards:
+            self._share_wakes.add(wake)
+            self.refresh_members()
         reader = asyncio.create_task(self._read(record, context, wake), name=f"prober-read-{hello.prober_id}")
         sent: Topology | None = None
+        sent_ownership: Ownership | None = None
         if (task := asyncio.current_task()) is not None:
             self._tasks.add(task)
         try:
@@ -250,9 +382,12 @@ class ProberLinkService:
             while not reader.done():
                 snapshot = self.snapshots.current()
                 assert snapshot is not None  # the control plane publishes before it serves
-                if snapshot.topology is not sent:
-                    sent = snapshot.topology
-                    await context.write(topology_message(sent, snapshot.version))
+                if snapshot.topology is not sent or (record.shards and self.ownership is not sent_ownership):
+                    sent, sent_ownership = snapshot.topology, self.ownership
+                    if record.shards:
+                        await context.write(self._share_message(record, sent, snapshot.version))
+                    else:
+                        await context.write(topology_message(sent, snapshot.version))
                 await wake.wait()
                 wake.clear()
             error = None if reader.cancelled() else reader.exception()
@@ -268,21 +403,37 @@ class ProberLinkService:
                 self._tasks.discard(task)
             cancel()
             reader.cancel()
+            self._share_wakes.discard(wake)
             record.disconnected_at = time.time()
+            if record.shards:
+                self.refresh_members()
             self.events.record(
                 "prober",
-                f"prober {hello.prober_id} disconnected; its last verdicts are kept",
+                f"prober {hello.prober_id} "
+                + ("left (it said goodbye)" if record.left else "disconnected")
+                + (
+                    "; its share moves to the probers that remain (its endpoints keep their last verdicts)"
+                    if record.shards
+                    else "; its last verdicts are kept"
+                ),
                 prober=hello.prober_id,
+                left=record.left,
             )
 
     async def _read(self, record: ProberRecord, context: Any, wake: asyncio.Event) -> None:
-        source = f"prober:{record.prober_id}"
+        source = f"{SOURCE_PREFIX}{record.prober_id}"
         try:
             while (message := await context.read()) is not grpc.aio.EOF:
-                if message.WhichOneof("message") != "verdicts":
-                    raise ProtocolError("after hello, a prober sends only verdicts")
+                kind = message.WhichOneof("message")
+                if kind == "goodbye":
+                    record.left = True  # a clean stop: what follows is the end of the stream
+                    continue
+                if kind != "verdicts":
+                    raise ProtocolError("after hello, a prober sends only verdicts (and a goodbye last)")
                 now = time.time()
                 record.last_message_at = now
+                if record.shards and record.prober_id not in self.ownership.members:
+                    self.refresh_members(now)  # silent past the staleness bound, heard again: back in
                 verdicts = verdicts_from_batch(message.verdicts, source, now)
                 record.verdicts += len(verdicts)
                 if message.verdicts.full_state:
@@ -301,11 +452,18 @@ class ProberLinkService:
                 live = self._live_endpoints()
                 for state in message.verdicts.checks:
                     key = (state.cluster, state.endpoint)
-                    if key in live:  # an endpoint the topology does not have is nobody's business
+                    # An endpoint the topology does not have is nobody's business; with shards, one
+                    # the prober does not own is its owners' (it may check it for another replica).
+                    if key in live and self._reports(record, key):
                         self.checks[key] = check_info(state, source)
-                self.verdicts.submit_verdicts_soon(verdicts)
+                if verdicts:  # an empty batch says the prober is alive, nothing more
+                    self.verdicts.submit_verdicts_soon(verdicts)
         finally:
             wake.set()
+
+    def _reports(self, record: ProberRecord, key: EndpointId) -> bool:
+        members = self.ownership.members
+        return not (record.shards and members) or self.ownership.owns(record.prober_id, *key)
 
     def _live_endpoints(self) -> set[tuple[str, str]]:
         """The topology's (cluster, endpoint) pairs; check states of others are dropped as the topology moves."""

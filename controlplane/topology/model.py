@@ -225,11 +225,19 @@ class GrpcService:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbersConfig:
+    """How remote probers share the endpoints (issue 17): each is checked by `replicas` of them."""
+
+    replicas: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class Topology:
     controlplane: ControlPlaneConfig = ControlPlaneConfig()
     clusters: tuple[Cluster, ...] = ()
     listeners: tuple[Listener, ...] = ()
     grpc_services: tuple[GrpcService, ...] = ()
+    probers: ProbersConfig = ProbersConfig()
     source: str = ""
     # The validated document as given (plain JSON types), e.g. for sending clusters to probers.
     document: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)

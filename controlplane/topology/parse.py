@@ -30,6 +30,7 @@ from controlplane.topology.model import (
     HttpCheck,
     Listener,
     PassiveCheck,
+    ProbersConfig,
     Route,
     SocketAddress,
     TcpCheck,
@@ -599,6 +600,18 @@ def _grpc_services(f: Field, clusters: dict[str, Cluster], listeners: dict[str, 
     return tuple(out)
 
 
+# More owners per endpoint than this is a typo, not a plan: every owner checks the endpoint.
+MAX_PROBER_REPLICAS = 16
+
+
+def _probers(f: Field) -> ProbersConfig:
+    """issue 17: `probers: {replicas: R}`, how many of the remote probers check each endpoint."""
+    if f.missing:
+        return ProbersConfig()
+    f.mapping({"replicas"})
+    return ProbersConfig(replicas=f.child("replicas").integer(default=1, lo=1, hi=MAX_PROBER_REPLICAS))
+
+
 def parse_topology(document: Any, *, source: str = "") -> Topology:
     """Validate a topology document (already parsed from YAML or JSON).
 
@@ -608,7 +621,10 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
     """
     _check_shape(document, source)
     root = Field(document if document is not None else {}, "", source)
-    root.mapping({"controlplane", "clusters", "listeners"}, also={"grpc_services": "for proxyless gRPC clients"})
+    root.mapping(
+        {"controlplane", "clusters", "listeners"},
+        also={"grpc_services": "for proxyless gRPC clients", "probers": "how remote probers share the endpoints"},
+    )
     errors: list[ConfigError] = []
     clusters: list[Cluster] = []
     names: dict[str, int] = {}
@@ -659,6 +675,10 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
         controlplane = _controlplane(root.child("controlplane"))
     except ConfigError as exc:
         errors.append(exc)
+    try:
+        probers = _probers(root.child("probers"))
+    except ConfigError as exc:
+        errors.append(exc)
     if len(errors) == 1:
         raise errors[0]
     if errors:
@@ -668,6 +688,7 @@ def parse_topology(document: Any, *, source: str = "") -> Topology:
         clusters=tuple(clusters),
         listeners=tuple(listeners),
         grpc_services=_grpc_services(root.child("grpc_services"), {c.name: c for c in clusters}, lnames),
+        probers=probers,
         source=source,
         document=json.loads(json.dumps(document if document is not None else {})),
     )

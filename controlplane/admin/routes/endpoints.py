@@ -49,7 +49,13 @@ def filtered_rows(request: web.Request) -> list[dict[str, Any]] | web.Response:
     if cluster is not None and cp.snapshot.topology.cluster(cluster) is None:
         return error_response(404, f"no cluster named {cluster!r}", "cluster")
     return endpoint_rows(
-        cp.snapshot, cp.health.effective, check_lookup(cp), cluster=cluster, status=status, passive=cp.passive_state
+        cp.snapshot,
+        cp.health.effective,
+        check_lookup(cp),
+        cluster=cluster,
+        status=status,
+        passive=cp.passive_state,
+        owners=cp.prober_link.owners,
     )
 
 

@@ -20,8 +20,12 @@ from controlplane.errors import ConfigError
 
 
 def prober_summary(cp: ControlPlaneView) -> dict[str, Any]:
-    """Where verdicts come from now: the embedded prober, connected probers, or nobody."""
-    remote = [r.to_json() for r in cp.prober_link.probers.values()]
+    """Where verdicts come from now: the embedded prober, connected probers, or nobody; and, when
+    probers share the endpoints (issue 17), who shares them and how many each owns."""
+    link = cp.prober_link
+    ownership = link.ownership
+    shares = ownership.counts(cp.topology) if ownership.members else {}
+    remote = [link.record_json(r, shares) for r in link.probers.values()]
     local = cp.local_prober
     connected = (local is not None and local.running) or any(r["connected"] for r in remote)
     return {
@@ -29,6 +33,7 @@ def prober_summary(cp: ControlPlaneView) -> dict[str, Any]:
         "remote": remote,
         "connected": connected,
         "note": "" if connected else "no prober connected: the last verdicts are kept as they were",
+        "shards": {"replicas": cp.topology.probers.replicas, "members": list(ownership.members)},
     }
 
 

@@ -826,3 +826,13 @@ def test_endpoint_interval_override_below_the_inherited_timeout_is_an_error() ->
     expected = r"endpoints\[0\]\.health_check\.interval: must not be shorter than the timeout \(1s\)"
     with pytest.raises(ConfigError, match=expected):
         parse_topology(doc)
+
+
+def test_probers_replicas_defaults_to_one_and_is_validated_with_its_path(doc: dict[str, Any]) -> None:
+    assert parse(doc).probers.replicas == 1
+    assert parse({**doc, "probers": {"replicas": 3}}).probers.replicas == 3
+    assert_error({**doc, "probers": {"replicas": 0}}, "probers.replicas", "must be")
+    assert_error({**doc, "probers": {"replicas": "two"}}, "probers.replicas", "must be an integer, got")
+    assert_error({**doc, "probers": {"replicas": 17}}, "probers.replicas", "must be")
+    assert_error({**doc, "probers": {"replica": 2}}, "probers.replica", "unknown field (expected one of: replicas)")
+    assert_error({**doc, "probers": [2]}, "probers", "must be a mapping, got")
