@@ -26,6 +26,7 @@ from controlplane.probers.link import ProberLinkService
 from controlplane.probers.sources import LocalProber
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Snapshot
+from controlplane.store.changes import OperatorStore
 from controlplane.topology.model import Topology
 
 
@@ -63,6 +64,11 @@ class ControlPlaneView(Protocol):
     def local_prober(self) -> LocalProber | None: ...
     @property
     def expect_remote_prober(self) -> bool: ...
+    @property
+    def store(self) -> OperatorStore:
+        """Where operator changes are written (this replica, or etcd for every replica)."""
+        ...
+
     def passive_state(self, cluster: str, endpoint: str) -> PassiveState | None:
         """A copy of one endpoint's passive counters and ejection; None when its cluster has no `passive`."""
         ...

@@ -1,0 +1,119 @@
+"""EtcdStore against a real etcd: seeding once, a compacted revision means a full reload, the
+local file gives only a replica's own settings. Control planes run in this process, no Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from controlplane.app import ControlPlane
+from controlplane.health.store import HealthStatus
+from controlplane.store.changes import OverrideChange
+from controlplane.store.etcd import EtcdStore, connect
+from controlplane.topology.parse import load_topology
+from lab.envoyproc import poll_until
+from lab.etcd import EtcdServer
+
+
+def document(etcd: EtcdServer, name: str, *ports: int) -> dict[str, Any]:
+    return {
+        "controlplane": {
+            "xds": {"port": 0},
+            "admin": {"port": 0},
+            "watch_interval": "50ms",
+            "store": {"replica_id": name, "etcd": {"endpoints": [etcd.endpoint], "prefix": "/t", "timeout": "2s"}},
+        },
+        "clusters": [{"name": "web", "endpoints": [{"address": "127.0.0.1", "port": p} for p in ports]}],
+    }
+
+
+class Replicas:
+    def __init__(self, tmp_path: Path, etcd: EtcdServer) -> None:
+        self.tmp_path, self.etcd = tmp_path, etcd
+        self.started: list[ControlPlane] = []
+
+    def write(self, name: str, *ports: int) -> Path:
+        path = self.tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(document(self.etcd, name, *ports)))
+        return path
+
+    def make(self, name: str, *ports: int) -> ControlPlane:
+        path = self.write(name, *ports)
+        cp = ControlPlane(load_topology(path), config_path=path)
+        self.started.append(cp)
+        return cp
+
+
+@pytest.fixture
+async def replicas(tmp_path: Path, etcd: EtcdServer) -> AsyncIterator[Replicas]:
+    r = Replicas(tmp_path, etcd)
+    try:
+        yield r
+    finally:
+        for cp in r.started:
+            await cp.aclose()
+
+
+def ports(cp: ControlPlane) -> list[int]:
+    return [e.port for e in cp.topology.clusters[0].endpoints]
+
+
+async def eventually(condition: Callable[[], bool], what: str) -> None:
+    async def probe() -> bool:
+        return condition()
+
+    await poll_until(probe, timeout=10, what=what)
+
+
+async def test_two_replicas_starting_together_seed_once(replicas: Replicas) -> None:
+    a, b = replicas.make("a", 1001), replicas.make("b", 1002, 1003)
+    await asyncio.gather(a.start(), b.start())
+    assert ports(a) == ports(b) and ports(a) in ([1001], [1002, 1003])
+    seeded = [e for cp in (a, b) for e in cp.events if e.kind == "store" and "seeded" in e.message]
+    assert len(seeded) == 1
+
+
+async def test_a_compacted_revision_means_a_full_reload(replicas: Replicas, etcd: EtcdServer) -> None:
+    a, b = replicas.make("a", 1001, 1002), replicas.make("b", 1001, 1002)
+    await a.start()
+    await b.start()
+    store = a.store
+    assert isinstance(store, EtcdStore)
+    before = store.reloads
+    await store.aclose()  # A stops watching (as if cut off) ...
+    # ... while B pins both endpoints, one after the other, and etcd compacts those revisions away.
+    await b.store.submit(OverrideChange("web", "127.0.0.1:1001", HealthStatus.UNHEALTHY, "bob"))
+    await b.store.submit(OverrideChange("web", "127.0.0.1:1002", HealthStatus.DRAINING, "bob"))
+    client = connect(store.settings)
+    try:
+        head = (await client.get(b"/t/topology")).header.revision
+        await client.compact(head)
+    finally:
+        await client.close()
+    await store.start()  # resumes after its last revision: compacted, so it loads the prefix again
+    await eventually(lambda: a.overrides() == b.overrides() and len(a.overrides()) == 2, "A has B's pins")
+    assert store.reloads == before + 1
+    assert store.problems() == []
+    # And the watch runs again afterwards.
+    await b.store.submit(OverrideChange("web", "127.0.0.1:1001", None, "bob"))
+    await eventually(lambda: ("web", "127.0.0.1:1001") not in a.overrides(), "A sees the clear")
+
+
+async def test_the_local_file_gives_a_replicas_own_settings_only(replicas: Replicas) -> None:
+    a = replicas.make("a", 1001)
+    await a.start()
+    await asyncio.sleep(0.2)  # the file watcher takes its first look after start() returns
+    path = replicas.write("a", 1001, 1002)  # an edit of the fleet's part in A's own file ...
+    text = yaml.safe_load(path.read_text())
+    text["controlplane"]["stuck_stream_timeout"] = "33s"  # ... and of a fleet-wide setting
+    text["controlplane"]["admin"]["token"] = "a-long-token"  # ... and of its own admin token
+    path.write_text(yaml.safe_dump(text))
+    await eventually(lambda: a.topology.controlplane.admin_token == "a-long-token", "the token applied")
+    assert ports(a) == [1001]  # etcd's
+    assert a.topology.controlplane.stuck_stream_timeout == 120.0
+    assert any(e.kind == "topology_local_only" for e in a.events)
