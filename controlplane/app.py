@@ -53,6 +53,7 @@ from controlplane.store.changes import (
 )
 from controlplane.store.etcd import EtcdStore
 from controlplane.store.fleet import fleet_document, with_local_settings
+from controlplane.store.replicas import ReplicaRecord
 from controlplane.topology.model import Topology, keep_running_settings, restart_only_changes
 from controlplane.topology.parse import load_topology
 from controlplane.topology.propagation import PropagationConfig
@@ -147,12 +148,7 @@ class ControlPlane:
         self.store: OperatorStore = (
             LocalStore(self)
             if store is None
-            else EtcdStore(
-                store.etcd,
-                self,
-                self.events,
-                replica=store.replica_id or f"{socket.gethostname()}:{topology.controlplane.xds.port}",
-            )
+            else EtcdStore(store.etcd, self, self.events, describe=self.replica_record)
         )
         self.clock.epoch = self.admission.restore(self.clock.epoch)
         self.access_log.restore(self.admission.quorum.votes_from(PASSIVE))
@@ -328,6 +324,23 @@ class ControlPlane:
             raise ConfigError(f"no active mass_failure alarm for cluster {change.cluster!r}", path="id")
         return self.accept_alarm(alarm.id, who=change.who)[1]
 
+    def replica_record(self) -> ReplicaRecord:
+        """This replica as GET /replicas shows it: its id, where to reach it, what it serves now."""
+        cfg = self.topology.controlplane
+        host = socket.gethostname()
+        xds_port, admin_port = self.xds_port or cfg.xds.port, self.admin_port or cfg.admin.port
+        replica_id = (cfg.store.replica_id if cfg.store is not None else None) or f"{host}:{xds_port}"
+        scheme = "https" if cfg.security.admin_tls is not None else "http"
+        snapshot = self.snapshot
+        return ReplicaRecord(
+            id=replica_id,
+            admin_url=f"{scheme}://{_host_port(_reachable(cfg.admin.address, host), admin_port)}",
+            xds_address=_host_port(_reachable(cfg.xds.address, host), xds_port),
+            version=snapshot.version,
+            eds_digest=snapshot.eds_digest(),
+            updated=time.time(),
+        )
+
     def overrides(self) -> dict[tuple[str, str], HealthStatus]:
         """The pins applied now, by (cluster, endpoint)."""
         return {o.id: o.status for o in self.health.overrides()}
@@ -478,6 +491,15 @@ class ControlPlane:
         if self._process is None:
             raise RuntimeError("start() first")
         await self._process.serve_forever()
+
+
+def _reachable(address: str, host: str) -> str:
+    """A listening address as others reach it: a wildcard one by this host's name."""
+    return host if address in ("0.0.0.0", "::", "") else address
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _verdict_cause(moved: list[Verdict]) -> Cause:

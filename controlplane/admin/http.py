@@ -27,6 +27,7 @@ from controlplane.probers.sources import LocalProber
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.store.changes import OperatorStore
+from controlplane.store.replicas import ReplicaRecord
 from controlplane.topology.model import Topology
 
 
@@ -67,6 +68,10 @@ class ControlPlaneView(Protocol):
     @property
     def store(self) -> OperatorStore:
         """Where operator changes are written (this replica, or etcd for every replica)."""
+        ...
+
+    def replica_record(self) -> ReplicaRecord:
+        """This replica as GET /replicas shows it (id, addresses, version, EDS digest)."""
         ...
 
     def passive_state(self, cluster: str, endpoint: str) -> PassiveState | None:

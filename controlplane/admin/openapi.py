@@ -192,6 +192,10 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/replicas": _get(
+                "every replica sharing this one's store (etcd): id, admin URL, xDS address, version, EDS digest; "
+                "agree is true when every digest is the same (without a store: this replica alone)"
+            ),
             "/topology": {
                 "put": {
                     "summary": "serve a whole new topology (JSON or YAML), validated exactly as the file is",

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from controlplane.health.store import HealthStatus
 from controlplane.snapshots.snapshot import Snapshot
+from controlplane.store.replicas import ReplicaRecord
 from controlplane.topology.model import Topology
 
 
@@ -95,6 +96,10 @@ class OperatorStore(Protocol):
         """Why the store is degraded (empty: it is not); /readyz lists them."""
         ...
 
+    def replicas(self) -> list[ReplicaRecord]:
+        """The other replicas' last published records (none without a shared store)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -112,6 +117,9 @@ class LocalStore:
         return self.sink.apply_change(change)
 
     def problems(self) -> list[str]:
+        return []
+
+    def replicas(self) -> list[ReplicaRecord]:
         return []
 
     async def start(self) -> None:

@@ -22,7 +22,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import aetcd
@@ -34,6 +34,7 @@ from controlplane.events import EventSink
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.store.changes import Change, ChangeSink, TopologyChange
 from controlplane.store.fleet import fleet_document, fleet_topology
+from controlplane.store.replicas import LEASE_TTL, ReplicaRecord, decode_record, publish_due
 from controlplane.store.sync import (
     Item,
     Keys,
@@ -52,7 +53,8 @@ from controlplane.topology.store import EtcdSettings
 log = logging.getLogger("healthplane.store")
 
 RETRY_MIN, RETRY_MAX = 0.1, 2.0  # seconds between reconnects, doubling
-PROBE_PERIOD = 1.0  # a request this often: a hung etcd (no RST) shows as down within timeout + this
+PROBE_PERIOD = 1.0  # a lease refresh this often: a hung etcd (no RST) shows as down within timeout + this
+TICK = 0.25  # how often this replica's record is looked at for a change to publish
 _RESULTS_KEPT = 256
 
 
@@ -133,11 +135,13 @@ class EtcdStore:
 
     shared = True
 
-    def __init__(self, settings: EtcdSettings, sink: ChangeSink, events: EventSink, *, replica: str) -> None:
+    def __init__(
+        self, settings: EtcdSettings, sink: ChangeSink, events: EventSink, *, describe: Callable[[], ReplicaRecord]
+    ) -> None:
         self.settings = settings
         self.sink = sink
         self.events = events
-        self.replica = replica
+        self.describe = describe  # this replica's record for GET /replicas, as it is now
         self.keys = Keys(settings.prefix)
         self.sync = Sync(self.keys, lambda: sink.topology)
         self.where = "etcd " + ",".join(_target(h, p) for h, p in settings.endpoints)
@@ -152,6 +156,8 @@ class EtcdStore:
         self.reloads = 0  # full loads of the prefix (start, compaction, watch errors)
         self._need_load = True
         self._was_up = False
+        self._replicas: dict[str, ReplicaRecord] = {}  # by key, from the watch
+        self._lease: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,6 +178,11 @@ class EtcdStore:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._client is not None and self._lease is not None:
+            # Leave GET /replicas now rather than when the lease runs out.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._client.revoke_lease(self._lease), 1)
+        self._lease = None
         await self._close_client()
         for waiter in self._waiters.values():
             if not waiter.done():
@@ -181,6 +192,9 @@ class EtcdStore:
     @property
     def available(self) -> bool:
         return self._down is None
+
+    def replicas(self) -> list[ReplicaRecord]:
+        return list(self._replicas.values())
 
     def problems(self) -> list[str]:
         if self._down is None:
@@ -207,12 +221,14 @@ class EtcdStore:
         revision = await self._txn(ops)
         return await self._applied(revision)
 
-    async def _txn(self, ops: Sequence[tuple[str, bytes | None]], compare: Sequence[Any] = ()) -> int:
+    async def _txn(
+        self, ops: Sequence[tuple[str, bytes | None]], compare: Sequence[Any] = (), *, lease: int = 0
+    ) -> int:
         """One transaction; the revision it made (0 if `compare` failed)."""
         client = self._client
         if client is None:
             raise StoreUnavailable(f"{self.where} is unavailable ({self._down}): nothing was changed")
-        request = rpc.TxnRequest(compare=list(compare), success=[_op(k, v) for k, v in ops])
+        request = rpc.TxnRequest(compare=list(compare), success=[_op(k, v, lease) for k, v in ops])
         try:
             await client.connect()
             response = await client.kvstub.Txn(request, timeout=self.settings.timeout, metadata=client.metadata)
@@ -327,7 +343,7 @@ class EtcdStore:
             self._went_up()  # writes may go now: the watch below starts after the load's revision
         watch = await client.watch_prefix(self.keys.root.encode(), start_revision=self.sync.revision + 1)
         self._went_up()
-        tasks = [asyncio.create_task(self._consume(watch)), asyncio.create_task(self._probe(client))]
+        tasks = [asyncio.create_task(self._consume(watch)), asyncio.create_task(self._keepalive(client))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -342,13 +358,42 @@ class EtcdStore:
         async for event in watch:
             kv = event.kv
             kind: Literal["put", "delete"] = "delete" if event.kind == "DELETE" else "put"
-            self._apply(self.sync.events([WatchEvent(kind, kv.key.decode(), kv.value, kv.mod_revision)]))
+            key = kv.key.decode()
+            if key.startswith(self.keys.replicas):
+                self._replica_event(key, None if kind == "delete" else kv.value)
+                continue
+            self._apply(self.sync.events([WatchEvent(kind, key, kv.value, kv.mod_revision)]))
 
-    async def _probe(self, client: Any) -> None:
-        # A hung etcd (no connection reset) leaves a watch silent, not failed: ask it something.
+    def _replica_event(self, key: str, value: bytes | None) -> None:
+        record = None if value is None else decode_record(value)
+        if record is None:
+            self._replicas.pop(key, None)
+        else:
+            self._replicas[key] = record
+
+    async def _keepalive(self, client: Any) -> None:
+        """This replica's record under a lease: refreshed every PROBE_PERIOD (which also shows a
+        hung etcd, whose watch is silent rather than failed), rewritten when it changes."""
+        lease = await client.lease(LEASE_TTL)
+        self._lease = lease.id
+        published: ReplicaRecord | None = None
+        last_publish = last_refresh = time.monotonic()
         while True:
-            await asyncio.sleep(PROBE_PERIOD)
-            await client.get(self.keys.topology.encode())
+            now = time.monotonic()
+            record = self.describe()
+            if publish_due(record, published, last_publish, now):
+                stamped = ReplicaRecord(
+                    record.id, record.admin_url, record.xds_address, record.version, record.eds_digest, time.time()
+                )
+                await self._txn([(self.keys.replica(record.id), stamped.encode())], lease=lease.id)
+                published, last_publish = record, now
+            if now - last_refresh >= PROBE_PERIOD:
+                reply = await client.refresh_lease(lease.id)
+                last_refresh = now
+                if reply is None or reply.TTL <= 0:  # expired while etcd was away: a new one
+                    lease = await client.lease(LEASE_TTL)
+                    self._lease, published = lease.id, None
+            await asyncio.sleep(TICK)
 
     async def _load(self, client: Any) -> None:
         got = await client.get_prefix(self.keys.root.encode())
@@ -356,6 +401,10 @@ class EtcdStore:
             await self._seed()
             got = await client.get_prefix(self.keys.root.encode())
         entries = [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in got]
+        self._replicas = {}
+        for entry in entries:
+            if entry.key.startswith(self.keys.replicas):
+                self._replica_event(entry.key, entry.value)
         self.reloads += 1
         applied = self._apply(self.sync.reload(entries, got.header.revision, self.sink.overrides))
         if applied or self.reloads == 1:
@@ -370,9 +419,10 @@ class EtcdStore:
     async def _seed(self) -> None:
         """An empty prefix gets this replica's fleet topology and pins, unless another replica's came first."""
         topology = self.sink.topology
-        who = f"replica {self.replica} (seeded from {topology.source or 'its topology'})"
+        replica = self.describe().id
+        who = f"replica {replica} (seeded from {topology.source or 'its topology'})"
         ops: list[tuple[str, bytes | None]] = [
-            (self.keys.topology, encode_topology(topology, who=who, detail=f"seeded by replica {self.replica}"))
+            (self.keys.topology, encode_topology(topology, who=who, detail=f"seeded by replica {replica}"))
         ]
         ops += [(self.keys.override(c, e), encode_override(s, who=who)) for (c, e), s in self.sink.overrides().items()]
         create = rpc.Compare(
@@ -421,10 +471,10 @@ class EtcdStore:
                 await asyncio.wait_for(client.close(), 2)
 
 
-def _op(key: str, value: bytes | None) -> Any:
+def _op(key: str, value: bytes | None, lease: int = 0) -> Any:
     if value is None:
         return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
-    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value))
+    return rpc.RequestOp(request_put=rpc.PutRequest(key=key.encode(), value=value, lease=lease))
 
 
 async def push_topology(settings: EtcdSettings, topology: Topology, *, who: str, detail: str) -> int:

@@ -23,6 +23,7 @@ from controlplane.xds.bootstrap import make_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, poll_until
 from lab.etcd import EtcdServer
+from prober.embedded import attach_embedded_prober
 from tests.conftest import web_topology
 from tests.integration.test_envoy_integration import host_flags
 
@@ -51,9 +52,11 @@ class Fleet:
         path.write_text(yaml.safe_dump(doc))
         return path
 
-    async def start(self, name: str, document: dict[str, Any]) -> ControlPlane:
+    async def start(self, name: str, document: dict[str, Any], *, prober: bool = False) -> ControlPlane:
         path = self.local_file(name, document)
         cp = ControlPlane(load_topology(path), config_path=path)
+        if prober:
+            attach_embedded_prober(cp)
         await cp.start()
         self.replicas[name] = cp
         return cp
@@ -178,3 +181,85 @@ async def test_three_replicas_share_overrides_and_topology(
     # The pin of the endpoint that left is gone from etcd too: no replica holds it.
     for cp in (a, b, c):
         assert cp.overrides() == {}
+
+    # GET /replicas on any replica lists the three, agreeing on the EDS they serve.
+    await wait_agree(fleet, "a", 3)
+    code, body = await fleet.admin("c", "GET", "/replicas")
+    assert code == 200 and body["agree"] is True and body["store"] == "etcd"
+    rows = {r["id"]: r for r in body["replicas"]}
+    assert set(rows) == {"a", "b", "c"} and rows["c"]["self"] is True
+    assert rows["b"]["admin_url"] == f"http://127.0.0.1:{b.admin_port}"
+    assert rows["b"]["xds_address"] == f"127.0.0.1:{b.xds_port}"
+    assert len({r["eds_digest"] for r in rows.values()}) == 1
+    assert len({r["version"] for r in rows.values()}) == 3  # each replica numbers its own versions
+
+
+async def wait_agree(fleet: Fleet, replica: str, count: int) -> dict[str, Any]:
+    """GET /replicas on `replica` until it lists `count` replicas that agree."""
+
+    async def probe() -> dict[str, Any] | None:
+        code, body = await fleet.admin(replica, "GET", "/replicas")
+        return body if code == 200 and body["agree"] and len(body["replicas"]) == count else None
+
+    return await poll_until(probe, timeout=15, what=f"{count} replicas agreeing")
+
+
+HEALTH_CHECK = {"http": {"path": "/livez"}, "interval": "100ms", "timeout": "80ms", "healthy_threshold": 1}
+
+
+async def test_etcd_down_the_fleet_serves_verdicts_flow_writes_wait(
+    fleet: Fleet, etcd: EtcdServer, backends: list[DemoApp], listener_port: int
+) -> None:
+    document = web_topology(backends, listener_port, health_check=HEALTH_CHECK)
+    for name in ("a", "b", "c"):
+        await fleet.start(name, document, prober=True)
+    on_b = await fleet.envoy("envoy-b", "b")
+    on_c = await fleet.envoy("envoy-c", "c")
+    ports = {x.port for x in backends}
+    for envoy in (on_b, on_c):
+        await wait_endpoints(envoy, ports)
+    await wait_agree(fleet, "a", 3)
+
+    await etcd.kill()
+
+    async def degraded(name: str) -> dict[str, Any] | None:
+        code, body = await fleet.admin(name, "GET", "/readyz")
+        return body if code == 200 and body["status"] == "degraded" else None
+
+    for name in ("a", "b", "c"):
+        body = await poll_until(lambda n=name: degraded(n), timeout=10, what=f"{name} degraded")
+        assert any("etcd 127.0.0.1:" in reason and "unavailable" in reason for reason in body["degraded"]), body
+
+    # Verdicts do not need etcd: a failing backend leaves every Envoy, whichever replica it is on.
+    backends[0].state.livez = "FAIL"
+    for envoy in (on_b, on_c):
+        await wait_flag(envoy, backends[0].port, "failed_eds_health")
+    served = backends[0].served
+    for _ in range(20):  # the fleet keeps serving, around the failed endpoint (both Envoys share the port)
+        async with fleet.session.get(f"http://127.0.0.1:{listener_port}/") as response:
+            assert response.status == 200
+    assert backends[0].served == served
+
+    # Operator writes are refused, naming etcd; nothing changes anywhere.
+    b2 = f"127.0.0.1:{backends[1].port}"
+    code, body = await fleet.admin("a", "POST", f"/endpoints/web/{b2}/override", json={"status": "DRAINING"})
+    assert code == 503 and body["field"] == "store" and "etcd 127.0.0.1:" in body["error"], body
+    code, body = await fleet.admin("b", "PUT", "/topology", json=document)
+    assert code == 503 and "etcd" in body["error"], body
+    assert all(cp.overrides() == {} for cp in fleet.replicas.values())
+
+    # etcd back: writes are accepted again and every replica converges.
+    await etcd.start()
+
+    async def accepted() -> dict[str, Any] | None:
+        code, body = await fleet.admin("a", "POST", f"/endpoints/web/{b2}/override", json={"status": "DRAINING"})
+        return body if code == 200 else None
+
+    await poll_until(accepted, timeout=15, what="the override accepted once etcd is back")
+    for envoy in (on_b, on_c):
+        await wait_flag(envoy, backends[1].port, "eds_status_draining")
+    await eventually(lambda: all(len(cp.overrides()) == 1 for cp in fleet.replicas.values()), "every replica pins b2")
+    for name in ("a", "b", "c"):
+        code, body = await fleet.admin(name, "GET", "/readyz")
+        assert code == 200 and body["status"] == "ready", body
+    await wait_agree(fleet, "b", 3)
