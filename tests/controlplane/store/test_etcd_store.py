@@ -8,16 +8,19 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
 from controlplane.app import ControlPlane
-from controlplane.health.store import HealthStatus
+from controlplane.health.store import HealthStatus, Verdict
 from controlplane.store.changes import OverrideChange
 from controlplane.store.etcd import EtcdStore, connect
 from controlplane.topology.parse import load_topology
+from healthplane.v1 import prober_pb2
 from lab.envoyproc import poll_until
 from lab.etcd import EtcdServer
+from tests.controlplane.probers.test_prober_link import Prober
 
 
 def document(etcd: EtcdServer, name: str, *ports: int) -> dict[str, Any]:
@@ -117,3 +120,50 @@ async def test_the_local_file_gives_a_replicas_own_settings_only(replicas: Repli
     assert ports(a) == [1001]  # etcd's
     assert a.topology.controlplane.stuck_stream_timeout == 120.0
     assert any(e.kind == "topology_local_only" for e in a.events)
+
+
+async def call(cp: ControlPlane, method: str, path: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, f"http://127.0.0.1:{cp.admin_port}{path}", headers={"X-Healthplane-Who": "alice"}
+        ) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_an_accepted_alarm_and_a_forgotten_prober_reach_every_replica(replicas: Replicas) -> None:
+    endpoints = tuple(range(1001, 1011))
+    a, b = replicas.make("a", *endpoints), replicas.make("b", *endpoints)
+    await a.start()
+    await b.start()
+    b.admission.alarms.raise_("prober_stale", "x", "an alarm of B's alone: the ids of A and B differ")
+    # A prober that lost its network reports every endpoint down to both replicas: both hold them.
+    down = [Verdict("web", f"127.0.0.1:{p}", HealthStatus.UNHEALTHY, "timeout", source="prober:p") for p in endpoints]
+    for cp in (a, b):
+        assert cp.submit_verdicts(down) is None
+    [held_a], [held_b] = a.admission.alarms.active("mass_failure"), b.admission.alarms.active("mass_failure")
+    assert held_a.id != held_b.id
+
+    code, body = await call(a, "POST", f"/alarms/{held_a.id}/accept")
+    assert code == 200 and body["changed"] is True and body["alarm"]["resolution"].startswith("accepted by alice")
+    await eventually(lambda: not b.admission.alarms.active("mass_failure"), "B's alarm accepted too")
+    for cp in (a, b):
+        assert {e.status for e in cp.snapshot.endpoints} == {HealthStatus.UNHEALTHY}
+    assert held_b.resolution.startswith("accepted by alice")
+
+    # A prober linked to both replicas, gone for good: forgotten once, on both.
+    links = [Prober(cp) for cp in (a, b)]
+    for link in links:
+        await link.send(hello=prober_pb2.Hello(prober_id="west"))
+    await eventually(lambda: all("west" in cp.prober_link.probers for cp in (a, b)), "west linked to both")
+    for link in links:
+        await link.aclose()
+    await eventually(
+        lambda: not any(cp.prober_link.probers["west"].connected for cp in (a, b)), "west disconnected from both"
+    )
+    code, body = await call(b, "DELETE", "/probers/west")
+    assert code == 200 and body["forgotten"] == "west", body
+    await eventually(lambda: all("west" not in cp.prober_link.probers for cp in (a, b)), "west forgotten by both")
+    code, body = await call(b, "DELETE", "/probers/nobody")
+    assert code == 404  # checked by the replica asked, before anything is written
