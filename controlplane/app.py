@@ -150,6 +150,8 @@ class ControlPlane:
             if store is None
             else EtcdStore(store.etcd, self, self.events, describe=self.replica_record)
         )
+        if isinstance(self.store, EtcdStore):
+            self.metrics.add_state(self.store.metrics)
         self.clock.epoch = self.admission.restore(self.clock.epoch)
         self.access_log.restore(self.admission.quorum.votes_from(PASSIVE))
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)

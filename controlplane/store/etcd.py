@@ -22,12 +22,13 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import aetcd
 import grpc
 from aetcd import rpc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from controlplane.errors import ConfigError, StoreUnavailable
 from controlplane.events import EventSink
@@ -195,6 +196,30 @@ class EtcdStore:
 
     def replicas(self) -> list[ReplicaRecord]:
         return list(self._replicas.values())
+
+    def metrics(self) -> Iterator[Metric]:
+        """For /metrics: etcd reachable, the revision applied, full loads, replicas and their agreement."""
+        up = GaugeMetricFamily("healthplane_store_up", "1 while etcd (controlplane.store) is reachable, else 0.")
+        up.add_metric([], 0 if self._down else 1)
+        yield up
+        revision = GaugeMetricFamily("healthplane_store_revision", "The last etcd revision applied here.")
+        revision.add_metric([], self.sync.revision)
+        yield revision
+        reloads = CounterMetricFamily(
+            "healthplane_store_reloads", "Full loads of the etcd prefix (start, compaction, watch errors)."
+        )
+        reloads.add_metric([], self.reloads)
+        yield reloads
+        me = self.describe()
+        digests = {r.eds_digest for r in self._replicas.values() if r.id != me.id} | {me.eds_digest}
+        replicas = GaugeMetricFamily("healthplane_replicas", "Replicas registered in etcd, this one included.")
+        replicas.add_metric([], len({r.id for r in self._replicas.values()} | {me.id}))
+        yield replicas
+        agree = GaugeMetricFamily(
+            "healthplane_replicas_eds_digests", "Distinct EDS digests among the replicas (1: agree)."
+        )
+        agree.add_metric([], len(digests))
+        yield agree
 
     def problems(self) -> list[str]:
         if self._down is None:

@@ -229,6 +229,7 @@ async def test_etcd_down_the_fleet_serves_verdicts_flow_writes_wait(
     for name in ("a", "b", "c"):
         body = await poll_until(lambda n=name: degraded(n), timeout=10, what=f"{name} degraded")
         assert any("etcd 127.0.0.1:" in reason and "unavailable" in reason for reason in body["degraded"]), body
+        assert "healthplane_store_up 0.0" in fleet.replicas[name].metrics.exposition().decode()
 
     # Verdicts do not need etcd: a failing backend leaves every Envoy, whichever replica it is on.
     backends[0].state.livez = "FAIL"

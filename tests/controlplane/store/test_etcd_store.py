@@ -102,6 +102,9 @@ async def test_a_compacted_revision_means_a_full_reload(replicas: Replicas, etcd
     await eventually(lambda: a.overrides() == b.overrides() and len(a.overrides()) == 2, "A has B's pins")
     assert store.reloads == before + 1
     assert store.problems() == []
+    metrics = a.metrics.exposition().decode()
+    assert "healthplane_store_up 1.0" in metrics and f"healthplane_store_reloads_total {before + 1}.0" in metrics
+    assert f"healthplane_store_revision {store.sync.revision}.0" in metrics
     # And the watch runs again afterwards.
     await b.store.submit(OverrideChange("web", "127.0.0.1:1001", None, "bob"))
     await eventually(lambda: ("web", "127.0.0.1:1001") not in a.overrides(), "A sees the clear")
