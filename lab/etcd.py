@@ -5,6 +5,7 @@
         ...
         await etcd.kill()       # SIGKILL, as a crash would
         await etcd.start()      # back on the same ports with the same data
+        etcd.pause()            # SIGSTOP, as a hung host would (etcd.resume() ends it)
 
 The binary is Debian's `etcd-server` package (`apt-get install etcd-server`; `.ci/run` installs
 it). Client and peer ports are ephemeral, chosen at the first start and kept across restarts so
@@ -165,6 +166,16 @@ class EtcdServer:
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         return any(m.get("name") == self.name and peer_url in m.get("peerURLs", []) for m in members)
 
+    def pause(self) -> None:
+        """SIGSTOP, as a hung host: connections stay open and nothing answers (resume() ends it)."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     async def kill(self) -> None:
         """SIGKILL, as a crash or a lost host would; the data directory stays."""
         await self._end(signal.SIGKILL)
@@ -179,6 +190,7 @@ class EtcdServer:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
+            proc.send_signal(signal.SIGCONT)  # a paused etcd acts on SIGTERM only once it runs again
         try:
             await asyncio.wait_for(proc.wait(), 10)
         except TimeoutError:

@@ -1,7 +1,7 @@
 """The fleet's part of a topology document, and a replica's own part: split one, merge the two.
 
-What every replica serves alike lives in etcd: `clusters`, `listeners`, `grpc_services` and the
-health settings of the `controlplane` section (`prober_staleness`, `mass_failure`,
+What every replica serves alike lives in etcd: `clusters`, `listeners`, `grpc_services`,
+`probers` (how probers share the endpoints) and the health settings of the `controlplane` section (`prober_staleness`, `mass_failure`,
 `stuck_stream_timeout`, `propagation`). What belongs to one replica stays in its local file:
 `controlplane.xds` and `controlplane.admin` (addresses, ports, TLS files, tokens, limits),
 `watch_interval`, `data_dir` and `store` itself.
@@ -18,7 +18,7 @@ from controlplane.errors import ConfigError
 from controlplane.topology.model import Topology, keep_running_settings
 from controlplane.topology.parse import parse_topology
 
-FLEET_KEYS = ("clusters", "listeners", "grpc_services")
+FLEET_KEYS = ("clusters", "listeners", "grpc_services", "probers")
 FLEET_CONTROLPLANE_KEYS = ("prober_staleness", "mass_failure", "stuck_stream_timeout", "propagation")
 
 

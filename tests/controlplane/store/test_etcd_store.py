@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from controlplane.app import ControlPlane
+from controlplane.errors import StoreUnavailable
 from controlplane.health.store import HealthStatus, Verdict
 from controlplane.store.changes import OverrideChange
 from controlplane.store.etcd import EtcdStore, connect
@@ -170,3 +171,21 @@ async def test_an_accepted_alarm_and_a_forgotten_prober_reach_every_replica(repl
     await eventually(lambda: all("west" not in cp.prober_link.probers for cp in (a, b)), "west forgotten by both")
     code, body = await call(b, "DELETE", "/probers/nobody")
     assert code == 404  # checked by the replica asked, before anything is written
+
+
+async def test_a_hung_etcd_is_noticed_and_left_behind(replicas: Replicas, etcd: EtcdServer) -> None:
+    a, b = replicas.make("a", 1001), replicas.make("b", 1001)
+    await a.start()
+    await b.start()
+    etcd.pause()  # connections stay open and the watch stays silent: only the lease refresh notices
+    try:
+        await eventually(lambda: bool(a.store.problems() and b.store.problems()), "both degraded")
+        assert "etcd" in a.store.problems()[0]
+        change = OverrideChange("web", "127.0.0.1:1001", HealthStatus.DRAINING, "bob")
+        with pytest.raises(StoreUnavailable, match=r"etcd 127\.0\.0\.1:"):
+            await a.store.submit(change)
+    finally:
+        etcd.resume()
+    await eventually(lambda: not a.store.problems(), "A connected again")
+    await a.store.submit(change)
+    await eventually(lambda: a.overrides() == b.overrides() and len(b.overrides()) == 1, "B has the pin")

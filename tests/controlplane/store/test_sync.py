@@ -92,6 +92,7 @@ def test_the_fleet_part_leaves_each_replicas_own_settings_out() -> None:
     fleet = fleet_document(document)
     assert fleet == {"clusters": document["clusters"], "controlplane": {"prober_staleness": "60s"}}
     assert sorted(ignored_local_keys(document)) == ["controlplane.admin", "controlplane.data_dir", "controlplane.xds"]
+    assert fleet_document({**document, "probers": {"replicas": 2}})["probers"] == {"replicas": 2}
     local = {"xds": {"port": 7}, "prober_staleness": "5s"}
     merged = merge(fleet, local)
     assert merged["controlplane"] == {"xds": {"port": 7}, "prober_staleness": "60s"}  # the fleet's setting wins
