@@ -1,10 +1,10 @@
 """The fleet's part of a topology document, and a replica's own part: split one, merge the two.
 
 What every replica serves alike lives in etcd: `clusters`, `listeners`, `grpc_services`,
-`probers` (how probers share the endpoints) and the health settings of the `controlplane` section (`prober_staleness`, `mass_failure`,
-`stuck_stream_timeout`, `propagation`). What belongs to one replica stays in its local file:
-`controlplane.xds` and `controlplane.admin` (addresses, ports, TLS files, tokens, limits),
-`watch_interval`, `data_dir` and `store` itself.
+`probers` (how probers share the endpoints) and the health settings of the `controlplane`
+section (`prober_staleness`, `mass_failure`, `stuck_stream_timeout`, `propagation`). What
+belongs to one replica stays in its local file: `controlplane.xds` and `controlplane.admin`
+(addresses, ports, TLS files, tokens, limits), `watch_interval`, `data_dir` and `store` itself.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ async def accept_alarm(request: web.Request) -> web.Response:
     cp = control_plane(request)
     alarm_id = whole_number(request.match_info["id"], "alarm id", low=0, field="id")
     body = None
-    if request.can_read_body:
+    # body_exists, not can_read_body: the admin guard has read the body already (under its deadline).
+    if request.body_exists:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):

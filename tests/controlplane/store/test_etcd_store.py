@@ -126,13 +126,9 @@ async def test_the_local_file_gives_a_replicas_own_settings_only(replicas: Repli
     assert any(e.kind == "topology_local_only" for e in a.events)
 
 
-async def call(cp: ControlPlane, method: str, path: str) -> tuple[int, Any]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.request(
-            method, f"http://127.0.0.1:{cp.admin_port}{path}", headers={"X-Healthplane-Who": "alice"}
-        ) as response,
-    ):
+async def call(cp: ControlPlane, method: str, path: str, **kwargs: Any) -> tuple[int, Any]:
+    url = f"http://127.0.0.1:{cp.admin_port}{path}"
+    async with aiohttp.ClientSession() as session, session.request(method, url, **kwargs) as response:
         return response.status, await response.json()
 
 
@@ -149,7 +145,7 @@ async def test_an_accepted_alarm_and_a_forgotten_prober_reach_every_replica(repl
     [held_a], [held_b] = a.admission.alarms.active("mass_failure"), b.admission.alarms.active("mass_failure")
     assert held_a.id != held_b.id
 
-    code, body = await call(a, "POST", f"/alarms/{held_a.id}/accept")
+    code, body = await call(a, "POST", f"/alarms/{held_a.id}/accept", json={"who": "alice"})
     assert code == 200 and body["changed"] is True and body["alarm"]["resolution"].startswith("accepted by alice")
     await eventually(lambda: not b.admission.alarms.active("mass_failure"), "B's alarm accepted too")
     for cp in (a, b):
@@ -166,7 +162,7 @@ async def test_an_accepted_alarm_and_a_forgotten_prober_reach_every_replica(repl
     await eventually(
         lambda: not any(cp.prober_link.probers["west"].connected for cp in (a, b)), "west disconnected from both"
     )
-    code, body = await call(b, "DELETE", "/probers/west")
+    code, body = await call(b, "DELETE", "/probers/west", headers={"X-Healthplane-Who": "alice"})
     assert code == 200 and body["forgotten"] == "west", body
     await eventually(lambda: all("west" not in cp.prober_link.probers for cp in (a, b)), "west forgotten by both")
     code, body = await call(b, "DELETE", "/probers/nobody")
