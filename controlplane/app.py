@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -24,7 +25,7 @@ from typing import Protocol
 
 from controlplane.errors import ConfigError
 from controlplane.events import EventLog
-from controlplane.health.admission import Admission
+from controlplane.health.admission import MASS_FAILURE, Admission
 from controlplane.health.alarms import Alarm
 from controlplane.health.passive import PassiveState
 from controlplane.health.quorum import PASSIVE
@@ -41,6 +42,18 @@ from controlplane.probers.staleness import check_probers, silence_metrics
 from controlplane.process import Process, State
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Cause, Snapshot, VersionClock, build_snapshot, changed_resources
+from controlplane.store.changes import (
+    AcceptChange,
+    Change,
+    ForgetChange,
+    LocalStore,
+    OperatorStore,
+    OverrideChange,
+    TopologyChange,
+)
+from controlplane.store.etcd import EtcdStore
+from controlplane.store.fleet import fleet_document, with_local_settings
+from controlplane.store.replicas import ReplicaRecord
 from controlplane.topology.model import Topology, keep_running_settings, restart_only_changes
 from controlplane.topology.parse import load_topology
 from controlplane.topology.propagation import PropagationConfig
@@ -130,6 +143,15 @@ class ControlPlane:
         self._pending_verdicts: list[Verdict] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._process: Process | None = None
+        # Where operator changes go (issue 17): applied here at once, or through etcd to every replica.
+        store = topology.controlplane.store
+        self.store: OperatorStore = (
+            LocalStore(self)
+            if store is None
+            else EtcdStore(store.etcd, self, self.events, describe=self.replica_record)
+        )
+        if isinstance(self.store, EtcdStore):
+            self.metrics.add_state(self.store.metrics)
         self.clock.epoch = self.admission.restore(self.clock.epoch)
         self.access_log.restore(self.admission.quorum.votes_from(PASSIVE))
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
@@ -197,11 +219,7 @@ class ControlPlane:
         self, cluster: str, endpoint: str, status: HealthStatus | None, *, who: str = "operator"
     ) -> Snapshot | None:
         """Pin an endpoint's status (None clears the pin); ConfigError if the endpoint is unknown."""
-        c = self.topology.cluster(cluster)
-        if c is None:
-            raise ConfigError(f"no cluster named {cluster!r}", path="cluster")
-        if c.endpoint(endpoint) is None:
-            raise ConfigError(f"cluster {cluster!r} has no endpoint {endpoint}", path="endpoint")
+        self._check_endpoint(cluster, endpoint)
         now = time.time()
         override = (
             None
@@ -243,11 +261,7 @@ class ControlPlane:
         The endpoints it voted on are decided again by the probers that remain (through the
         mass-failure guard, as any verdict). ConfigError (path `id`) if it is unknown or connected.
         """
-        record = self.prober_link.probers.get(prober_id)
-        if record is None:
-            raise ConfigError(f"no remote prober {prober_id!r} (GET /probers lists them)", path="id")
-        if record.connected:
-            raise ConfigError(f"prober {prober_id!r} is connected: stop it before forgetting it", path="id")
+        self._check_forget(prober_id)
         self.prober_link.forget(prober_id)
         apply = self.admission.forget_prober(prober_id, who=who)
         moved: list[Verdict] = []
@@ -271,6 +285,67 @@ class ControlPlane:
     def _vote_counts(self, verdict: Verdict) -> bool:
         local = self.local_prober
         return (local is not None and verdict.source == local.source) or self.prober_link.counts(verdict)
+
+    def _check_endpoint(self, cluster: str, endpoint: str) -> None:
+        c = self.topology.cluster(cluster)
+        if c is None:
+            raise ConfigError(f"no cluster named {cluster!r}", path="cluster")
+        if c.endpoint(endpoint) is None:
+            raise ConfigError(f"cluster {cluster!r} has no endpoint {endpoint}", path="endpoint")
+
+    def _check_forget(self, prober_id: str) -> None:
+        record = self.prober_link.probers.get(prober_id)
+        if record is None:
+            raise ConfigError(f"no remote prober {prober_id!r} (GET /probers lists them)", path="id")
+        if record.connected:
+            raise ConfigError(f"prober {prober_id!r} is connected: stop it before forgetting it", path="id")
+
+    # ------------------------------------------------------------------ operator changes (controlplane.store)
+
+    def check_change(self, change: Change) -> None:
+        """ConfigError if `change` cannot apply now (checked before it is written to a shared store)."""
+        if isinstance(change, OverrideChange):
+            self._check_endpoint(change.cluster, change.endpoint)
+        elif isinstance(change, ForgetChange):
+            self._check_forget(change.prober_id)
+        elif isinstance(change, AcceptChange) and not any(
+            a.subject == change.cluster for a in self.admission.alarms.active(MASS_FAILURE)
+        ):
+            raise ConfigError(f"no active mass_failure alarm for cluster {change.cluster!r}", path="id")
+
+    def apply_change(self, change: Change) -> Snapshot | None:
+        """Apply an operator change from the store (here at once, or from etcd's watch)."""
+        if isinstance(change, OverrideChange):
+            return self.set_override(change.cluster, change.endpoint, change.status, who=change.who)
+        if isinstance(change, TopologyChange):
+            return self.update_topology(change.topology, detail=change.detail, who=change.who)
+        if isinstance(change, ForgetChange):
+            return self.forget_prober(change.prober_id, who=change.who)
+        alarm = next((a for a in self.admission.alarms.active(MASS_FAILURE) if a.subject == change.cluster), None)
+        if alarm is None:
+            raise ConfigError(f"no active mass_failure alarm for cluster {change.cluster!r}", path="id")
+        return self.accept_alarm(alarm.id, who=change.who)[1]
+
+    def replica_record(self) -> ReplicaRecord:
+        """This replica as GET /replicas shows it: its id, where to reach it, what it serves now."""
+        cfg = self.topology.controlplane
+        host = socket.gethostname()
+        xds_port, admin_port = self.xds_port or cfg.xds.port, self.admin_port or cfg.admin.port
+        replica_id = (cfg.store.replica_id if cfg.store is not None else None) or f"{host}:{xds_port}"
+        scheme = "https" if cfg.security.admin_tls is not None else "http"
+        snapshot = self.snapshot
+        return ReplicaRecord(
+            id=replica_id,
+            admin_url=f"{scheme}://{_host_port(_reachable(cfg.admin.address, host), admin_port)}",
+            xds_address=_host_port(_reachable(cfg.xds.address, host), xds_port),
+            version=snapshot.version,
+            eds_digest=snapshot.eds_digest(),
+            updated=time.time(),
+        )
+
+    def overrides(self) -> dict[tuple[str, str], HealthStatus]:
+        """The pins applied now, by (cluster, endpoint)."""
+        return {o.id: o.status for o in self.health.overrides()}
 
     def update_topology(
         self, topology: Topology, *, detail: str = "topology updated", who: str = "file watcher"
@@ -308,6 +383,18 @@ class ControlPlane:
                 "topology_rejected", f"kept the last good topology: {exc}", error=str(exc), who=who, what="reload"
             )
             raise
+        if self.store.shared:
+            # The fleet's part comes from etcd (`healthplane topology push`): the file gives this
+            # replica's own settings only.
+            if fleet_document(topology.document) != fleet_document(self.topology.document):
+                message = (
+                    f"{self.config_path}: the fleet's part (clusters, listeners, grpc_services, health settings) "
+                    "is served from etcd; only this replica's own settings were read from the file "
+                    "(healthplane topology push FILE changes the fleet's part)"
+                )
+                log.warning("%s", message)
+                self.events.record("topology_local_only", message, who=who, what="reload")
+            topology = with_local_settings(self.topology, topology)
         changed = restart_only_changes(self.topology.controlplane, topology.controlplane)
         if changed:
             # The ports, data directory, TLS and limits are bound at start: serve the rest of the
@@ -406,6 +493,15 @@ class ControlPlane:
         if self._process is None:
             raise RuntimeError("start() first")
         await self._process.serve_forever()
+
+
+def _reachable(address: str, host: str) -> str:
+    """A listening address as others reach it: a wildcard one by this host's name."""
+    return host if address in ("0.0.0.0", "::", "") else address
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _verdict_cause(moved: list[Verdict]) -> Cause:

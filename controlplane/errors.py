@@ -5,6 +5,7 @@
     ├── ProtocolError        a peer sent something the xDS protocol does not allow  (INVALID_ARGUMENT)
     │   └── LimitExceeded    a peer went over a configured limit                    (RESOURCE_EXHAUSTED)
     ├── AdminError           the CLI could not reach the admin API, or it answered an error
+    ├── StoreUnavailable     the shared store (etcd) cannot take a change now        (admin API: 503)
     ├── LabError             the lab could not start or stop cleanly (a process, a namespace, a port)
     └── EnvoyError           an Envoy process the lab runs (also a RuntimeError)
         ├── EnvoyNotFound    no `envoy` binary next to the interpreter nor on PATH
@@ -34,6 +35,7 @@ __all__ = [
     "LabError",
     "LimitExceeded",
     "ProtocolError",
+    "StoreUnavailable",
 ]
 
 
@@ -79,6 +81,10 @@ class LimitExceeded(ProtocolError):
 
 class AdminError(HealthplaneError):
     """The admin API could not be reached, or answered an error."""
+
+
+class StoreUnavailable(HealthplaneError):
+    """The shared store (etcd) cannot take a change now: nothing was changed; the last state is served."""
 
 
 class LabError(HealthplaneError):

@@ -83,6 +83,16 @@ class Process:
         if self.state is not State.UNOPENED:
             raise RuntimeError(f"control plane is {self.state.value}")
         cp = self.cp
+        # The shared operator state first (issue 17): Envoys connect to the fleet's topology.
+        await cp.store.start()
+        try:
+            await self._bind()
+        except BaseException:
+            await cp.store.aclose()
+            raise
+
+    async def _bind(self) -> None:
+        cp = self.cp
         settings = cp.topology.controlplane
         sec = settings.security
         configure_ads(cp.ads, sec, cp.prober_link, cp.csds, cp.access_log)
@@ -154,6 +164,7 @@ class Process:
         cp = self.cp
         if cp.local_prober is not None:
             await cp.local_prober.aclose()
+        await cp.store.aclose()
         cp.flush_verdicts()
         for task in self._tasks:
             task.cancel()

@@ -5,6 +5,7 @@
         ...
         await etcd.kill()       # SIGKILL, as a crash would
         await etcd.start()      # back on the same ports with the same data
+        etcd.pause()            # SIGSTOP, as a hung host would (etcd.resume() ends it)
 
 The binary is Debian's `etcd-server` package (`apt-get install etcd-server`; `.ci/run` installs
 it). Client and peer ports are ephemeral, chosen at the first start and kept across restarts so
@@ -18,7 +19,9 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import ssl
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -28,7 +31,7 @@ import aiohttp
 from controlplane.errors import LabError
 from lab.envoyproc import free_port, with_parent_death_signal
 
-__all__ = ["EtcdError", "EtcdNotFound", "EtcdServer", "find_etcd"]
+__all__ = ["EtcdError", "EtcdNotFound", "EtcdServer", "EtcdServerTls", "find_etcd"]
 
 _POLL_INTERVAL = 0.05
 _TAIL_BYTES = 16 * 1024
@@ -50,11 +53,24 @@ def find_etcd() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class EtcdServerTls:
+    """Serve clients over TLS with `cert`/`key`, requiring a client certificate signed by `ca`
+    (etcd's --client-cert-auth); `client_cert`/`client_key` are what the lab polls /health with."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    client_cert: Path
+    client_key: Path
+
+
 class EtcdServer:
     """One single-member etcd cluster: start(), kill(), stop(); an async context manager."""
 
-    def __init__(self, data_dir: Path, *, name: str = "healthplane-test") -> None:
+    def __init__(self, data_dir: Path, *, name: str = "healthplane-test", tls: EtcdServerTls | None = None) -> None:
         self.name = name
+        self.tls = tls
         self.data_dir = Path(data_dir)
         self.client_port = 0
         self.peer_port = 0
@@ -82,7 +98,7 @@ class EtcdServer:
             self.client_port = free_port()
             self.peer_port = free_port()
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        client_url = f"http://127.0.0.1:{self.client_port}"
+        client_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         args = [
             binary,
@@ -97,6 +113,11 @@ class EtcdServer:
             "--log-level", "warn",
             "--logger", "zap",
         ]  # fmt: skip
+        if self.tls is not None:
+            args += [
+                "--cert-file", str(self.tls.cert), "--key-file", str(self.tls.key),
+                "--trusted-ca-file", str(self.tls.ca), "--client-cert-auth",
+            ]  # fmt: skip
         with self.log_path.open("ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 *with_parent_death_signal(args),
@@ -112,7 +133,12 @@ class EtcdServer:
 
     async def _wait_healthy(self, client_url: str, limit: float) -> None:
         deadline = time.monotonic() + limit
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+        connector = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(self.tls.client_cert, self.tls.client_key)
+            connector = aiohttp.TCPConnector(ssl=context)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1), connector=connector) as session:
             while True:
                 if self._proc is not None and self._proc.returncode is not None:
                     raise EtcdError(
@@ -140,6 +166,16 @@ class EtcdServer:
         peer_url = f"http://127.0.0.1:{self.peer_port}"
         return any(m.get("name") == self.name and peer_url in m.get("peerURLs", []) for m in members)
 
+    def pause(self) -> None:
+        """SIGSTOP, as a hung host: connections stay open and nothing answers (resume() ends it)."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after pause()."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGCONT)
+
     async def kill(self) -> None:
         """SIGKILL, as a crash or a lost host would; the data directory stays."""
         await self._end(signal.SIGKILL)
@@ -154,6 +190,7 @@ class EtcdServer:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
+            proc.send_signal(signal.SIGCONT)  # a paused etcd acts on SIGTERM only once it runs again
         try:
             await asyncio.wait_for(proc.wait(), 10)
         except TimeoutError:

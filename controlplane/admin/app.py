@@ -20,7 +20,17 @@ from controlplane.admin.auth import guard
 from controlplane.admin.conns import KEEPALIVE_TIMEOUT, ConnectionLimits, LimitedSite
 from controlplane.admin.http import CP_KEY, ControlPlaneView, error_response, json_response
 from controlplane.admin.openapi import document
-from controlplane.admin.routes import endpoints, events, faults, nodes, propagation, snapshots, status, topology
+from controlplane.admin.routes import (
+    endpoints,
+    events,
+    faults,
+    nodes,
+    propagation,
+    replicas,
+    snapshots,
+    status,
+    topology,
+)
 from controlplane.admin.tls import ADMIN_CERT_POLL, AdminCertificate
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -52,6 +62,8 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     # who is served
     ("GET", "/nodes", nodes.nodes),
     ("GET", "/nodes/{node_id}", nodes.node),
+    # the replicas sharing this one's store, and whether they serve the same EDS (issue 17)
+    ("GET", "/replicas", replicas.replicas),
     # the topology
     ("PUT", "/topology", topology.put_topology),
     ("POST", "/topology/reload", topology.reload_topology),

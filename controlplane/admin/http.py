@@ -26,6 +26,8 @@ from controlplane.probers.link import ProberLinkService
 from controlplane.probers.sources import LocalProber
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.snapshots.snapshot import Snapshot
+from controlplane.store.changes import OperatorStore
+from controlplane.store.replicas import ReplicaRecord
 from controlplane.topology.model import Topology
 
 
@@ -63,6 +65,15 @@ class ControlPlaneView(Protocol):
     def local_prober(self) -> LocalProber | None: ...
     @property
     def expect_remote_prober(self) -> bool: ...
+    @property
+    def store(self) -> OperatorStore:
+        """Where operator changes are written (this replica, or etcd for every replica)."""
+        ...
+
+    def replica_record(self) -> ReplicaRecord:
+        """This replica as GET /replicas shows it (id, addresses, version, EDS digest)."""
+        ...
+
     def passive_state(self, cluster: str, endpoint: str) -> PassiveState | None:
         """A copy of one endpoint's passive counters and ejection; None when its cluster has no `passive`."""
         ...

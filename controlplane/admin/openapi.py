@@ -19,6 +19,16 @@ def _errors(*codes: int) -> dict[str, Any]:
     }
 
 
+def _store_down() -> dict[str, Any]:
+    """503 of a change while the shared store (etcd, `controlplane.store`) cannot be reached."""
+    return {
+        "503": {
+            "description": "the shared store (etcd) is unavailable: nothing was changed (field: store)",
+            "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+    }
+
+
 def _param(name: str, where: str, description: str, *, required: bool = False, enum: list[str] | None = None) -> Any:
     schema: dict[str, Any] = {"type": "string"}
     if enum:
@@ -175,9 +185,17 @@ def document() -> dict[str, Any]:
                             }
                         },
                     },
-                    "responses": {**_ok("the endpoint's status now and the version"), **_errors(400, 401, 404)},
+                    "responses": {
+                        **_ok("the endpoint's status now and the version"),
+                        **_errors(400, 401, 404),
+                        **_store_down(),
+                    },
                 }
             },
+            "/replicas": _get(
+                "every replica sharing this one's store (etcd): id, admin URL, xDS address, version, EDS digest; "
+                "agree is true when every digest is the same (without a store: this replica alone)"
+            ),
             "/topology": {
                 "put": {
                     "summary": "serve a whole new topology (JSON or YAML), validated exactly as the file is",
@@ -187,7 +205,11 @@ def document() -> dict[str, Any]:
                         "required": True,
                         "content": {JSON: {"schema": {"type": "object"}}, "application/yaml": {}},
                     },
-                    "responses": {**_ok("the new version and counts"), **_errors(400, 401)},
+                    "responses": {
+                        **_ok("the new version and counts (with a store: local_settings_not_shared)"),
+                        **_errors(400, 401),
+                        **_store_down(),
+                    },
                 }
             },
             "/topology/reload": {
@@ -219,6 +241,7 @@ def _fault_paths(change: list[dict[str, list[str]]], who: Any) -> dict[str, Any]
                 "responses": {
                     **_ok("the resolved alarm and the version served"),
                     **_errors(400, 401, 404),
+                    **_store_down(),
                     "409": {
                         "description": "the alarm is resolved or not a mass_failure alarm",
                         "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
@@ -235,6 +258,7 @@ def _fault_paths(change: list[dict[str, list[str]]], who: Any) -> dict[str, Any]
                 "responses": {
                     **_ok("the prober forgotten, and the version served after the others decided again"),
                     **_errors(401, 404),
+                    **_store_down(),
                     "409": {
                         "description": "the prober is connected",
                         "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},

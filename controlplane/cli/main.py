@@ -1,8 +1,8 @@
 """The `healthplane` command, assembled from each part's subcommands.
 
 serve, validate, bootstrap (cli/serve.py); prober (prober/cli.py); status, endpoints, nodes, alarms,
-accept, forget-prober, override (cli/admin.py); fleet and lab (lab/cli.py); propagation report
-(cli/propagation.py). The only module of `controlplane` that imports `prober` and `lab`.
+accept, forget-prober, override (cli/admin.py); topology push (cli/topology.py); fleet and lab (lab/cli.py);
+propagation report (cli/propagation.py). The only module of `controlplane` that imports `prober` and `lab`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 from controlplane.cli.admin import add_admin_commands
 from controlplane.cli.propagation import add_propagation_commands
 from controlplane.cli.serve import add_serve_commands
+from controlplane.cli.topology import add_topology_commands
 from controlplane.errors import HealthplaneError
 from controlplane.version import version
 from lab.cli import add_fleet_command, add_lab_command
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_admin_commands(sub)
     add_fleet_command(sub)
     add_propagation_commands(sub)
+    add_topology_commands(sub)
     add_lab_command(sub)
     for command in sub.choices.values():  # `healthplane serve --log-level debug` as well as before it
         _logging_options(command, argparse.SUPPRESS)

@@ -201,6 +201,16 @@ class Admission:
 
     def accept(self, alarm_id: int, *, who: str) -> tuple[Alarm, list[Verdict]]:
         """The failures a mass-failure alarm held, released to be applied; ConfigError if there is no such alarm."""
+        alarm = self.acceptable(alarm_id)
+        held = self.guard.accept(alarm.subject)
+        self.alarms.resolve(MASS_FAILURE, alarm.subject, f"accepted by {who}")
+        self._save_held()
+        if self.store is not None and held:
+            self.store.save_batch(verdicts=held)
+        return alarm, held
+
+    def acceptable(self, alarm_id: int) -> Alarm:
+        """The active mass-failure alarm `alarm_id`; ConfigError (path `id`) if it is not one."""
         alarm = self.alarms.get(alarm_id)
         if alarm is None:
             raise ConfigError(f"no alarm {alarm_id}", path="id")
@@ -210,12 +220,7 @@ class Admission:
                 "only an active mass_failure alarm can be accepted",
                 path="id",
             )
-        held = self.guard.accept(alarm.subject)
-        self.alarms.resolve(MASS_FAILURE, alarm.subject, f"accepted by {who}")
-        self._save_held()
-        if self.store is not None and held:
-            self.store.save_batch(verdicts=held)
-        return alarm, held
+        return alarm
 
     def forget_prober(self, prober_id: str, *, who: str) -> list[Verdict]:
         """Drop a prober's votes and staleness alarm; the verdicts the remaining probers decide instead."""

@@ -176,6 +176,19 @@ class Snapshot:
     endpoints: tuple[EndpointView, ...]
     _bodies: dict[tuple[str, tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
     _delta_bodies: dict[tuple[str, tuple[str, ...], tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
+    _eds_digest: str | None = field(default=None, repr=False)
+
+    def eds_digest(self) -> str:
+        """A digest of the EDS content served: every ClusterLoadAssignment's encoded bytes, by name.
+
+        The same on every replica serving the same topology and health, whatever its version
+        string (which differs by replica): what GET /replicas compares (issue 17)."""
+        if self._eds_digest is None:
+            h = hashlib.sha256()
+            for name, resource in sorted(self.resources[rs.ENDPOINT].items()):
+                h.update(_length_delimited(1, name.encode()) + _length_delimited(2, resource.serialized))
+            self._eds_digest = h.hexdigest()[:32]
+        return self._eds_digest
 
     def listener_names_for(self, node_cluster: str, *, wildcard: bool = True) -> tuple[str, ...]:
         """The listeners a node may get. API listeners (gRPC services) only go to nodes that ask

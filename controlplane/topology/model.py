@@ -13,6 +13,7 @@ from controlplane.topology.security import (
     SecurityConfig,
     restart_only_change,
 )
+from controlplane.topology.store import StoreConfig
 
 LbPolicy = Literal["ROUND_ROBIN", "LEAST_REQUEST", "RANDOM", "RING_HASH", "MAGLEV"]
 InitialStatus = Literal["unknown", "healthy", "unhealthy"]
@@ -48,6 +49,8 @@ class ControlPlaneConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     # issue 5: the propagation model and how many versions are tracked (controlplane.observe.propagation).
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
+    # issue 17: operator state shared by replicas in etcd (controlplane.store); None: this file and SQLite.
+    store: StoreConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,12 +257,16 @@ def restart_only_changes(running: ControlPlaneConfig, new: ControlPlaneConfig) -
     out = [f"controlplane.{name}" for name in ("xds", "admin") if getattr(running, name) != getattr(new, name)]
     if running.data_dir != new.data_dir:
         out.append("controlplane.data_dir")
+    if running.store != new.store:
+        out.append("controlplane.store")
     if (security := restart_only_change(running.security, new.security)) is not None:
         out.append(security)
     return out
 
 
 def keep_running_settings(running: ControlPlaneConfig, new: ControlPlaneConfig) -> ControlPlaneConfig:
-    """`new` with the start-only settings of `running` (the ports, data_dir, TLS and limits)."""
+    """`new` with the start-only settings of `running` (the ports, data_dir, store, TLS and limits)."""
     security = replace(running.security, admin_read_token=new.security.admin_read_token)
-    return replace(new, xds=running.xds, admin=running.admin, data_dir=running.data_dir, security=security)
+    return replace(
+        new, xds=running.xds, admin=running.admin, data_dir=running.data_dir, store=running.store, security=security
+    )

@@ -44,6 +44,7 @@ from controlplane.topology.security import (
     parse_security,
     parse_token,
 )
+from controlplane.topology.store import parse_store
 from controlplane.topology.yamldoc import MAX_DEPTH, MAX_INT_DIGITS, load_document
 
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,200}$")
@@ -98,7 +99,7 @@ def _socket(f: Field, default: SocketAddress, extra: frozenset[str] = frozenset(
 def _controlplane(f: Field) -> ControlPlaneConfig:
     if f.missing:
         return ControlPlaneConfig()
-    f.mapping({"xds", "admin", "watch_interval", "propagation"} | _FAULT_KEYS)
+    f.mapping({"xds", "admin", "watch_interval", "propagation", "store"} | _FAULT_KEYS)
     d = ControlPlaneConfig()
     return ControlPlaneConfig(
         xds=_socket(f.child("xds"), d.xds, XDS_KEYS),
@@ -108,6 +109,7 @@ def _controlplane(f: Field) -> ControlPlaneConfig:
         **_faults(f, d),
         security=parse_security(f),
         propagation=parse_propagation(f.child("propagation").value, path=f.child("propagation").path, source=f.source),
+        store=parse_store(f.child("store")),
     )
 
 

@@ -11,9 +11,10 @@ from aiohttp import web
 from controlplane.admin.auth import authorize_change
 from controlplane.admin.http import ControlPlaneView, control_plane, error_response, json_response, who
 from controlplane.admin.views import CheckLookup, endpoint_rows, parse_status_filter
-from controlplane.errors import ConfigError
+from controlplane.errors import ConfigError, StoreUnavailable
 from controlplane.health.checks import CheckInfo
 from controlplane.health.store import HealthStatus
+from controlplane.store.changes import OverrideChange
 from controlplane.topology.addresses import split_host_port
 
 # What an operator may pin. UNKNOWN and TIMEOUT are what checks report: a pinned UNKNOWN would
@@ -93,9 +94,11 @@ async def override(request: web.Request) -> web.Response:
             return error_response(400, f"{status.name} is what a check reports, not a pin: {PIN_CHOICES}", "status")
     endpoint = f"{parsed[0]}:{parsed[1]}"
     try:
-        snap = cp.set_override(cluster, endpoint, status, who=who(request, body))
+        snap = await cp.store.submit(OverrideChange(cluster, endpoint, status, who(request, body)))
     except ConfigError as exc:
         return error_response(404, exc.message, exc.path)
+    except StoreUnavailable as exc:
+        return error_response(503, str(exc), "store")
     h = cp.health.effective(cluster, endpoint)
     return json_response(
         {

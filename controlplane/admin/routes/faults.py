@@ -16,7 +16,8 @@ from aiohttp import web
 
 from controlplane.admin.auth import authorize_change
 from controlplane.admin.http import ControlPlaneView, control_plane, error_response, json_response, who, whole_number
-from controlplane.errors import ConfigError
+from controlplane.errors import ConfigError, StoreUnavailable
+from controlplane.store.changes import AcceptChange, ForgetChange
 
 
 def prober_summary(cp: ControlPlaneView) -> dict[str, Any]:
@@ -47,11 +48,13 @@ async def forget_prober(request: web.Request) -> web.Response:
     cp = control_plane(request)
     prober_id = request.match_info["id"]
     try:
-        snapshot = cp.forget_prober(prober_id, who=who(request))
+        snapshot = await cp.store.submit(ForgetChange(prober_id, who(request)))
     except ConfigError as exc:
         link = cp.prober_link
         known = link is not None and prober_id in link.probers
         return error_response(409 if known else 404, exc.message, exc.path)
+    except StoreUnavailable as exc:
+        return error_response(503, str(exc), "store")
     return json_response(
         {"forgotten": prober_id, "version": (snapshot or cp.snapshot).version, "changed": snapshot is not None}
     )
@@ -74,16 +77,21 @@ async def accept_alarm(request: web.Request) -> web.Response:
     cp = control_plane(request)
     alarm_id = whole_number(request.match_info["id"], "alarm id", low=0, field="id")
     body = None
-    if request.can_read_body:
+    # body_exists, not can_read_body: the admin guard has read the body already (under its deadline).
+    if request.body_exists:
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             return error_response(400, 'body must be JSON such as {"who": "alice"}, or empty', "body")
     try:
-        alarm, snapshot = cp.accept_alarm(alarm_id, who=who(request, body))
+        # Checked here (the alarm's id is this replica's); applied by cluster wherever it is held.
+        alarm = cp.admission.acceptable(alarm_id)
+        snapshot = await cp.store.submit(AcceptChange(alarm.subject, who(request, body)))
     except ConfigError as exc:
         status = 404 if cp.admission.alarms.get(alarm_id) is None else 409
         return error_response(status, exc.message, exc.path)
+    except StoreUnavailable as exc:
+        return error_response(503, str(exc), "store")
     return json_response(
         {"alarm": alarm.to_json(), "version": (snapshot or cp.snapshot).version, "changed": snapshot is not None}
     )

@@ -72,6 +72,7 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "not ready", "waiting_for": waiting}, status=503)
     # Serving, but not saving what it serves (issue 19): ready, and says so.
     degraded = [f"alarm {a.id}: {a.message}" for a in cp.admission.alarms.active("persistence")]
+    degraded += cp.store.problems()  # etcd unreachable (issue 17): serving the last state
     if degraded:
         return json_response({"status": "degraded", "degraded": degraded, "version": cp.snapshot.version})
     return json_response({"status": "ready", "version": cp.snapshot.version})

@@ -9,7 +9,9 @@ from aiohttp import web
 
 from controlplane.admin.auth import authorize_change
 from controlplane.admin.http import control_plane, error_response, json_response, who
-from controlplane.errors import ConfigError
+from controlplane.errors import ConfigError, StoreUnavailable
+from controlplane.store.changes import TopologyChange
+from controlplane.store.fleet import ignored_local_keys
 from controlplane.topology.model import restart_only_changes
 from controlplane.topology.parse import parse_topology, parse_topology_text
 
@@ -56,18 +58,26 @@ async def put_topology(request: web.Request) -> web.Response:
             "topology_rejected", f"PUT /topology by {by} rejected: {exc}", error=str(exc), who=by, what="PUT /topology"
         )
         return error_response(400, exc.message, exc.path or "body")
-    if changed := restart_only_changes(cp.topology.controlplane, topology.controlplane):
+    shared = cp.store.shared
+    # With a shared store only the fleet's part is written; each replica keeps its own settings.
+    if not shared and (changed := restart_only_changes(cp.topology.controlplane, topology.controlplane)):
         fixed = changed[0]
         return error_response(
             400, f"{fixed} cannot change while running (restart the control plane to apply it)", fixed
         )
     by = who(request)
-    snap = cp.update_topology(topology, detail=f"PUT /topology by {by}", who=by)
-    return json_response(
-        {
-            "version": (snap or cp.snapshot).version,
-            "clusters": len(topology.clusters),
-            "endpoints": sum(len(c.endpoints) for c in topology.clusters),
-            "listeners": len(topology.listeners),
-        }
-    )
+    try:
+        snap = await cp.store.submit(TopologyChange(topology, by, f"PUT /topology by {by}"))
+    except ConfigError as exc:
+        return error_response(400, str(exc), exc.path or "body")
+    except StoreUnavailable as exc:
+        return error_response(503, str(exc), "store")
+    answer = {
+        "version": (snap or cp.snapshot).version,
+        "clusters": len(topology.clusters),
+        "endpoints": sum(len(c.endpoints) for c in topology.clusters),
+        "listeners": len(topology.listeners),
+    }
+    if shared:
+        answer["local_settings_not_shared"] = ignored_local_keys(topology.document)
+    return json_response(answer)
