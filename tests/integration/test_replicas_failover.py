@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from controlplane.xds.bootstrap import make_bootstrap
+from controlplane.xds.bootstrap import make_bootstrap, make_grpc_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, free_port, poll_until
+from lab.grpcclient import ClientProcess
+from lab.grpcdemo import GrpcDemoServer
 from lab.replicas import Replicas, ServeProcess
 from tests.conftest import Lab, Traffic, web_topology
 from tests.integration.test_central_prober import HEALTH_CHECK
@@ -133,3 +136,66 @@ async def _ok_at_least(traffic: Traffic, n: int) -> bool:
 async def _plus_one(index: Any) -> int | None:
     found = await index
     return None if found is None else found + 1
+
+
+async def test_grpc_client_over_replicas_follows_grpc_fallback(tmp_path: Path) -> None:
+    """What grpcio does with several `xds_servers` (gRFC A71), as docs/scaling.md says.
+
+    A client holding its config stays with the first server when it dies: its calls go on from
+    the cached config, and it does not move to the next server. A client that starts while the
+    first server is down falls back to the next one.
+    """
+    servers = [GrpcDemoServer(f"g{i}") for i in (1, 2, 3)]
+    for server in servers:
+        await server.start()
+    document = {
+        "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}},
+        "clusters": [{"name": "greeter", "endpoints": [{"address": "127.0.0.1", "port": s.port} for s in servers]}],
+        "grpc_services": [{"name": "greeter", "cluster": "greeter"}],
+    }
+    replicas = Replicas(document, tmp_path / "replicas", count=3, no_prober=True)
+    started: list[ClientProcess] = []
+
+    async def client(node_id: str) -> ClientProcess:
+        path = tmp_path / f"{node_id}.json"
+        path.write_text(
+            json.dumps(make_grpc_bootstrap(node_id=node_id, xds=[("127.0.0.1", r.xds_port) for r in replicas]))
+        )
+        started.append(ClientProcess(path, ["greeter"], rate=40))
+        await started[-1].start()
+        return started[-1]
+
+    try:
+        await replicas.start()
+        first = await client("grpc-1")
+        on_first = lambda: _plus_one(_acked_on(replicas, "grpc-1@greeter"))  # noqa: E731
+        assert await poll_until(on_first, timeout=15, what="grpc-1 on a replica") - 1 == 0
+        await replicas[0].kill()
+        killed_at = time.time()
+        await poll_until(lambda: _calls_since(first, killed_at, 40), timeout=10, what="calls after the kill")
+        assert await _acked_on(replicas, "grpc-1@greeter") is None  # A71: cached config, no fallback
+        second = await client("grpc-2")
+        on_second = lambda: _plus_one(_acked_on(replicas, "grpc-2@greeter"))  # noqa: E731
+        assert await poll_until(on_second, timeout=15, what="grpc-2 on a replica") - 1 == 1  # the next one
+        await poll_until(lambda: _calls_since(second, 0, 10), timeout=10, what="grpc-2 calls")
+    finally:
+        for c in started:
+            await c.stop()
+        await replicas.aclose()
+        for server in servers:
+            await server.stop(0)
+    after = first.since(killed_at)
+    assert after and all(c.server is not None for c in after), collections.Counter(c.error for c in after)
+
+
+async def _acked_on(replicas: Replicas, node_key: str) -> int | None:
+    for i, replica in enumerate(replicas):
+        if replica.running:
+            row = await replica.node(node_key)
+            if row is not None and row["up_to_date"] and row["types"].get("eds", {}).get("version_acked"):
+                return i
+    return None
+
+
+async def _calls_since(client: ClientProcess, t: float, n: int) -> bool:
+    return len(client.since(t)) >= n
