@@ -257,6 +257,123 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return result
 
 
+# --------------------------------------------------------------------------- (c) a real Envoy
+
+
+async def envoy_failover(rounds: int, workdir: Path) -> dict[str, Any]:
+    """Real Envoys over 3 replicas (embedded probers, real backends); the replica each is on killed `rounds` times.
+
+    Side by side, in turn within each round: an Envoy bootstrapped as `healthplane bootstrap --xds A
+    --xds B --xds C` makes it (ADS retry backoff 250 ms..5 s), and one without its `retry_policy`
+    (Envoy's own 500 ms..30 s), each with its own listener. A turn: traffic through that Envoy,
+    SIGKILL the replica holding its ADS stream, time until a live replica's /nodes shows it up to
+    date on all four types; the killed replica is started again (same ports) before the next turn.
+    """
+    import aiohttp
+
+    from controlplane.xds.bootstrap import make_bootstrap
+    from lab.demoapp import DemoApp
+    from lab.envoyproc import EnvoyProcess, free_port, poll_until
+    from lab.replicas import Replicas
+
+    variants = {"bootstrap": "envoy-bootstrap", "envoy default backoff": "envoy-default"}
+    apps = [DemoApp(f"b{i}") for i in (1, 2, 3)]
+    for app in apps:
+        await app.start("127.0.0.1", 0)
+    ports = {variant: free_port() for variant in variants}
+    check = {"http": {"path": "/livez"}, "interval": "200ms", "timeout": "150ms"}
+    document = {
+        "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}},
+        "clusters": [
+            {
+                "name": CLUSTER,
+                "endpoints": [{"address": "127.0.0.1", "port": a.port} for a in apps],
+                "health_check": check,
+            }
+        ],
+        "listeners": [
+            {"name": node, "address": "127.0.0.1", "port": ports[v], "routes": [{"cluster": CLUSTER}], "nodes": [node]}
+            for v, node in variants.items()
+        ],
+    }
+    replicas = Replicas(document, workdir / "envoy", count=3)
+    envoys: dict[str, EnvoyProcess] = {}
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    failed: dict[str, int] = dict.fromkeys(variants, 0)
+
+    async def on_replica(node_id: str) -> int | None:
+        for i, replica in enumerate(replicas):
+            if replica.running:
+                row = await replica.node(node_id)
+                if row is not None and row["up_to_date"] and len(row["types"]) == 4:
+                    return i + 1
+        return None
+
+    async def turn(variant: str, node: str) -> dict[str, int]:
+        where = await poll_until(lambda: on_replica(node), timeout=30, what=f"{node} up to date") - 1
+        stop = asyncio.Event()
+        outcomes: dict[str, int] = {}
+
+        async def traffic(port: int) -> None:
+            while not stop.is_set():
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/") as response:
+                        await response.read()
+                        key = "ok" if response.status == 200 else f"status {response.status}"
+                except aiohttp.ClientError as exc:
+                    key = type(exc).__name__
+                outcomes[key] = outcomes.get(key, 0) + 1
+                await asyncio.sleep(0.005)
+
+        loop = asyncio.create_task(traffic(ports[variant]))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        await replicas[where].kill()
+        await poll_until(lambda: on_replica(node), timeout=60, interval=0.01, what=f"{node} moved")
+        results[variant].append(time.monotonic() - t0)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await loop
+        failed[variant] += sum(v for key, v in outcomes.items() if key != "ok")
+        await replicas[where].start()
+        await replicas[where].wait_ready()
+        return outcomes
+
+    try:
+        await replicas.start()
+        for variant, node in variants.items():
+            bootstrap = make_bootstrap(
+                node_id=node, service=node, xds=[("127.0.0.1", r.xds_port) for r in replicas], admin_port=0
+            )
+            if variant != "bootstrap":
+                bootstrap["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"].pop("retry_policy")
+            envoys[variant] = EnvoyProcess(bootstrap, name=node)
+            await envoys[variant].start()
+            await envoys[variant].wait_live()
+        for k in range(rounds):
+            for variant, node in variants.items():
+                outcomes = await turn(variant, node)
+                log(f"envoy round {k + 1}, {variant}: moved in {results[variant][-1] * 1000:.0f} ms, {outcomes}")
+    finally:
+        for envoy in envoys.values():
+            await envoy.stop()
+        await replicas.aclose()
+        await session.close()
+        for app in apps:
+            await app.stop()
+    return {
+        variant: {
+            "rounds": len(times),
+            "median_ms": round(statistics.median(times) * 1000),
+            "max_ms": round(max(times) * 1000),
+            "each_ms": [round(t * 1000) for t in times],
+            "failed_requests": failed[variant],
+        }
+        for variant, times in results.items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=10000)
@@ -266,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", type=int, default=3, help="overrides measured in (a)")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between overrides")
     parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument(
+        "--envoy-rounds", type=int, default=5, help="(c) real Envoys moved by a kill, per variant (0: skip)"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     if args.replicas < 2:
@@ -279,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-replicas-") as tmp:
             result = asyncio.run(run(args, Path(tmp)))
+            if args.envoy_rounds > 0:
+                result["envoy"] = asyncio.run(envoy_failover(args.envoy_rounds, Path(tmp)))
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -292,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{statistics.median(x['last_ack_s'] for x in o) * 1000:.0f} ms (each: {each} ms) | "
         f"{s['seconds_until_all_back']} s for {s['nodes_moved']} nodes (p50 {s['p50_s']} s) |"
     )
+    if "envoy" in result:
+        print()
+        print("| real Envoy, replica it is on SIGKILLed | rounds | moved: median | max | failed requests |")
+        print("| --- | --- | --- | --- | --- |")
+        for variant, e in result["envoy"].items():
+            print(f"| {variant} | {e['rounds']} | {e['median_ms']} ms | {e['max_ms']} ms | {e['failed_requests']} |")
     print(json.dumps(result, indent=1))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=1))

@@ -49,7 +49,7 @@ TOY_RUNS = {
         "200*N/(N+1)",
     ),
     "replicas.py": (
-        ["--nodes", "30", "--overrides", "2", "--workers", "1", "--pause", "0.1"],
+        ["--nodes", "30", "--overrides", "2", "--workers", "1", "--pause", "0.1", "--envoy-rounds", "1"],
         "| 30 | 3 |",
     ),
     "soak.py": (["--nodes", "5", "--minutes", "0.1", "--workers", "1"], '"refused_streams": 0'),
