@@ -81,9 +81,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
                 service=args.service or "",
                 zone=args.zone,
                 tls=xds_tls_from_args(args),
+                fallback=args.grpc_fallback,
             )
         )
         return _write_bootstrap(args, text)
+    if args.grpc_fallback:
+        raise ConfigError("is for the proxyless gRPC bootstrap (--grpc) only", path="--grpc-fallback")
     if not args.service:
         raise ConfigError("is required for an Envoy bootstrap (node.cluster)", path="--service")
     text = bootstrap_yaml(
@@ -124,6 +127,12 @@ def add_serve_commands(sub: Any) -> None:
     p = sub.add_parser("bootstrap", help="print an Envoy (or, with --grpc, a proxyless gRPC) bootstrap over ADS")
     p.add_argument(
         "--grpc", action="store_true", help="print the JSON a proxyless gRPC client reads from GRPC_XDS_BOOTSTRAP"
+    )
+    p.add_argument(
+        "--grpc-fallback",
+        action="store_true",
+        help="with --grpc and several --xds: one xds_servers entry each, in order (gRPC's fallback, gRFC A71) "
+        "instead of one entry listing every replica's address",
     )
     p.add_argument("--node-id", required=True, help="node.id (unique per Envoy or gRPC client process)")
     p.add_argument("--service", help="node.cluster, as --service-cluster sets it (required for Envoy)")

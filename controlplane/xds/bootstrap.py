@@ -177,14 +177,18 @@ def make_grpc_bootstrap(
     service: str = "",
     zone: str = "",
     tls: XdsTls | None = None,
+    fallback: bool = False,
 ) -> dict[str, Any]:
     """The JSON a proxyless gRPC client reads from `GRPC_XDS_BOOTSTRAP` (gRFC A27; TLS: A65).
 
-    Several `xds` servers are listed in order: gRPC's fallback (gRFC A71) uses the first one it can
-    reach and moves down the list only while resources it needs are missing, so a client that has
-    its config stays on a dead first server until it comes back or a new resource is needed
-    (docs/scaling.md). gRPC's bootstrap has no SNI or SAN override: the control plane's
-    certificate must match the host of `server_uri`.
+    Several replicas that are all IP addresses of one family become one `xds_servers` entry
+    whose `server_uri` lists them (`ipv4:A:P,B:P`): gRPC's xDS channel then reconnects to a live
+    one when its replica dies, as it does over a DNS name with several addresses. Otherwise (host
+    names, mixed families, or `fallback`) each is its own entry, in order, and gRPC's fallback
+    (gRFC A71) applies: a client that has its config stays with a dead first server (serving what
+    it has, getting no health change) until it comes back or a resource is missing; see
+    docs/scaling.md. gRPC's bootstrap has no SNI or SAN override: the control plane's certificate
+    must match the host of `server_uri`.
     """
     if tls is not None and tls.sni:
         raise ConfigError(
@@ -201,13 +205,23 @@ def make_grpc_bootstrap(
     node: dict[str, Any] = {"id": node_id, "cluster": service}
     if zone:
         node["locality"] = {"zone": zone}
+    servers = list(xds) or [(xds_host, xds_port)]
+    uris = [f"{_uri_host(host)}:{port}" for host, port in servers]
+    families = {_ip_family(host) for host, _ in servers}
+    if len(servers) > 1 and not fallback and len(families) == 1 and None not in families:
+        # gRPC's ipv4:/ipv6: resolvers take a comma-separated address list (gRPC's naming doc).
+        uris = [f"{families.pop()}:{','.join(uris)}"]
     return {
-        "xds_servers": [
-            {"server_uri": f"{_uri_host(host)}:{port}", "channel_creds": [creds], "server_features": ["xds_v3"]}
-            for host, port in (list(xds) or [(xds_host, xds_port)])
-        ],
+        "xds_servers": [{"server_uri": uri, "channel_creds": [creds], "server_features": ["xds_v3"]} for uri in uris],
         "node": node,
     }
+
+
+def _ip_family(host: str) -> str | None:
+    try:
+        return f"ipv{ipaddress.ip_address(host).version}"
+    except ValueError:
+        return None
 
 
 def _uri_host(host: str) -> str:

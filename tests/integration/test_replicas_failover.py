@@ -4,7 +4,8 @@ Each replica serves the same topology file with its own embedded prober. The Env
 lists all three (`healthplane bootstrap --xds A --xds B --xds C`). The replica holding its ADS
 stream is SIGKILLed while requests flow: no request fails, the Envoy is on another replica's
 current version within seconds, and its /clusters never shows an endpoint UNKNOWN (nor a flip of
-the dead backend) before, during or after the move.
+the dead backend) before, during or after the move. Then proxyless gRPC clients over the same
+kind of replicas: with the bootstrap's address list, and with gRPC's own fallback list (gRFC A71).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import collections
 import json
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -138,52 +140,107 @@ async def _plus_one(index: Any) -> int | None:
     return None if found is None else found + 1
 
 
-async def test_grpc_client_over_replicas_follows_grpc_fallback(tmp_path: Path) -> None:
-    """What grpcio does with several `xds_servers` (gRFC A71), as docs/scaling.md says.
+@pytest.fixture
+async def grpc_servers() -> AsyncIterator[list[GrpcDemoServer]]:
+    servers = [GrpcDemoServer(f"g{i}") for i in (1, 2, 3)]
+    for server in servers:
+        await server.start()
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            await server.stop(0)
+
+
+class GrpcOverReplicas:
+    """Three replicas serving service `greeter`, and proxyless client processes bootstrapped with all of them."""
+
+    def __init__(self, servers: list[GrpcDemoServer], tmp_path: Path) -> None:
+        document = {
+            "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}},
+            "clusters": [{"name": "greeter", "endpoints": [{"address": "127.0.0.1", "port": s.port} for s in servers]}],
+            "grpc_services": [{"name": "greeter", "cluster": "greeter"}],
+        }
+        self.tmp_path = tmp_path
+        self.replicas = Replicas(document, tmp_path / "replicas", count=3, no_prober=True)
+        self.clients: list[ClientProcess] = []
+
+    async def client(self, node_id: str, *, fallback: bool = False) -> ClientProcess:
+        xds = [("127.0.0.1", r.xds_port) for r in self.replicas]
+        path = self.tmp_path / f"{node_id}.json"
+        path.write_text(json.dumps(make_grpc_bootstrap(node_id=node_id, xds=xds, fallback=fallback)))
+        self.clients.append(ClientProcess(path, ["greeter"], rate=40))
+        await self.clients[-1].start()
+        return self.clients[-1]
+
+    async def on(self, node_key: str) -> int:
+        """The replica where the client's stream has ACKed what it serves (waits for one)."""
+        found = lambda: _plus_one(_acked_on(self.replicas, node_key))  # noqa: E731
+        index: int = await poll_until(found, timeout=15, what=f"{node_key} up to date on a replica")
+        return index - 1
+
+    async def aclose(self) -> None:
+        for c in self.clients:
+            await c.stop()
+        await self.replicas.aclose()
+
+
+async def test_grpc_client_over_replicas_moves_and_gets_health_changes(
+    grpc_servers: list[GrpcDemoServer], tmp_path: Path
+) -> None:
+    """`bootstrap --grpc --xds A --xds B --xds C` (IPs): one xDS server listing every replica.
+
+    When its replica dies, the client's xDS channel reconnects to a live one, and a health change
+    made there reaches it.
+    """
+    lab = GrpcOverReplicas(grpc_servers, tmp_path)
+    try:
+        await lab.replicas.start()
+        client = await lab.client("grpc-1")
+        first = await lab.on("grpc-1@greeter")
+        await lab.replicas[first].kill()
+        killed_at = time.time()
+        second = await lab.on("grpc-1@greeter")
+        assert second != first
+        out = grpc_servers[0]
+        for replica in lab.replicas.alive:
+            code, body = await replica.request(
+                "POST", f"/endpoints/greeter/127.0.0.1:{out.port}/override", json={"status": "UNHEALTHY"}
+            )
+            assert code == 200, body
+
+        async def taken_out() -> bool:
+            recent = client.calls[-30:]
+            return len(recent) == 30 and out.name not in {c.server for c in recent}
+
+        await poll_until(taken_out, timeout=10, what=f"calls no longer reaching {out.name}")
+    finally:
+        await lab.aclose()
+    after = client.since(killed_at)
+    assert after and all(c.server is not None for c in after), collections.Counter(c.error for c in after)
+
+
+async def test_grpc_fallback_list_follows_grpc_a71(grpc_servers: list[GrpcDemoServer], tmp_path: Path) -> None:
+    """`--grpc-fallback`: one xds_servers entry per replica; grpcio 1.85 does what gRFC A71 says.
 
     A client holding its config stays with the first server when it dies: its calls go on from
     the cached config, and it does not move to the next server. A client that starts while the
     first server is down falls back to the next one.
     """
-    servers = [GrpcDemoServer(f"g{i}") for i in (1, 2, 3)]
-    for server in servers:
-        await server.start()
-    document = {
-        "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}},
-        "clusters": [{"name": "greeter", "endpoints": [{"address": "127.0.0.1", "port": s.port} for s in servers]}],
-        "grpc_services": [{"name": "greeter", "cluster": "greeter"}],
-    }
-    replicas = Replicas(document, tmp_path / "replicas", count=3, no_prober=True)
-    started: list[ClientProcess] = []
-
-    async def client(node_id: str) -> ClientProcess:
-        path = tmp_path / f"{node_id}.json"
-        path.write_text(
-            json.dumps(make_grpc_bootstrap(node_id=node_id, xds=[("127.0.0.1", r.xds_port) for r in replicas]))
-        )
-        started.append(ClientProcess(path, ["greeter"], rate=40))
-        await started[-1].start()
-        return started[-1]
-
+    lab = GrpcOverReplicas(grpc_servers, tmp_path)
     try:
-        await replicas.start()
-        first = await client("grpc-1")
-        on_first = lambda: _plus_one(_acked_on(replicas, "grpc-1@greeter"))  # noqa: E731
-        assert await poll_until(on_first, timeout=15, what="grpc-1 on a replica") - 1 == 0
-        await replicas[0].kill()
+        await lab.replicas.start()
+        first = await lab.client("grpc-1", fallback=True)
+        assert await lab.on("grpc-1@greeter") == 0
+        await lab.replicas[0].kill()
         killed_at = time.time()
         await poll_until(lambda: _calls_since(first, killed_at, 40), timeout=10, what="calls after the kill")
-        assert await _acked_on(replicas, "grpc-1@greeter") is None  # A71: cached config, no fallback
-        second = await client("grpc-2")
-        on_second = lambda: _plus_one(_acked_on(replicas, "grpc-2@greeter"))  # noqa: E731
-        assert await poll_until(on_second, timeout=15, what="grpc-2 on a replica") - 1 == 1  # the next one
+        assert await _acked_on(lab.replicas, "grpc-1@greeter") is None  # cached config, no fallback
+        second = await lab.client("grpc-2", fallback=True)
+        assert await lab.on("grpc-2@greeter") == 1  # the next one in the list
         await poll_until(lambda: _calls_since(second, 0, 10), timeout=10, what="grpc-2 calls")
     finally:
-        for c in started:
-            await c.stop()
-        await replicas.aclose()
-        for server in servers:
-            await server.stop(0)
+        await lab.aclose()
     after = first.since(killed_at)
     assert after and all(c.server is not None for c in after), collections.Counter(c.error for c in after)
 

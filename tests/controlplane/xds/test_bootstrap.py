@@ -141,10 +141,26 @@ def test_bootstrap_names_the_bad_replica_address(
         assert message in capsys.readouterr().err
 
 
-def test_grpc_bootstrap_lists_every_replica_in_order() -> None:
-    argv = ["bootstrap", "--grpc", "--node-id", "g1", "--xds", "127.0.0.1:18000", "--xds", "[::1]:18001"]
-    code, output = run_cli(argv)
-    assert code == 0
-    servers = json.loads(output)["xds_servers"]
-    assert [s["server_uri"] for s in servers] == ["127.0.0.1:18000", "[::1]:18001"]
-    assert all(s["channel_creds"] == [{"type": "insecure"}] and s["server_features"] == ["xds_v3"] for s in servers)
+def test_grpc_bootstrap_over_replicas() -> None:
+    def uris(*argv: str) -> list[str]:
+        code, output = run_cli(["bootstrap", "--grpc", "--node-id", "g1", *argv])
+        assert code == 0
+        servers = json.loads(output)["xds_servers"]
+        assert all(s["channel_creds"] == [{"type": "insecure"}] and s["server_features"] == ["xds_v3"] for s in servers)
+        return [s["server_uri"] for s in servers]
+
+    # IPs of one family: one server whose target lists every replica (the channel moves between them).
+    assert uris("--xds", "127.0.0.1:18000", "--xds", "127.0.0.2:18001") == ["ipv4:127.0.0.1:18000,127.0.0.2:18001"]
+    assert uris("--xds", "[::1]:18000", "--xds", "[::2]:18000") == ["ipv6:[::1]:18000,[::2]:18000"]
+    # Names, mixed families, or asked for: one server each, in order (gRPC's fallback, gRFC A71).
+    assert uris("--xds", "cp-a:18000", "--xds", "127.0.0.1:18000") == ["cp-a:18000", "127.0.0.1:18000"]
+    assert uris("--xds", "127.0.0.1:18000", "--xds", "[::1]:18000") == ["127.0.0.1:18000", "[::1]:18000"]
+    fallback = ("--grpc-fallback", "--xds", "127.0.0.1:18000", "--xds", "127.0.0.2:18000")
+    assert uris(*fallback) == ["127.0.0.1:18000", "127.0.0.2:18000"]
+    assert uris("--xds", "127.0.0.1:18000") == ["127.0.0.1:18000"]
+
+
+def test_grpc_fallback_is_for_grpc_only(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bootstrap", "--grpc-fallback", "--node-id", "n", "--service", "s", "--xds", "127.0.0.1:1"]
+    assert main(argv) == 2
+    assert "--grpc-fallback: is for the proxyless gRPC bootstrap (--grpc) only" in capsys.readouterr().err
