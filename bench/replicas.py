@@ -100,6 +100,8 @@ async def _clients(conn: Connection, targets: list[str], first: int, count: int,
         if command == "moved":
             versions, since = {int(k): v for k, v in args[0].items()}, args[1]
             done = [t for n in moving if n.target in versions and (t := n.current_since(versions[n.target], since))]
+            # When each moved node read its first response on the new replica.
+            first_read = [min((r.read_at for r in n.sim.history if r.read_at >= since), default=None) for n in moving]
             by_target: dict[int, int] = {}
             for n in moving:
                 by_target[n.target] = by_target.get(n.target, 0) + 1
@@ -107,6 +109,7 @@ async def _clients(conn: Connection, targets: list[str], first: int, count: int,
                 "moving": len(moving),
                 "back": len(done),
                 "times": done,
+                "first_read": [t for t in first_read if t is not None],
                 "by_target": by_target,
                 "failed_tries": sum(n.failed_tries for n in moving),
                 "errors": [n.sim.error for n in moving if n.sim.error][:3],
@@ -234,6 +237,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 raise TimeoutError(f"storm: {sum(a['back'] for a in answers)} of {moving} back: {answers[0]['errors']}")
             await asyncio.sleep(0.1)
         times = [t for a in answers for t in a["times"]]
+        first_read = [t for a in answers for t in a["first_read"]]
         by_target: dict[int, int] = {}
         for a in answers:
             for t, c in a["by_target"].items():
@@ -245,6 +249,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "seconds_until_all_back": round(max(times) - killed_at, 2),
             "p50_s": round(_percentile(times, 50) - killed_at, 2),
             "p99_s": round(_percentile(times, 99) - killed_at, 2),
+            "first_response_p50_s": round(_percentile(first_read, 50) - killed_at, 2),
+            "first_response_last_s": round(max(first_read) - killed_at, 2),
             "moved_to": {f"replica-{t}": c for t, c in sorted(by_target.items())},
             "failed_tries": sum(a["failed_tries"] for a in answers),
             "all_nodes_current_after": len(stayed),
