@@ -42,7 +42,7 @@ class FailoverNode:
     targets: Sequence[str]
     target: int  # index into targets of the replica the node is (or was last) on
     rng: random.Random = field(default_factory=random.Random)
-    streams: int = 0  # streams that got a first response
+    ended_streams: int = 0  # streams that ended after a first response (moves away from a replica)
     failed_tries: int = 0  # streams that ended before it (a dead replica picked)
     lost_at: float | None = None  # time.time() when the last stream ended
 
@@ -58,7 +58,7 @@ class FailoverNode:
                 await channel.close(grace=None)
             self.lost_at = time.time()
             if len(self.sim.history) > before:
-                self.streams += 1
+                self.ended_streams += 1
                 cap = BACKOFF_BASE
             else:
                 self.failed_tries += 1
