@@ -158,14 +158,39 @@ async def _wait_current(
         await asyncio.sleep(0.1)
 
 
+async def _new_eds_versions(replicas: Any, before: dict[int, str], status: str, limit: float) -> dict[int, str]:
+    """Each replica's EDS version once it serves the flipped endpoint as `status` (via a store: a moment later)."""
+    deadline = time.monotonic() + limit
+    out: dict[int, str] = {}
+    while len(out) < len(before):
+        for i in before.keys() - out.keys():
+            _, snapshot = await replicas[i].get("/snapshot")
+            version = snapshot["type_versions"]["eds"]
+            served = {f"{e['address']}:{e['port']}": e["status"] for e in snapshot["clusters"][0]["endpoints"]}
+            if version != before[i] and served.get(FLIPPED) == status:
+                out[i] = version
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"replicas {sorted(before.keys() - out.keys())} do not serve the override")
+        await asyncio.sleep(0.01)
+    return out
+
+
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from lab.etcd import EtcdServer
     from lab.replicas import Replicas
 
     n, r = args.nodes, args.replicas
-    result: dict[str, Any] = {"nodes": n, "replicas": r, "workers": args.workers, "argv": sys.argv}
+    result: dict[str, Any] = {"nodes": n, "replicas": r, "workers": args.workers, "store": args.store, "argv": sys.argv}
     ctx = mp.get_context("spawn")
     clients: list[Child] = []
-    replicas = Replicas(TOPOLOGY, workdir, count=r, no_prober=True)
+    document: dict[str, Any] = json.loads(json.dumps(TOPOLOGY))
+    etcd: EtcdServer | None = None
+    if args.store == "etcd":
+        # controlplane.store (issue 17's shared operator state): one override reaches every replica.
+        etcd = EtcdServer(workdir / "etcd")
+        await etcd.start()
+        document["controlplane"]["store"] = {"etcd": {"endpoints": [etcd.endpoint], "prefix": "/bench"}}
+    replicas = Replicas(document, workdir, count=r, no_prober=True)
     try:
         await replicas.start()
         targets = replicas.xds_addresses
@@ -184,22 +209,24 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         result["connect_seconds"] = round(time.monotonic() - t0, 1)
         log(f"{n} nodes on {r} replicas, all current, in {result['connect_seconds']} s")
 
-        # (a) an override on every replica, one POST after the other
+        # (a) an override: POSTed to every replica in turn, or (with a store) to one, which
+        # etcd carries to the others
         overrides = []
         for k in range(args.overrides):
             status = "UNHEALTHY" if k % 2 == 0 else "HEALTHY"
+            before = {i: v[SHORT["eds"]] for i, v in (await _versions(replicas, list(range(r)))).items()}
             started = time.time()
             posted: dict[int, float] = {}
-            eds: dict[int, str] = {}
             for i, replica in enumerate(replicas):
+                if etcd is not None and i > 0:
+                    break
                 posted[i] = time.time()
                 code, body = await replica.request(
                     "POST", f"/endpoints/{CLUSTER}/{FLIPPED}/override", json={"status": status, "who": "bench"}
                 )
                 if code != 200 or not body.get("changed"):
                     raise RuntimeError(f"replica {i}: override answered {code} {body}")
-            for i, v in (await _versions(replicas, list(range(r)))).items():
-                eds[i] = v[SHORT["eds"]]
+            eds = await _new_eds_versions(replicas, before, status, limit=30)
             deadline = time.monotonic() + limit
             while True:
                 answers = await _ask_all(clients, "eds-acked", eds, started, limit=60)
@@ -214,7 +241,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "status": status,
                     "last_ack_s": round(max(times) - started, 3),
                     "p50_s": round(_percentile(times, 50) - started, 3),
-                    "posts_s": round(posted[r - 1] - started, 3),
+                    "posts_s": round(max(posted.values()) - started, 3),
+                    "replicas_posted": len(posted),
                 }
             )
             log(f"override {k + 1}: {json.dumps(overrides[-1])}")
@@ -260,6 +288,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         for c in clients:
             c.close()
         await replicas.aclose()
+        if etcd is not None:
+            await etcd.stop()
     return result
 
 
@@ -389,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", type=int, default=3, help="overrides measured in (a)")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between overrides")
     parser.add_argument("--seed", type=int, default=17)
+    parser.add_argument(
+        "--store",
+        choices=("none", "etcd"),
+        default="none",
+        help="etcd: the replicas share operator state in a real etcd (controlplane.store) and (a) sends each "
+        "override to one replica; none: to every replica in turn",
+    )
     parser.add_argument(
         "--envoy-rounds", type=int, default=5, help="(c) real Envoys moved by a kill, per variant (0: skip)"
     )

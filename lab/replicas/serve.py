@@ -212,12 +212,15 @@ class ServeProcess:
 
 
 def replica_document(document: Mapping[str, Any], directory: Path) -> dict[str, Any]:
-    """The document one replica serves: the same topology, its own ports (0 unless given) and data_dir."""
+    """The document one replica serves: the same topology, its own ports (0 unless given), data_dir and store name."""
     doc = copy.deepcopy(dict(document))
     cp = dict(doc.get("controlplane") or {})
     cp["xds"] = {**(cp.get("xds") or {}), "port": (cp.get("xds") or {}).get("port", 0)}
     cp["admin"] = {**(cp.get("admin") or {}), "port": (cp.get("admin") or {}).get("port", 0)}
     cp["data_dir"] = str(directory / "data")
+    if isinstance(cp.get("store"), Mapping) and "replica_id" not in cp["store"]:
+        # A shared store names each replica; its default (HOSTNAME:XDS_PORT) is one name for all on one host.
+        cp["store"] = {**cp["store"], "replica_id": directory.name}
     doc["controlplane"] = cp
     return doc
 
