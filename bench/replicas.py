@@ -158,8 +158,11 @@ async def _wait_current(
         await asyncio.sleep(0.1)
 
 
-async def _new_eds_versions(replicas: Any, before: dict[int, str], status: str, limit: float) -> dict[int, str]:
-    """Each replica's EDS version once it serves the flipped endpoint as `status` (via a store: a moment later)."""
+async def _new_eds_versions(
+    replicas: Any, before: dict[int, str], status: str, limit: float
+) -> tuple[dict[int, str], float]:
+    """Each replica's EDS version once it serves the flipped endpoint as `status` (via a store: a moment
+    later), and when the last replica was first seen serving it (polled every 10 ms)."""
     deadline = time.monotonic() + limit
     out: dict[int, str] = {}
     while len(out) < len(before):
@@ -171,8 +174,9 @@ async def _new_eds_versions(replicas: Any, before: dict[int, str], status: str, 
                 out[i] = version
         if time.monotonic() > deadline:
             raise TimeoutError(f"replicas {sorted(before.keys() - out.keys())} do not serve the override")
-        await asyncio.sleep(0.01)
-    return out
+        if len(out) < len(before):
+            await asyncio.sleep(0.01)
+    return out, time.time()
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -226,7 +230,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 )
                 if code != 200 or not body.get("changed"):
                     raise RuntimeError(f"replica {i}: override answered {code} {body}")
-            eds = await _new_eds_versions(replicas, before, status, limit=30)
+            eds, all_serve_it = await _new_eds_versions(replicas, before, status, limit=30)
             deadline = time.monotonic() + limit
             while True:
                 answers = await _ask_all(clients, "eds-acked", eds, started, limit=60)
@@ -243,6 +247,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "p50_s": round(_percentile(times, 50) - started, 3),
                     "posts_s": round(max(posted.values()) - started, 3),
                     "replicas_posted": len(posted),
+                    "all_replicas_serve_it_s": round(all_serve_it - started, 3),
                 }
             )
             log(f"override {k + 1}: {json.dumps(overrides[-1])}")
