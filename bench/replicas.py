@@ -428,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         "--store",
         choices=("none", "etcd"),
         default="none",
-        help="etcd: the replicas share operator state in a real etcd (controlplane.store) and (a) sends each "
-        "override to one replica; none: to every replica in turn",
+        help="etcd: the replicas share operator state in a real etcd (controlplane.store, issue 17's store: "
+        "needs it merged) and (a) sends each override to one replica; none: to every replica in turn",
     )
     parser.add_argument(
         "--envoy-rounds", type=int, default=5, help="(c) real Envoys moved by a kill, per variant (0: skip)"
