@@ -1,6 +1,7 @@
 """Replicas: N simulated ADS nodes over 3 `healthplane serve` processes; an override, then a replica killed.
 
-    python bench/replicas.py [--nodes 10000] [--replicas 3] [--workers 2] [--overrides 3] [--json replicas.json]
+    python bench/replicas.py [--nodes 10000] [--replicas 3] [--workers 2] [--overrides 3] [--store etcd|none]
+                             [--envoy-rounds 5] [--json replicas.json]
 
 The replicas are real `healthplane serve` processes (lab/replicas: each its own copy of one
 topology, its own ports, `--no-prober`). W client processes hold the nodes (lab/replicas/failover.py:
@@ -8,14 +9,17 @@ lab/fleet.py's SimNode, subscribing CDS, EDS, LDS, RDS as Envoy does and ACKing 
 node i starts on replica i % R and, when its stream drops, re-opens it on another replica after
 Envoy's jittered backoff (`healthplane bootstrap --xds A --xds B ...`: 250 ms doubling to 5 s).
 
-(a) Override: one endpoint's override (UNHEALTHY, then HEALTHY, ...) is POSTed to each replica's
-    admin API in turn (until a shared store carries one override to every replica, issue 17's etcd
-    part); measured from just before the first POST to the last node's ACK of the EDS version
-    carrying it, over every replica; and per replica from its own POST.
+(a) Override: the replicas share operator state in a real etcd (lab/etcd.py, `controlplane.store`)
+    and one endpoint's override (UNHEALTHY, then HEALTHY, ...) is POSTed to one replica; measured
+    from just before the POST to the last node's ACK, over every replica, of the EDS version
+    carrying it. `--store none`: no store, the override POSTed to each replica in turn.
 (b) Reconnect storm: the replica holding 1/R of the nodes is SIGKILLed; measured from the kill to
     the moment the last of its nodes has ACKed all four types at the current version of the live
     replica it moved to. Times are the clients' (when the ACK was written); the processes share
     one clock.
+(c) A real Envoy's move (`--envoy-rounds`): real Envoys over 3 replicas with embedded probers and
+    real backends, the replica each is on SIGKILLed in turn; the bootstrap's ADS backoff side by
+    side with Envoy's default (envoy_failover below).
 """
 
 from __future__ import annotations
@@ -427,9 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--store",
         choices=("none", "etcd"),
-        default="none",
-        help="etcd: the replicas share operator state in a real etcd (controlplane.store, issue 17's store: "
-        "needs it merged) and (a) sends each override to one replica; none: to every replica in turn",
+        default="etcd",
+        help="etcd (default): the replicas share operator state in a real etcd (controlplane.store) and (a) "
+        "sends each override to one replica; none: no store, each override POSTed to every replica in turn",
     )
     parser.add_argument(
         "--envoy-rounds", type=int, default=5, help="(c) real Envoys moved by a kill, per variant (0: skip)"
