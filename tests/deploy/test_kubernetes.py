@@ -145,3 +145,21 @@ def test_the_prober_deployment_runs_a_prober_against_the_xds_service() -> None:
     assert host == service["metadata"]["name"]
     assert int(port) == service["spec"]["ports"][0]["port"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_commented_store_snippet_is_a_valid_store(tmp_path: Path) -> None:
+    # Uncommented as an operator would (one "# " off each line of the block), it is a
+    # controlplane.store that healthplane accepts, with the etcd endpoints it shows.
+    lines = find("ConfigMap", "healthplane-topology")["data"]["topology.yaml"].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "# store:")
+    indent = lines[start].index("#")
+    end = start
+    while end < len(lines) and lines[end].startswith(" " * indent + "#"):
+        end += 1
+    block = [line[:indent] + line[indent + 2 :] for line in lines[start:end]]
+    config = tmp_path / "topology.yaml"
+    config.write_text("\n".join([*lines[:start], *block, *lines[end:]]) + "\n")
+    store = load_topology(config).controlplane.store
+    assert store is not None
+    assert store.etcd.endpoints[0] == ("etcd-0.etcd", 2379)
+    assert store.etcd.prefix == "/healthplane"
