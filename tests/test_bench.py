@@ -48,6 +48,10 @@ TOY_RUNS = {
         ["--nodes", "5", "--pushes", "2", "--model-nodes", "5", "--model-pushes", "2", "--workers", "1"],
         "200*N/(N+1)",
     ),
+    "replicas.py": (
+        ["--nodes", "30", "--overrides", "2", "--workers", "1", "--pause", "0.1", "--envoy-rounds", "1"],
+        "| 30 | 3 |",
+    ),
     "soak.py": (["--nodes", "5", "--minutes", "0.1", "--workers", "1"], '"refused_streams": 0'),
     "verdicts.py": (["--endpoints", "20", "--repeat", "1"], "| 20 |"),
     "passive.py": (

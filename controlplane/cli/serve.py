@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 from controlplane.errors import ConfigError
-from controlplane.topology.addresses import host_port
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -67,32 +66,34 @@ def _bootstrap(args: argparse.Namespace) -> int:
         grpc_bootstrap_json,
         make_bootstrap,
         make_grpc_bootstrap,
+        xds_servers,
         xds_tls_from_args,
     )
 
-    host, port = host_port(args.xds, "--xds")
+    servers = xds_servers(args.xds, "--xds")
     if args.grpc:
         if args.delta:
             raise ConfigError("gRPC's xDS client speaks state of the world only", path="--delta")
         text = grpc_bootstrap_json(
             make_grpc_bootstrap(
                 node_id=args.node_id,
-                xds_host=host,
-                xds_port=port,
+                xds=servers,
                 service=args.service or "",
                 zone=args.zone,
                 tls=xds_tls_from_args(args),
+                fallback=args.grpc_fallback,
             )
         )
         return _write_bootstrap(args, text)
+    if args.grpc_fallback:
+        raise ConfigError("is for the proxyless gRPC bootstrap (--grpc) only", path="--grpc-fallback")
     if not args.service:
         raise ConfigError("is required for an Envoy bootstrap (node.cluster)", path="--service")
     text = bootstrap_yaml(
         make_bootstrap(
             node_id=args.node_id,
             service=args.service,
-            xds_host=host,
-            xds_port=port,
+            xds=servers,
             admin_port=args.admin_port,
             admin_address=args.admin_address,
             zone=args.zone,
@@ -127,9 +128,21 @@ def add_serve_commands(sub: Any) -> None:
     p.add_argument(
         "--grpc", action="store_true", help="print the JSON a proxyless gRPC client reads from GRPC_XDS_BOOTSTRAP"
     )
+    p.add_argument(
+        "--grpc-fallback",
+        action="store_true",
+        help="with --grpc and several --xds: one xds_servers entry each, in order (gRPC's fallback, gRFC A71) "
+        "instead of one entry listing every replica's address",
+    )
     p.add_argument("--node-id", required=True, help="node.id (unique per Envoy or gRPC client process)")
     p.add_argument("--service", help="node.cluster, as --service-cluster sets it (required for Envoy)")
-    p.add_argument("--xds", required=True, help="control plane xDS address HOST:PORT")
+    p.add_argument(
+        "--xds",
+        required=True,
+        action="append",
+        help="control plane xDS address HOST:PORT; repeat it for each replica (a DNS name with one "
+        "address per replica works too)",
+    )
     p.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port (0: any free port)")
     p.add_argument("--admin-address", default="127.0.0.1")
     p.add_argument("--zone", default="", help="node.locality.zone")

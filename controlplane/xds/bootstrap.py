@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
+from controlplane.errors import ConfigError
+from controlplane.topology.addresses import host_port
 
 
 def _is_ip(host: str) -> bool:
@@ -50,8 +54,6 @@ class XdsTls:
 
 def xds_tls_from_args(args: argparse.Namespace) -> XdsTls | None:
     """The `bootstrap --tls-*` options; ConfigError when they do not make a whole."""
-    from controlplane.errors import ConfigError
-
     if not (args.tls_ca or args.tls_cert or args.tls_key or args.tls_sni):
         return None
     if not args.tls_ca:
@@ -61,12 +63,36 @@ def xds_tls_from_args(args: argparse.Namespace) -> XdsTls | None:
     return XdsTls(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, sni=args.tls_sni)
 
 
+# Envoy's own backoff for re-opening the ADS stream is 500 ms doubling up to 30 s (jittered). With
+# several replicas a retry that picked the dead one costs one backoff, and after a whole control
+# plane outage the next try can be 30 s away: start at 250 ms, cap at 5 s (docs/scaling.md, measured).
+ADS_RETRY_BACK_OFF = {"base_interval": "0.25s", "max_interval": "5s"}
+
+
+def xds_servers(values: Sequence[str], flag: str = "--xds") -> list[tuple[str, int]]:
+    """The control plane's xDS addresses from repeated `--xds HOST:PORT`; ConfigError naming the bad one."""
+    if not values:
+        raise ConfigError("at least one control plane address is required", path=flag)
+    seen: dict[tuple[str, int], int] = {}
+    out: list[tuple[str, int]] = []
+    for i, text in enumerate(values):
+        where = flag if len(values) == 1 else f"{flag}[{i}]"
+        host, port = host_port(text, where)
+        key = (host.lower(), port)
+        if key in seen:
+            raise ConfigError(f"{text} is given twice (also {flag}[{seen[key]}])", path=where)
+        seen[key] = i
+        out.append((host, port))
+    return out
+
+
 def make_bootstrap(
     *,
     node_id: str,
     service: str,
-    xds_host: str,
-    xds_port: int,
+    xds_host: str = "",
+    xds_port: int = 0,
+    xds: Sequence[tuple[str, int]] = (),
     admin_port: int = 9901,
     admin_address: str = "127.0.0.1",
     zone: str = "",
@@ -74,8 +100,17 @@ def make_bootstrap(
     delta: bool = False,
 ) -> dict[str, Any]:
     """A bootstrap whose listeners, routes, clusters and endpoints all come over ADS (over TLS if
-    `tls`; incremental xDS, `DeltaAggregatedResources`, if `delta`)."""
+    `tls`; incremental xDS, `DeltaAggregatedResources`, if `delta`).
+
+    The control plane is `xds_host:xds_port`, or the replicas `xds` (HOST, PORT) pairs: all of them
+    endpoints of the one `healthplane_xds` cluster, so a new ADS stream goes to a live one when its
+    replica dies.
+    """
+    servers = list(xds) or [(xds_host, xds_port)]
     ads_source = {"ads": {}, "resource_api_version": "V3"}
+    envoy_grpc: dict[str, Any] = {"cluster_name": "healthplane_xds"}
+    if len(servers) > 1:
+        envoy_grpc["retry_policy"] = {"retry_back_off": dict(ADS_RETRY_BACK_OFF)}
     node: dict[str, Any] = {"id": node_id, "cluster": service}
     if zone:
         node["locality"] = {"zone": zone}
@@ -86,7 +121,7 @@ def make_bootstrap(
             "ads_config": {
                 "api_type": "DELTA_GRPC" if delta else "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": "healthplane_xds"}}],
+                "grpc_services": [{"envoy_grpc": envoy_grpc}],
                 # Without it Envoy resends its whole Node (tens of KB) with every ACK.
                 "set_node_on_first_message_only": True,
             },
@@ -97,8 +132,9 @@ def make_bootstrap(
             "clusters": [
                 {
                     "name": "healthplane_xds",
-                    # A hostname (docker-compose service name) needs DNS; an IP does not.
-                    "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+                    # A hostname (docker-compose service name, a Kubernetes headless Service: one
+                    # address per replica) needs DNS; IPs do not.
+                    "type": "STATIC" if all(_is_ip(host) for host, _ in servers) else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -113,16 +149,8 @@ def make_bootstrap(
                         "endpoints": [
                             {
                                 "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {
-                                                    "address": xds_host,
-                                                    "port_value": xds_port,
-                                                }
-                                            }
-                                        }
-                                    }
+                                    {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                                    for host, port in servers
                                 ]
                             }
                         ],
@@ -143,19 +171,25 @@ def bootstrap_yaml(bootstrap: dict[str, Any]) -> str:
 def make_grpc_bootstrap(
     *,
     node_id: str,
-    xds_host: str,
-    xds_port: int,
+    xds_host: str = "",
+    xds_port: int = 0,
+    xds: Sequence[tuple[str, int]] = (),
     service: str = "",
     zone: str = "",
     tls: XdsTls | None = None,
+    fallback: bool = False,
 ) -> dict[str, Any]:
     """The JSON a proxyless gRPC client reads from `GRPC_XDS_BOOTSTRAP` (gRFC A27; TLS: A65).
 
-    gRPC's bootstrap has no SNI or SAN override: the control plane's certificate must match
-    the host of `server_uri`.
+    Several replicas that are all IP addresses of one family become one `xds_servers` entry
+    whose `server_uri` lists them (`ipv4:A:P,B:P`): gRPC's xDS channel then reconnects to a live
+    one when its replica dies, as it does over a DNS name with several addresses. Otherwise (host
+    names, mixed families, or `fallback`) each is its own entry, in order, and gRPC's fallback
+    (gRFC A71) applies: a client that has its config stays with a dead first server (serving what
+    it has, getting no health change) until it comes back or a resource is missing; see
+    docs/scaling.md. gRPC's bootstrap has no SNI or SAN override: the control plane's certificate
+    must match the host of `server_uri`.
     """
-    from controlplane.errors import ConfigError
-
     if tls is not None and tls.sni:
         raise ConfigError(
             "gRPC's xDS bootstrap cannot override the name checked on the control plane's certificate; "
@@ -168,14 +202,30 @@ def make_grpc_bootstrap(
         if tls.cert and tls.key:
             config |= {"certificate_file": tls.cert, "private_key_file": tls.key}
         creds = {"type": "tls", "config": config}
-    host = f"[{xds_host}]" if ":" in xds_host else xds_host
     node: dict[str, Any] = {"id": node_id, "cluster": service}
     if zone:
         node["locality"] = {"zone": zone}
+    servers = list(xds) or [(xds_host, xds_port)]
+    uris = [f"{_uri_host(host)}:{port}" for host, port in servers]
+    families = {_ip_family(host) for host, _ in servers}
+    if len(servers) > 1 and not fallback and len(families) == 1 and None not in families:
+        # gRPC's ipv4:/ipv6: resolvers take a comma-separated address list (gRPC's naming doc).
+        uris = [f"{families.pop()}:{','.join(uris)}"]
     return {
-        "xds_servers": [{"server_uri": f"{host}:{xds_port}", "channel_creds": [creds], "server_features": ["xds_v3"]}],
+        "xds_servers": [{"server_uri": uri, "channel_creds": [creds], "server_features": ["xds_v3"]} for uri in uris],
         "node": node,
     }
+
+
+def _ip_family(host: str) -> str | None:
+    try:
+        return f"ipv{ipaddress.ip_address(host).version}"
+    except ValueError:
+        return None
+
+
+def _uri_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def grpc_bootstrap_json(bootstrap: dict[str, Any]) -> str:
