@@ -115,10 +115,12 @@ def check_state_message(report: EndpointReport) -> prober_pb2.CheckState:
 
 def backoff_delays(base: float, cap: float, rng: random.Random) -> Iterator[float]:
     """Exponential backoff with full jitter: uniform(0, min(cap, base * 2**attempt))."""
-    attempt = 0
+    ceiling = min(cap, base)
     while True:
-        yield rng.uniform(0, min(cap, base * 2**attempt))
-        attempt += 1
+        yield rng.uniform(0, ceiling)
+        # Doubled only up to the cap: 2**attempt itself would overflow a float after ~1,024
+        # failed reconnects and end the link of a prober whose control plane stays away that long.
+        ceiling = min(cap, ceiling * 2)
 
 
 class ControlPlaneLink:

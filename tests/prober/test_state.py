@@ -299,3 +299,18 @@ def test_inconclusive_counts_nothing_either_way() -> None:
     assert feed(state, TIMEOUT) == [HealthStatus.UNHEALTHY]
     assert feed(state, OK, overloaded) == [HealthStatus.UNHEALTHY] * 2
     assert state.counters == Counters(successes=1) and state.pending == "healthy"
+
+
+def test_link_backoff_doubles_up_to_the_cap_and_never_overflows() -> None:
+    import itertools
+    import random
+
+    from prober.link import backoff_delays
+
+    class Top(random.Random):
+        def uniform(self, a: float, b: float) -> float:
+            return b  # the ceiling of each draw
+
+    ceilings = list(itertools.islice(backoff_delays(0.2, 10.0, Top()), 5000))
+    assert ceilings[:4] == [0.2, 0.4, 0.8, 1.6]
+    assert ceilings[-1] == 10.0 and max(ceilings) == 10.0
