@@ -184,6 +184,9 @@ class Snapshot:
     resources: Mapping[str, Mapping[str, Resource]]  # type_url -> name -> resource
     type_versions: Mapping[str, str]
     endpoints: tuple[EndpointView, ...]
+    # Per cluster, the endpoints' health its ClusterLoadAssignment was built from: the next
+    # snapshot reuses the resource when neither the cluster nor these changed.
+    health_inputs: Mapping[str, tuple[HealthStatus, ...]] = field(default_factory=dict, repr=False)
     _bodies: dict[tuple[str, tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
     _delta_bodies: dict[tuple[str, tuple[str, ...], tuple[str, ...]], bytes] = field(default_factory=dict, repr=False)
     _eds_digest: str | None = field(default=None, repr=False)
@@ -263,11 +266,15 @@ def build_snapshot(
     """The snapshot for `topology` and `health` at `version`.
 
     With `previous` built from the same topology and `dirty_clusters` given, only those
-    clusters' endpoints are rebuilt. Otherwise everything is rebuilt, and any resource whose
-    bytes did not change keeps its previous version (and bytes).
+    clusters' endpoints are rebuilt. Otherwise a cluster whose model equals its model in
+    `previous` keeps its Cluster resource, and its ClusterLoadAssignment too when its endpoints'
+    health is also the same (a topology edit costs in the clusters it touches, not in all of
+    them); everything else is rebuilt, and any resource whose bytes did not change keeps its
+    previous version (and bytes).
     """
     same_topology = previous is not None and previous.topology is topology and dirty_clusters is not None
     tables: dict[str, dict[str, Resource]] = {}
+    statuses = {c.name: tuple(health(c.name, e.key) for e in c.endpoints) for c in topology.clusters}
 
     def table(type_url: str, built: Iterable[tuple[str, Message]]) -> dict[str, Resource]:
         old = previous.resources[type_url] if previous is not None else {}
@@ -291,11 +298,32 @@ def build_snapshot(
             )
         )
         tables[rs.ENDPOINT] = eds
+        # The clean clusters' load assignments are the previous ones, built from the health then.
+        built_from = {**previous.health_inputs, **{name: statuses[name] for name in dirty if name in statuses}}
     else:
-        tables[rs.CLUSTER] = table(rs.CLUSTER, ((c.name, rs.build_cluster(c)) for c in topology.clusters))
-        tables[rs.ENDPOINT] = table(
-            rs.ENDPOINT, ((c.name, rs.build_load_assignment(c, health)) for c in topology.clusters)
+        kept = _unchanged_clusters(topology, previous)
+        clusters: dict[str, Resource | None] = dict.fromkeys(c.name for c in topology.clusters)  # in order
+        assignments = dict(clusters)
+        for name, (cluster_resource, health_before, load_assignment) in kept.items():
+            clusters[name] = cluster_resource
+            if health_before == statuses[name]:
+                assignments[name] = load_assignment
+        tables[rs.CLUSTER] = _fill(
+            clusters,
+            table(rs.CLUSTER, ((c.name, rs.build_cluster(c)) for c in topology.clusters if clusters[c.name] is None)),
         )
+        tables[rs.ENDPOINT] = _fill(
+            assignments,
+            table(
+                rs.ENDPOINT,
+                (
+                    (c.name, rs.build_load_assignment(c, health))
+                    for c in topology.clusters
+                    if assignments[c.name] is None
+                ),
+            ),
+        )
+        built_from = statuses
         tables[rs.LISTENER] = table(
             rs.LISTENER,
             [
@@ -325,9 +353,9 @@ def build_snapshot(
         type_versions[type_url] = previous.type_versions[type_url] if unchanged and previous else version
 
     endpoints = tuple(
-        EndpointView(c.name, e.address, e.port, health(c.name, e.key), e.zone, e.weight)
+        EndpointView(c.name, e.address, e.port, status, e.zone, e.weight)
         for c in topology.clusters
-        for e in c.endpoints
+        for e, status in zip(c.endpoints, statuses[c.name], strict=True)
     )
     snapshot = Snapshot(
         version=version,
@@ -337,11 +365,39 @@ def build_snapshot(
         resources=MappingProxyType({t: MappingProxyType(v) for t, v in tables.items()}),
         type_versions=MappingProxyType(type_versions),
         endpoints=endpoints,
+        health_inputs=built_from,
     )
     problems = snapshot.consistent()
     if problems:  # by construction this cannot happen; a bug here must not reach Envoy
         raise AssertionError("inconsistent snapshot: " + "; ".join(problems))
     return snapshot
+
+
+def _unchanged_clusters(
+    topology: Topology, previous: Snapshot | None
+) -> dict[str, tuple[Resource, tuple[HealthStatus, ...] | None, Resource]]:
+    """The clusters of `topology` whose model equals their model in `previous`: name -> (the
+    previous Cluster resource, the health its ClusterLoadAssignment was built from, that
+    resource). A cluster with raw `envoy` fields is always rebuilt: equal mappings can still
+    differ in what they build (1 and True compare equal)."""
+    if previous is None:
+        return {}
+    before = {c.name: c for c in previous.topology.clusters}
+    cds, eds = previous.resources[rs.CLUSTER], previous.resources[rs.ENDPOINT]
+    out: dict[str, tuple[Resource, tuple[HealthStatus, ...] | None, Resource]] = {}
+    for cluster in topology.clusters:
+        old = before.get(cluster.name)
+        if old is None or cluster.envoy or old.envoy or old != cluster:
+            continue
+        cluster_resource, load_assignment = cds.get(cluster.name), eds.get(cluster.name)
+        if cluster_resource is not None and load_assignment is not None:
+            out[cluster.name] = (cluster_resource, previous.health_inputs.get(cluster.name), load_assignment)
+    return out
+
+
+def _fill(kept: dict[str, Resource | None], built: Mapping[str, Resource]) -> dict[str, Resource]:
+    """`kept` (in the topology's order) with its gaps filled from `built`."""
+    return {name: resource if resource is not None else built[name] for name, resource in kept.items()}
 
 
 def changed_resources(old: Snapshot | None, new: Snapshot) -> dict[str, list[str]]:
