@@ -245,11 +245,15 @@ class StreamState:
             ts = self.types.get(type_url)
             if ts is None:
                 continue
+            type_version = snapshot.type_versions[type_url]
             if ts.awaiting_ack:
-                self._held.add(type_url)
+                # Its ACK needs another look only if the response in flight is older than this
+                # snapshot's resources of the type (or the node's listeners may differ: a
+                # listener's `nodes` is not in its bytes). Subscription changes mark `dirty`.
+                if type_version != ts.sent_version or type_url == rs.LISTENER:
+                    self._held.add(type_url)
                 continue
             table = snapshot.resources[type_url]
-            type_version = snapshot.type_versions[type_url]
             if type_url == rs.LISTENER:
                 available = list(snapshot.listener_names_for(self.node_cluster, wildcard=ts.wildcard))
             else:

@@ -590,6 +590,16 @@ def test_an_ack_of_a_held_back_type_needs_a_look(stream: CheckedStream, fleet: F
     assert stream.due_one(newer).version == newer.type_versions[EDS]
 
 
+def test_an_ack_of_a_response_that_carried_the_latest_needs_no_look(stream: CheckedStream, fleet: Fleet) -> None:
+    stream.send(CDS)
+    cds = stream.due_one(fleet.snapshot)
+    newer = fleet.flip("web", "127.0.0.1:8081")  # EDS changes, CDS does not
+    assert stream.due(newer) == []  # CDS is in flight, and it carries newer's clusters already
+    stream.ack(cds)
+    assert not stream.state.needs_due(newer)
+    assert stream.due(newer) == []
+
+
 def test_a_nack_of_a_type_not_held_back_needs_no_look(stream: CheckedStream, fleet: Fleet) -> None:
     stream.send(EDS, ["web"])
     stream.nack(stream.due_one(fleet.snapshot))
