@@ -119,6 +119,7 @@ async def _server(conn: Connection, clusters: int) -> None:
             self.remaining = 0
             self.done = asyncio.Event()
             self.cpu_at_done = 0.0
+            self.loop_cpu_at_done = 0.0
             self.time_at_done = 0.0
 
         def arm(self, targets: dict[str, str], streams: list[StreamState]) -> None:
@@ -136,6 +137,7 @@ async def _server(conn: Connection, clusters: int) -> None:
 
         def _finish(self) -> None:
             self.cpu_at_done, self.time_at_done = _cpu_seconds(), time.time()
+            self.loop_cpu_at_done = time.thread_time()  # this callback runs on the event loop's thread
             self.done.set()
 
         def on_stream_open(self, stream: StreamState) -> None:
@@ -207,7 +209,7 @@ async def _server(conn: Connection, clusters: int) -> None:
             document["clusters"].append(cluster_document(clusters + added))
             added += 1
             edited = parse_topology(document, source="bench")
-        cpu0, t0 = _cpu_seconds(), time.time()
+        cpu0, t0, loop0 = _cpu_seconds(), time.time(), time.thread_time()
         if kind == "health":
             status = HealthStatus.UNHEALTHY if flips % 2 == 0 else HealthStatus.HEALTHY
             flips += 1
@@ -230,6 +232,8 @@ async def _server(conn: Connection, clusters: int) -> None:
             "publish_ms": (published - t0) * 1000,
             "last_ack_ms": (watch.time_at_done - t0) * 1000 if complete else math.nan,
             "cpu_ms": (watch.cpu_at_done - cpu0) * 1000 if complete else math.nan,
+            # The rest is gRPC core's own threads (its poller): no Python runs there.
+            "loop_cpu_ms": (watch.loop_cpu_at_done - loop0) * 1000 if complete else math.nan,
             "bytes": watch.bytes,
             "responses": watch.responses,
             "resources": watch.resources,
@@ -284,7 +288,7 @@ async def _floor_server(conn: Connection, response_bytes: list[int]) -> None:
     streams: list[Stream] = []
     done = asyncio.Event()
     remaining = 0
-    cpu_at_done = time_at_done = 0.0
+    cpu_at_done = time_at_done = loop_cpu_at_done = 0.0
     synced = 0
     expected = 1 << 62  # nodes the parent waits for (settle)
     all_synced = asyncio.Event()
@@ -293,7 +297,7 @@ async def _floor_server(conn: Connection, response_bytes: list[int]) -> None:
         stream = Stream()
 
         async def read() -> None:
-            nonlocal remaining, cpu_at_done, time_at_done, synced
+            nonlocal remaining, cpu_at_done, time_at_done, loop_cpu_at_done, synced
             while (await context.read()) is not grpc.aio.EOF:
                 stream.reads += 1
                 if stream.reads == 1:  # the hello, as a node's first request
@@ -312,6 +316,7 @@ async def _floor_server(conn: Connection, response_bytes: list[int]) -> None:
                         remaining -= 1
                         if remaining == 0:
                             cpu_at_done, time_at_done = _cpu_seconds(), time.time()
+                            loop_cpu_at_done = time.thread_time()
                             done.set()
 
         reader = asyncio.create_task(read())
@@ -358,7 +363,7 @@ async def _floor_server(conn: Connection, response_bytes: list[int]) -> None:
             _kind, limit = args
             done.clear()
             remaining = len(streams)
-            cpu0, t0 = _cpu_seconds(), time.time()
+            cpu0, t0, loop0 = _cpu_seconds(), time.time(), time.thread_time()
             for stream in streams:
                 stream.pending.append(first)
                 stream.wake.set()
@@ -371,6 +376,7 @@ async def _floor_server(conn: Connection, response_bytes: list[int]) -> None:
                 "publish_ms": 0.0,
                 "last_ack_ms": (time_at_done - t0) * 1000 if complete else math.nan,
                 "cpu_ms": (cpu_at_done - cpu0) * 1000 if complete else math.nan,
+                "loop_cpu_ms": (loop_cpu_at_done - loop0) * 1000 if complete else math.nan,
                 "bytes": sum(response_bytes) * len(streams),
                 "responses": 2 * len(streams),
                 "resources": 0,
@@ -619,6 +625,7 @@ def summarize(run: dict[str, Any], nodes: int) -> dict[str, dict[str, float]]:
             "resources_per_node": statistics.median(r["resources"] for r in rs) / nodes,
             "cpu_us_per_node": statistics.median(r["cpu_ms"] for r in rs) * 1000 / nodes,
             "stream_cpu_us_per_node": statistics.median(r["cpu_ms"] - r["publish_ms"] for r in rs) * 1000 / nodes,
+            "grpc_threads_us_per_node": statistics.median(r["cpu_ms"] - r["loop_cpu_ms"] for r in rs) * 1000 / nodes,
             "last_ack_ms": statistics.median(r["last_ack_ms"] for r in rs),
             "publish_ms": statistics.median(r["publish_ms"] for r in rs),
         }
@@ -636,6 +643,7 @@ def table(runs: dict[str, dict[str, Any]], nodes: int) -> str:
         ("resources sent per node", "resources_per_node", "{:,.1f}"),
         ("server CPU per node (µs)", "cpu_us_per_node", "{:,.1f}"),
         ("of which after the snapshot is published (µs)", "stream_cpu_us_per_node", "{:,.1f}"),
+        ("of which in gRPC core's threads, not the event loop's (µs)", "grpc_threads_us_per_node", "{:,.1f}"),
         ("time until the last ACK (ms)", "last_ack_ms", "{:,.1f}"),
         ("snapshot build + publish (ms)", "publish_ms", "{:,.1f}"),
     ]
@@ -652,6 +660,8 @@ def table(runs: dict[str, dict[str, Any]], nodes: int) -> str:
             f"| one cluster added | gRPC alone: delta's 5 messages, no xDS work: server CPU per node (µs) "
             f"| - | {b:,.1f} | {a / b:,.1f} x |"
         )
+        b = s["floor"]["cluster"]["grpc_threads_us_per_node"]
+        rows.append(f"| one cluster added | gRPC alone: of which in gRPC core's threads (µs) | - | {b:,.1f} | - |")
     a, b = runs["sotw"]["kb_per_stream"], runs["delta"]["kb_per_stream"]
     rows.append(f"| (connected) | server memory per stream (kB RSS) | {a:,.1f} | {b:,.1f} | {a / b:,.2f} x |")
     return "\n".join(rows)
