@@ -248,9 +248,11 @@ class StreamState:
             type_version = snapshot.type_versions[type_url]
             if ts.awaiting_ack:
                 # Its ACK needs another look only if the response in flight is older than this
-                # snapshot's resources of the type (or the node's listeners may differ: a
-                # listener's `nodes` is not in its bytes). Subscription changes mark `dirty`.
-                if type_version != ts.sent_version or type_url == rs.LISTENER:
+                # snapshot's resources of the type, or the subscription changed since it was
+                # built (a request with no nonce yet: `sent_names` is cleared; EDS and RDS keep
+                # none, so they are always looked at again), or the node's listeners may differ
+                # (a listener's `nodes` is not in its bytes).
+                if type_version != ts.sent_version or ts.sent_names is None or type_url == rs.LISTENER:
                     self._held.add(type_url)
                 continue
             table = snapshot.resources[type_url]
