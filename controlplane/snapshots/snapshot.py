@@ -3,8 +3,9 @@
 A snapshot is what the control plane serves at one moment. Building one from a topology and
 the endpoints' health reuses the previous snapshot's resources (and their bytes and versions)
 wherever nothing changed, so a health flip re-serializes one ClusterLoadAssignment and nothing
-else. Response bodies are encoded once per (type, resource set) and shared by every stream;
-a stream only appends its own nonce (see `encode_response`).
+else, and a topology edit builds only the clusters whose model (or endpoints' health) changed.
+Response bodies are encoded once per (type, resource set) and shared by every stream; a stream
+only appends its own nonce (see `encode_response`).
 """
 
 from __future__ import annotations
