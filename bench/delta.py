@@ -17,7 +17,13 @@ resources they carried, its CPU time (getrusage, all threads) from just before t
 the last ACK was processed, and the wall time until that last ACK. Memory: the server's RSS
 before the nodes connected and after every node holds all C clusters and their endpoints.
 
+Then the floor: a bare grpc.aio server (the ADS server's options and reader/writer shape) and
+the same N clients exchanging, per node, the five messages of a delta cluster addition (two
+responses of delta's size, an EDS subscription and two ACKs) with no xDS work at all. Its server
+CPU per node is what gRPC alone costs, so SotW's CPU divided by it bounds what delta could reach.
+
     python bench/delta.py --nodes 1000 --clusters 1000 [--pushes 3] [--adds 3] [--workers 2] [--json out.json]
+        [--protocols sotw delta floor] [--profile DIR]
 
 Every child process ignores SIGINT, dies with its parent and exits when its command pipe closes.
 """
@@ -58,6 +64,8 @@ from bench.procs import (  # noqa: E402
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 PROTOCOLS = ("sotw", "delta")
+# "floor": the gRPC messages of a delta cluster addition alone, with no xDS work (see _floor_server).
+RUNS = (*PROTOCOLS, "floor")
 
 
 def topology(clusters: int) -> dict[str, Any]:
@@ -111,6 +119,7 @@ async def _server(conn: Connection, clusters: int) -> None:
             self.remaining = 0
             self.done = asyncio.Event()
             self.cpu_at_done = 0.0
+            self.loop_cpu_at_done = 0.0
             self.time_at_done = 0.0
 
         def arm(self, targets: dict[str, str], streams: list[StreamState]) -> None:
@@ -128,6 +137,7 @@ async def _server(conn: Connection, clusters: int) -> None:
 
         def _finish(self) -> None:
             self.cpu_at_done, self.time_at_done = _cpu_seconds(), time.time()
+            self.loop_cpu_at_done = time.thread_time()  # this callback runs on the event loop's thread
             self.done.set()
 
         def on_stream_open(self, stream: StreamState) -> None:
@@ -199,7 +209,7 @@ async def _server(conn: Connection, clusters: int) -> None:
             document["clusters"].append(cluster_document(clusters + added))
             added += 1
             edited = parse_topology(document, source="bench")
-        cpu0, t0 = _cpu_seconds(), time.time()
+        cpu0, t0, loop0 = _cpu_seconds(), time.time(), time.thread_time()
         if kind == "health":
             status = HealthStatus.UNHEALTHY if flips % 2 == 0 else HealthStatus.HEALTHY
             flips += 1
@@ -222,6 +232,8 @@ async def _server(conn: Connection, clusters: int) -> None:
             "publish_ms": (published - t0) * 1000,
             "last_ack_ms": (watch.time_at_done - t0) * 1000 if complete else math.nan,
             "cpu_ms": (watch.cpu_at_done - cpu0) * 1000 if complete else math.nan,
+            # The rest is gRPC core's own threads (its poller): no Python runs there.
+            "loop_cpu_ms": (watch.loop_cpu_at_done - loop0) * 1000 if complete else math.nan,
             "bytes": watch.bytes,
             "responses": watch.responses,
             "resources": watch.resources,
@@ -243,7 +255,147 @@ async def _server(conn: Connection, clusters: int) -> None:
         await cp.aclose(grace=0)
 
 
+# --------------------------------------------------------------------------- gRPC alone (the floor)
+
+FLOOR_METHOD = "/healthplane.bench.Floor/Stream"
+
+
+def floor_server_main(conn: Connection, response_bytes: list[int]) -> None:
+    child_setup()
+    asyncio.run(_floor_server(conn, response_bytes))
+
+
+async def _floor_server(conn: Connection, response_bytes: list[int]) -> None:
+    """The messages of a delta cluster addition and nothing else: per node, a response, then (on
+    the first request that follows) a second one, and three requests read, on a grpc.aio server
+    with the ADS server's options and its shape (a reader task and a writer woken by an event).
+    No parsing, no bookkeeping, no callbacks: the CPU the gRPC path alone costs."""
+    import grpc
+
+    from controlplane.app import tune_gc_for_streams
+    from controlplane.xds.server import create_server
+
+    first, second = (b"\x12" * n for n in response_bytes)
+
+    class Stream:
+        __slots__ = ("pending", "reads", "wake")
+
+        def __init__(self) -> None:
+            self.wake = asyncio.Event()
+            self.pending: list[bytes] = [first]  # every node gets one round as it connects
+            self.reads = 0
+
+    streams: list[Stream] = []
+    done = asyncio.Event()
+    remaining = 0
+    cpu_at_done = time_at_done = loop_cpu_at_done = 0.0
+    synced = 0
+    expected = 1 << 62  # nodes the parent waits for (settle)
+    all_synced = asyncio.Event()
+
+    async def handler(_requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        stream = Stream()
+
+        async def read() -> None:
+            nonlocal remaining, cpu_at_done, time_at_done, loop_cpu_at_done, synced
+            while (await context.read()) is not grpc.aio.EOF:
+                stream.reads += 1
+                if stream.reads == 1:  # the hello, as a node's first request
+                    stream.wake.set()
+                    continue
+                step = (stream.reads - 2) % 3
+                if step == 0:  # the subscription: answered with the second response
+                    stream.pending.append(second)
+                    stream.wake.set()
+                elif step == 2:  # the last ACK of the round
+                    if stream.reads == 4:
+                        synced += 1
+                        if synced >= expected:
+                            all_synced.set()
+                    else:
+                        remaining -= 1
+                        if remaining == 0:
+                            cpu_at_done, time_at_done = _cpu_seconds(), time.time()
+                            loop_cpu_at_done = time.thread_time()
+                            done.set()
+
+        reader = asyncio.create_task(read())
+        streams.append(stream)
+        try:
+            while not reader.done():
+                await stream.wake.wait()
+                stream.wake.clear()
+                if stream.reads == 0:
+                    continue
+                while stream.pending:
+                    await context.write(stream.pending.pop(0))
+        finally:
+            reader.cancel()
+
+    def _identity(data: bytes) -> bytes:
+        return data
+
+    method = grpc.stream_stream_rpc_method_handler(
+        handler, request_deserializer=_identity, response_serializer=_identity
+    )
+    service, name = FLOOR_METHOD.strip("/").split("/")
+    server = create_server(grpc.method_handlers_generic_handler(service, {name: method}))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    tune_gc_for_streams()
+    conn.send({"xds_port": port, "pid": os.getpid(), "rss_kb": rss_kb()})
+
+    async def handle(message: tuple[Any, ...]) -> Any:
+        nonlocal remaining, expected
+        command, *args = message
+        if command == "settle":
+            expected, limit = args
+            if synced >= expected:
+                all_synced.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_synced.wait(), limit)
+            await asyncio.sleep(1.0)
+            import gc
+
+            gc.collect()
+            return {"streams": len(streams), "synced": synced, "rss_kb": rss_kb()}
+        if command == "change":
+            _kind, limit = args
+            done.clear()
+            remaining = len(streams)
+            cpu0, t0, loop0 = _cpu_seconds(), time.time(), time.thread_time()
+            for stream in streams:
+                stream.pending.append(first)
+                stream.wake.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), limit)
+            complete = done.is_set()
+            return {
+                "complete": complete,
+                "missing": remaining,
+                "publish_ms": 0.0,
+                "last_ack_ms": (time_at_done - t0) * 1000 if complete else math.nan,
+                "cpu_ms": (cpu_at_done - cpu0) * 1000 if complete else math.nan,
+                "loop_cpu_ms": (loop_cpu_at_done - loop0) * 1000 if complete else math.nan,
+                "bytes": sum(response_bytes) * len(streams),
+                "responses": 2 * len(streams),
+                "resources": 0,
+            }
+        if command in ("stop", "errors"):
+            return "stopped" if command == "stop" else []
+        raise ValueError(f"unknown command {command!r}")
+
+    try:
+        await serve_commands(conn, handle)
+    finally:
+        await server.stop(0)
+
+
 # --------------------------------------------------------------------------- client process
+
+
+def _identity(data: bytes) -> bytes:
+    return data
 
 
 def _cluster_name(value: bytes) -> str:
@@ -316,15 +468,39 @@ async def _clients(conn: Connection, port: int, first: int, count: int, protocol
                 await stream.send(client.ack(response))
             yield_started(response.type_url)
 
+    async def floor(index: int, channel: grpc.aio.Channel) -> None:
+        # Requests of the sizes a delta node sends: its first, an EDS subscription, two ACKs.
+        from envoy.service.discovery.v3 import discovery_pb2
+
+        hello = DeltaAdsClient(base_pb2.Node(id=f"floor-{first + index}", cluster="bench")).subscribe(CDS)
+        subscribe = discovery_pb2.DeltaDiscoveryRequest(type_url=EDS, resource_names_subscribe=["c1000"])
+        acks = [discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce="12") for t in (CDS, EDS)]
+        wire = [m.SerializeToString() for m in (hello, subscribe, *acks)]
+        call = channel.stream_stream(FLOOR_METHOD, request_serializer=_identity, response_deserializer=_identity)()
+        await call.write(wire[0])
+        answered = 0
+        while (await call.read()) is not grpc.aio.EOF:
+            answered += 1
+            if answered % 2:
+                await call.write(wire[1])
+                await call.write(wire[2])
+            else:
+                await call.write(wire[3])
+                yield_started(EDS)
+
     def yield_started(type_url: str) -> None:
         nonlocal started
         if type_url == EDS:
             started += 1
             progress.set()
 
-    async def client(index: int, stub: Any) -> None:
+    async def client(index: int, channel: grpc.aio.Channel) -> None:
         try:
-            await (sotw if protocol == "sotw" else delta)(index, stub)
+            if protocol == "floor":
+                await floor(index, channel)
+            else:
+                stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+                await (sotw if protocol == "sotw" else delta)(index, stub)
             errors.append(f"{first + index}: the server ended the stream")
         except grpc.aio.AioRpcError as exc:
             errors.append(f"{first + index}: {exc.code().name} {exc.details()}")
@@ -338,8 +514,7 @@ async def _clients(conn: Connection, port: int, first: int, count: int, protocol
                     end = min(count, start + batch)
                     for index in range(start, end):
                         channels.append(grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options))
-                        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channels[-1])
-                        tasks.append(asyncio.create_task(client(index, stub)))
+                        tasks.append(asyncio.create_task(client(index, channels[-1])))
                     while started < end and not errors:
                         progress.clear()
                         await progress.wait()
@@ -368,9 +543,17 @@ async def _clients(conn: Connection, port: int, first: int, count: int, protocol
 
 
 def run_protocol(
-    ctx: Any, children: list[Child], protocol: str, args: argparse.Namespace, log: Callable[[str], None]
+    ctx: Any,
+    children: list[Child],
+    protocol: str,
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    floor_sizes: list[int] | None = None,
 ) -> dict[str, Any]:
-    server = Child(ctx, f"delta-bench-server-{protocol}", server_main, args.clusters)
+    if protocol == "floor":
+        server = Child(ctx, "delta-bench-server-floor", floor_server_main, floor_sizes)
+    else:
+        server = Child(ctx, f"delta-bench-server-{protocol}", server_main, args.clusters)
     children.append(server)
     ready = server.recv(120)
     port = ready["xds_port"]
@@ -401,7 +584,10 @@ def run_protocol(
             f"RSS {ready['rss_kb']} -> {settled['rss_kb']} kB ({kb_per_stream:.1f} kB/stream)"
         )
         results: dict[str, list[dict[str, Any]]] = {"health": [], "cluster": []}
-        for kind, n in (("health", args.pushes), ("cluster", args.adds)):
+        changes = (
+            (("cluster", args.adds),) if protocol == "floor" else (("health", args.pushes), ("cluster", args.adds))
+        )
+        for kind, n in changes:
             spy = None
             if args.profile is not None:
                 out = args.profile / f"server-{protocol}-{kind}.txt"
@@ -432,11 +618,14 @@ def summarize(run: dict[str, Any], nodes: int) -> dict[str, dict[str, float]]:
     out = {}
     for kind in ("health", "cluster"):
         rs = run[kind]
+        if not rs:
+            continue
         out[kind] = {
             "bytes_per_node": statistics.median(r["bytes"] for r in rs) / nodes,
             "resources_per_node": statistics.median(r["resources"] for r in rs) / nodes,
             "cpu_us_per_node": statistics.median(r["cpu_ms"] for r in rs) * 1000 / nodes,
             "stream_cpu_us_per_node": statistics.median(r["cpu_ms"] - r["publish_ms"] for r in rs) * 1000 / nodes,
+            "grpc_threads_us_per_node": statistics.median(r["cpu_ms"] - r["loop_cpu_ms"] for r in rs) * 1000 / nodes,
             "last_ack_ms": statistics.median(r["last_ack_ms"] for r in rs),
             "publish_ms": statistics.median(r["publish_ms"] for r in rs),
         }
@@ -454,6 +643,7 @@ def table(runs: dict[str, dict[str, Any]], nodes: int) -> str:
         ("resources sent per node", "resources_per_node", "{:,.1f}"),
         ("server CPU per node (µs)", "cpu_us_per_node", "{:,.1f}"),
         ("of which after the snapshot is published (µs)", "stream_cpu_us_per_node", "{:,.1f}"),
+        ("of which in gRPC core's threads, not the event loop's (µs)", "grpc_threads_us_per_node", "{:,.1f}"),
         ("time until the last ACK (ms)", "last_ack_ms", "{:,.1f}"),
         ("snapshot build + publish (ms)", "publish_ms", "{:,.1f}"),
     ]
@@ -462,6 +652,16 @@ def table(runs: dict[str, dict[str, Any]], nodes: int) -> str:
             a, b = s["sotw"][kind][key], s["delta"][kind][key]
             ratio = f"{a / b:,.1f} x" if b else "-"
             rows.append(f"| {label} | {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio} |")
+    if "floor" in s:
+        # The same five messages per node as delta with no xDS work: what gRPC alone costs, and so
+        # the most SotW / delta could reach on this server.
+        a, b = s["sotw"]["cluster"]["cpu_us_per_node"], s["floor"]["cluster"]["cpu_us_per_node"]
+        rows.append(
+            f"| one cluster added | gRPC alone: delta's 5 messages, no xDS work: server CPU per node (µs) "
+            f"| - | {b:,.1f} | {a / b:,.1f} x |"
+        )
+        b = s["floor"]["cluster"]["grpc_threads_us_per_node"]
+        rows.append(f"| one cluster added | gRPC alone: of which in gRPC core's threads (µs) | - | {b:,.1f} | - |")
     a, b = runs["sotw"]["kb_per_stream"], runs["delta"]["kb_per_stream"]
     rows.append(f"| (connected) | server memory per stream (kB RSS) | {a:,.1f} | {b:,.1f} | {a / b:,.2f} x |")
     return "\n".join(rows)
@@ -477,7 +677,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=100, help="nodes each client process connects at a time")
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between changes")
     parser.add_argument("--json", type=Path, help="write every measurement here")
-    parser.add_argument("--protocols", nargs="+", choices=PROTOCOLS, default=list(PROTOCOLS))
+    parser.add_argument(
+        "--protocols",
+        nargs="+",
+        choices=RUNS,
+        default=list(RUNS),
+        help="floor: delta's gRPC messages alone, no xDS work (the lower bound of delta's CPU)",
+    )
     parser.add_argument("--profile", type=Path, help="record the server's stacks with py-spy into this folder")
     args = parser.parse_args(argv)
 
@@ -496,7 +702,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     try:
         for protocol in args.protocols:
-            runs[protocol] = run_protocol(ctx, children, protocol, args, log)
+            sizes = [220, 215]  # delta's CDS and EDS responses for one cluster added, about
+            if (delta := runs.get("delta")) is not None:
+                r = delta["cluster"][len(delta["cluster"]) // 2]
+                sizes = [round(r["bytes"] / r["responses"])] * 2
+            runs[protocol] = run_protocol(ctx, children, protocol, args, log, sizes)
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -507,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.nodes} nodes, {args.clusters} clusters, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
         f"{time.monotonic() - began:.0f} s"
     )
-    if len(runs) == len(PROTOCOLS):
+    if all(p in runs for p in PROTOCOLS):
         print(table(runs, args.nodes))
     if args.json is not None:
         args.json.write_text(json.dumps({"argv": sys.argv, "runs": runs}, indent=1))

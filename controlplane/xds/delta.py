@@ -174,7 +174,16 @@ class DeltaStreamState(StreamState):
                 continue
             assert isinstance(ts, DeltaTypeState)
             if ts.awaiting_ack:
-                self._held.add(type_url)
+                # As StreamState.due: another look after the ACK only if this snapshot may hold
+                # something the response in flight did not (names to recheck, a newer type version).
+                if (
+                    snapshot.type_versions[type_url] != ts.sent_version
+                    or type_url == rs.LISTENER
+                    or ts.recheck
+                    or ts.initial is not None
+                    or ts.synced is None
+                ):
+                    self._held.add(type_url)
                 continue
             to_send, removed = self._changes(ts, snapshot)
             type_version = snapshot.type_versions[type_url]

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from controlplane.errors import LimitExceeded, ProtocolError
@@ -92,13 +94,13 @@ class PeerStreams:
 
 MAX_RESOURCE_NAMES = 100_000
 MAX_FIELD_BYTES = 4096
+# A message this small cannot break the limits below: no field is longer than the message, and
+# each listed name takes at least two bytes. Most requests (ACKs, small subscriptions) are.
+_SMALL = min(MAX_FIELD_BYTES, 2 * MAX_RESOURCE_NAMES)
 
 
 def parse_request(data: bytes, max_bytes: int) -> Any:
     """One DiscoveryRequest from the wire, within the limits; LimitExceeded or ProtocolError naming the field."""
-    from envoy.service.discovery.v3 import discovery_pb2
-    from google.protobuf.message import DecodeError
-
     if len(data) > max_bytes:
         raise LimitExceeded(
             f"DiscoveryRequest of {len(data)} bytes is over controlplane.xds.max_message_bytes ({max_bytes})"
@@ -107,6 +109,8 @@ def parse_request(data: bytes, max_bytes: int) -> Any:
         request = discovery_pb2.DiscoveryRequest.FromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ProtocolError(f"DiscoveryRequest does not parse ({len(data)} bytes): {exc}") from None
+    if len(data) <= _SMALL:
+        return request
     if len(request.resource_names) > MAX_RESOURCE_NAMES:
         raise LimitExceeded(
             f"resource_names lists {len(request.resource_names)} names, more than {MAX_RESOURCE_NAMES} allowed"
@@ -120,9 +124,6 @@ def parse_request(data: bytes, max_bytes: int) -> Any:
 
 def parse_delta_request(data: bytes, max_bytes: int) -> Any:
     """One DeltaDiscoveryRequest from the wire, within the limits; LimitExceeded or ProtocolError naming the field."""
-    from envoy.service.discovery.v3 import discovery_pb2
-    from google.protobuf.message import DecodeError
-
     if len(data) > max_bytes:
         raise LimitExceeded(
             f"DeltaDiscoveryRequest of {len(data)} bytes is over controlplane.xds.max_message_bytes ({max_bytes})"
@@ -131,6 +132,8 @@ def parse_delta_request(data: bytes, max_bytes: int) -> Any:
         request = discovery_pb2.DeltaDiscoveryRequest.FromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ProtocolError(f"DeltaDiscoveryRequest does not parse ({len(data)} bytes): {exc}") from None
+    if len(data) <= _SMALL:
+        return request
     for name in ("resource_names_subscribe", "resource_names_unsubscribe", "initial_resource_versions"):
         count = len(getattr(request, name))
         if count > MAX_RESOURCE_NAMES:

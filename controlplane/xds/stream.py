@@ -245,11 +245,17 @@ class StreamState:
             ts = self.types.get(type_url)
             if ts is None:
                 continue
+            type_version = snapshot.type_versions[type_url]
             if ts.awaiting_ack:
-                self._held.add(type_url)
+                # Its ACK needs another look only if the response in flight is older than this
+                # snapshot's resources of the type, or the subscription changed since it was
+                # built (a request with no nonce yet: `sent_names` is cleared; EDS and RDS keep
+                # none, so they are always looked at again), or the node's listeners may differ
+                # (a listener's `nodes` is not in its bytes).
+                if type_version != ts.sent_version or ts.sent_names is None or type_url == rs.LISTENER:
+                    self._held.add(type_url)
                 continue
             table = snapshot.resources[type_url]
-            type_version = snapshot.type_versions[type_url]
             if type_url == rs.LISTENER:
                 available = list(snapshot.listener_names_for(self.node_cluster, wildcard=ts.wildcard))
             else:

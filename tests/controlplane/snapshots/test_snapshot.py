@@ -21,7 +21,7 @@ from controlplane.snapshots.snapshot import (
     encode_response,
     version_key,
 )
-from controlplane.topology.model import Topology
+from controlplane.topology.model import Cluster, Topology
 from controlplane.topology.parse import parse_topology_text
 
 HEALTHY, UNHEALTHY, UNKNOWN = HealthStatus.HEALTHY, HealthStatus.UNHEALTHY, HealthStatus.UNKNOWN
@@ -296,6 +296,95 @@ def test_adding_a_cluster_lists_it_as_changed(fleet: Fleet, first: Snapshot) -> 
     added = TOPOLOGY.replace("listeners:", "  - name: extra\n    endpoints: []\nlisteners:")
     second = fleet.edit(added)
     assert changed_resources(first, second) == {rs.CLUSTER: ["extra"], rs.ENDPOINT: ["extra"]}
+
+
+class Builds:
+    """Counts the Cluster and ClusterLoadAssignment messages a rebuild really builds, by name."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.clusters: list[str] = []
+        self.load_assignments: list[str] = []
+        build_cluster, build_load_assignment = rs.build_cluster, rs.build_load_assignment
+
+        def cluster(c: Cluster) -> Message:
+            self.clusters.append(c.name)
+            return build_cluster(c)
+
+        def load_assignment(c: Cluster, health: rs.HealthLookup) -> Message:
+            self.load_assignments.append(c.name)
+            return build_load_assignment(c, health)
+
+        monkeypatch.setattr(rs, "build_cluster", cluster)
+        monkeypatch.setattr(rs, "build_load_assignment", load_assignment)
+
+
+def test_a_topology_edit_builds_only_the_clusters_it_touches(
+    fleet: Fleet, first: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds = Builds(monkeypatch)
+    edited = TOPOLOGY.replace("healthy_panic_threshold: 25", "healthy_panic_threshold: 10")
+    second = fleet.edit(edited.replace("listeners:", "  - name: extra\n    endpoints: []\nlisteners:"))
+    assert (builds.clusters, builds.load_assignments) == (["api", "extra"], ["api", "extra"])
+    assert list(second.resources[rs.CLUSTER]) == ["web", "api", "extra"]  # the topology's order
+    assert list(second.resources[rs.ENDPOINT]) == ["web", "api", "extra"]
+    assert second.resources[rs.CLUSTER]["web"] is first.resources[rs.CLUSTER]["web"]
+    assert second.resources[rs.ENDPOINT]["web"] is first.resources[rs.ENDPOINT]["web"]
+    # api's load assignment was built again from its new model, and its bytes did not change.
+    assert second.resources[rs.ENDPOINT]["api"] is first.resources[rs.ENDPOINT]["api"]
+    assert changed_resources(first, second) == {rs.CLUSTER: ["api", "extra"], rs.ENDPOINT: ["extra"]}
+    for type_url in (rs.CLUSTER, rs.ENDPOINT):
+        for name in second.resources[type_url]:
+            assert unpacked(second, type_url, name) == message(second, type_url, name), (type_url, name)
+
+
+def test_a_topology_edit_rebuilds_the_load_assignment_whose_health_changed(
+    fleet: Fleet, first: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds = Builds(monkeypatch)
+    fleet.statuses[("web", "127.0.0.1:8083")] = UNHEALTHY  # a verdict not yet published
+    second = fleet.edit(TOPOLOGY.replace("port: 10000", "port: 10080"))
+    assert (builds.clusters, builds.load_assignments) == ([], ["web"])
+    assert changed_resources(first, second) == {rs.ENDPOINT: ["web"], rs.LISTENER: ["ingress"]}
+    assert unpacked(second, rs.ENDPOINT, "web") == message(second, rs.ENDPOINT, "web")
+    assert second.health_inputs["web"] == (HEALTHY, UNHEALTHY, UNHEALTHY)
+
+
+def test_a_change_left_out_of_dirty_clusters_is_built_by_the_next_topology_edit(
+    fleet: Fleet, first: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet.statuses[("api", "127.0.0.2:9000")] = HEALTHY  # changed, but not declared dirty
+    second = fleet.build(dirty=["web"])
+    assert second.health_inputs["api"] == (UNKNOWN,)  # what its load assignment was built from
+    builds = Builds(monkeypatch)
+    third = fleet.edit(TOPOLOGY)
+    assert builds.load_assignments == ["api"]
+    assert changed_resources(second, third) == {rs.ENDPOINT: ["api"]}
+    assert unpacked(third, rs.ENDPOINT, "api").endpoints[0].lb_endpoints[0].health_status == HEALTHY.value
+
+
+def test_an_endpoint_added_rebuilds_its_cluster_and_load_assignment(
+    fleet: Fleet, first: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    builds = Builds(monkeypatch)
+    endpoint = "      - {address: 127.0.0.2, port: 9000"
+    second = fleet.edit(TOPOLOGY.replace(endpoint, "      - {address: 127.0.0.2, port: 9001}\n" + endpoint))
+    assert (builds.clusters, builds.load_assignments) == (["api"], ["api"])
+    assert second.resources[rs.CLUSTER]["api"] is first.resources[rs.CLUSTER]["api"]  # same bytes
+    assert changed_resources(first, second) == {rs.ENDPOINT: ["api"]}
+    assert unpacked(second, rs.ENDPOINT, "api") == message(second, rs.ENDPOINT, "api")
+
+
+def test_clusters_with_raw_envoy_fields_are_always_built_again(
+    fleet: Fleet, first: Snapshot, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    merge_window = "    update_merge_window: 2s\n"
+    raw = TOPOLOGY.replace(merge_window, merge_window + "    envoy: {lbPolicy: MAGLEV}\n")
+    second = fleet.edit(raw)
+    builds = Builds(monkeypatch)
+    third = fleet.edit(raw)
+    assert (builds.clusters, builds.load_assignments) == (["api"], ["api"])
+    assert third.resources[rs.CLUSTER]["api"] is second.resources[rs.CLUSTER]["api"]  # same bytes, same version
+    assert unpacked(third, rs.CLUSTER, "api").lb_policy == unpacked(third, rs.CLUSTER, "api").MAGLEV
 
 
 def test_changed_resources_from_nothing_is_everything(first: Snapshot) -> None:

@@ -327,6 +327,40 @@ def test_one_response_in_flight_and_stale_nonces() -> None:
     assert stream.ack(first).kind is RequestKind.STALE  # answered already
 
 
+def test_the_ack_of_a_response_that_carried_the_latest_needs_no_second_look() -> None:
+    # A cluster added: the CDS response is in flight when the EDS subscription comes, and each
+    # ACK then answers a response that already carried this snapshot: no pass over the types.
+    fleet = Fleet()
+    stream = connect(fleet)
+    fleet.edit(TOPOLOGY.replace("listeners:", "  - name: extra\n    endpoints: []\nlisteners:"))
+    [cds] = stream.send(fleet.snapshot)
+    stream.request(delta(EDS, ["extra"]))
+    [eds] = stream.send(fleet.snapshot)
+    assert stream.ack(cds).kind is RequestKind.ACK
+    assert stream.state.needs_due(fleet.snapshot) is False
+    assert stream.ack(eds).kind is RequestKind.ACK
+    assert stream.state.needs_due(fleet.snapshot) is False
+    assert stream.send(fleet.snapshot) == []  # and indeed nothing is due
+
+
+def test_a_held_type_whose_names_changed_in_flight_needs_a_second_look() -> None:
+    fleet = Fleet()
+    stream = connect(fleet)
+    fleet.edit(TOPOLOGY.replace("  - name: web\n", "  - name: web\n    connect_timeout: 2s\n"))
+    cds, eds = stream.send(fleet.snapshot)  # the updated cluster's endpoints follow it
+    stream.ack(cds)
+    fleet.edit(TOPOLOGY.replace("  - name: web\n", "  - name: web\n    connect_timeout: 3s\n"))
+    [again] = stream.send(fleet.snapshot)
+    assert (again.type_url, names(again)) == (CDS, ["web"])
+    # Updated again while EDS is in flight (the same EDS type version): its load assignment goes
+    # out again after the ACK, or the re-created cluster would stay warming.
+    assert fleet.snapshot.type_versions[EDS] == stream.state.types[EDS].sent_version
+    assert stream.ack(eds).kind is RequestKind.ACK
+    assert stream.state.needs_due(fleet.snapshot)
+    [eds2] = stream.send(fleet.snapshot)
+    assert names(eds2) == ["web"]
+
+
 def test_subscription_change_on_a_stale_nonce_still_applies() -> None:
     fleet = Fleet()
     stream = connect(fleet)

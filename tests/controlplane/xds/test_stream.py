@@ -590,6 +590,31 @@ def test_an_ack_of_a_held_back_type_needs_a_look(stream: CheckedStream, fleet: F
     assert stream.due_one(newer).version == newer.type_versions[EDS]
 
 
+def test_an_ack_of_a_response_that_carried_the_latest_needs_no_look(stream: CheckedStream, fleet: Fleet) -> None:
+    stream.send(CDS)
+    cds = stream.due_one(fleet.snapshot)
+    newer = fleet.flip("web", "127.0.0.1:8081")  # EDS changes, CDS does not
+    assert stream.due(newer) == []  # CDS is in flight, and it carries newer's clusters already
+    stream.ack(cds)
+    assert not stream.state.needs_due(newer)
+    assert stream.due(newer) == []
+
+
+def test_a_subscription_changed_while_its_response_is_in_flight_is_answered_after_the_ack(
+    stream: CheckedStream, fleet: Fleet
+) -> None:
+    # A gRPC client asks CDS by name; a second request before it got any response carries no
+    # nonce, so it is not stale: its names are the subscription now, and the ACK of the first
+    # response (with those same names) must bring them.
+    stream.send(CDS, ["web"])
+    first = stream.due_one(fleet.snapshot)
+    assert stream.send(CDS, ["web", "api"]).kind is RequestKind.SUBSCRIBE
+    assert stream.due(fleet.snapshot) == []  # one response in flight per type
+    stream.ack(first)
+    assert stream.state.needs_due(fleet.snapshot)
+    assert summary(stream.due(fleet.snapshot)) == [("cds", ("web", "api"))]
+
+
 def test_a_nack_of_a_type_not_held_back_needs_no_look(stream: CheckedStream, fleet: Fleet) -> None:
     stream.send(EDS, ["web"])
     stream.nack(stream.due_one(fleet.snapshot))
