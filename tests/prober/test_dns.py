@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -262,3 +263,22 @@ def test_the_resolve_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> No
     assert "--resolve-interval: must be more than 0 seconds, got 0.0" in capsys.readouterr().err
     assert main(["prober", "--controlplane", "cp.test:18000", "--resolve-grace", "-1"]) == 2
     assert "--resolve-grace: must be 0 seconds or more, got -1.0" in capsys.readouterr().err
+
+
+async def test_healthplane_prober_given_a_name_links_and_leaves_cleanly(http_backend: HttpBackend) -> None:
+    async with replicas(1, http_backend.port) as (cp,):
+        proc = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "controlplane", "prober", "--controlplane", f"localhost:{cp.xds_port}"],
+            *["--id", "x", "--resolve-interval", "0.2", "--resolve-grace", "1"],
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            await eventually(lambda: linked(cp), within=30)
+            await eventually(lambda: cp.health.effective("web", f"127.0.0.1:{http_backend.port}").source == "prober:x")
+        finally:
+            proc.terminate()
+            _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, stderr.decode()[-2000:]
+        await eventually(lambda: not linked(cp))
+        assert cp.prober_link.probers["x"].left  # SIGTERM: a goodbye on the link to the resolved address
