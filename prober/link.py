@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import functools
 import ipaddress
+import itertools
 import json
 import logging
 import random
@@ -384,12 +385,12 @@ def merge_shares(shares: Sequence[Topology]) -> Topology:
 class _LinkShare:
     """What one link sees as its prober: its topology goes into the union, the rest is the prober's."""
 
-    def __init__(self, links: ControlPlaneLinks, target: str) -> None:
+    def __init__(self, links: ControlPlaneLinks, serial: int) -> None:
         self._links = links
-        self._target = target
+        self._serial = serial
 
     def update_topology(self, topology: Topology) -> TopologyChange:
-        return self._links._set_share(self._target, topology)
+        return self._links._set_share(self._serial, topology)
 
     def current_verdicts(self) -> list[Verdict]:
         return self._links._prober().current_verdicts()
@@ -448,7 +449,12 @@ class ControlPlaneLinks:
         self.links: list[ControlPlaneLink] = []
         self.names: list[tuple[str, int]] = []  # the targets resolved to one link per address
         self._wanted: dict[str, set[str]] = {}  # link target -> the targets (IP or name) that want it
-        self._shares: dict[str, Topology | None] = {}
+        # Each link's share by its serial number (a link closed and one opened later to the same
+        # address are two links: the old one's last words do not touch the new one's share).
+        self._shares: dict[int, Topology | None] = {}
+        self._serials: dict[str, int] = {}  # link target -> the serial of its link
+        self._next_serial = itertools.count()
+        self._leaving = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._group: asyncio.TaskGroup | None = None
         self.checked: Topology | None = None  # the union handed to the prober last
@@ -497,6 +503,7 @@ class ControlPlaneLinks:
 
     async def leave(self, grace: float = 2.0) -> None:
         """End every link's stream cleanly (the control planes move this prober's share, no alarm)."""
+        self._leaving = True  # and open no new link from a name's answer
         await asyncio.gather(*(link.leave(grace) for link in self.links))
 
     # ------------------------------------------------------------------ the set of links
@@ -510,15 +517,17 @@ class ControlPlaneLinks:
         options = dict(self._options)
         if server_name is not None and options.get("credentials") is not None:
             options["server_name"] = server_name
+        serial = next(self._next_serial)
         link = ControlPlaneLink(
             target,
-            _LinkShare(self, target),
+            _LinkShare(self, serial),
             prober_id=self.prober_id,
-            on_disconnect=functools.partial(self._lost, target),
+            on_disconnect=functools.partial(self._lost, serial),
             **options,
         )
         self.links.append(link)
-        self._shares[target] = None
+        self._shares[serial] = None
+        self._serials[target] = serial
         return link
 
     def _start(self, link: ControlPlaneLink) -> None:
@@ -526,6 +535,8 @@ class ControlPlaneLinks:
             self._tasks[link.target] = self._group.create_task(link.run(), name=f"link-{link.target}")
 
     async def _resolved(self, name: str, host: str, change: AddressChange) -> None:
+        if self._leaving:
+            return
         for target in change.added:
             link = self._want(target, name, server_name=host)
             if link is not None:
@@ -544,7 +555,7 @@ class ControlPlaneLinks:
         del self._wanted[target]
         self.links.remove(link)
         task = self._tasks.pop(target, None)
-        self._shares.pop(target, None)
+        self._shares.pop(self._serials.pop(target), None)
         if any(share is not None for share in self._shares.values()) and self.prober is not None:
             self._check_union()
         await link.leave()  # a goodbye if it is up: that replica moves this prober's share, no alarm
@@ -554,15 +565,15 @@ class ControlPlaneLinks:
 
     # ------------------------------------------------------------------ shares
 
-    def _set_share(self, target: str, topology: Topology) -> TopologyChange:
-        if target in self._shares:  # not a link closed meanwhile
-            self._shares[target] = topology
+    def _set_share(self, serial: int, topology: Topology) -> TopologyChange:
+        if serial in self._shares:  # not a link closed meanwhile
+            self._shares[serial] = topology
         return self._check_union()
 
-    def _lost(self, target: str) -> None:
+    def _lost(self, serial: int) -> None:
         # A replica that is gone no longer asks for anything; with none up, keep checking what we have.
-        if target in self._shares:
-            self._shares[target] = None
+        if serial in self._shares:
+            self._shares[serial] = None
         if any(share is not None for share in self._shares.values()) and self.prober is not None:
             self._check_union()
 
