@@ -7,6 +7,7 @@ events     `ProbeEvent`, the `ProberSink` interface, the JSON-lines event log
 shards     which of N processes checks an endpoint (pure)
 limits     the open-files limit and the keep-alive pool sized to it
 processes  `ShardedProber`: one prober across N worker processes (`--processes N`)
+dns        a `--controlplane` name: one link per address it resolves to (prober/dns/)
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ def prober_command(args: argparse.Namespace) -> int:
     targets: list[str] = list(dict.fromkeys(args.controlplane))  # each replica once, in the order given
     for target in targets:
         host_port(target, "--controlplane")
+    if not args.resolve_interval > 0:
+        raise ConfigError(f"must be more than 0 seconds, got {args.resolve_interval}", path="--resolve-interval")
+    if not args.resolve_grace >= 0:
+        raise ConfigError(f"must be 0 seconds or more, got {args.resolve_grace}", path="--resolve-grace")
     prober_id = args.id or socket.gethostname()
 
     credentials = None
@@ -48,7 +52,14 @@ def prober_command(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         # One link per control-plane replica, each sent the same verdicts (issue 17).
-        link = ControlPlaneLinks(targets, prober_id=prober_id, credentials=credentials)
+        # A name (a headless Service) is one link per address it resolves to, re-resolved.
+        link = ControlPlaneLinks(
+            targets,
+            prober_id=prober_id,
+            credentials=credentials,
+            resolve_interval=args.resolve_interval,
+            resolve_grace=args.resolve_grace,
+        )
         prober: Prober | ShardedProber
         if args.processes > 1:  # one prober id to the control plane, the checks across processes
             prober = ShardedProber(
@@ -97,7 +108,22 @@ def add_prober_command(sub: Any) -> None:
         required=True,
         action="append",
         metavar="HOST:PORT",
-        help="a control plane's xDS address; repeat it for every replica (each gets the same verdicts)",
+        help="a control plane's xDS address; repeat it for every replica (each gets the same verdicts). "
+        "A name is resolved: one link per address (a headless Service: every replica), kept in step with DNS",
+    )
+    p.add_argument(
+        "--resolve-interval",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="resolve each --controlplane name again this often, linking to new addresses (default 5)",
+    )
+    p.add_argument(
+        "--resolve-grace",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="close a link once its address has been missing from DNS this long (default 15; DNS answers flap)",
     )
     p.add_argument("--id", help="prober id (default: the hostname)")
     p.add_argument("--event-log", help="append every status change to this JSON-lines file")

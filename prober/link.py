@@ -12,7 +12,8 @@ slow delays nobody else (its verdicts coalesce to the latest per endpoint until 
 and a link that reconnects starts with the full state). Each replica sends the prober its share;
 the prober checks the union of the shares of the links that are up (`merge_shares`): when the
 replicas disagree for a moment (a prober seen by one and not yet by another), an endpoint is
-checked by one prober too many rather than by none.
+checked by one prober too many rather than by none. A control plane given by name (a headless
+Service) is one link per address it resolves to, kept in step with DNS (prober/dns/).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
+import itertools
 import json
 import logging
 import random
@@ -33,9 +36,11 @@ import grpc
 
 from controlplane.errors import ConfigError
 from controlplane.health.store import EndpointId, HealthStatus, Verdict
+from controlplane.topology.addresses import split_host_port
 from controlplane.topology.model import Cluster, Topology
 from controlplane.topology.parse import parse_topology
 from healthplane.v1 import prober_pb2, prober_pb2_grpc
+from prober.dns import AddressChange, Resolver, watch_name
 from prober.events import ProbeEvent
 from prober.scheduler import EndpointReport, TopologyChange
 
@@ -141,8 +146,12 @@ class ControlPlaneLink:
         shards: bool = True,
         max_queued: int = MAX_QUEUED_MESSAGES,
         on_disconnect: Callable[[], None] | None = None,
+        server_name: str | None = None,
     ) -> None:
         self.target = target
+        # Over TLS, the name the control plane's certificate is checked for when `target` is one
+        # of the addresses a name resolved to (ControlPlaneLinks); None: the target's own host.
+        self.server_name = server_name
         # Take a share (Hello.shards): with several probers, the control plane sends only the
         # endpoints this one checks and counts only the owners' votes.
         self.shards = shards
@@ -224,10 +233,11 @@ class ControlPlaneLink:
                 await self._done.wait()
 
     async def _connect_once(self) -> None:
+        options = [] if self.server_name is None else [("grpc.ssl_target_name_override", self.server_name)]
         channel_cm = (
             grpc.aio.insecure_channel(self.target)
             if self.credentials is None
-            else grpc.aio.secure_channel(self.target, self.credentials)
+            else grpc.aio.secure_channel(self.target, self.credentials, options=options)
         )
         async with channel_cm as channel:
             # Bounded: hello and the full state fit; after that, a slow reader holds the senders.
@@ -375,12 +385,12 @@ def merge_shares(shares: Sequence[Topology]) -> Topology:
 class _LinkShare:
     """What one link sees as its prober: its topology goes into the union, the rest is the prober's."""
 
-    def __init__(self, links: ControlPlaneLinks, index: int) -> None:
+    def __init__(self, links: ControlPlaneLinks, serial: int) -> None:
         self._links = links
-        self._index = index
+        self._serial = serial
 
     def update_topology(self, topology: Topology) -> TopologyChange:
-        return self._links._set_share(self._index, topology)
+        return self._links._set_share(self._serial, topology)
 
     def current_verdicts(self) -> list[Verdict]:
         return self._links._prober().current_verdicts()
@@ -392,9 +402,26 @@ class _LinkShare:
         return self._links._prober().endpoint(cluster, endpoint)
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class ControlPlaneLinks:
     """One prober linked to every control-plane replica: the same verdicts to each, the union of
-    their shares checked; a `ProberSink`."""
+    their shares checked; a `ProberSink`.
+
+    Each target is `HOST:PORT`. An IP address is one link, for as long as the prober runs. A name
+    (a headless Service: one address per ready replica) is resolved now and every
+    `resolve_interval` seconds with `resolver` (default: `loop.getaddrinfo`, off the event loop),
+    one link per address it resolves to: an address that appears gets a link at once (which starts
+    with the full state, as a reconnecting link does), one missing from DNS for `resolve_grace`
+    seconds has its link closed with a goodbye, and a failed resolution keeps the links
+    (prober/dns/). Over TLS, the links of a name verify the replica's certificate for that name.
+    """
 
     def __init__(
         self,
@@ -402,23 +429,41 @@ class ControlPlaneLinks:
         prober: ProbedEndpoints | None = None,
         *,
         prober_id: str,
+        resolver: Resolver | None = None,
+        resolve_interval: float = 5.0,
+        resolve_grace: float = 15.0,
         **options: Any,
     ) -> None:
         if not targets:
             raise ValueError("ControlPlaneLinks needs at least one control plane")
-        self.prober = prober
-        self.links = [
-            ControlPlaneLink(
-                target,
-                _LinkShare(self, i),
-                prober_id=prober_id,
-                on_disconnect=functools.partial(self._lost, i),
-                **options,
+        if resolve_interval <= 0 or resolve_grace < 0:
+            raise ValueError(
+                f"resolve_interval must be > 0 and resolve_grace >= 0: {resolve_interval}, {resolve_grace}"
             )
-            for i, target in enumerate(targets)
-        ]
-        self._shares: list[Topology | None] = [None] * len(targets)
+        self.prober = prober
+        self.prober_id = prober_id
+        self._options = options
+        self.resolver = resolver
+        self.resolve_interval = resolve_interval
+        self.resolve_grace = resolve_grace
+        self.links: list[ControlPlaneLink] = []
+        self.names: list[tuple[str, int]] = []  # the targets resolved to one link per address
+        self._wanted: dict[str, set[str]] = {}  # link target -> the targets (IP or name) that want it
+        # Each link's share by its serial number (a link closed and one opened later to the same
+        # address are two links: the old one's last words do not touch the new one's share).
+        self._shares: dict[int, Topology | None] = {}
+        self._serials: dict[str, int] = {}  # link target -> the serial of its link
+        self._next_serial = itertools.count()
+        self._leaving = False
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
         self.checked: Topology | None = None  # the union handed to the prober last
+        for target in targets:
+            host, port = split_host_port(target, lowest_port=1) or (target, 0)
+            if _is_ip(host) or port == 0:  # an IP, or what gRPC is left to make sense of: one link
+                self._want(target, target, server_name=None)
+            elif (host, port) not in self.names:
+                self.names.append((host, port))
 
     def _prober(self) -> ProbedEndpoints:
         if self.prober is None:
@@ -426,34 +471,112 @@ class ControlPlaneLinks:
         return self.prober
 
     async def on_verdict(self, verdict: Verdict) -> None:
-        for link in self.links:
+        for link in list(self.links):
             await link.on_verdict(verdict)  # never waits: a slow link coalesces, it does not block
 
     async def on_event(self, event: ProbeEvent) -> None:
-        for link in self.links:
+        for link in list(self.links):
             await link.on_event(event)
 
     async def run(self) -> None:
-        """Keep every link up until cancelled."""
+        """Keep every link up, and each name's links in step with DNS, until cancelled."""
         self._prober()
-        async with asyncio.TaskGroup() as tg:
-            for link in self.links:
-                tg.create_task(link.run(), name=f"link-{link.target}")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._group = tg
+                for link in self.links:
+                    self._start(link)
+                for host, port in self.names:
+                    tg.create_task(
+                        watch_name(
+                            host,
+                            port,
+                            functools.partial(self._resolved, f"{host}:{port}", host),
+                            resolver=self.resolver,
+                            interval=self.resolve_interval,
+                            grace=self.resolve_grace,
+                        ),
+                        name=f"resolve-{host}:{port}",
+                    )
+        finally:
+            self._group = None
 
     async def leave(self, grace: float = 2.0) -> None:
         """End every link's stream cleanly (the control planes move this prober's share, no alarm)."""
+        self._leaving = True  # and open no new link from a name's answer
         await asyncio.gather(*(link.leave(grace) for link in self.links))
 
-    def _set_share(self, index: int, topology: Topology) -> TopologyChange:
-        self._shares[index] = topology
+    # ------------------------------------------------------------------ the set of links
+
+    def _want(self, target: str, by: str, *, server_name: str | None) -> ControlPlaneLink | None:
+        """Register `by`'s wish for a link to `target`; the new link, if there was none yet."""
+        wanted = self._wanted.setdefault(target, set())
+        wanted.add(by)
+        if len(wanted) > 1:
+            return None
+        options = dict(self._options)
+        if server_name is not None and options.get("credentials") is not None:
+            options["server_name"] = server_name
+        serial = next(self._next_serial)
+        link = ControlPlaneLink(
+            target,
+            _LinkShare(self, serial),
+            prober_id=self.prober_id,
+            on_disconnect=functools.partial(self._lost, serial),
+            **options,
+        )
+        self.links.append(link)
+        self._shares[serial] = None
+        self._serials[target] = serial
+        return link
+
+    def _start(self, link: ControlPlaneLink) -> None:
+        if self._group is not None:
+            self._tasks[link.target] = self._group.create_task(link.run(), name=f"link-{link.target}")
+
+    async def _resolved(self, name: str, host: str, change: AddressChange) -> None:
+        if self._leaving:
+            return
+        for target in change.added:
+            link = self._want(target, name, server_name=host)
+            if link is not None:
+                log.info("linking to control plane %s (%s)", target, name)
+                self._start(link)
+        for target in change.removed:
+            wanted = self._wanted.get(target, set())
+            wanted.discard(name)
+            if not wanted:
+                await self._close(target, f"{name} no longer resolves to it")
+
+    async def _close(self, target: str, why: str) -> None:
+        link = next(link for link in self.links if link.target == target)
+        log.info("closing the link to control plane %s: %s", target, why)
+        # Forgotten first, so that a link to the same address opened meanwhile is a new one.
+        del self._wanted[target]
+        self.links.remove(link)
+        task = self._tasks.pop(target, None)
+        self._shares.pop(self._serials.pop(target), None)
+        if any(share is not None for share in self._shares.values()) and self.prober is not None:
+            self._check_union()
+        await link.leave()  # a goodbye if it is up: that replica moves this prober's share, no alarm
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # ------------------------------------------------------------------ shares
+
+    def _set_share(self, serial: int, topology: Topology) -> TopologyChange:
+        if serial in self._shares:  # not a link closed meanwhile
+            self._shares[serial] = topology
         return self._check_union()
 
-    def _lost(self, index: int) -> None:
+    def _lost(self, serial: int) -> None:
         # A replica that is gone no longer asks for anything; with none up, keep checking what we have.
-        self._shares[index] = None
-        if any(share is not None for share in self._shares) and self.prober is not None:
+        if serial in self._shares:
+            self._shares[serial] = None
+        if any(share is not None for share in self._shares.values()) and self.prober is not None:
             self._check_union()
 
     def _check_union(self) -> TopologyChange:
-        self.checked = merge_shares([share for share in self._shares if share is not None])
+        self.checked = merge_shares([share for share in self._shares.values() if share is not None])
         return self._prober().update_topology(self.checked)

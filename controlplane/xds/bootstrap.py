@@ -66,6 +66,8 @@ def xds_tls_from_args(args: argparse.Namespace) -> XdsTls | None:
 # Envoy's own backoff for re-opening the ADS stream is 500 ms doubling up to 30 s (jittered). With
 # several replicas a retry that picked the dead one costs one backoff, and after a whole control
 # plane outage the next try can be 30 s away: start at 250 ms, cap at 5 s (docs/scaling.md, measured).
+# One DNS name (a headless Service) is several replicas too: the STRICT_DNS cluster holds one
+# endpoint per address it resolves to, so it gets the same backoff; one IP keeps Envoy's own.
 ADS_RETRY_BACK_OFF = {"base_interval": "0.25s", "max_interval": "5s"}
 
 
@@ -109,7 +111,7 @@ def make_bootstrap(
     servers = list(xds) or [(xds_host, xds_port)]
     ads_source = {"ads": {}, "resource_api_version": "V3"}
     envoy_grpc: dict[str, Any] = {"cluster_name": "healthplane_xds"}
-    if len(servers) > 1:
+    if len(servers) > 1 or not _is_ip(servers[0][0]):
         envoy_grpc["retry_policy"] = {"retry_back_off": dict(ADS_RETRY_BACK_OFF)}
     node: dict[str, Any] = {"id": node_id, "cluster": service}
     if zone:

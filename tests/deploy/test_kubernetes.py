@@ -56,8 +56,11 @@ def test_the_manifests_are_there() -> None:
         ("PodDisruptionBudget", "healthplane"),
         ("Secret", "healthplane-admin"),
         ("Service", "healthplane-admin"),
+        ("Service", "healthplane-replicas"),
         ("Service", "healthplane-xds"),
     ]
+    # Every manifest is applied with the folder (`kubectl apply -f deploy/kubernetes/`): no opt-in subfolder.
+    assert [p.parent for p in MANIFESTS] == [DEPLOY] * len(MANIFESTS)
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(DEPLOY)))
@@ -133,17 +136,33 @@ def test_services_and_the_budget_select_the_control_plane() -> None:
     assert budget["minAvailable"] < find("Deployment", "healthplane")["spec"]["replicas"]
 
 
-def test_the_prober_deployment_runs_a_prober_against_the_xds_service() -> None:
+def test_the_probers_link_to_every_replica_ready_or_not_and_are_the_replicas_only_health() -> None:
     pod = find("Deployment", "healthplane-prober")["spec"]["template"]["spec"]
     [container] = pod["containers"]
     assert container["args"][0] == "healthplane"
     args = build_parser().parse_args(container["args"][1:])
-    service = find("Service", "healthplane-xds")
-    # One --controlplane today; a list once probers link to every replica (issue 17, prober shards).
-    target = args.controlplane[0] if isinstance(args.controlplane, list) else args.controlplane
+    assert args.func.__name__ == "prober_command"
+    # One name: the prober resolves it and links to every address (every replica), re-resolving.
+    [target] = args.controlplane
     host, _, port = target.partition(":")
-    assert host == service["metadata"]["name"]
-    assert int(port) == service["spec"]["ports"][0]["port"]
+    replicas, xds = find("Service", "healthplane-replicas"), find("Service", "healthplane-xds")
+    assert host == replicas["metadata"]["name"]
+    assert int(port) == replicas["spec"]["ports"][0]["port"] == xds["spec"]["ports"][0]["port"]
+    assert args.resolve_interval > 0 and args.resolve_grace >= args.resolve_interval
+    # The same pods and port as the Envoys' Service, headless, but with the replicas that are not
+    # ready yet: a replica turns ready only once a prober has sent it its full state.
+    assert replicas["spec"]["clusterIP"] == "None"
+    assert replicas["spec"]["selector"] == xds["spec"]["selector"] == CONTROLPLANE
+    assert [p["targetPort"] for p in replicas["spec"]["ports"]] == ["xds"]
+    assert replicas["spec"]["publishNotReadyAddresses"] is True
+    assert not xds["spec"].get("publishNotReadyAddresses", False)  # Envoys: ready replicas only
+    # The replicas do not check: the probers' verdicts are what they serve.
+    cp = find("Deployment", "healthplane")["spec"]["template"]["spec"]["containers"][0]
+    assert build_parser().parse_args(cp["args"][1:]).no_prober is True
+    # Each prober its own id (a second link with a connected id is refused): the pod name.
+    assert args.id == "$(POD_NAME)"
+    assert container["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert find("Deployment", "healthplane-prober")["spec"]["replicas"] >= 2
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 

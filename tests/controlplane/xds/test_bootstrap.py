@@ -115,6 +115,12 @@ def test_bootstrap_over_replicas_puts_every_replica_in_the_xds_cluster(tmp_path:
     # A name among them (a headless Service) needs DNS.
     _, named = run_cli([*argv, "--xds", "127.0.0.1:18000", "--xds", "cp-1.internal:18000"])
     assert yaml.safe_load(named)["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
+    # One DNS name alone (a headless Service: one address per replica) is several replicas too.
+    _, dns = run_cli([*argv, "--xds", "healthplane-xds.healthplane.svc.cluster.local:18000"])
+    dns_doc = yaml.safe_load(dns)
+    assert dns_doc["static_resources"]["clusters"][0]["type"] == "STRICT_DNS"
+    [by_name] = dns_doc["dynamic_resources"]["ads_config"]["grpc_services"]
+    assert by_name["envoy_grpc"]["retry_policy"] == {"retry_back_off": {"base_interval": "0.25s", "max_interval": "5s"}}
     path = tmp_path / "replicas.yaml"
     path.write_text(output)
     result = subprocess.run(
