@@ -36,7 +36,7 @@ from controlplane.observe.nodes import NodeRegistry
 from controlplane.observe.propagation import PropagationTracker
 from controlplane.probers.accesslog import AccessLogService
 from controlplane.probers.link import ProberLinkService
-from controlplane.probers.ownership import Ownership
+from controlplane.probers.ownership import Members, Ownership, choose_members
 from controlplane.probers.sources import LocalProber
 from controlplane.probers.staleness import check_probers, silence_metrics
 from controlplane.process import Process, State
@@ -152,6 +152,9 @@ class ControlPlane:
         )
         if isinstance(self.store, EtcdStore):
             self.metrics.add_state(self.store.metrics)
+            self.store.on_probers = self._probers_changed
+        # With a store, the probers sharing the endpoints are those registered in etcd (issue 17).
+        self.prober_link.member_source = self._prober_members
         self.clock.epoch = self.admission.restore(self.clock.epoch)
         self.access_log.restore(self.admission.quorum.votes_from(PASSIVE))
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
@@ -278,6 +281,14 @@ class ControlPlane:
             who=who,
         )
         return snapshot
+
+    def _probers_changed(self) -> None:
+        self.prober_link.refresh_members()  # the registrations in etcd, or whether etcd is up, changed
+
+    def _prober_members(self, local: Sequence[str]) -> Members:
+        self.store.link_probers(local)  # registered in etcd on this replica's behalf
+        registered = self.store.prober_members()
+        return choose_members(local, store=self.store.shared, registered=registered, down=self.store.down_reason)
 
     def _on_ownership(self, ownership: Ownership) -> None:
         self.admission.on_ownership(self._vote_counts if ownership.members else None)

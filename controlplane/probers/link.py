@@ -31,7 +31,7 @@ from controlplane.errors import LimitExceeded, ProtocolError
 from controlplane.events import EventSink
 from controlplane.health.checks import CheckInfo
 from controlplane.health.store import EndpointId, HealthStatus, Verdict
-from controlplane.probers.ownership import Ownership
+from controlplane.probers.ownership import Members, Ownership
 from controlplane.snapshots.cache import SnapshotSource
 from controlplane.topology.model import Topology
 from controlplane.topology.security import TlsFiles
@@ -224,6 +224,10 @@ class ProberLinkService:
         # `on_ownership` (the control plane's quorum counts the owners' votes only).
         self.ownership = Ownership.of((), 1)
         self.on_ownership: Callable[[Ownership], None] = lambda _ownership: None
+        # Where the members come from: given this replica's live sharing links, the list to use
+        # (these links, or with a store the probers registered in etcd: ownership.choose_members).
+        self.member_source: Callable[[Sequence[str]], Members] = lambda local: Members(tuple(sorted(local)), "local")
+        self.members = Members((), "local")
         self._share_wakes: set[asyncio.Event] = set()  # each sharing prober's stream: its share changed
 
     # ------------------------------------------------------------------ shards (issue 17)
@@ -233,8 +237,19 @@ class ProberLinkService:
         snapshot = self.snapshots.current()
         topology = snapshot.topology if snapshot is not None else Topology()
         limit = topology.controlplane.prober_staleness
-        members = live_members(list(self.probers.values()), limit, time.time() if now is None else now)
-        ownership = Ownership.of(members, topology.probers.replicas)
+        local = live_members(list(self.probers.values()), limit, time.time() if now is None else now)
+        members = self.member_source(local)
+        if (members.source, members.reason) != (self.members.source, self.members.reason):
+            self.events.record(
+                "prober",
+                "prober members from "
+                + ("etcd (every replica computes the owners from the same list)" if members.source == "etcd" else "")
+                + (f"this replica's own links: {members.reason}" if members.source == "local" else ""),
+                source=members.source,
+                reason=members.reason,
+            )
+        self.members = members
+        ownership = Ownership.of(members.ids, topology.probers.replicas)
         if ownership == self.ownership:
             return False
         before, self.ownership = self.ownership, ownership
