@@ -288,7 +288,13 @@ class ControlPlane:
     def _prober_members(self, local: Sequence[str]) -> Members:
         self.store.link_probers(local)  # registered in etcd on this replica's behalf
         registered = self.store.prober_members()
-        return choose_members(local, store=self.store.shared, registered=registered, down=self.store.down_reason)
+        return choose_members(
+            local,
+            store=self.store.shared,
+            registered=registered,
+            down=self.store.down_reason,
+            replica=self.replica_id,
+        )
 
     def _on_ownership(self, ownership: Ownership) -> None:
         self.admission.on_ownership(self._vote_counts if ownership.members else None)
@@ -337,12 +343,19 @@ class ControlPlane:
             raise ConfigError(f"no active mass_failure alarm for cluster {change.cluster!r}", path="id")
         return self.accept_alarm(alarm.id, who=change.who)[1]
 
+    @property
+    def replica_id(self) -> str:
+        """This replica's name in the store: `controlplane.store.replica_id`, or HOSTNAME:XDS_PORT."""
+        cfg = self.topology.controlplane
+        xds_port = self.xds_port or cfg.xds.port
+        return (cfg.store.replica_id if cfg.store is not None else None) or f"{socket.gethostname()}:{xds_port}"
+
     def replica_record(self) -> ReplicaRecord:
         """This replica as GET /replicas shows it: its id, where to reach it, what it serves now."""
         cfg = self.topology.controlplane
         host = socket.gethostname()
         xds_port, admin_port = self.xds_port or cfg.xds.port, self.admin_port or cfg.admin.port
-        replica_id = (cfg.store.replica_id if cfg.store is not None else None) or f"{host}:{xds_port}"
+        replica_id = self.replica_id
         scheme = "https" if cfg.security.admin_tls is not None else "http"
         snapshot = self.snapshot
         return ReplicaRecord(

@@ -103,19 +103,29 @@ class Members:
 
 
 def choose_members(
-    local: Sequence[str], *, store: bool, registered: Mapping[str, Sequence[str]] | None, down: str = ""
+    local: Sequence[str],
+    *,
+    store: bool,
+    registered: Mapping[str, Sequence[str]] | None,
+    down: str = "",
+    replica: str = "",
 ) -> Members:
     """The members to compute the owners from.
 
     Without a store (`store` False): this replica's live links (`local`). With one: the probers
     registered in etcd (`registered`: prober id -> the replicas holding its link), so every
-    replica computes the same owners; while etcd cannot be read (`registered` None, `down` the
-    reason) the local links again, saying why. Verdicts never wait for etcd either way.
+    replica computes the same owners, and this replica's own live links (`replica` holds them),
+    which it registers itself: a prober that just linked here is not left without a share
+    until its registration comes back through the watch. While etcd cannot be read
+    (`registered` None, `down` the reason): the local links again, saying why. Verdicts never
+    wait for etcd either way.
     """
     if not store:
         return Members(tuple(sorted(set(local))), "local")
     if registered is None:
         why = f"etcd unavailable ({down})" if down else "etcd unavailable"
         return Members(tuple(sorted(set(local))), "local", f"{why}: members from this replica's own prober links")
-    holders = {p: tuple(sorted(set(r))) for p, r in registered.items() if r}
-    return Members(tuple(sorted(holders)), "etcd", holders=holders)
+    holders: dict[str, set[str]] = {p: set(r) for p, r in registered.items() if r}
+    for p in local:
+        holders.setdefault(p, set()).add(replica)
+    return Members(tuple(sorted(holders)), "etcd", holders={p: tuple(sorted(r)) for p, r in sorted(holders.items())})

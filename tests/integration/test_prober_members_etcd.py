@@ -171,6 +171,50 @@ async def test_probers_linked_to_one_replica_each_share_the_endpoints_by_the_mem
     assert f"{two} share the endpoints" in membership["note"] and "no link to this replica" in membership["note"]
     assert body["shards"]["members"] == list(both)
 
+    # B stops: its lease is revoked, and with it the registration of the prober only B held; A's
+    # members drop it and A's prober takes every endpoint.
+    await b.aclose()
+    await wait(lambda: members(a) == ((one,), "etcd"), f"{two} gone from A's members", 5)
+    await wait(lambda: all(check_source(a, ep)[0] == f"prober:{one}" for ep in endpoints), f"{one} checks everything")
+
+
+async def test_a_hung_probers_share_moves_within_the_staleness_bound(
+    pair: Pair, ten_backends: list[DemoApp], listener_port: int
+) -> None:
+    doc = web_topology(ten_backends, listener_port, health_check=HEALTH_CHECK)
+    a = await pair.start("a", doc)
+    b = await pair.start("b", doc)
+    endpoints = [f"127.0.0.1:{x.port}" for x in ten_backends]
+    one, two = balanced_ids(endpoints)
+    await pair.prober(one, "a", "b")
+    hung = await pair.prober(two, "a", "b")
+    both = tuple(sorted((one, two)))
+    await wait(lambda: members(a) == members(b) == (both, "etcd"), "both probers, from etcd")
+    await wait(
+        lambda: all(cp.health.status("web", ep) is HealthStatus.HEALTHY for cp in (a, b) for ep in endpoints),
+        "all HEALTHY on both",
+    )
+    assert hung.process is not None
+    stopped_at = time.time()
+    hung.process.send_signal(signal.SIGSTOP)  # its connections stay open; nothing is sent
+    try:
+        moved = [ep for ep in endpoints if owners(f"web/{ep}", both, 1)[0] == two]
+        await wait(
+            lambda: all(
+                check_source(cp, ep)[0] == f"prober:{one}" and check_source(cp, ep)[1] > stopped_at
+                for cp in (a, b)
+                for ep in moved
+            ),
+            f"{two}'s share checked by {one}",
+            within=STALENESS + 3,
+        )
+        took = time.time() - stopped_at
+        assert members(a) == members(b) == ((one,), "etcd")
+        assert took < STALENESS + 2, took  # the bound, the check period (<= 1 s) and a check
+        assert all(cp.health.status("web", ep) is HealthStatus.HEALTHY for cp in (a, b) for ep in endpoints)
+    finally:
+        hung.process.send_signal(signal.SIGCONT)
+
 
 async def test_etcd_down_members_from_the_links_then_a_killed_probers_share_moves_without_a_flip(
     pair: Pair, etcd: EtcdServer, ten_backends: list[DemoApp], listener_port: int

@@ -104,12 +104,15 @@ def test_members_without_a_store_are_this_replicas_links() -> None:
 
 
 def test_members_with_a_store_are_the_probers_registered_in_etcd() -> None:
-    chosen = choose_members(["p1"], store=True, registered={"p2": ("b",), "p1": ("b", "a"), "p3": ()})
+    registered = {"p2": ("b",), "p1": ("b", "a"), "p3": ()}
+    chosen = choose_members(["p1"], store=True, registered=registered, replica="a")
     assert chosen.ids == ("p1", "p2") and chosen.source == "etcd" and chosen.reason == ""
     assert dict(chosen.holders) == {"p1": ("a", "b"), "p2": ("b",)}  # a prober nobody holds is no member
     # The same registrations give the same members whatever this replica's links are.
-    assert choose_members([], store=True, registered={"p2": ("b",), "p1": ("a",)}).ids == chosen.ids
-    assert choose_members(["p1"], store=True, registered={}).ids == ()
+    assert choose_members([], store=True, registered={"p2": ("b",), "p1": ("a",)}, replica="c").ids == chosen.ids
+    # A prober linked here counts before its registration comes back through the watch.
+    early = choose_members(["p4"], store=True, registered={"p1": ("b",)}, replica="a")
+    assert early.ids == ("p1", "p4") and dict(early.holders) == {"p1": ("b",), "p4": ("a",)}
 
 
 def test_members_while_etcd_is_unavailable_are_the_links_with_the_reason() -> None:
