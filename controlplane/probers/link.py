@@ -9,9 +9,11 @@ how old they are) rather than being guessed.
 Probers that take a share (`Hello.shards`, issue 17) split the endpoints: the members are the
 connected sharing probers heard within `prober_staleness`, each endpoint is owned by
 `probers.replicas` of them (probers/ownership.py), and each is sent only its share. The owners
-are computed here, from this replica's own link records: every prober links to every replica,
-so every replica derives the same members and the same owners, and the replica that counts a
-vote is the one that told its prober to check (docs/scaling.md, "Probers with shards").
+are computed here, so the replica that counts a vote is the one that told its prober to check,
+from a member list handed in by `member_source`: this replica's own link records (every prober
+links to every replica, so every replica derives the same members), or with a store the
+probers registered in etcd, the same list on every replica, and the link records again while
+etcd is unavailable (docs/scaling.md, "Probers with shards", "Members from etcd").
 """
 
 from __future__ import annotations
