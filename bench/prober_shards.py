@@ -16,10 +16,13 @@ processes linked to it.
   control plane drops it from the members (`noticed`), when the last endpoint of its share gets
   its first request from the new owner at the backends (`checked`), and when the control plane
   holds a check state from the new owner for every one of them (`reported`; check states are
-  reported every second).
+  reported every second). `--membership local etcd` measures the moves both ways side by side:
+  the members from the control plane's own links (no store), and from etcd (a real etcd on
+  127.0.0.1, `controlplane.store`: the replica registers the prober's link and drops it, and
+  the members come back through its watch).
 
     python bench/prober_shards.py --endpoints 200 [--probers 1 2 3] [--replicas 1 2] \\
-        [--duration 5] [--repeat 3] [--json out.json]
+        [--duration 5] [--repeat 3] [--membership local etcd] [--json out.json]
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import signal  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 from controlplane.app import ControlPlane  # noqa: E402
 from controlplane.topology.parse import parse_topology  # noqa: E402
+from lab.etcd import EtcdServer  # noqa: E402
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK"
 STALENESS = 3.0
@@ -100,9 +105,12 @@ class _Backend(asyncio.Protocol):
         self.buffer = buf
 
 
-def topology(ports: list[int], replicas: int) -> dict[str, Any]:
+def topology(ports: list[int], replicas: int, store: dict[str, Any] | None = None) -> dict[str, Any]:
+    cp: dict[str, Any] = {"xds": {"port": 0}, "admin": {"port": 0}, "prober_staleness": f"{STALENESS}s"}
+    if store is not None:
+        cp["store"] = store
     return {
-        "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}, "prober_staleness": f"{STALENESS}s"},
+        "controlplane": cp,
         "probers": {"replicas": replicas},
         "clusters": [
             {
@@ -191,13 +199,17 @@ async def rate_run(backends: Backends, probers: int, replicas: int, duration: fl
     }
 
 
-async def move_run(backends: Backends, how: str) -> dict[str, Any]:
+async def move_run(backends: Backends, how: str, store: dict[str, Any] | None = None) -> dict[str, Any]:
     ids = ["p1", "p2"]
     sig = {"SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL, "SIGSTOP": signal.SIGSTOP}[how]
-    async with ControlPlane(parse_topology(topology(backends.ports, 1))) as cp:
+    async with ControlPlane(parse_topology(topology(backends.ports, 1, store))) as cp:
+        source = "etcd" if store is not None else "local"
         processes = await start_probers(cp, ids)
         try:
-            await until(lambda: cp.prober_link.ownership.members == ("p1", "p2"), "two members")
+            await until(
+                lambda: cp.prober_link.ownership.members == ("p1", "p2") and cp.prober_link.members.source == source,
+                "two members",
+            )
             await until(lambda: checked_by_owners(cp, backends.ports), "every endpoint checked by its owners")
             await asyncio.sleep(INTERVAL * 1.5)
             moved = [
@@ -227,6 +239,7 @@ async def move_run(backends: Backends, how: str) -> dict[str, Any]:
             await stop_probers(processes)
     return {
         "how": how,
+        "membership": source,
         "moved": len(moved),
         "noticed_s": round(noticed - t0, 3),
         "checked_s": round(checked - t0, 3),
@@ -245,16 +258,22 @@ def tables(rates: list[dict[str, Any]], moves: list[dict[str, Any]]) -> str:
             f"| {r['probers']} | {r['replicas']} | {r['checks_per_endpoint_per_interval']:.2f} "
             f"| {r['share_min']}-{r['share_max']} |"
         )
-    out += ["", "| prober leaves by | endpoints moved | noticed (median, max) | checked by the new owner | reported |"]
-    out.append("| --- | --- | --- | --- | --- |")
-    for how in dict.fromkeys(m["how"] for m in moves):
-        runs = [m for m in moves if m["how"] == how]
+    out += [
+        "",
+        "| prober leaves by | members from | endpoints moved | noticed (median, max) | checked by the new owner "
+        "| reported |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for how, source in dict.fromkeys((m["how"], m.get("membership", "local")) for m in moves):
+        runs = [m for m in moves if m["how"] == how and m.get("membership", "local") == source]
 
         def fig(key: str, runs: list[dict[str, Any]] = runs) -> str:
             values = [m[key] for m in runs]
             return f"{statistics.median(values):.2f} s, {max(values):.2f} s"
 
-        out.append(f"| {how} | {runs[0]['moved']} | {fig('noticed_s')} | {fig('checked_s')} | {fig('reported_s')} |")
+        out.append(
+            f"| {how} | {source} | {runs[0]['moved']} | {fig('noticed_s')} | {fig('checked_s')} | {fig('reported_s')} |"
+        )
     return "\n".join(out)
 
 
@@ -263,7 +282,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await backends.start(args.endpoints)
     try:
         rates = [await rate_run(backends, k, r, args.duration) for r in args.replicas for k in args.probers]
-        moves = [await move_run(backends, how) for how in args.leave for _ in range(args.repeat)]
+        moves = []
+        with tempfile.TemporaryDirectory(prefix="bench-etcd-") as tmp:
+            etcd = EtcdServer(Path(tmp) / "etcd") if "etcd" in args.membership else None
+            if etcd is not None:
+                await etcd.start()
+            try:
+                for how in args.leave:
+                    for n in range(args.repeat):
+                        for source in args.membership:  # side by side, alternating
+                            store = None
+                            if etcd is not None and source == "etcd":
+                                store = {"etcd": {"endpoints": [etcd.endpoint], "prefix": f"/bench-{how}-{n}"}}
+                            moves.append(await move_run(backends, how, store))
+            finally:
+                if etcd is not None:
+                    await etcd.stop()
     finally:
         await backends.aclose()
     return {
@@ -283,6 +317,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per rate run")
     parser.add_argument("--repeat", type=int, default=3, help="share moves per way of leaving")
     parser.add_argument("--leave", nargs="+", default=["SIGTERM", "SIGKILL", "SIGSTOP"])
+    parser.add_argument(
+        "--membership",
+        nargs="+",
+        choices=["local", "etcd"],
+        default=["local"],
+        help="where the members come from in the share moves: the links, or etcd (a real one is started)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures here")
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))

@@ -36,7 +36,7 @@ from controlplane.observe.nodes import NodeRegistry
 from controlplane.observe.propagation import PropagationTracker
 from controlplane.probers.accesslog import AccessLogService
 from controlplane.probers.link import ProberLinkService
-from controlplane.probers.ownership import Ownership
+from controlplane.probers.ownership import Members, Ownership, choose_members
 from controlplane.probers.sources import LocalProber
 from controlplane.probers.staleness import check_probers, silence_metrics
 from controlplane.process import Process, State
@@ -152,6 +152,9 @@ class ControlPlane:
         )
         if isinstance(self.store, EtcdStore):
             self.metrics.add_state(self.store.metrics)
+            self.store.on_probers = self._probers_changed
+        # With a store, the probers sharing the endpoints are those registered in etcd (issue 17).
+        self.prober_link.member_source = self._prober_members
         self.clock.epoch = self.admission.restore(self.clock.epoch)
         self.access_log.restore(self.admission.quorum.votes_from(PASSIVE))
         self._publish(Cause("start", f"control plane started (epoch {self.clock.epoch})", time.time()), None)
@@ -279,6 +282,20 @@ class ControlPlane:
         )
         return snapshot
 
+    def _probers_changed(self) -> None:
+        self.prober_link.refresh_members()  # the registrations in etcd, or whether etcd is up, changed
+
+    def _prober_members(self, local: Sequence[str]) -> Members:
+        self.store.link_probers(local)  # registered in etcd on this replica's behalf
+        registered = self.store.prober_members()
+        return choose_members(
+            local,
+            store=self.store.shared,
+            registered=registered,
+            down=self.store.down_reason,
+            replica=self.replica_id,
+        )
+
     def _on_ownership(self, ownership: Ownership) -> None:
         self.admission.on_ownership(self._vote_counts if ownership.members else None)
 
@@ -326,12 +343,19 @@ class ControlPlane:
             raise ConfigError(f"no active mass_failure alarm for cluster {change.cluster!r}", path="id")
         return self.accept_alarm(alarm.id, who=change.who)[1]
 
+    @property
+    def replica_id(self) -> str:
+        """This replica's name in the store: `controlplane.store.replica_id`, or HOSTNAME:XDS_PORT."""
+        cfg = self.topology.controlplane
+        xds_port = self.xds_port or cfg.xds.port
+        return (cfg.store.replica_id if cfg.store is not None else None) or f"{socket.gethostname()}:{xds_port}"
+
     def replica_record(self) -> ReplicaRecord:
         """This replica as GET /replicas shows it: its id, where to reach it, what it serves now."""
         cfg = self.topology.controlplane
         host = socket.gethostname()
         xds_port, admin_port = self.xds_port or cfg.xds.port, self.admin_port or cfg.admin.port
-        replica_id = (cfg.store.replica_id if cfg.store is not None else None) or f"{host}:{xds_port}"
+        replica_id = self.replica_id
         scheme = "https" if cfg.security.admin_tls is not None else "http"
         snapshot = self.snapshot
         return ReplicaRecord(

@@ -9,9 +9,11 @@ how old they are) rather than being guessed.
 Probers that take a share (`Hello.shards`, issue 17) split the endpoints: the members are the
 connected sharing probers heard within `prober_staleness`, each endpoint is owned by
 `probers.replicas` of them (probers/ownership.py), and each is sent only its share. The owners
-are computed here, from this replica's own link records: every prober links to every replica,
-so every replica derives the same members and the same owners, and the replica that counts a
-vote is the one that told its prober to check (docs/scaling.md, "Probers with shards").
+are computed here, so the replica that counts a vote is the one that told its prober to check,
+from a member list handed in by `member_source`: this replica's own link records (every prober
+links to every replica, so every replica derives the same members), or with a store the
+probers registered in etcd, the same list on every replica, and the link records again while
+etcd is unavailable (docs/scaling.md, "Probers with shards", "Members from etcd").
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from controlplane.errors import LimitExceeded, ProtocolError
 from controlplane.events import EventSink
 from controlplane.health.checks import CheckInfo
 from controlplane.health.store import EndpointId, HealthStatus, Verdict
-from controlplane.probers.ownership import Ownership
+from controlplane.probers.ownership import Members, Ownership
 from controlplane.snapshots.cache import SnapshotSource
 from controlplane.topology.model import Topology
 from controlplane.topology.security import TlsFiles
@@ -224,6 +226,10 @@ class ProberLinkService:
         # `on_ownership` (the control plane's quorum counts the owners' votes only).
         self.ownership = Ownership.of((), 1)
         self.on_ownership: Callable[[Ownership], None] = lambda _ownership: None
+        # Where the members come from: given this replica's live sharing links, the list to use
+        # (these links, or with a store the probers registered in etcd: ownership.choose_members).
+        self.member_source: Callable[[Sequence[str]], Members] = lambda local: Members(tuple(sorted(local)), "local")
+        self.members = Members((), "local")
         self._share_wakes: set[asyncio.Event] = set()  # each sharing prober's stream: its share changed
 
     # ------------------------------------------------------------------ shards (issue 17)
@@ -233,8 +239,19 @@ class ProberLinkService:
         snapshot = self.snapshots.current()
         topology = snapshot.topology if snapshot is not None else Topology()
         limit = topology.controlplane.prober_staleness
-        members = live_members(list(self.probers.values()), limit, time.time() if now is None else now)
-        ownership = Ownership.of(members, topology.probers.replicas)
+        local = live_members(list(self.probers.values()), limit, time.time() if now is None else now)
+        members = self.member_source(local)
+        if (members.source, members.reason) != (self.members.source, self.members.reason):
+            self.events.record(
+                "prober",
+                "prober members from "
+                + ("etcd (every replica computes the owners from the same list)" if members.source == "etcd" else "")
+                + (f"this replica's own links: {members.reason}" if members.source == "local" else ""),
+                source=members.source,
+                reason=members.reason,
+            )
+        self.members = members
+        ownership = Ownership.of(members.ids, topology.probers.replicas)
         if ownership == self.ownership:
             return False
         before, self.ownership = self.ownership, ownership

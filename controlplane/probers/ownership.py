@@ -17,13 +17,13 @@ own owners, as the quorum and the health store count them.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from controlplane.health.store import EndpointId
 from controlplane.topology.model import Topology
 
-__all__ = ["Ownership", "endpoint_key", "owners", "weight"]
+__all__ = ["Members", "Ownership", "choose_members", "endpoint_key", "owners", "weight"]
 
 
 def endpoint_key(cluster: str, endpoint: str) -> str:
@@ -84,3 +84,48 @@ class Ownership:
                 for m in self.owners(c.name, e.key):
                     out[m] += 1
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Members:
+    """The probers that share the endpoints, and where that list came from.
+
+    `source` is "etcd" (the prober registrations every replica watches: the same list on every
+    replica) or "local" (this replica's own link records); `reason` says why the local records
+    are used when a store is configured; `holders` names, per member from etcd, the replicas
+    that hold its link.
+    """
+
+    ids: tuple[str, ...]
+    source: str
+    reason: str = ""
+    holders: Mapping[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+
+
+def choose_members(
+    local: Sequence[str],
+    *,
+    store: bool,
+    registered: Mapping[str, Sequence[str]] | None,
+    down: str = "",
+    replica: str = "",
+) -> Members:
+    """The members to compute the owners from.
+
+    Without a store (`store` False): this replica's live links (`local`). With one: the probers
+    registered in etcd (`registered`: prober id -> the replicas holding its link), so every
+    replica computes the same owners, and this replica's own live links (`replica` holds them),
+    which it registers itself: a prober that just linked here is not left without a share
+    until its registration comes back through the watch. While etcd cannot be read
+    (`registered` None, `down` the reason): the local links again, saying why. Verdicts never
+    wait for etcd either way.
+    """
+    if not store:
+        return Members(tuple(sorted(set(local))), "local")
+    if registered is None:
+        why = f"etcd unavailable ({down})" if down else "etcd unavailable"
+        return Members(tuple(sorted(set(local))), "local", f"{why}: members from this replica's own prober links")
+    holders: dict[str, set[str]] = {p: set(r) for p, r in registered.items() if r}
+    for p in local:
+        holders.setdefault(p, set()).add(replica)
+    return Members(tuple(sorted(holders)), "etcd", holders={p: tuple(sorted(r)) for p, r in sorted(holders.items())})

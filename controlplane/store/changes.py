@@ -13,6 +13,7 @@ Either way `submit` answers once the change is applied here, with the snapshot i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -100,6 +101,20 @@ class OperatorStore(Protocol):
         """The other replicas' last published records (none without a shared store)."""
         ...
 
+    def link_probers(self, linked: Iterable[str]) -> None:
+        """The sharing probers this replica holds live links to now (registered in a shared store)."""
+        ...
+
+    def prober_members(self) -> dict[str, tuple[str, ...]] | None:
+        """The sharing probers registered in the shared store (id -> the replicas holding its
+        link); None without one, or while it cannot be read."""
+        ...
+
+    @property
+    def down_reason(self) -> str:
+        """Why the shared store cannot be reached now ("" when it can, or there is none)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def aclose(self) -> None: ...
@@ -121,6 +136,14 @@ class LocalStore:
 
     def replicas(self) -> list[ReplicaRecord]:
         return []
+
+    def link_probers(self, linked: Iterable[str]) -> None:
+        return None
+
+    def prober_members(self) -> dict[str, tuple[str, ...]] | None:
+        return None
+
+    down_reason = ""
 
     async def start(self) -> None:
         return None

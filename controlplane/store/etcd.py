@@ -22,7 +22,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import aetcd
@@ -35,6 +35,7 @@ from controlplane.events import EventSink
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.store.changes import Change, ChangeSink, TopologyChange
 from controlplane.store.fleet import fleet_document, fleet_topology
+from controlplane.store.probers import ProberRegistry
 from controlplane.store.replicas import LEASE_TTL, ReplicaRecord, decode_record, publish_due
 from controlplane.store.sync import (
     Item,
@@ -159,6 +160,12 @@ class EtcdStore:
         self._was_up = False
         self._replicas: dict[str, ReplicaRecord] = {}  # by key, from the watch
         self._lease: int | None = None
+        # Prober membership (controlplane/store/probers.py): the registrations seen, the probers
+        # this replica holds live links to (registered by it), and who to tell of a change.
+        self.probers = ProberRegistry(self.keys)
+        self._linked: frozenset[str] = frozenset()
+        self._wake = asyncio.Event()
+        self.on_probers: Callable[[], None] = lambda: None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -196,6 +203,24 @@ class EtcdStore:
 
     def replicas(self) -> list[ReplicaRecord]:
         return list(self._replicas.values())
+
+    def link_probers(self, linked: Iterable[str]) -> None:
+        """The sharing probers this replica holds live links to now: registered in etcd under its lease."""
+        linked = frozenset(linked)
+        if linked != self._linked:
+            self._linked = linked
+            self._wake.set()
+
+    def prober_members(self) -> dict[str, tuple[str, ...]] | None:
+        """The probers registered in etcd (id -> replicas holding its link); None while etcd is
+        unavailable or not loaded yet (the link records are used meanwhile)."""
+        if self._down is not None or not self.sync.loaded:
+            return None
+        return self.probers.members()
+
+    @property
+    def down_reason(self) -> str:
+        return self._down or ""
 
     def metrics(self) -> Iterator[Metric]:
         """For /metrics: etcd reachable, the revision applied, full loads, replicas and their agreement."""
@@ -387,6 +412,10 @@ class EtcdStore:
             if key.startswith(self.keys.replicas):
                 self._replica_event(key, None if kind == "delete" else kv.value)
                 continue
+            if key.startswith(self.keys.probers):
+                if self.probers.event(key, kind == "put"):
+                    self.on_probers()
+                continue
             self._apply(self.sync.events([WatchEvent(kind, key, kv.value, kv.mod_revision)]))
 
     def _replica_event(self, key: str, value: bytes | None) -> None:
@@ -402,6 +431,7 @@ class EtcdStore:
         lease = await client.lease(LEASE_TTL)
         self._lease = lease.id
         published: ReplicaRecord | None = None
+        self.probers.published = set()  # a new lease: register every linked prober under it
         last_publish = last_refresh = time.monotonic()
         while True:
             now = time.monotonic()
@@ -412,13 +442,28 @@ class EtcdStore:
                 )
                 await self._txn([(self.keys.replica(record.id), stamped.encode())], lease=lease.id)
                 published, last_publish = record, now
+            linked = self._linked
+            if ops := self.probers.writes(record.id, linked):
+                await self._txn(ops, lease=lease.id)
+                self.probers.published = set(linked)
             if now - last_refresh >= PROBE_PERIOD:
                 reply = await client.refresh_lease(lease.id)
                 last_refresh = now
                 if reply is None or reply.TTL <= 0:  # expired while etcd was away: a new one
                     lease = await client.lease(LEASE_TTL)
                     self._lease, published = lease.id, None
-            await asyncio.sleep(TICK)
+                    self.probers.published = set()
+            self._wake.clear()
+            # A prober's link that ends is unregistered at once, not at the next tick. Not
+            # asyncio.wait_for: with it, about one close in two of a replica whose probers were
+            # just killed hung here for good on Python 3.11 (bench/prober_shards.py --membership
+            # etcd; wait_for never returned, its inner Event.wait task pending); asyncio.wait
+            # never waits for the inner task, and a cancel always ends this loop.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait([waiter], timeout=TICK)
+            finally:
+                waiter.cancel()
 
     async def _load(self, client: Any) -> None:
         got = await client.get_prefix(self.keys.root.encode())
@@ -427,9 +472,12 @@ class EtcdStore:
             got = await client.get_prefix(self.keys.root.encode())
         entries = [KeyValue(kv.key.decode(), kv.value, kv.mod_revision) for kv in got]
         self._replicas = {}
+        self.probers.clear()
         for entry in entries:
             if entry.key.startswith(self.keys.replicas):
                 self._replica_event(entry.key, entry.value)
+            elif entry.key.startswith(self.keys.probers):
+                self.probers.event(entry.key, True)
         self.reloads += 1
         applied = self._apply(self.sync.reload(entries, got.header.revision, self.sink.overrides))
         if applied or self.reloads == 1:
@@ -440,6 +488,7 @@ class EtcdStore:
                 applied=applied,
             )
         self._synced.set()
+        self.on_probers()
 
     async def _seed(self) -> None:
         """An empty prefix gets this replica's fleet topology and pins, unless another replica's came first."""
@@ -473,7 +522,9 @@ class EtcdStore:
                 available=False,
                 reason=reason,
             )
-        self._down = reason
+        was_up, self._down = self._down is None, reason
+        if was_up:
+            self.on_probers()  # the members come from this replica's links until etcd is back
         for waiter in self._waiters.values():
             if not waiter.done():
                 waiter.set_exception(
@@ -486,8 +537,10 @@ class EtcdStore:
             self.events.record(
                 "store", f"{self.where} available again: resynced at revision {self.sync.revision}", available=True
             )
-        self._down = None
+        was_down, self._down = self._down is not None, None
         self._was_up = True
+        if was_down:
+            self.on_probers()  # the members come from etcd again
 
     async def _close_client(self) -> None:
         client, self._client = self._client, None

@@ -8,6 +8,8 @@ Keys, under the configured prefix (default `/healthplane`):
     {prefix}/accepts/{cluster}              the last accepted mass-failure alarm of a cluster
     {prefix}/forgotten/{prober}             the last time a prober was forgotten
     {prefix}/replicas/{id}                  a live replica (under its lease; controlplane/store/replicas.py)
+    {prefix}/probers/{prober}/{replica}     a sharing prober linked to that replica (under the replica's
+                                            lease; controlplane/store/probers.py)
 
 Overrides and the topology are state: a full load makes this replica match them. Accepts and
 forgotten probers are acts: a replica applies one when it sees it happen (a watch event, or a
@@ -85,13 +87,20 @@ class Keys:
     def replicas(self) -> str:
         return self.root + "replicas/"
 
+    def prober(self, prober_id: str, replica_id: str) -> str:
+        return f"{self.root}probers/{quote(prober_id, safe='')}/{quote(replica_id, safe=':')}"
+
+    @property
+    def probers(self) -> str:
+        return self.root + "probers/"
+
     def parse(self, key: str) -> tuple[str, ...]:
         """("topology",), ("overrides", cluster, endpoint), ("accepts", cluster), ... or () if not ours."""
         if not key.startswith(self.root):
             return ()
         parts = key[len(self.root) :].split("/")
         kind, rest = parts[0], tuple(unquote(p) for p in parts[1:])
-        shapes = {"topology": 0, "overrides": 2, "accepts": 1, "forgotten": 1, "replicas": 1}
+        shapes = {"topology": 0, "overrides": 2, "accepts": 1, "forgotten": 1, "replicas": 1, "probers": 2}
         if shapes.get(kind) != len(rest) or any(not p for p in rest):
             return ()
         return (kind, *rest)
@@ -192,7 +201,7 @@ class Sync:
 
     def _event(self, event: WatchEvent) -> Change | Skipped | None:
         parsed = self.keys.parse(event.key)
-        if not parsed or parsed[0] == "replicas":
+        if not parsed or parsed[0] in ("replicas", "probers"):
             return None
         kind = parsed[0]
         if event.kind == "delete":

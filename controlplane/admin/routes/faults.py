@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +18,8 @@ from aiohttp import web
 from controlplane.admin.auth import authorize_change
 from controlplane.admin.http import ControlPlaneView, control_plane, error_response, json_response, who, whole_number
 from controlplane.errors import ConfigError, StoreUnavailable
+from controlplane.probers.link import ProberRecord
+from controlplane.probers.ownership import Members
 from controlplane.store.changes import AcceptChange, ForgetChange
 
 
@@ -35,7 +38,27 @@ def prober_summary(cp: ControlPlaneView) -> dict[str, Any]:
         "connected": connected,
         "note": "" if connected else "no prober connected: the last verdicts are kept as they were",
         "shards": {"replicas": cp.topology.probers.replicas, "members": list(ownership.members)},
+        "membership": members_view(link.members, link.probers, shares),
     }
+
+
+def members_view(members: Members, records: Mapping[str, ProberRecord], shares: Mapping[str, int]) -> dict[str, Any]:
+    """Where the member list comes from (etcd or this replica's links, and why), and with etcd
+    the replicas holding each member's link and the members not linked here: their shares'
+    verdicts reach this replica only through a link of their own."""
+    out: dict[str, Any] = {"source": members.source, "reason": members.reason}
+    if members.source == "etcd":
+        out["holders"] = {p: list(r) for p, r in members.holders.items()}
+        unlinked = [p for p in members.ids if p not in records or not records[p].connected]
+        out["not_linked_here"] = unlinked
+        if unlinked:
+            owned = sum(shares.get(p, 0) for p in unlinked)
+            out["note"] = (
+                f"{', '.join(unlinked)} share the endpoints (registered in etcd by another replica) but have "
+                f"no link to this replica: the {owned} endpoints they check keep their last verdicts here "
+                "(link every prober to every replica: healthplane prober --controlplane A --controlplane B ...)"
+            )
+    return out
 
 
 async def probers(request: web.Request) -> web.Response:

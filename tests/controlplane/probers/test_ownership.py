@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from controlplane.probers.ownership import Ownership, endpoint_key, owners
+from controlplane.probers.ownership import Members, Ownership, choose_members, endpoint_key, owners
 from controlplane.topology.model import Cluster, Endpoint, Topology
 
 KEYS = [endpoint_key("web", f"10.0.{i // 250}.{i % 250}:8080") for i in range(3000)]
@@ -94,3 +94,32 @@ def test_ownership_of_a_topology_covers_every_endpoint_r_times() -> None:
     # The same address in two clusters is two endpoints, hashed apart.
     assert any(ownership.owners("web", e.key) != ownership.owners("api", e.key) for e in endpoints[:10])
     assert Ownership.of([], 1).owners("web", "10.1.0.1:80") == ()
+
+
+def test_members_without_a_store_are_this_replicas_links() -> None:
+    chosen = choose_members(["p2", "p1", "p2"], store=False, registered=None)
+    assert chosen == Members(("p1", "p2"), "local") and chosen.reason == ""
+    # A registry handed in without a store is not looked at.
+    assert choose_members(["p1"], store=False, registered={"p9": ("a",)}).ids == ("p1",)
+
+
+def test_members_with_a_store_are_the_probers_registered_in_etcd() -> None:
+    registered = {"p2": ("b",), "p1": ("b", "a"), "p3": ()}
+    chosen = choose_members(["p1"], store=True, registered=registered, replica="a")
+    assert chosen.ids == ("p1", "p2") and chosen.source == "etcd" and chosen.reason == ""
+    assert dict(chosen.holders) == {"p1": ("a", "b"), "p2": ("b",)}  # a prober nobody holds is no member
+    # The same registrations give the same members whatever this replica's links are.
+    assert choose_members([], store=True, registered={"p2": ("b",), "p1": ("a",)}, replica="c").ids == chosen.ids
+    # A prober linked here counts before its registration comes back through the watch.
+    early = choose_members(["p4"], store=True, registered={"p1": ("b",)}, replica="a")
+    assert early.ids == ("p1", "p4") and dict(early.holders) == {"p1": ("b",), "p4": ("a",)}
+
+
+def test_members_while_etcd_is_unavailable_are_the_links_with_the_reason() -> None:
+    chosen = choose_members(["p1"], store=True, registered=None, down="UNAVAILABLE: connection refused")
+    assert chosen.ids == ("p1",) and chosen.source == "local"
+    assert (
+        chosen.reason
+        == "etcd unavailable (UNAVAILABLE: connection refused): members from this replica's own prober links"
+    )
+    assert choose_members([], store=True, registered=None).reason.startswith("etcd unavailable:")
