@@ -80,6 +80,7 @@ class AdsServer:
         callbacks: StreamCallbacks | None = None,
         *,
         delay: Callable[[StreamState], float] | None = None,
+        first_stream_id: int = 1,
     ) -> None:
         self.source = source
         self.callbacks = callbacks or StreamCallbacks()
@@ -90,7 +91,7 @@ class AdsServer:
         self._closing: dict[int, str] = {}  # stream id -> why close_stream closed it
         self._writing: set[int] = set()  # streams whose handler awaits a write (the node may not read)
         self._detached: set[int] = set()  # closed while writing: gone from the views, status after the write
-        self._stream_ids = itertools.count(1)
+        self._stream_ids = itertools.count(first_stream_id)  # an xDS worker's ids differ from every other's
         # Limits (controlplane.security): requests are parsed here, not by gRPC, to name the field.
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.peers = PeerStreams()
