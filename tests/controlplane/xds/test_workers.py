@@ -16,7 +16,6 @@ from controlplane.health.store import HealthStatus
 from controlplane.observe.nodes import node_view
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import Snapshot
-from controlplane.topology.parse import parse_topology_text
 from controlplane.xds.csds import client_config
 from controlplane.xds.delta import DeltaStreamState
 from controlplane.xds.server import StreamCallbacks
@@ -52,39 +51,15 @@ def assert_serves_the_same(ours: Snapshot, theirs: Snapshot) -> None:
 
 def test_a_worker_serves_the_very_bytes_of_each_snapshot() -> None:
     fleet, decoder = Fleet(), SnapshotDecoder()
-    first = fleet.snapshot
-    assert_serves_the_same(first, decoder.decode(frame_of(first, None)))
-    for snapshot in (fleet.flip("web", "127.0.0.1:8081"), fleet.edit(WITHOUT_API), fleet.edit(TOPOLOGY)):
-        base = decoder.last
-        assert base is not None
-        assert_serves_the_same(snapshot, decoder.decode(frame_of(snapshot, fleet_previous(fleet, base))))
-
-
-def fleet_previous(fleet: Fleet, base: Snapshot) -> Snapshot:
-    return PREVIOUS[base.version]
-
-
-PREVIOUS: dict[str, Snapshot] = {}
-
-
-@pytest.fixture(autouse=True)
-def _track() -> Any:
-    PREVIOUS.clear()
-    original = Fleet._build, Fleet.flip
-
-    def build(self: Fleet, text: str, *, previous: Snapshot | None) -> Snapshot:
-        snapshot = original[0](self, text, previous=previous)
-        PREVIOUS[snapshot.version] = snapshot
-        return snapshot
-
-    def flip(self: Fleet, cluster: str, endpoint: str, status: HealthStatus = HealthStatus.UNHEALTHY) -> Snapshot:
-        snapshot = original[1](self, cluster, endpoint, status)
-        PREVIOUS[snapshot.version] = snapshot
-        return snapshot
-
-    Fleet._build, Fleet.flip = build, flip  # type: ignore[method-assign]
-    yield
-    Fleet._build, Fleet.flip = original  # type: ignore[method-assign]
+    assert_serves_the_same(fleet.snapshot, decoder.decode(frame_of(fleet.snapshot, None)))
+    for change in (
+        lambda: fleet.flip("web", "127.0.0.1:8081"),
+        lambda: fleet.edit(WITHOUT_API),
+        lambda: fleet.edit(TOPOLOGY),
+    ):
+        previous = fleet.snapshot
+        snapshot = change()
+        assert_serves_the_same(snapshot, decoder.decode(frame_of(snapshot, previous)))
 
 
 def test_a_health_change_carries_one_resource_and_no_topology() -> None:
