@@ -88,7 +88,7 @@ class AdsServer:
         self.delay = delay
         self.streams: dict[int, StreamState] = {}
         self._handlers: dict[int, asyncio.Task[Any]] = {}  # stream id -> its RPC's task, to close it
-        self._closing: dict[int, str] = {}  # stream id -> why close_stream closed it
+        self._closing: dict[int, tuple[str, grpc.StatusCode]] = {}  # stream id -> why close_stream closed it
         self._writing: set[int] = set()  # streams whose handler awaits a write (the node may not read)
         self._detached: set[int] = set()  # closed while writing: gone from the views, status after the write
         self._stream_ids = itertools.count(first_stream_id)  # an xDS worker's ids differ from every other's
@@ -159,10 +159,10 @@ class AdsServer:
                     await context.write(encode_response(body, pending.nonce))
                     writing = False
                     self._writing.discard(state.stream_id)
-                    if (reason := self._closing.get(state.stream_id)) is not None:
+                    if (closing := self._closing.get(state.stream_id)) is not None:
                         # Closed while this write was blocked: the node read it, now the reason.
-                        self.ended_with[grpc.StatusCode.UNAVAILABLE.name] += 1
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+                        self.ended_with[closing[1].name] += 1
+                        await context.abort(closing[1], closing[0])
             error = None if reader.cancelled() else reader.exception()
             if isinstance(error, ProtocolError):
                 log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)
@@ -173,14 +173,14 @@ class AdsServer:
                 self.ended_with["INTERNAL"] += 1
                 await context.abort(grpc.StatusCode.INTERNAL, f"the control plane failed on this stream: {error!r}")
         except asyncio.CancelledError:
-            reason = self._closing.get(state.stream_id)
-            if reason is None or writing:
+            closing = self._closing.get(state.stream_id)
+            if closing is None or writing:
                 # A write blocked by a client that stopped reading cannot be called off: gRPC core
                 # keeps that one message until the client reads or its connection closes, and
                 # refuses a status meanwhile. The stream's state here is freed all the same.
                 raise
-            self.ended_with[grpc.StatusCode.UNAVAILABLE.name] += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+            self.ended_with[closing[1].name] += 1
+            await context.abort(closing[1], closing[0])
         finally:
             self.peers.release(peer_key)
             cancel()
@@ -193,18 +193,19 @@ class AdsServer:
                 self.callbacks.on_stream_closed(state)
             self._detached.discard(state.stream_id)
 
-    def close_stream(self, stream_id: int, reason: str) -> bool:
-        """End a stream from the server side with UNAVAILABLE and `reason`; False if it is gone."""
+    def close_stream(self, stream_id: int, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> bool:
+        """End a stream from the server side with `code` (UNAVAILABLE: the node reconnects at once)
+        and `reason`; False if it is gone."""
         task = self._handlers.get(stream_id)
         if task is None or task.done() or stream_id in self._closing:
             return False
-        self._closing[stream_id] = reason
+        self._closing[stream_id] = (reason, code)
         state = self.streams.get(stream_id)
         if stream_id in self._writing and state is not None:
             # A write blocked by a node that stopped reading cannot be called off, and a cancelled
             # handler would leave the node, once it reads again, with that response and then
             # silence. So the stream leaves the views now, and the handler, still in its write,
-            # ends it with UNAVAILABLE as soon as the write completes (or the connection drops).
+            # ends it with `code` as soon as the write completes (or the connection drops).
             self.streams.pop(stream_id, None)
             if state.node_id is not None:
                 self._detached.add(stream_id)

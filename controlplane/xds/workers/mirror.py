@@ -17,6 +17,7 @@ from typing import Any
 
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.xds.delta import DeltaResponse, DeltaStreamState
+from controlplane.xds.limits import peer_host
 from controlplane.xds.server import StreamCallbacks
 from controlplane.xds.stream import Nack, PendingResponse, RequestKind, RequestOutcome, StreamState, TypeState
 from controlplane.xds.workers.records import SAME, Record, TypeSync
@@ -33,6 +34,12 @@ class Mirror:
         self.streams: dict[int, StreamState] = {}
         self.owner: dict[int, int] = {}  # stream id -> worker slot
         self._now: float | None = None
+        # controlplane.xds.max_streams_per_peer across the workers: each worker refuses a peer's
+        # streams past it on its own; a peer spread over several workers is seen only here, and
+        # its streams past the limit are handed to `over_limit` (the pool closes them).
+        self.peer_limit = 0
+        self.over_limit: Callable[[int, str], None] | None = None
+        self.per_peer: dict[str, int] = {}
 
     def clock(self) -> float:
         """When the event being applied happened in its worker (else now)."""
@@ -74,6 +81,15 @@ class Mirror:
         self.owner[sid] = slot
         self._now = opened
         self.callbacks.on_stream_open(stream)
+        host = peer_host(peer)
+        held = self.per_peer.get(host, 0)
+        self.per_peer[host] = held + 1
+        if self.peer_limit and held >= self.peer_limit and self.over_limit is not None:
+            self.over_limit(
+                sid,
+                f"{host} already holds {held} ADS streams across the xDS workers: "
+                f"controlplane.xds.max_streams_per_peer is {self.peer_limit}",
+            )
 
     def _request(self, slot: int, record: Record) -> None:
         _, sid, kind, type_url, version, nonce, error, sent_at, sync = record
@@ -110,6 +126,10 @@ class Mirror:
         stream = self.streams.pop(sid, None)
         self.owner.pop(sid, None)
         if stream is not None:
+            host = peer_host(stream.peer)
+            held = self.per_peer.pop(host, 0) - 1
+            if held > 0:
+                self.per_peer[host] = held
             self.callbacks.on_stream_closed(stream)
 
 

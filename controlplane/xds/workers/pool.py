@@ -72,7 +72,8 @@ class _Refused:
 
     @property
     def refused(self) -> int:
-        return sum(int(w.stats.get("refused", 0)) for w in self._pool.workers.values())
+        pool = self._pool
+        return pool.refused_across + sum(int(w.stats.get("refused", 0)) for w in pool.workers.values())
 
 
 class WorkerPool:
@@ -111,12 +112,15 @@ class WorkerPool:
         self._cancel_wake: Callable[[], None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ended_before: Counter[str] = Counter()  # of workers that are gone
+        self.refused_across = 0  # streams closed by the per-peer limit across workers (Mirror)
+        self.mirror.over_limit = self._over_limit
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, host: str, port: int, services: str) -> int:
         """Start every worker on `host:port` (0: the first picks a port, the others share it); the port."""
         self._host, self._services = host, services
+        self.mirror.peer_limit = self.topology().controlplane.security.xds_max_streams_per_peer
         first = await self._spawn(0, port)
         self.port = first
         if self.count > 1:
@@ -308,14 +312,20 @@ class WorkerPool:
             worker.channel.send_bytes(data)
             worker.base = current
 
+    def _over_limit(self, stream_id: int, reason: str) -> None:
+        if self.close_stream(stream_id, reason, "RESOURCE_EXHAUSTED"):
+            self.refused_across += 1
+            log.warning("stream %d refused: %s", stream_id, reason)
+
     # ------------------------------------------------------------------ what the watchdog and the metrics read
 
     @property
     def streams(self) -> Mapping[int, StreamState]:
         return self.mirror.streams
 
-    def close_stream(self, stream_id: int, reason: str) -> bool:
-        """Ask the worker holding `stream_id` to close it with UNAVAILABLE; False if it is gone or asked."""
+    def close_stream(self, stream_id: int, reason: str, code: str = "UNAVAILABLE") -> bool:
+        """Ask the worker holding `stream_id` to close it with `code` (a grpc.StatusCode name);
+        False if it is gone or was asked already."""
         slot = self.mirror.owner.get(stream_id)
         worker = self.workers.get(slot) if slot is not None else None
         if worker is None or worker.channel is None or stream_id in self._asked_to_close:
@@ -323,7 +333,7 @@ class WorkerPool:
         if len(self._asked_to_close) > 100_000:
             self._asked_to_close &= set(self.mirror.streams)
         self._asked_to_close.add(stream_id)
-        worker.channel.send(("close", stream_id, reason))
+        worker.channel.send(("close", stream_id, reason, code))
         return True
 
     @property

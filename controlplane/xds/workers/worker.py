@@ -23,6 +23,8 @@ import sys
 import time
 from typing import Any
 
+import grpc
+
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.topology.model import Topology
 from controlplane.xds.delay import ModelledDelay
@@ -172,8 +174,8 @@ async def serve(fd: int) -> None:
             if kind == "snapshot":
                 worker.on_snapshot(message[1])
             elif kind == "close":
-                _, stream_id, reason = message
-                worker.ads.close_stream(stream_id, reason)
+                _, stream_id, reason, code = message
+                worker.ads.close_stream(stream_id, reason, grpc.StatusCode[code])
             elif kind == "stop":
                 _, reason, grace = message
                 closed = await worker.stop(reason, grace)
