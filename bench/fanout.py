@@ -124,8 +124,9 @@ def _machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def server_main(conn: Connection, xds_workers: int = 1) -> None:
+def server_main(conn: Connection, xds_workers: int = 1, worker_loop: str = "asyncio") -> None:
     child_setup()
+    os.environ["HEALTHPLANE_XDS_WORKER_LOOP"] = worker_loop  # what the xDS workers run on (they inherit it)
     asyncio.run(_server(conn, xds_workers))
 
 
@@ -389,6 +390,7 @@ class Push:
 class Run:
     nodes: int
     xds_workers: int
+    worker_loop: str
     workers: int
     streams_per_channel: int
     channels: int
@@ -399,7 +401,7 @@ class Run:
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pushes: list[Push] = field(default_factory=list)
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         def pooled(attr: str, q: float) -> float:
             return _percentile(sorted(x for p in self.pushes for x in getattr(p, attr)), q)
 
@@ -414,6 +416,7 @@ class Run:
         return {
             "nodes": self.nodes,
             "xds_workers": self.xds_workers,
+            "worker_loop": self.worker_loop,
             "p50_ms": pooled("server_ack_ms", 50),
             "p99_ms": pooled("server_ack_ms", 99),
             "last_ack_ms": median(last("server_ack_ms")),
@@ -456,12 +459,18 @@ class Options:
 
 
 def run_once(
-    ctx: Any, children: list[Child], nodes: int, xds_workers: int, opt: Options, log: Callable[[str], None]
+    ctx: Any,
+    children: list[Child],
+    nodes: int,
+    xds_workers: int,
+    opt: Options,
+    log: Callable[[str], None],
+    worker_loop: str = "asyncio",
 ) -> Run:
     """A fresh server (with `xds_workers` xDS worker processes) and `nodes` clients; warm-up and
     measured pushes; everything stopped after."""
     load_before = os.getloadavg()
-    server = Child(ctx, "fanout-server", server_main, xds_workers)
+    server = Child(ctx, "fanout-server", server_main, xds_workers, worker_loop)
     children.append(server)
     ready = server.recv(60)
     port, server_pid, worker_pids = ready["xds_port"], ready["pid"], ready["worker_pids"]
@@ -497,6 +506,7 @@ def run_once(
         run = Run(
             nodes=nodes,
             xds_workers=xds_workers,
+            worker_loop=worker_loop if xds_workers > 1 else "-",
             workers=workers,
             streams_per_channel=opt.per_channel,
             channels=sum(a["channels"] for a in answers),
@@ -576,6 +586,7 @@ def run_once(
 COLUMNS = [
     ("nodes", "nodes", "{:.0f}"),
     ("xDS workers", "xds_workers", "{:.0f}"),
+    ("worker loop", "worker_loop", "{}"),
     ("p50 ms", "p50_ms", "{:.1f}"),
     ("p99 ms", "p99_ms", "{:.1f}"),
     ("last ACK ms", "last_ack_ms", "{:.1f}"),
@@ -590,7 +601,7 @@ COLUMNS = [
 ]
 
 
-def table(rows: Sequence[dict[str, float]]) -> str:
+def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "|".join("---:" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
@@ -622,6 +633,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--client-bdp-probe",
         action="store_true",
         help="let the clients send BDP pings, as gRPC clients do (Envoy does not)",
+    )
+    parser.add_argument(
+        "--xds-worker-loop",
+        nargs="+",
+        choices=["asyncio", "uvloop"],
+        default=["asyncio"],
+        help="the event loops of the xDS worker processes to compare (an experiment: uvloop under grpc.aio)",
     )
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between pushes")
     parser.add_argument("--batch", type=int, default=250, help="streams each client process opens at a time")
@@ -659,18 +677,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     ctx = mp.get_context("spawn")  # children start clean: no gRPC state forked from the parent
     children: list[Child] = []
-    runs: dict[tuple[int, int], list[Run]] = {}
+    runs: dict[tuple[int, int, str], list[Run]] = {}
     started = datetime.datetime.now(datetime.UTC)
     try:
         for n in args.nodes:
             for r in range(args.repeat):
                 # Side by side: each worker count in turn within one repeat, so load drifts hit all alike.
-                for x in xds_workers:
+                configs = [(w, lp) for w in xds_workers for lp in (args.xds_worker_loop if w > 1 else ["-"])]
+                for x, loop in configs:
                     log(
-                        f"{n} nodes, {x} xDS worker(s), run {r + 1}/{args.repeat}: {min(args.workers, n)} client "
-                        f"processes, {args.streams_per_channel} stream(s) per connection, load {os.getloadavg()}"
+                        f"{n} nodes, {x} xDS worker(s) ({loop}), run {r + 1}/{args.repeat}: {min(args.workers, n)} "
+                        f"client processes, {args.streams_per_channel} stream(s) per connection, "
+                        f"load {os.getloadavg()}"
                     )
-                    runs.setdefault((n, x), []).append(run_once(ctx, children, n, x, opt, log))
+                    runs.setdefault((n, x, loop), []).append(run_once(ctx, children, n, x, opt, log, loop))
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -710,7 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "env": env,
                     "summary": [r.summary() for r in chosen.values()],
                     "runs": {
-                        f"{n}x{x}": [{"summary": r.summary(), **asdict(r)} for r in rs] for (n, x), rs in runs.items()
+                        f"{n}x{x}{'' if loop == '-' else '-' + loop}": [
+                            {"summary": r.summary(), **asdict(r)} for r in rs
+                        ]
+                        for (n, x, loop), rs in runs.items()
                     },
                 },
                 indent=1,

@@ -42,6 +42,7 @@ log = logging.getLogger("healthplane.xds.workers")
 FLUSH_SECONDS = 0.002
 FLUSH_RECORDS = 2_000
 STREAM_CLOSE_TIMEOUT = 5.0
+LOOP_ENV = "HEALTHPLANE_XDS_WORKER_LOOP"
 
 # Every worker binds the port with SO_REUSEPORT: the kernel hands each new connection to one of them.
 WORKER_SERVER_OPTIONS = [(k, v) for k, v in SERVER_OPTIONS if k != "grpc.so_reuseport"] + [("grpc.so_reuseport", 1)]
@@ -200,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the main process, which stops the workers
+    if os.environ.get(LOOP_ENV) == "uvloop":  # an experiment (bench/fanout.py --xds-worker-loop), not a dependency
+        import uvloop  # type: ignore[import-not-found, unused-ignore]
+
+        uvloop.install()
     asyncio.run(serve(int(args[0])))
     return 0
 
