@@ -8,8 +8,11 @@ with identity serializers, so nothing is parsed or encoded on the way, and the m
 status code and message come back as they were. Envoys, probers and CSDS clients see one port
 as before; nothing changes in their configuration.
 
-The caller's address travels in the `x-healthplane-peer` metadata (the main process sees the
-relay's Unix socket as the peer); the per-peer stream limit is applied here, per worker.
+The caller's address and the names of its verified client certificate (mutual TLS on the xDS
+port) travel in metadata, `x-healthplane-peer` and `x-healthplane-cert-names`: the main process
+sees the relay's Unix socket as the peer, so `caller_peer` and `caller_certificate_names` read
+them there, and only from a Unix-socket peer (the socket sits in a directory only this user can
+enter). The per-peer stream limit of the relayed services is applied here, per worker.
 """
 
 from __future__ import annotations
@@ -24,10 +27,9 @@ import grpc
 from controlplane.errors import LimitExceeded
 from controlplane.xds.limits import PeerStreams
 from controlplane.xds.server import ADS_SERVICE
+from controlplane.xds.tls import NAMES_METADATA, PEER_METADATA, certificate_names
 
 log = logging.getLogger("healthplane.xds.workers")
-
-PEER_METADATA = "x-healthplane-peer"
 
 
 def _identity(data: bytes) -> bytes:
@@ -79,8 +81,12 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.calls += 1
         metadata = [(k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(("grpc-", ":"))]
-        metadata = [(k, v) for k, v in metadata if k != PEER_METADATA and isinstance(v, str)]
+        metadata = [(k, v) for k, v in metadata if k not in (PEER_METADATA, NAMES_METADATA) and isinstance(v, str)]
         metadata.append((PEER_METADATA, peer))
+        names = [
+            n for n in certificate_names(context.auth_context()) if n.isascii() and n.isprintable() and "," not in n
+        ]
+        metadata.append((NAMES_METADATA, ",".join(names)))
         call = self.channel().stream_stream(method, request_serializer=_identity, response_deserializer=_identity)(
             metadata=tuple(metadata)
         )

@@ -6,24 +6,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 
 from controlplane.app import ControlPlane
 from controlplane.health.store import HealthStatus
 from controlplane.snapshots import resources as rs
-from controlplane.topology.parse import parse_topology
+from controlplane.topology.parse import load_topology, parse_topology
 from lab.adsclient import AdsClient, AdsStream, DeltaAdsClient, DeltaAdsStream
 from lab.envoyproc import poll_until
 from tests.controlplane.xds import test_delta_server as in_process
+from tests.controlplane.xds import test_security
+from tests.controlplane.xds.certs import Certs, make_certs
 from tests.controlplane.xds.test_delta_server import DeltaNode, _acked, document
 
 # An own TCP connection per channel: the kernel then spreads them over the workers.
@@ -199,3 +204,30 @@ async def test_an_oversized_request_is_refused_by_the_worker_naming_the_field() 
             await stream.read()
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_message_bytes" in (refused.value.details() or "")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+@contextlib.asynccontextmanager
+async def serving_on_workers(doc: dict[str, Any], tmp_path: Path) -> AsyncIterator[ControlPlane]:
+    """test_security's `serving`, with two xDS workers."""
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    cp = ControlPlane(load_topology(path), workers=2)
+    await cp.start()
+    try:
+        yield cp
+    finally:
+        await cp.aclose(grace=0)
+
+
+async def test_prober_names_hold_through_the_relay(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prober link's certificate check, its assertions unchanged, with the link relayed by a worker:
+    the names are those of the certificate the prober presented to the worker."""
+    monkeypatch.setattr(test_security, "serving", serving_on_workers)
+    await test_security.test_prober_names_keep_envoy_certificates_off_the_prober_link(certs, tmp_path)
