@@ -345,6 +345,10 @@ class ProberLinkService:
             self.peers.release(peer)
 
     async def _report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
+        # The hello is read before any refusal: a refusal sent while the caller's first write is
+        # still in flight reaches gRPC's aio clients as INTERNAL (a failed write) instead of the
+        # status, and an xDS worker's relay (controlplane.xds.workers.relay) is such a client.
+        first = await context.read()
         tls = self.tls()
         if tls is not None and tls.prober_names:
             presented = caller_certificate_names(context)
@@ -356,7 +360,6 @@ class ProberLinkService:
                     f"prober link: the client certificate's names ({shown}) are not in "
                     "controlplane.xds.tls.prober_names",
                 )
-        first = await context.read()
         if first is grpc.aio.EOF:
             return
         if first.WhichOneof("message") != "hello" or not first.hello.prober_id:

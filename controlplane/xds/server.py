@@ -15,6 +15,7 @@ request they parse: one set of streams, callbacks, limits, delay and watchdog se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -35,6 +36,7 @@ from controlplane.xds.stream import PendingResponse, RequestOutcome, StreamState
 log = logging.getLogger("healthplane.xds")
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+REFUSAL_READ_TIMEOUT = 1.0
 
 # grpc.aio drops new streams beyond ~1,000 pending in a reconnect storm unless these are raised.
 SERVER_OPTIONS: list[tuple[str, Any]] = [
@@ -123,6 +125,10 @@ class AdsServer:
         except ProtocolError as exc:
             log.warning("stream refused (%s): %s", state.peer, exc)
             self.ended_with[status_code(exc).name] += 1
+            # Refused once its first request is in (or after a second): a status sent while the
+            # node's first write is in flight reaches gRPC's aio clients as INTERNAL, not as this.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(context.read(), REFUSAL_READ_TIMEOUT)
             await context.abort(status_code(exc), str(exc))
         wake = asyncio.Event()
         cancel = self.source.subscribe(wake.set)

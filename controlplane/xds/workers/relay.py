@@ -87,13 +87,24 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
             n for n in certificate_names(context.auth_context()) if n.isascii() and n.isprintable() and "," not in n
         ]
         metadata.append((NAMES_METADATA, ",".join(names)))
+        # The call to the main process starts with the caller's first message in hand, written at
+        # once: a service that refuses a call before reading (the prober link's certificate check)
+        # then answers after that write, not during it. gRPC's aio client reports a write that
+        # races the server's status as INTERNAL ("Internal error from Core") instead of the status.
+        iterator = aiter(requests)
+        try:
+            first: bytes | None = await anext(iterator)
+        except StopAsyncIteration:
+            first = None
         call = self.channel().stream_stream(method, request_serializer=_identity, response_deserializer=_identity)(
             metadata=tuple(metadata)
         )
 
         async def forward() -> None:
-            async for request in requests:
-                await call.write(request)
+            if first is not None:
+                await call.write(first)
+                async for request in iterator:
+                    await call.write(request)
             await call.done_writing()
 
         pump = asyncio.create_task(forward())
