@@ -33,6 +33,7 @@ TOY_RUNS = {
         ],
         "| 5 | 2 |",
     ),
+    "relay.py": (["--rounds", "3", "--repeat", "1"], "| 2 | "),
     "prober_load.py": (
         [
             "--endpoints",
