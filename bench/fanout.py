@@ -216,7 +216,7 @@ async def _server(conn: Connection, xds_workers: int = 1) -> None:
         nonlocal flips
         status = HealthStatus.UNHEALTHY if flips % 2 == 0 else HealthStatus.HEALTHY
         flips += 1
-        gc0, sys0, cpu0 = _gc_collections(), sys_all(), cpu_all()
+        gc0, sys0, cpu0, main0 = _gc_collections(), sys_all(), cpu_all(), _cpu_seconds()
         verdict = time.time()  # the clock of StreamState.sent_at and acked_at
         snapshot = cp.set_override(CLUSTER, FLIPPED, status, who="bench")
         published = time.time()
@@ -240,6 +240,7 @@ async def _server(conn: Connection, xds_workers: int = 1) -> None:
             ],
             "sent_s": [ts.sent_at - verdict for ts in states if ts.sent_version == version and ts.sent_at is not None],
             "cpu_s": cpu,
+            "main_cpu_s": _cpu_seconds() - main0,
             "cpu_to_last_ack_s": watch.cpu_at_done - cpu0 if complete else None,
             "sys_s": sys_all() - sys0,
             "gc_collections": [b - a for a, b in zip(gc0, _gc_collections(), strict=True)],
@@ -377,6 +378,7 @@ class Push:
     sent_ms: list[float]  # verdict -> the server's stream decided to send (StreamState.due), per client
     publish_ms: float  # set_override: building the snapshot and waking every stream
     server_cpu_ms: float
+    main_cpu_ms: float  # of server_cpu_ms, the control plane's main process (all of it without xDS workers)
     server_cpu_to_last_ack_ms: float | None
     server_sys_ms: float  # of server_cpu_ms, in the kernel
     server_gc_collections: list[int]  # per generation
@@ -390,6 +392,7 @@ class Push:
 class Run:
     nodes: int
     xds_workers: int
+    xds_workers_label: str  # as asked: "2", or "auto" (the cores: xds_workers)
     worker_loop: str
     workers: int
     streams_per_channel: int
@@ -415,7 +418,7 @@ class Run:
         cpu = median([p.server_cpu_ms for p in self.pushes])
         return {
             "nodes": self.nodes,
-            "xds_workers": self.xds_workers,
+            "xds_workers": self.xds_workers_label,
             "worker_loop": self.worker_loop,
             "p50_ms": pooled("server_ack_ms", 50),
             "p99_ms": pooled("server_ack_ms", 99),
@@ -428,6 +431,7 @@ class Run:
             "publish_ms": median([p.publish_ms for p in self.pushes]),
             "server_cpu_ms": cpu,
             "server_sys_ms": median([p.server_sys_ms for p in self.pushes]),
+            "main_cpu_ms": median([p.main_cpu_ms for p in self.pushes]),
             "cpu_us_per_stream": cpu * 1000 / self.nodes,
             "client_cpu_ms": median([p.client_cpu_ms for p in self.pushes]),
             "kb_per_stream": (self.rss_after_kb - self.rss_before_kb) / self.nodes,
@@ -466,6 +470,7 @@ def run_once(
     opt: Options,
     log: Callable[[str], None],
     worker_loop: str = "asyncio",
+    label: str = "",
 ) -> Run:
     """A fresh server (with `xds_workers` xDS worker processes) and `nodes` clients; warm-up and
     measured pushes; everything stopped after."""
@@ -506,6 +511,7 @@ def run_once(
         run = Run(
             nodes=nodes,
             xds_workers=xds_workers,
+            xds_workers_label=label or str(xds_workers),
             worker_loop=worker_loop if xds_workers > 1 else "-",
             workers=workers,
             streams_per_channel=opt.per_channel,
@@ -552,6 +558,7 @@ def run_once(
                 sent_ms=sorted(x * 1000 for x in result["sent_s"]),
                 publish_ms=result["publish_s"] * 1000,
                 server_cpu_ms=result["cpu_s"] * 1000,
+                main_cpu_ms=result["main_cpu_s"] * 1000,
                 server_cpu_to_last_ack_ms=None
                 if result["cpu_to_last_ack_s"] is None
                 else result["cpu_to_last_ack_s"] * 1000,
@@ -585,7 +592,7 @@ def run_once(
 
 COLUMNS = [
     ("nodes", "nodes", "{:.0f}"),
-    ("xDS workers", "xds_workers", "{:.0f}"),
+    ("xDS workers", "xds_workers", "{}"),
     ("worker loop", "worker_loop", "{}"),
     ("p50 ms", "p50_ms", "{:.1f}"),
     ("p99 ms", "p99_ms", "{:.1f}"),
@@ -595,6 +602,7 @@ COLUMNS = [
     ("last send ms", "last_send_ms", "{:.1f}"),
     ("server CPU ms/push", "server_cpu_ms", "{:.1f}"),
     ("CPU µs/stream/push", "cpu_us_per_stream", "{:.1f}"),
+    ("of it main process ms/push", "main_cpu_ms", "{:.1f}"),
     ("clients CPU ms/push", "client_cpu_ms", "{:.1f}"),
     ("KB/stream", "kb_per_stream", "{:.1f}"),
     ("others' CPU %", "other_cpu_pct", "{:.0f}"),
@@ -653,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with native frames (py-spy pauses the server at each sample: slower pushes)",
     )
     args = parser.parse_args(argv)
-    xds_workers = [_xds_workers(w) for w in args.xds_workers]
+    xds_workers = [(_xds_workers(w), w if w != "auto" else f"auto={_xds_workers(w)}") for w in args.xds_workers]
     opt = Options(
         workers=args.workers,
         per_channel=args.streams_per_channel,
@@ -677,20 +685,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     ctx = mp.get_context("spawn")  # children start clean: no gRPC state forked from the parent
     children: list[Child] = []
-    runs: dict[tuple[int, int, str], list[Run]] = {}
+    runs: dict[tuple[int, str, str], list[Run]] = {}
     started = datetime.datetime.now(datetime.UTC)
     try:
         for n in args.nodes:
             for r in range(args.repeat):
                 # Side by side: each worker count in turn within one repeat, so load drifts hit all alike.
-                configs = [(w, lp) for w in xds_workers for lp in (args.xds_worker_loop if w > 1 else ["-"])]
-                for x, loop in configs:
+                configs = [(w, lb, lp) for w, lb in xds_workers for lp in (args.xds_worker_loop if w > 1 else ["-"])]
+                for x, label, loop in configs:
                     log(
                         f"{n} nodes, {x} xDS worker(s) ({loop}), run {r + 1}/{args.repeat}: {min(args.workers, n)} "
                         f"client processes, {args.streams_per_channel} stream(s) per connection, "
                         f"load {os.getloadavg()}"
                     )
-                    runs.setdefault((n, x, loop), []).append(run_once(ctx, children, n, x, opt, log, loop))
+                    runs.setdefault((n, label, loop), []).append(run_once(ctx, children, n, x, opt, log, loop, label))
     except KeyboardInterrupt:
         log("interrupted")
         return 130
