@@ -10,7 +10,9 @@ replace the ones that die or stop answering.
   close worker streams as it does in-process ones.
 - Faults: a worker that exits is started again in its slot (its Envoys have reconnected to the
   others meanwhile; the new one takes its share of new connections); one whose heartbeat stops
-  for `stuck_after` seconds is killed and replaced. Each is recorded as a `worker` event.
+  for `stuck_after` seconds while its CPU time stands still (stopped, blocked), or for
+  `BUSY_GRACE` times that while it runs (a loop that never yields), is killed and replaced. Each
+  is recorded as a `worker` event.
 """
 
 from __future__ import annotations
@@ -41,10 +43,21 @@ from controlplane.xds.workers.wire import encode_snapshot
 log = logging.getLogger("healthplane.xds.workers")
 
 MAX_BUFFERED = 256 * 1024 * 1024  # unread snapshot bytes before a worker counts as stuck
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
+BUSY_GRACE = 6  # a silent worker still using CPU is given this many times `stuck_after`
 STOP_TIMEOUT = 8.0
 STREAM_IDS_PER_WORKER = 1_000_000_000  # a worker's stream ids: serial * this + 1, 2, ...
 _ROOT = str(Path(__file__).resolve().parents[3])
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User + system CPU time of a process, in clock ticks (None if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[11]) + int(fields[12])
 
 
 class Snapshots(SnapshotSource, SnapshotHistory, Protocol):
@@ -64,6 +77,7 @@ class _Worker:
     stopped: asyncio.Future[int] | None = None
     reader: asyncio.Task[None] | None = None
     why_killed: str | None = None
+    cpu_ticks: int | None = None  # its CPU time when it was last found silent
 
 
 class _Refused:
@@ -87,7 +101,7 @@ class WorkerPool:
         events: EventSink,
         topology: Callable[[], Topology],
         *,
-        stuck_after: float = 5.0,
+        stuck_after: float = 10.0,
         heartbeat: float = 0.5,
     ) -> None:
         if count < 1:
@@ -242,11 +256,25 @@ class WorkerPool:
             for worker in list(self.workers.values()):
                 if worker.proc is None or worker.proc.returncode is not None or worker.why_killed:
                     continue
+                if worker.ready is None or not worker.ready.done():
+                    continue  # starting: START_TIMEOUT covers it
                 silent = now - worker.heard
                 if silent > self.stuck_after:
-                    self._kill(worker, f"stopped answering (no heartbeat for {silent:.1f}s)")
+                    # Busy is not stuck: a worker starved of CPU (a reconnect storm of thousands of
+                    # streams on a loaded host) writes no heartbeat for a while but uses CPU. One
+                    # whose CPU time stands still (stopped, blocked), or that stays silent for
+                    # BUSY_GRACE times the limit (a loop that never yields), is stuck.
+                    cpu = _cpu_ticks(worker.proc.pid)
+                    busy = cpu is not None and cpu != worker.cpu_ticks
+                    worker.cpu_ticks = cpu
+                    if busy and silent < self.stuck_after * BUSY_GRACE:
+                        continue
+                    state = "busy" if busy else "no CPU time either"
+                    self._kill(worker, f"stopped answering (no heartbeat for {silent:.1f}s, {state})")
                 elif worker.channel is not None and worker.channel.buffered > MAX_BUFFERED:
                     self._kill(worker, f"stopped reading its channel ({worker.channel.buffered} bytes unread)")
+                else:
+                    worker.cpu_ticks = None
 
     def _kill(self, worker: _Worker, why: str) -> None:
         worker.why_killed = why
