@@ -24,12 +24,14 @@ from controlplane.app import ControlPlane
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, free_port, poll_until
 from tests.conftest import Lab, Traffic
+from tests.integration import test_passive_envoy as passive
 from tests.integration.test_central_prober import HEALTH_CHECK, ExternalProber, external_prober, flip, wait_status
 from tests.integration.test_envoy_integration import wait_flags
+from tests.integration.test_passive_envoy import Backend, flaky
 
 pytestmark = pytest.mark.envoy
 
-__all__ = ["external_prober"]  # the fixture, imported to be used here
+__all__ = ["external_prober", "flaky"]  # fixtures, imported to be used here
 
 MAX_ENVOYS = 8
 
@@ -248,3 +250,25 @@ async def test_propagation_and_csds_read_the_same_with_one_and_two_workers(lab: 
     assert collections.Counter(len(v) for v in two["csds"].values()) == collections.Counter(
         len(v) for v in one["csds"].values()
     )
+
+
+async def test_passive_health_from_envoys_logging_through_the_workers(
+    lab: Lab, flaky: list[Backend], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """test_passive_envoy's two-Envoy test, its assertions unchanged, with two xDS workers: each
+    Envoy's access-log stream lands on a worker and is relayed to the main process's counts."""
+    start = Lab.start_control_plane
+
+    async def on_workers(self: Lab, document: dict[str, Any], *, xds_port: int = 0, workers: int = 1) -> ControlPlane:
+        return await start(self, document, xds_port=xds_port, workers=2)
+
+    monkeypatch.setattr(Lab, "start_control_plane", on_workers)
+    await passive.test_errors_seen_by_one_envoy_take_the_endpoint_out_of_both(lab, flaky)
+    assert lab.cp is not None and lab.cp.workers is not None
+    pool = lab.cp.workers
+    relayed = await poll_until(
+        lambda: asyncio.sleep(0, sum(w.stats.get("relayed", 0) for w in pool.workers.values())),
+        timeout=5,
+        what="the workers' heartbeats counting relayed calls",
+    )
+    assert relayed >= 2  # each Envoy's access-log stream, at least
