@@ -168,6 +168,7 @@ class Process:
         # The per-peer limit of these services is applied in the workers, which see the peers.
         configure_ads(cp.ads, settings.security)
         cp.metrics.add_state(lambda: xds_limit_metrics(pool))
+        cp.metrics.add_state(pool.metrics)
         self._services_dir = tempfile.TemporaryDirectory(prefix="healthplane-")
         path = os.path.join(self._services_dir.name, "services.sock")
         handlers = (cp.prober_link.handler(), cp.csds.handler(), cp.access_log.handler())

@@ -25,10 +25,12 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from controlplane.events import EventSink
 from controlplane.snapshots.cache import SnapshotHistory, SnapshotSource
@@ -370,6 +372,15 @@ class WorkerPool:
         for worker in self.workers.values():
             total.update(worker.stats.get("ended_with", {}))
         return total
+
+    def metrics(self) -> Iterator[Metric]:
+        """Scrape-time: the workers running and how often one was replaced."""
+        yield GaugeMetricFamily("healthplane_xds_workers", "xDS worker processes running.", value=len(self.pids()))
+        yield CounterMetricFamily(
+            "healthplane_xds_worker_restarts",
+            "xDS worker processes started again after they exited or stopped answering.",
+            value=self.restarts,
+        )
 
     def pids(self) -> dict[int, int]:
         """Worker slot -> process id, of the workers running."""

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
@@ -26,6 +27,7 @@ from controlplane.snapshots import resources as rs
 from controlplane.topology.parse import load_topology, parse_topology
 from lab.adsclient import AdsClient, AdsStream, DeltaAdsClient, DeltaAdsStream
 from lab.envoyproc import poll_until
+from tests.controlplane.health.test_faults import metric
 from tests.controlplane.xds import test_delta_server as in_process
 from tests.controlplane.xds import test_security
 from tests.controlplane.xds.certs import Certs, make_certs
@@ -173,6 +175,10 @@ async def test_a_stuck_worker_is_replaced_and_its_nodes_served_by_the_others() -
             await poll_until(replaced, timeout=15, what="the stuck worker replaced")
             [event] = cp.events.recent(kind="worker")
             assert "stopped answering" in event.fields["why"] and event.fields["slot"] == victim
+            assert "no CPU time either" in event.fields["why"]  # stopped, not busy
+            async with aiohttp.ClientSession() as session:
+                assert await metric(cp, session, "healthplane_xds_worker_restarts_total") == 1
+                assert await metric(cp, session, "healthplane_xds_workers") == 2
             # Its nodes' connections were reset with it: they reconnect (a new stream) and are served.
             held = [i for i, node in enumerate(nodes) if on[f"n-{i}"] == victim]
             for i in held:
