@@ -235,3 +235,29 @@ async def test_prober_names_hold_through_the_relay(
     the names are those of the certificate the prober presented to the worker."""
     monkeypatch.setattr(test_security, "serving", serving_on_workers)
     await test_security.test_prober_names_keep_envoy_certificates_off_the_prober_link(certs, tmp_path)
+
+
+async def test_a_topology_edit_reaches_the_workers_with_its_settings() -> None:
+    """A new topology travels with its snapshot: the new cluster reaches a node on a worker, and the
+    worker applies the edit's settings (here a modelled delay that did not exist before)."""
+    async with (
+        ControlPlane(parse_topology(document(xds={"port": 0})), workers=2) as cp,
+        grpc.aio.insecure_channel(f"127.0.0.1:{cp.xds_port}") as channel,
+    ):
+        client = AdsClient(base_pb2.Node(id="slow-1", cluster="test"))
+        stream = AdsStream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), client)
+        await stream.send(client.subscribe(rs.CLUSTER))
+        first = await asyncio.wait_for(stream.read(), 10)
+        assert first is not None and len(first.resources) == 1
+        await stream.send(client.ack(first))
+
+        edited = document(xds={"port": 0}, propagation={"delays": [{"node": "slow-*", "fixed": "300ms"}]})
+        edited["clusters"].append({"name": "api", "endpoints": [{"address": "10.0.0.9", "port": 9000}]})
+        began = time.monotonic()
+        snapshot = cp.update_topology(parse_topology(edited))
+        assert snapshot is not None
+        second = await asyncio.wait_for(stream.read(), 10)
+        assert second is not None and second.version_info == snapshot.type_versions[rs.CLUSTER]
+        assert len(second.resources) == 2
+        assert time.monotonic() - began >= 0.3  # held by the delay the edit brought
+        stream.cancel()
