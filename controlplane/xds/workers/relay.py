@@ -18,6 +18,7 @@ enter). The per-peer stream limit of the relayed services is applied here, per w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,7 +27,7 @@ import grpc
 
 from controlplane.errors import LimitExceeded
 from controlplane.xds.limits import PeerStreams
-from controlplane.xds.server import ADS_SERVICE
+from controlplane.xds.server import ADS_SERVICE, REFUSAL_READ_TIMEOUT
 from controlplane.xds.tls import NAMES_METADATA, PEER_METADATA, certificate_names
 
 log = logging.getLogger("healthplane.xds.workers")
@@ -78,6 +79,10 @@ class Relay(grpc.GenericRpcHandler):  # type: ignore[misc]
         try:
             key = peers.acquire(peer)
         except LimitExceeded as exc:
+            # As AdsServer does: refused once the first message is in (a status racing the caller's
+            # first write reaches gRPC aio clients as INTERNAL).
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(anext(aiter(requests)), REFUSAL_READ_TIMEOUT)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         self.calls += 1
         metadata = [(k, v) for k, v in (context.invocation_metadata() or ()) if not k.startswith(("grpc-", ":"))]

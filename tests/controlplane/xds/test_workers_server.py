@@ -20,6 +20,7 @@ import pytest
 import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
 
 from controlplane.app import ControlPlane
 from controlplane.health.store import HealthStatus
@@ -261,3 +262,21 @@ async def test_a_topology_edit_reaches_the_workers_with_its_settings() -> None:
         assert len(second.resources) == 2
         assert time.monotonic() - began >= 0.3  # held by the delay the edit brought
         stream.cancel()
+
+
+async def test_the_relayed_services_keep_the_per_peer_limit() -> None:
+    async with (
+        ControlPlane(parse_topology(document(xds={"port": 0, "max_streams_per_peer": 1})), workers=2) as cp,
+        grpc.aio.insecure_channel(f"127.0.0.1:{cp.xds_port}") as channel,
+    ):
+        stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(channel)
+        first = stub.StreamClientStatus()
+        await first.write(csds_pb2.ClientStatusRequest())
+        assert await asyncio.wait_for(first.read(), 10) is not None  # answered by the main process
+        second = stub.StreamClientStatus()  # the same connection: the same worker
+        await second.write(csds_pb2.ClientStatusRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(second.read(), 10)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_streams_per_peer is 1" in (refused.value.details() or "")
+        first.cancel()
