@@ -93,7 +93,7 @@ class _Refused:
 
 
 class WorkerPool:
-    """`count` xDS worker processes sharing the xDS port (unopened, running, closed)."""
+    """`count` xDS worker processes sharing the xDS port: `start`, then `aclose` (safe twice)."""
 
     def __init__(
         self,
@@ -189,6 +189,7 @@ class WorkerPool:
         except BaseException:
             self._kill(worker, "did not start")
             raise
+        self._tasks = [t for t in self._tasks if not t.done()]  # the supervisors of workers replaced
         self._tasks.append(asyncio.create_task(self._supervise(worker), name=f"xds-worker-{slot}"))
         log.info("xDS worker %d started (pid %d) on port %d", slot, worker.proc.pid, bound)
         return bound
