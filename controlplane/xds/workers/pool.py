@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from controlplane.events import EventSink
+from controlplane.events import EventSink, JsonFormatter
 from controlplane.snapshots.cache import SnapshotHistory, SnapshotSource
 from controlplane.snapshots.snapshot import Snapshot
 from controlplane.topology.model import Topology
@@ -175,6 +175,10 @@ class WorkerPool:
             "first_stream_id": serial * STREAM_IDS_PER_WORKER + 1,
             "heartbeat": self.heartbeat,
             "log_level": logging.getLevelName(logging.getLogger("healthplane").getEffectiveLevel()),
+            # As this process logs (`--log-format`): JSON lines if its root handler writes them.
+            "log_format": "json"
+            if any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+            else "text",
         }
         current = self.source.current()
         assert current is not None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import gc
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from typing import Any
 
 import grpc
 
+from controlplane.events import JsonFormatter
 from controlplane.snapshots.cache import SnapshotCache
 from controlplane.topology.model import Topology
 from controlplane.xds.delay import ModelledDelay
@@ -145,10 +147,7 @@ async def serve(fd: int) -> None:
     kind, settings = await channel.receive()
     if kind != "init":
         raise RuntimeError(f"expected init, got {kind}")
-    logging.basicConfig(
-        level=settings.get("log_level", "INFO"),
-        format=f"%(asctime)s %(levelname)s %(name)s [xds worker {settings['slot']}]: %(message)s",
-    )
+    _configure_logging(settings)
     kind, frame = await channel.receive()
     worker = Worker(channel, settings, frame)
     # As the main process does (controlplane.app.tune_gc_for_streams): keep full collections off the push path.
@@ -187,6 +186,28 @@ async def serve(fd: int) -> None:
     finally:
         beat.cancel()
         channel.close()
+
+
+class _WorkerJson(JsonFormatter):
+    def __init__(self, slot: int) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = json.loads(super().format(record))
+        line["xds_worker"] = self.slot  # which worker (a log line is rare: parsed again, no matter)
+        return json.dumps(line, default=str)
+
+
+def _configure_logging(settings: dict[str, Any]) -> None:
+    """Log as the main process does (level, text or JSON lines on stderr), naming this worker."""
+    slot = settings["slot"]
+    handler = logging.StreamHandler()
+    if settings.get("log_format") == "json":
+        handler.setFormatter(_WorkerJson(slot))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s [xds worker {slot}]: %(message)s"))
+    logging.basicConfig(level=settings.get("log_level", "INFO"), handlers=[handler])
 
 
 def _die_with_parent() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import signal
@@ -80,6 +81,44 @@ async def test_serve_with_two_workers_serves_ads_and_stops_them(tmp_path: Path) 
         log = (await process.stderr.read()).decode()
         assert "shut down, streams closed: 1 xDS, 0 prober" in log, log
         assert not [pid for pid in workers if alive(pid)]
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_the_workers_log_as_the_main_process_does(tmp_path: Path) -> None:
+    """`--log-format json`: every line on stderr is one JSON object, the workers' naming the worker."""
+    config = tmp_path / "topology.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"controlplane": {"xds": {"port": 0}, "admin": {"port": 0}, "watch_interval": 0}, "clusters": []}
+        )
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controlplane", "--log-format", "json", "serve", "--config", str(config),
+        "--no-prober", "--workers", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
+        match = re.search(r"xDS on 127\.0\.0\.1:(\d+)", line)
+        assert match, line
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+            # A request without a node: refused by the worker that holds the stream, which logs why.
+            client = AdsClient(base_pb2.Node(id="x"))
+            client.node_sent = True
+            stream = AdsStream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), client)
+            await stream.send(client.subscribe(rs.ENDPOINT, ["web"]))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(stream.read(), 10)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        lines = [json.loads(line) for line in (await process.stderr.read()).decode().splitlines()]
+        [refusal] = [x for x in lines if "must carry node" in x["message"]]
+        assert refusal["xds_worker"] in (0, 1) and refusal["level"] == "WARNING"
+        assert lines[-1]["message"] == "shut down, streams closed: 0 xDS, 0 prober" and "xds_worker" not in lines[-1]
     finally:
         if process.returncode is None:
             process.kill()
