@@ -118,7 +118,9 @@ async def test_the_workers_log_as_the_main_process_does(tmp_path: Path) -> None:
         lines = [json.loads(line) for line in (await process.stderr.read()).decode().splitlines()]
         [refusal] = [x for x in lines if "must carry node" in x["message"]]
         assert refusal["xds_worker"] in (0, 1) and refusal["level"] == "WARNING"
-        assert lines[-1]["message"] == "shut down, streams closed: 0 xDS, 0 prober" and "xds_worker" not in lines[-1]
+        # (The refused stream may still be finishing in its worker when the stop comes: 0 or 1.)
+        assert re.fullmatch(r"shut down, streams closed: [01] xDS, 0 prober", lines[-1]["message"]), lines[-1]
+        assert "xds_worker" not in lines[-1]
     finally:
         if process.returncode is None:
             process.kill()
