@@ -15,7 +15,8 @@ measures per push:
   the same cores;
 - the server's RSS before any client connected and after all N ACKed the first version.
 
-    python bench/fanout.py --nodes 100 1000 5000 [--pushes 10] [--workers 2] [--repeat 3] [--json out.json]
+    python bench/fanout.py --nodes 100 1000 5000 [--xds-workers 1 2 auto] [--pushes 10] [--workers 2]
+        [--repeat 3] [--json out.json]
 
 Every child process ignores SIGINT, dies with its parent (PR_SET_PDEATHSIG) and exits when its
 command pipe closes; the parent stops them all on exit, Ctrl-C or SIGTERM.
@@ -85,6 +86,29 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _proc_cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user + system, system) seconds of another process, from /proc (xDS worker processes)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    utime, stime = int(fields[11]) / tick, int(fields[12]) / tick
+    return utime + stime, stime
+
+
+def _proc_rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _sys_seconds() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_stime
 
@@ -100,12 +124,13 @@ def _machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def server_main(conn: Connection) -> None:
+def server_main(conn: Connection, xds_workers: int = 1, worker_loop: str = "asyncio") -> None:
     child_setup()
-    asyncio.run(_server(conn))
+    os.environ["HEALTHPLANE_XDS_WORKER_LOOP"] = worker_loop  # what the xDS workers run on (they inherit it)
+    asyncio.run(_server(conn, xds_workers))
 
 
-async def _server(conn: Connection) -> None:
+async def _server(conn: Connection, xds_workers: int = 1) -> None:
     from controlplane.app import ControlPlane, tune_gc_for_streams
     from controlplane.health.store import HealthStatus
     from controlplane.snapshots.snapshot import Snapshot
@@ -122,6 +147,7 @@ async def _server(conn: Connection) -> None:
             self.remaining = 0
             self.done = asyncio.Event()
             self.cpu_at_done = 0.0
+            self.cpu: Callable[[], float] = _cpu_seconds
 
         def arm(self, version: str, expected: int) -> None:
             self.version, self.remaining = version, expected
@@ -141,15 +167,33 @@ async def _server(conn: Connection) -> None:
             if outcome.kind is RequestKind.ACK and outcome.version == self.version:
                 self.remaining -= 1
                 if self.remaining == 0:
-                    self.cpu_at_done = _cpu_seconds()
+                    self.cpu_at_done = self.cpu()
                     self.done.set()
 
-    cp = ControlPlane(parse_topology(TOPOLOGY, source="bench"))
+    cp = ControlPlane(parse_topology(TOPOLOGY, source="bench"), workers=xds_workers)
     tune_gc_for_streams()  # as `healthplane serve` does
-    watch = AckWatch(cp.ads.callbacks)
-    cp.ads.callbacks = watch
+    if cp.workers is None:
+        watch = AckWatch(cp.ads.callbacks)
+        cp.ads.callbacks = watch
+    else:  # the worker processes' streams, as their records reach this process
+        watch = AckWatch(cp.workers.mirror.callbacks)
+        cp.workers.mirror.callbacks = watch
     await cp.start()
-    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "rss_kb": rss_kb()})
+    worker_pids = [] if cp.workers is None else sorted(cp.workers.pids().values())
+
+    def cpu_all() -> float:
+        """This process's CPU time and every xDS worker's."""
+        return _cpu_seconds() + sum(_proc_cpu_seconds(pid)[0] for pid in worker_pids)
+
+    def sys_all() -> float:
+        return _sys_seconds() + sum(_proc_cpu_seconds(pid)[1] for pid in worker_pids)
+
+    def rss_all() -> int:
+        return rss_kb() + sum(_proc_rss_kb(pid) for pid in worker_pids)
+
+    watch.cpu = cpu_all
+    await asyncio.sleep(0.2 if worker_pids else 0)  # the workers' imports and first snapshot settle
+    conn.send({"xds_port": cp.xds_port, "pid": os.getpid(), "worker_pids": worker_pids, "rss_kb": rss_all()})
     flips = 0
 
     def eds_states() -> list[TypeState]:
@@ -165,14 +209,14 @@ async def _server(conn: Connection) -> None:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)  # the last streams' buffers and tasks settle
-        return {"streams": len(cp.ads.streams), "acked": acked, "rss_kb": rss_kb()}
+        return {"streams": len(cp.nodes.streams()), "acked": acked, "rss_kb": rss_all()}
 
     async def push(expected: int, limit: float) -> dict[str, Any]:
         """One verdict; returns when `expected` clients ACKed it (or `limit` passed)."""
         nonlocal flips
         status = HealthStatus.UNHEALTHY if flips % 2 == 0 else HealthStatus.HEALTHY
         flips += 1
-        gc0, sys0, cpu0 = _gc_collections(), _sys_seconds(), _cpu_seconds()
+        gc0, sys0, cpu0, main0 = _gc_collections(), sys_all(), cpu_all(), _cpu_seconds()
         verdict = time.time()  # the clock of StreamState.sent_at and acked_at
         snapshot = cp.set_override(CLUSTER, FLIPPED, status, who="bench")
         published = time.time()
@@ -184,7 +228,7 @@ async def _server(conn: Connection) -> None:
             await asyncio.wait_for(watch.done.wait(), limit)
         complete = watch.done.is_set()
         await asyncio.sleep(0.05)  # the writers' wake-ups after the last ACKs
-        cpu = _cpu_seconds() - cpu0
+        cpu = cpu_all() - cpu0
         states = eds_states()
         return {
             "version": version,
@@ -196,8 +240,9 @@ async def _server(conn: Connection) -> None:
             ],
             "sent_s": [ts.sent_at - verdict for ts in states if ts.sent_version == version and ts.sent_at is not None],
             "cpu_s": cpu,
+            "main_cpu_s": _cpu_seconds() - main0,
             "cpu_to_last_ack_s": watch.cpu_at_done - cpu0 if complete else None,
-            "sys_s": _sys_seconds() - sys0,
+            "sys_s": sys_all() - sys0,
             "gc_collections": [b - a for a, b in zip(gc0, _gc_collections(), strict=True)],
         }
 
@@ -333,6 +378,7 @@ class Push:
     sent_ms: list[float]  # verdict -> the server's stream decided to send (StreamState.due), per client
     publish_ms: float  # set_override: building the snapshot and waking every stream
     server_cpu_ms: float
+    main_cpu_ms: float  # of server_cpu_ms, the control plane's main process (all of it without xDS workers)
     server_cpu_to_last_ack_ms: float | None
     server_sys_ms: float  # of server_cpu_ms, in the kernel
     server_gc_collections: list[int]  # per generation
@@ -345,6 +391,9 @@ class Push:
 @dataclass
 class Run:
     nodes: int
+    xds_workers: int
+    xds_workers_label: str  # as asked: "2", or "auto" (the cores: xds_workers)
+    worker_loop: str
     workers: int
     streams_per_channel: int
     channels: int
@@ -355,7 +404,7 @@ class Run:
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     pushes: list[Push] = field(default_factory=list)
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Any]:
         def pooled(attr: str, q: float) -> float:
             return _percentile(sorted(x for p in self.pushes for x in getattr(p, attr)), q)
 
@@ -369,6 +418,8 @@ class Run:
         cpu = median([p.server_cpu_ms for p in self.pushes])
         return {
             "nodes": self.nodes,
+            "xds_workers": self.xds_workers_label,
+            "worker_loop": self.worker_loop,
             "p50_ms": pooled("server_ack_ms", 50),
             "p99_ms": pooled("server_ack_ms", 99),
             "last_ack_ms": median(last("server_ack_ms")),
@@ -380,6 +431,7 @@ class Run:
             "publish_ms": median([p.publish_ms for p in self.pushes]),
             "server_cpu_ms": cpu,
             "server_sys_ms": median([p.server_sys_ms for p in self.pushes]),
+            "main_cpu_ms": median([p.main_cpu_ms for p in self.pushes]),
             "cpu_us_per_stream": cpu * 1000 / self.nodes,
             "client_cpu_ms": median([p.client_cpu_ms for p in self.pushes]),
             "kb_per_stream": (self.rss_after_kb - self.rss_before_kb) / self.nodes,
@@ -410,14 +462,27 @@ class Options:
     native: bool
 
 
-def run_once(ctx: Any, children: list[Child], nodes: int, opt: Options, log: Callable[[str], None]) -> Run:
-    """A fresh server and `nodes` clients; warm-up and measured pushes; everything stopped after."""
+def run_once(
+    ctx: Any,
+    children: list[Child],
+    nodes: int,
+    xds_workers: int,
+    opt: Options,
+    log: Callable[[str], None],
+    worker_loop: str = "asyncio",
+    label: str = "",
+) -> Run:
+    """A fresh server (with `xds_workers` xDS worker processes) and `nodes` clients; warm-up and
+    measured pushes; everything stopped after."""
     load_before = os.getloadavg()
-    server = Child(ctx, "fanout-server", server_main)
+    server = Child(ctx, "fanout-server", server_main, xds_workers, worker_loop)
     children.append(server)
     ready = server.recv(60)
-    port, server_pid = ready["xds_port"], ready["pid"]
-    log(f"  server pid {server_pid}, xDS port {port}, RSS {ready['rss_kb']} kB before clients")
+    port, server_pid, worker_pids = ready["xds_port"], ready["pid"], ready["worker_pids"]
+    log(
+        f"  server pid {server_pid}, xDS workers {worker_pids or 'none (in-process)'}, xDS port {port}, "
+        f"RSS {ready['rss_kb']} kB before clients (all processes)"
+    )
 
     workers = max(1, min(opt.workers, nodes))
     shares = [nodes // workers + (1 if w < nodes % workers else 0) for w in range(workers)]
@@ -445,6 +510,9 @@ def run_once(ctx: Any, children: list[Child], nodes: int, opt: Options, log: Cal
             raise RuntimeError(f"the server saw {settled['acked']} of {nodes} streams ACK")
         run = Run(
             nodes=nodes,
+            xds_workers=xds_workers,
+            xds_workers_label=label or str(xds_workers),
+            worker_loop=worker_loop if xds_workers > 1 else "-",
             workers=workers,
             streams_per_channel=opt.per_channel,
             channels=sum(a["channels"] for a in answers),
@@ -456,9 +524,11 @@ def run_once(ctx: Any, children: list[Child], nodes: int, opt: Options, log: Cal
         log(f"  {nodes} streams on {run.channels} connections in {run.connect_s:.1f} s, RSS {settled['rss_kb']} kB")
 
         if opt.profile is not None:
+            # With xDS workers, the first worker: it is where the streams' microseconds go.
+            target, name = (worker_pids[0], "worker") if worker_pids else (server_pid, "server")
             spy = start_py_spy(
-                server_pid,
-                opt.profile / f"server-{nodes}.txt",
+                target,
+                opt.profile / f"{name}-{nodes}-x{xds_workers}.txt",
                 rate=250,
                 native=opt.native,
                 options=["--threads", "--idle"],
@@ -488,6 +558,7 @@ def run_once(ctx: Any, children: list[Child], nodes: int, opt: Options, log: Cal
                 sent_ms=sorted(x * 1000 for x in result["sent_s"]),
                 publish_ms=result["publish_s"] * 1000,
                 server_cpu_ms=result["cpu_s"] * 1000,
+                main_cpu_ms=result["main_cpu_s"] * 1000,
                 server_cpu_to_last_ack_ms=None
                 if result["cpu_to_last_ack_s"] is None
                 else result["cpu_to_last_ack_s"] * 1000,
@@ -521,6 +592,8 @@ def run_once(ctx: Any, children: list[Child], nodes: int, opt: Options, log: Cal
 
 COLUMNS = [
     ("nodes", "nodes", "{:.0f}"),
+    ("xDS workers", "xds_workers", "{}"),
+    ("worker loop", "worker_loop", "{}"),
     ("p50 ms", "p50_ms", "{:.1f}"),
     ("p99 ms", "p99_ms", "{:.1f}"),
     ("last ACK ms", "last_ack_ms", "{:.1f}"),
@@ -529,13 +602,14 @@ COLUMNS = [
     ("last send ms", "last_send_ms", "{:.1f}"),
     ("server CPU ms/push", "server_cpu_ms", "{:.1f}"),
     ("CPU µs/stream/push", "cpu_us_per_stream", "{:.1f}"),
+    ("of it main process ms/push", "main_cpu_ms", "{:.1f}"),
     ("clients CPU ms/push", "client_cpu_ms", "{:.1f}"),
     ("KB/stream", "kb_per_stream", "{:.1f}"),
     ("others' CPU %", "other_cpu_pct", "{:.0f}"),
 ]
 
 
-def table(rows: Sequence[dict[str, float]]) -> str:
+def table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "|".join("---:" for _ in COLUMNS) + "|"]
     lines += ["| " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |" for r in rows]
     return "\n".join(lines)
@@ -551,6 +625,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="runs per client count; the median run is reported")
     parser.add_argument("--workers", type=int, default=2, help="client processes")
     parser.add_argument(
+        "--xds-workers",
+        nargs="+",
+        default=["1"],
+        help="server xDS worker processes to compare side by side (1: ADS in the control plane's process, "
+        "as by default; auto: the cores this process may use, as `serve --workers auto`)",
+    )
+    parser.add_argument(
         "--streams-per-channel",
         type=int,
         default=1,
@@ -560,6 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--client-bdp-probe",
         action="store_true",
         help="let the clients send BDP pings, as gRPC clients do (Envoy does not)",
+    )
+    parser.add_argument(
+        "--xds-worker-loop",
+        nargs="+",
+        choices=["asyncio", "uvloop"],
+        default=["asyncio"],
+        help="the event loops of the xDS worker processes to compare (an experiment: uvloop under grpc.aio)",
     )
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between pushes")
     parser.add_argument("--batch", type=int, default=250, help="streams each client process opens at a time")
@@ -573,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with native frames (py-spy pauses the server at each sample: slower pushes)",
     )
     args = parser.parse_args(argv)
+    xds_workers = [(_xds_workers(w), w if w != "auto" else f"auto={_xds_workers(w)}") for w in args.xds_workers]
     opt = Options(
         workers=args.workers,
         per_channel=args.streams_per_channel,
@@ -596,16 +685,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     ctx = mp.get_context("spawn")  # children start clean: no gRPC state forked from the parent
     children: list[Child] = []
-    runs: dict[int, list[Run]] = {}
+    runs: dict[tuple[int, str, str], list[Run]] = {}
     started = datetime.datetime.now(datetime.UTC)
     try:
         for n in args.nodes:
             for r in range(args.repeat):
-                log(
-                    f"{n} nodes, run {r + 1}/{args.repeat}: {min(args.workers, n)} client processes, "
-                    f"{args.streams_per_channel} stream(s) per connection, load {os.getloadavg()}"
-                )
-                runs.setdefault(n, []).append(run_once(ctx, children, n, opt, log))
+                # Side by side: each worker count in turn within one repeat, so load drifts hit all alike.
+                configs = [(w, lb, lp) for w, lb in xds_workers for lp in (args.xds_worker_loop if w > 1 else ["-"])]
+                for x, label, loop in configs:
+                    log(
+                        f"{n} nodes, {x} xDS worker(s) ({loop}), run {r + 1}/{args.repeat}: {min(args.workers, n)} "
+                        f"client processes, {args.streams_per_channel} stream(s) per connection, "
+                        f"load {os.getloadavg()}"
+                    )
+                    runs.setdefault((n, label, loop), []).append(run_once(ctx, children, n, x, opt, log, loop, label))
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -644,12 +737,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     "env": env,
                     "summary": [r.summary() for r in chosen.values()],
-                    "runs": {n: [{"summary": r.summary(), **asdict(r)} for r in rs] for n, rs in runs.items()},
+                    "runs": {
+                        f"{n}x{x}{'' if loop == '-' else '-' + loop}": [
+                            {"summary": r.summary(), **asdict(r)} for r in rs
+                        ]
+                        for (n, x, loop), rs in runs.items()
+                    },
                 },
                 indent=1,
             )
         )
     return 0
+
+
+def _xds_workers(text: str) -> int:
+    if text == "auto":
+        from controlplane.cli.serve import auto_workers
+
+        return auto_workers()
+    return max(1, int(text))
 
 
 def _median_run(runs: list[Run]) -> Run:

@@ -61,6 +61,7 @@ from controlplane.xds.csds import CsdsService
 from controlplane.xds.delay import ModelledDelay
 from controlplane.xds.server import AdsServer
 from controlplane.xds.watchdog import Watchdog
+from controlplane.xds.workers.pool import WorkerPool
 
 log = logging.getLogger("healthplane")
 
@@ -94,6 +95,7 @@ class ControlPlane:
         config_path: str | Path | None = None,
         epoch: int | None = None,
         verdict_batch_window: float = 0.005,
+        workers: int = 1,
     ) -> None:
         self.topology = topology
         self.config_path = Path(config_path) if config_path is not None else None
@@ -115,7 +117,13 @@ class ControlPlane:
         self.nacks = NackGroups(self.events, self.cache.cause_of)
         self.stream_callbacks = CallbackChain([self.nodes, self.metrics, self.propagation, self.nacks])
         self.ads = AdsServer(self.cache, self.stream_callbacks, delay=ModelledDelay(self._propagation_config))
-        self.watchdog = Watchdog(self.ads, self.events, self.metrics.registry)
+        # `serve --workers N` (N > 1): N processes serve the ADS streams (controlplane.xds.workers); this
+        # one keeps the rest and sees their streams through the same callbacks. 1: ADS is served here.
+        self.workers: WorkerPool | None = None
+        if workers > 1:
+            self.workers = WorkerPool(workers, self.cache, self.stream_callbacks, self.events, lambda: self.topology)
+            self.propagation.clock = self.workers.mirror.clock  # an ACK's time in its worker
+        self.watchdog = Watchdog(self.workers or self.ads, self.events, self.metrics.registry)
         self.csds = CsdsService(self.nodes.streams, self.cache)
         self.admission = Admission(lambda: self.topology, self.health, self.events)
         self.metrics.add_state(self.admission.metrics)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 log = logging.getLogger("healthplane.events")
@@ -24,6 +26,25 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "time": self.time, "kind": self.kind, "message": self.message, **self.fields}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, logger, message, an event's fields, an exception
+    (`--log-format json`; here, beside the events it carries, for every process that logs them)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        event = getattr(record, "event", None)  # controlplane.events logs each event with extra={"event": ...}
+        if event is not None:
+            out["event"] = event
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
 
 
 class EventSink(Protocol):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import os
+import tempfile
 from collections.abc import Callable
 from typing import Protocol
 
@@ -28,6 +30,7 @@ from controlplane.xds.csds import CsdsService
 from controlplane.xds.limits import configure_ads, xds_limit_metrics
 from controlplane.xds.server import SERVER_OPTIONS, AdsServer, create_server
 from controlplane.xds.tls import bind_xds, grpc_server_options
+from controlplane.xds.workers.pool import WorkerPool
 
 log = logging.getLogger("healthplane")
 
@@ -53,6 +56,9 @@ class Served(ControlPlaneView, Protocol):
     @property
     def access_log(self) -> AccessLogService: ...
 
+    @property
+    def workers(self) -> WorkerPool | None: ...
+
     def flush_verdicts(self) -> Snapshot | None: ...
 
     def check_probers(self, now: float | None = None) -> None: ...
@@ -77,6 +83,7 @@ class Process:
         self._grpc: grpc.aio.Server | None = None
         self._admin: object | None = None  # aiohttp AppRunner, typed loosely to keep aiohttp in admin/
         self._tasks: list[asyncio.Task[None]] = []
+        self._services_dir: tempfile.TemporaryDirectory[str] | None = None
 
     async def start(self) -> None:
         """Bind the xDS and admin ports and start the local prober, the timers and the watcher."""
@@ -95,21 +102,26 @@ class Process:
         cp = self.cp
         settings = cp.topology.controlplane
         sec = settings.security
-        configure_ads(cp.ads, sec, cp.prober_link, cp.csds, cp.access_log)
-        cp.metrics.add_state(lambda: xds_limit_metrics(cp.ads))
-        handlers = (cp.ads.handler(), cp.prober_link.handler(), cp.csds.handler(), cp.access_log.handler())
-        self._grpc = create_server(*handlers, options=grpc_server_options(SERVER_OPTIONS, sec))
-        self.xds_port = bind_xds(self._grpc, _host(settings.xds.address), settings.xds.port, sec)
-        if self.xds_port == 0:
-            raise ConfigError(f"cannot listen on {settings.xds.address}:{settings.xds.port}", path="controlplane.xds")
-        await self._grpc.start()
+        if cp.workers is not None:
+            await self._start_workers(cp.workers)
+        else:
+            configure_ads(cp.ads, sec, cp.prober_link, cp.csds, cp.access_log)
+            cp.metrics.add_state(lambda: xds_limit_metrics(cp.ads))
+            handlers = (cp.ads.handler(), cp.prober_link.handler(), cp.csds.handler(), cp.access_log.handler())
+            self._grpc = create_server(*handlers, options=grpc_server_options(SERVER_OPTIONS, sec))
+            self.xds_port = bind_xds(self._grpc, _host(settings.xds.address), settings.xds.port, sec)
+            if self.xds_port == 0:
+                raise ConfigError(
+                    f"cannot listen on {settings.xds.address}:{settings.xds.port}", path="controlplane.xds"
+                )
+            await self._grpc.start()
         try:
             self._admin, self.admin_port = await start_admin(cp, settings.admin.address, settings.admin.port)
         except ConfigError:  # the admin certificate
-            await self._grpc.stop(None)
+            await self._stop_serving()
             raise
         except OSError as exc:
-            await self._grpc.stop(None)
+            await self._stop_serving()
             raise ConfigError(
                 f"cannot listen on {settings.admin.address}:{settings.admin.port}: {exc.strerror}",
                 path="controlplane.admin",
@@ -141,6 +153,36 @@ class Process:
             self.admin_port,
             cp.snapshot.version,
         )
+
+    async def _stop_serving(self) -> None:
+        if self.cp.workers is not None:
+            await self.cp.workers.aclose(SHUTDOWN_REASON)
+        if self._grpc is not None:
+            await self._grpc.stop(None)
+
+    async def _start_workers(self, pool: WorkerPool) -> None:
+        """The xDS port served by worker processes; the prober link, CSDS and access logs served here
+        on a private Unix-domain socket, which the workers relay those calls to (workers/relay.py)."""
+        cp = self.cp
+        settings = cp.topology.controlplane
+        # The per-peer limit of these services is applied in the workers, which see the peers.
+        configure_ads(cp.ads, settings.security)
+        cp.metrics.add_state(lambda: xds_limit_metrics(pool))
+        cp.metrics.add_state(pool.metrics)
+        self._services_dir = tempfile.TemporaryDirectory(prefix="healthplane-")
+        path = os.path.join(self._services_dir.name, "services.sock")
+        handlers = (cp.prober_link.handler(), cp.csds.handler(), cp.access_log.handler())
+        self._grpc = create_server(*handlers)
+        self._grpc.add_insecure_port(f"unix:{path}")
+        await self._grpc.start()
+        try:
+            self.xds_port = await pool.start(_host(settings.xds.address), settings.xds.port, f"unix:{path}")
+        except OSError as exc:
+            await pool.aclose(SHUTDOWN_REASON)
+            await self._grpc.stop(None)
+            raise ConfigError(
+                f"cannot listen on {settings.xds.address}:{settings.xds.port}: {exc}", path="controlplane.xds"
+            ) from exc
 
     async def _on_file_change(self) -> None:
         path = self.cp.config_path
@@ -179,8 +221,13 @@ class Process:
                 links = cp.prober_link.close_all(SHUTDOWN_REASON)
                 if streams or links:
                     await asyncio.wait([*streams, *links], timeout=STREAM_CLOSE_TIMEOUT)
+                closed = len(streams)
+                if cp.workers is not None:
+                    closed += await cp.workers.aclose(SHUTDOWN_REASON, grace)
             await self._grpc.stop(grace)
-            log.info("shut down, streams closed: %d xDS, %d prober", len(streams), len(links))
+            if self._services_dir is not None:
+                self._services_dir.cleanup()
+            log.info("shut down, streams closed: %d xDS, %d prober", closed, len(links))
         cp.close()
 
     async def serve_forever(self) -> None:

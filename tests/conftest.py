@@ -88,11 +88,13 @@ class Lab:
         tmp.write_text(yaml.safe_dump(document))
         tmp.replace(self.config)
 
-    async def start_control_plane(self, document: dict[str, Any], *, xds_port: int = 0) -> ControlPlane:
+    async def start_control_plane(
+        self, document: dict[str, Any], *, xds_port: int = 0, workers: int = 1
+    ) -> ControlPlane:
         document = dict(document)
         document["controlplane"] = {**document["controlplane"], "xds": {"port": xds_port}}
         self.write(document)
-        self.cp = ControlPlane(load_topology(self.config), config_path=self.config)
+        self.cp = ControlPlane(load_topology(self.config), config_path=self.config, workers=workers)
         if self.embedded_prober:
             attach_embedded_prober(self.cp)
         await self.cp.start()

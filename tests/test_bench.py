@@ -15,7 +15,25 @@ import pytest
 BENCH = Path(__file__).parent.parent / "bench"
 
 TOY_RUNS = {
-    "fanout.py": (["--nodes", "5", "--pushes", "2", "--warmup", "1", "--repeat", "1", "--workers", "1"], "| 5 |"),
+    "fanout.py": (
+        [
+            "--nodes",
+            "5",
+            "--pushes",
+            "2",
+            "--warmup",
+            "1",
+            "--repeat",
+            "1",
+            "--workers",
+            "1",
+            "--xds-workers",
+            "1",
+            "2",
+        ],
+        "| 5 | 2 |",
+    ),
+    "relay.py": (["--rounds", "3", "--repeat", "1"], "| 2 | "),
     "prober_load.py": (
         [
             "--endpoints",

@@ -8,18 +8,16 @@ propagation report (cli/propagation.py). The only module of `controlplane` that 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any
 
 from controlplane.cli.admin import add_admin_commands
 from controlplane.cli.propagation import add_propagation_commands
 from controlplane.cli.serve import add_serve_commands
 from controlplane.cli.topology import add_topology_commands
 from controlplane.errors import HealthplaneError
+from controlplane.events import JsonFormatter
 from controlplane.version import version
 from lab.cli import add_fleet_command, add_lab_command
 from prober.cli import add_prober_command
@@ -34,24 +32,6 @@ def _logging_options(parser: argparse.ArgumentParser, default: str | None) -> No
     parser.add_argument(
         "--log-format", default=default or "text", choices=LOG_FORMATS, help="text (default) or json, one object a line"
     )
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC), level, logger, message, an event's fields, an exception."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        event = getattr(record, "event", None)  # controlplane.events logs each event with extra={"event": ...}
-        if event is not None:
-            out["event"] = event
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
 
 
 def configure_logging(level: str, fmt: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from typing import Any
@@ -19,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     topology = load_topology(args.config)
 
     async def run() -> None:
-        cp = ControlPlane(topology, config_path=args.config)
+        cp = ControlPlane(topology, config_path=args.config, workers=args.workers)
         if args.no_prober:
             cp.expect_remote_prober = True
         else:
@@ -46,6 +47,27 @@ def _serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return 0
+
+
+def _workers(text: str) -> int:
+    """`--workers`: a whole number from 1, or `auto` (the cores this process may run on)."""
+    if text == "auto":
+        return auto_workers()
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor auto") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"{n} is not between 1 and 256")
+    return n
+
+
+def auto_workers() -> int:
+    """The cores this process may use (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -118,6 +140,14 @@ def add_serve_commands(sub: Any) -> None:
     p = sub.add_parser("serve", help="run the control plane (xDS + admin API) from a topology file")
     p.add_argument("--config", "-c", required=True, help="topology YAML file (watched for edits)")
     p.add_argument("--no-prober", action="store_true", help="do not run the embedded prober (use external ones)")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N|auto",
+        help="xDS worker processes sharing the xDS port (auto: the cores this process may use; default 1: "
+        "ADS served in this process)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("validate", help="check a topology file and exit")

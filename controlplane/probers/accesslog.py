@@ -33,6 +33,7 @@ from controlplane.health.passive import Failure, PassiveHealth
 from controlplane.health.store import Verdict
 from controlplane.topology.model import PassiveCheck, Topology
 from controlplane.xds.limits import PeerStreams
+from controlplane.xds.tls import caller_peer
 
 log = logging.getLogger("healthplane.accesslog")
 
@@ -109,7 +110,7 @@ class AccessLogService:
 
     async def StreamAccessLogs(self, requests: AsyncIterator[bytes], context: Any) -> als_pb2.StreamAccessLogsResponse:
         try:
-            peer = self.peers.acquire(context.peer() or "")
+            peer = self.peers.acquire(caller_peer(context))
         except LimitExceeded as exc:
             log.warning("access-log stream refused: %s", exc)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -134,7 +135,7 @@ class AccessLogService:
                     await asyncio.sleep(0)
         except ProtocolError as exc:
             self.rejected_streams += 1
-            peer = context.peer() or ""
+            peer = caller_peer(context)
             log.warning("access-log stream from %s (%s) refused: %s", node or "?", peer, exc)
             message = f"access-log stream from {node or peer} refused: {exc}"
             self.events.record("accesslog", message, node=node, peer=peer, error=str(exc))

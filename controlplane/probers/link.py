@@ -38,7 +38,7 @@ from controlplane.snapshots.cache import SnapshotSource
 from controlplane.topology.model import Topology
 from controlplane.topology.security import TlsFiles
 from controlplane.xds.limits import PeerStreams
-from controlplane.xds.tls import certificate_names
+from controlplane.xds.tls import caller_certificate_names, caller_peer
 from healthplane.v1 import prober_pb2
 
 log = logging.getLogger("healthplane.prober_link")
@@ -335,7 +335,7 @@ class ProberLinkService:
 
     async def Report(self, requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
         try:
-            peer = self.peers.acquire(context.peer() or "")
+            peer = self.peers.acquire(caller_peer(context))
         except LimitExceeded as exc:
             log.warning("prober link refused: %s", exc)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -345,24 +345,27 @@ class ProberLinkService:
             self.peers.release(peer)
 
     async def _report(self, _requests: AsyncIterator[prober_pb2.ProberMessage], context: Any) -> None:
+        # The hello is read before any refusal: a refusal sent while the caller's first write is
+        # still in flight reaches gRPC's aio clients as INTERNAL (a failed write) instead of the
+        # status, and an xDS worker's relay (controlplane.xds.workers.relay) is such a client.
+        first = await context.read()
         tls = self.tls()
         if tls is not None and tls.prober_names:
-            presented = certificate_names(context.auth_context())
+            presented = caller_certificate_names(context)
             if not set(presented) & set(tls.prober_names):
                 shown = ", ".join(presented) or "none"
-                log.warning("prober link refused (%s): certificate names %s", context.peer(), shown)
+                log.warning("prober link refused (%s): certificate names %s", caller_peer(context), shown)
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"prober link: the client certificate's names ({shown}) are not in "
                     "controlplane.xds.tls.prober_names",
                 )
-        first = await context.read()
         if first is grpc.aio.EOF:
             return
         if first.WhichOneof("message") != "hello" or not first.hello.prober_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be hello with a prober_id")
         hello = first.hello
-        record = ProberRecord(hello.prober_id, context.peer() or "", hello.version, time.time(), shards=hello.shards)
+        record = ProberRecord(hello.prober_id, caller_peer(context), hello.version, time.time(), shards=hello.shards)
         previous = self.probers.get(hello.prober_id)
         if previous is not None and previous.connected:
             # One connection per id: a twin (two probers configured alike) would otherwise share one

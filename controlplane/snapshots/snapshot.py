@@ -127,6 +127,17 @@ class Resource:
         serialized = message.SerializeToString(deterministic=True)
         return cls(name, type_url, version, serialized, _length_delimited(_RESOURCES, _any(type_url, serialized)))
 
+    @classmethod
+    def from_serialized(
+        cls, name: str, type_url: str, version: str, serialized: bytes, delta_version: str | None = None
+    ) -> Resource:
+        """A resource from bytes serialized elsewhere (an xDS worker process): framed, not re-encoded;
+        `delta_version` is the digest computed there, if it was."""
+        resource = cls(name, type_url, version, serialized, _length_delimited(_RESOURCES, _any(type_url, serialized)))
+        if delta_version is not None:
+            object.__setattr__(resource, "_delta", (delta_version, resource._delta_entry(delta_version)))
+        return resource
+
     @property
     def delta_version(self) -> str:
         return self._delta_parts()[0]
@@ -139,14 +150,17 @@ class Resource:
         parts = self._delta
         if parts is None:
             version = content_version(self.type_url, self.serialized)
-            entry = (
-                _length_delimited(3, self.name.encode())
-                + _length_delimited(1, version.encode())
-                + _length_delimited(2, _any(self.type_url, self.serialized))
-            )
-            parts = (version, _length_delimited(_RESOURCES, entry))
+            parts = (version, self._delta_entry(version))
             object.__setattr__(self, "_delta", parts)  # a cache: the resource's meaning never changes
         return parts
+
+    def _delta_entry(self, version: str) -> bytes:
+        entry = (
+            _length_delimited(3, self.name.encode())
+            + _length_delimited(1, version.encode())
+            + _length_delimited(2, _any(self.type_url, self.serialized))
+        )
+        return _length_delimited(_RESOURCES, entry)
 
 
 def _any(type_url: str, serialized: bytes) -> bytes:

@@ -45,6 +45,7 @@ from controlplane.snapshots.cache import SnapshotHistory
 from controlplane.snapshots.snapshot import Resource, Snapshot, version_key
 from controlplane.xds.limits import PeerStreams
 from controlplane.xds.stream import StreamState, TypeState
+from controlplane.xds.tls import caller_peer
 
 CSDS_SERVICE = "envoy.service.status.v3.ClientStatusDiscoveryService"
 
@@ -318,7 +319,7 @@ class CsdsService:
         self, requests: AsyncIterator[csds_pb2.ClientStatusRequest], context: Any
     ) -> AsyncIterator[csds_pb2.ClientStatusResponse]:
         try:
-            peer = self.peers.acquire(context.peer() or "")
+            peer = self.peers.acquire(caller_peer(context))
         except LimitExceeded as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         try:

@@ -15,6 +15,7 @@ request they parse: one set of streams, callbacks, limits, delay and watchdog se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -35,6 +36,7 @@ from controlplane.xds.stream import PendingResponse, RequestOutcome, StreamState
 log = logging.getLogger("healthplane.xds")
 
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+REFUSAL_READ_TIMEOUT = 1.0
 
 # grpc.aio drops new streams beyond ~1,000 pending in a reconnect storm unless these are raised.
 SERVER_OPTIONS: list[tuple[str, Any]] = [
@@ -80,6 +82,7 @@ class AdsServer:
         callbacks: StreamCallbacks | None = None,
         *,
         delay: Callable[[StreamState], float] | None = None,
+        first_stream_id: int = 1,
     ) -> None:
         self.source = source
         self.callbacks = callbacks or StreamCallbacks()
@@ -87,10 +90,10 @@ class AdsServer:
         self.delay = delay
         self.streams: dict[int, StreamState] = {}
         self._handlers: dict[int, asyncio.Task[Any]] = {}  # stream id -> its RPC's task, to close it
-        self._closing: dict[int, str] = {}  # stream id -> why close_stream closed it
+        self._closing: dict[int, tuple[str, grpc.StatusCode]] = {}  # stream id -> why close_stream closed it
         self._writing: set[int] = set()  # streams whose handler awaits a write (the node may not read)
         self._detached: set[int] = set()  # closed while writing: gone from the views, status after the write
-        self._stream_ids = itertools.count(1)
+        self._stream_ids = itertools.count(first_stream_id)  # an xDS worker's ids differ from every other's
         # Limits (controlplane.security): requests are parsed here, not by gRPC, to name the field.
         self.max_message_bytes = DEFAULT_MAX_MESSAGE_BYTES
         self.peers = PeerStreams()
@@ -122,6 +125,10 @@ class AdsServer:
         except ProtocolError as exc:
             log.warning("stream refused (%s): %s", state.peer, exc)
             self.ended_with[status_code(exc).name] += 1
+            # Refused once its first request is in (or after a second): a status sent while the
+            # node's first write is in flight reaches gRPC's aio clients as INTERNAL, not as this.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(context.read(), REFUSAL_READ_TIMEOUT)
             await context.abort(status_code(exc), str(exc))
         wake = asyncio.Event()
         cancel = self.source.subscribe(wake.set)
@@ -158,10 +165,10 @@ class AdsServer:
                     await context.write(encode_response(body, pending.nonce))
                     writing = False
                     self._writing.discard(state.stream_id)
-                    if (reason := self._closing.get(state.stream_id)) is not None:
+                    if (closing := self._closing.get(state.stream_id)) is not None:
                         # Closed while this write was blocked: the node read it, now the reason.
-                        self.ended_with[grpc.StatusCode.UNAVAILABLE.name] += 1
-                        await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+                        self.ended_with[closing[1].name] += 1
+                        await context.abort(closing[1], closing[0])
             error = None if reader.cancelled() else reader.exception()
             if isinstance(error, ProtocolError):
                 log.warning("stream %d (%s, %s): %s", state.stream_id, state.node_id, state.peer, error)
@@ -172,14 +179,14 @@ class AdsServer:
                 self.ended_with["INTERNAL"] += 1
                 await context.abort(grpc.StatusCode.INTERNAL, f"the control plane failed on this stream: {error!r}")
         except asyncio.CancelledError:
-            reason = self._closing.get(state.stream_id)
-            if reason is None or writing:
+            closing = self._closing.get(state.stream_id)
+            if closing is None or writing:
                 # A write blocked by a client that stopped reading cannot be called off: gRPC core
                 # keeps that one message until the client reads or its connection closes, and
                 # refuses a status meanwhile. The stream's state here is freed all the same.
                 raise
-            self.ended_with[grpc.StatusCode.UNAVAILABLE.name] += 1
-            await context.abort(grpc.StatusCode.UNAVAILABLE, reason)
+            self.ended_with[closing[1].name] += 1
+            await context.abort(closing[1], closing[0])
         finally:
             self.peers.release(peer_key)
             cancel()
@@ -192,18 +199,19 @@ class AdsServer:
                 self.callbacks.on_stream_closed(state)
             self._detached.discard(state.stream_id)
 
-    def close_stream(self, stream_id: int, reason: str) -> bool:
-        """End a stream from the server side with UNAVAILABLE and `reason`; False if it is gone."""
+    def close_stream(self, stream_id: int, reason: str, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> bool:
+        """End a stream from the server side with `code` (UNAVAILABLE: the node reconnects at once)
+        and `reason`; False if it is gone."""
         task = self._handlers.get(stream_id)
         if task is None or task.done() or stream_id in self._closing:
             return False
-        self._closing[stream_id] = reason
+        self._closing[stream_id] = (reason, code)
         state = self.streams.get(stream_id)
         if stream_id in self._writing and state is not None:
             # A write blocked by a node that stopped reading cannot be called off, and a cancelled
             # handler would leave the node, once it reads again, with that response and then
             # silence. So the stream leaves the views now, and the handler, still in its write,
-            # ends it with UNAVAILABLE as soon as the write completes (or the connection drops).
+            # ends it with `code` as soon as the write completes (or the connection drops).
             self.streams.pop(stream_id, None)
             if state.node_id is not None:
                 self._detached.add(stream_id)

@@ -25,6 +25,34 @@ def certificate_names(auth_context: dict[str, list[bytes]]) -> list[str]:
     return out
 
 
+# Who called, as an xDS worker's relay passes it on to the main process (controlplane.xds.workers.relay).
+PEER_METADATA = "x-healthplane-peer"
+NAMES_METADATA = "x-healthplane-cert-names"
+
+
+def _relayed(context: Any, key: str) -> str | None:
+    if not (context.peer() or "").startswith("unix:"):
+        return None
+    for k, v in context.invocation_metadata() or ():
+        if k == key and isinstance(v, str):
+            return v
+    return None
+
+
+def caller_peer(context: Any) -> str:
+    """The caller's address: `context.peer()`, or the one a worker's relay passed on."""
+    relayed = _relayed(context, PEER_METADATA)
+    return relayed if relayed is not None else (context.peer() or "")
+
+
+def caller_certificate_names(context: Any) -> list[str]:
+    """The names of the caller's verified client certificate, as seen where it connected."""
+    relayed = _relayed(context, NAMES_METADATA)
+    if relayed is not None:
+        return [n for n in relayed.split(",") if n]
+    return certificate_names(context.auth_context())
+
+
 # --------------------------------------------------------------------------- the xDS port
 
 

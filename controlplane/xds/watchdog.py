@@ -7,18 +7,29 @@ never sees a newer version; closing the stream makes it reconnect and receive th
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
 from controlplane.events import EventSink
 from controlplane.snapshots import resources as rs
-from controlplane.xds.server import AdsServer
+from controlplane.xds.stream import StreamState
+
+
+class StreamCloser(Protocol):
+    """The streams served and a way to close one: an `AdsServer`, or the xDS workers (workers/pool.py)."""
+
+    @property
+    def streams(self) -> Mapping[int, StreamState]: ...
+
+    def close_stream(self, stream_id: int, reason: str) -> bool: ...
 
 
 class Watchdog:
-    """Closes stuck streams of one `AdsServer`, counting and recording each."""
+    """Closes stuck streams of one `AdsServer` (or of the xDS workers), counting and recording each."""
 
-    def __init__(self, ads: AdsServer, events: EventSink, registry: CollectorRegistry) -> None:
+    def __init__(self, ads: StreamCloser, events: EventSink, registry: CollectorRegistry) -> None:
         self.ads = ads
         self.events = events
         self.closed = Counter(
