@@ -244,10 +244,12 @@ _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _EPOLL_TROUBLE = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
 _CONNECT_EVENTS = getattr(select, "EPOLLOUT", 0) | getattr(select, "EPOLLONESHOT", 0)
-# Disconnected sockets kept for the next connect-only checks. A spare exists only while fewer
-# checks are in flight than at the peak, so this bounds the descriptors they hold when checks
-# slow down; at 10,000 checks a second on loopback a few dozen are in flight at once.
-MAX_SPARE_SOCKETS = 64
+# Disconnected sockets kept for the next connect-only checks. A check takes a spare before it
+# makes a socket, so spares and sockets in flight together never outnumber the most checks that
+# were ever in flight at once (the prober's max_concurrency, which the descriptor budget keeps
+# room for: prober/limits.py). Under load hundreds are in flight; a lower cap made most checks
+# close their socket and make a new one again (bench/prober_load.py --modes tcp).
+MAX_SPARE_SOCKETS = 512
 
 
 def _find_disconnect() -> Callable[[int], int] | None:
