@@ -13,8 +13,10 @@ per endpoint, whatever N is.
 - Workers are spawned (not forked: no event loop or sockets inherited), ignore SIGINT, die with
   the parent (PR_SET_PDEATHSIG), and exit when their pipe closes.
 
-Check listeners (per-check metrics) are not forwarded across processes; the parent's
-`check_listeners` see nothing, so `--metrics` serves transitions only with --processes > 1.
+Per-check listeners cannot see checks made in other processes: the parent's `check_listeners`
+see nothing. For metrics, each worker sums its checks (`prober.metrics.CheckTally`: counts by
+outcome, latency buckets) when the parent has `tally_listeners`, and hands the sums over with
+its periodic report; the parent calls each tally listener with them (`CheckMetrics.add`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from controlplane.health.store import EndpointId, Verdict
 from controlplane.topology.model import Topology
 from controlplane.topology.parse import parse_topology
 from prober.events import JsonLinesLog, NullSink, ProbeEvent, ProberSink
+from prober.metrics import CheckCounts, CheckTally
 from prober.scheduler import EndpointReport, Prober, ProberStats, TopologyChange, targets
 from prober.shards import shard_topology
 from prober.state import CheckResult, EndpointState, Target
@@ -88,6 +91,9 @@ class ShardedProber:
         self.max_concurrency = max_concurrency
         self.report_interval = report_interval
         self.check_listeners: list[Callable[[Target, CheckResult], None]] = []  # see the module docstring
+        # Called with the sums of each worker's checks since its last report (CheckMetrics.add).
+        # Workers sum their checks only if this has listeners when they start.
+        self.tally_listeners: list[Callable[[CheckCounts], None]] = []
         self._sink: ProberSink = sink if sink is not None else NullSink()
         self._log = JsonLinesLog(event_log) if event_log is not None else None
         self._wall = wall
@@ -156,7 +162,12 @@ class ShardedProber:
     def _spawn(self, shard: int) -> _Worker:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        options = {"source": self.source, "max_concurrency": self.max_concurrency, "interval": self.report_interval}
+        options = {
+            "source": self.source,
+            "max_concurrency": self.max_concurrency,
+            "interval": self.report_interval,
+            "tally": bool(self.tally_listeners),
+        }
         process = ctx.Process(
             target=worker_main,
             args=(child, shard, self.processes, options),
@@ -251,6 +262,13 @@ class ShardedProber:
                 if key in self._targets:
                     self._reports[key] = report
             worker.stats = message[2]
+            counts = message[3] if len(message) > 3 else None
+            if counts is not None:
+                for listener in self.tally_listeners:
+                    try:
+                        listener(counts)
+                    except Exception:
+                        log.exception("tally listener failed")
 
     def _lost(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -331,6 +349,9 @@ async def _worker(conn: Connection, shard: int, shards: int, options: dict[str, 
         except (EOFError, OSError):
             stop.set()
 
+    tally = CheckTally() if options.get("tally") else None
+    if tally is not None:
+        prober.check_listeners.append(tally.on_check)
     loop.add_reader(conn.fileno(), readable)
     sent: dict[EndpointId, int] = {}
     async with prober:
@@ -349,7 +370,7 @@ async def _worker(conn: Connection, shard: int, shards: int, options: dict[str, 
                     (key[0], key[1], r.status, r.reason, r.since, r.counters, r.pending, r.checks, r.last_result, None)
                 )
             try:
-                conn.send(("reports", reports, prober.stats()))
+                conn.send(("reports", reports, prober.stats(), None if tally is None else tally.take()))
             except OSError:
                 break
     loop.remove_reader(conn.fileno())
