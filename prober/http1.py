@@ -8,6 +8,9 @@ client one process checks 10,000 keep-alive endpoints a second at half a core (s
 docs/benchmarks.md). HTTPS checks keep using aiohttp, whose TLS handling we do not want to
 rewrite.
 
+Connections are bare non-blocking sockets in an epoll of the pool's own (`_Reactor`), which the
+event loop watches as one descriptor: no asyncio transport and protocol callbacks per answer.
+
 `ResponseParser` is pure and incremental (bytes in, a response out), so the framing rules are
 unit-tested without sockets: Content-Length, chunked transfer coding, bodies delimited by close,
 HEAD, 1xx interim responses, 204/304, and HTTP/1.0 keep-alive defaults (RFC 9112).

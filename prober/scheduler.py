@@ -16,10 +16,13 @@ Planning (`next_check_time`, unit-tested with an injected `random.Random`):
 - `interval_jitter_percent` then scales the chosen interval by a uniform factor in
   `[1 - p/100, 1 + p/100]`, with a floor of `MIN_DELAY`.
 
-Running (`Prober`): one scheduling loop over a heap of due times starts each check as its time
-comes, within a concurrency limit. Endpoints cost a heap entry each, not a task, so 10,000 of
-them are cheap. Every check feeds its endpoint's `EndpointState`. Each transition becomes a
-`Verdict` and a `ProbeEvent` for the sink, and a line in the optional JSON-lines log.
+Running (`Prober`): scheduling passes (plain event-loop callbacks) start each check as its time
+comes, within a concurrency limit. Due times wait in a FIFO per fixed delay (no jitter, no
+state-dependent interval: checks planned at now + delay come due in the order they were
+planned) or in a heap (first checks, jittered or state-dependent intervals). Endpoints cost a
+queue entry each, not a task, so 10,000 of them are cheap. Every check feeds its endpoint's
+`EndpointState`. Each transition becomes a `Verdict` and a `ProbeEvent` for the sink, and a line
+in the optional JSON-lines log.
 """
 
 from __future__ import annotations
