@@ -5,8 +5,11 @@ over its shard of the endpoints (prober/shards.py: rendezvous hashing of `addres
 looks like one `Prober` to the control-plane link: one prober id, one stream, one quorum vote
 per endpoint, whatever N is.
 
-- The parent keeps the topology, sends each worker the whole validated document, and each
-  worker keeps its own shard of it. A worker that dies is started again, with the topology.
+- The parent keeps the topology, sends each worker the whole validated `Topology` (pickled,
+  without its source document: a topology may come from no document at all, as the union of
+  the control-plane replicas' shares does in prober/link.py; pickled it also loads in half the
+  time of parsing the document again), and each worker keeps its own shard of it. A worker
+  that dies is started again, with the topology.
 - Workers send their verdicts and events as they happen, and every `report_interval` the
   state of the endpoints they checked since (compact tuples, not the targets), which
   `endpoint()` and `current_verdicts()` answer from. The parent writes the event log.
@@ -30,6 +33,7 @@ import multiprocessing as mp
 import signal
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -38,7 +42,6 @@ from typing import Any, Self
 
 from controlplane.health.store import EndpointId, Verdict
 from controlplane.topology.model import Topology
-from controlplane.topology.parse import parse_topology
 from prober.events import JsonLinesLog, NullSink, ProbeEvent, ProberSink
 from prober.metrics import CheckCounts, CheckTally
 from prober.scheduler import EndpointReport, Prober, ProberStats, TopologyChange, targets
@@ -98,7 +101,7 @@ class ShardedProber:
         self._log = JsonLinesLog(event_log) if event_log is not None else None
         self._wall = wall
         self._state = _State.UNOPENED
-        self._document: dict[str, Any] | None = None
+        self._topology: Topology | None = None
         self._targets: dict[EndpointId, Target] = {}
         self._reports: dict[EndpointId, _Report] = {}
         self._workers: list[_Worker] = []
@@ -177,8 +180,8 @@ class ShardedProber:
         process.start()
         child.close()
         worker = _Worker(shard, process, parent)
-        if self._document is not None:
-            parent.send(("topology", self._document))
+        if self._topology is not None:
+            parent.send(("topology", self._topology))
         asyncio.get_running_loop().add_reader(parent.fileno(), self._readable, worker)
         return worker
 
@@ -196,12 +199,10 @@ class ShardedProber:
         self._targets = wanted
         for key in removed:
             self._reports.pop(key, None)
-        if not topology.document:
-            raise ValueError("a sharded prober needs a topology parsed from a document (parse_topology)")
-        self._document = dict(topology.document)
+        self._topology = replace(topology, document={})
         for worker in self._workers:
             with contextlib.suppress(OSError):
-                worker.conn.send(("topology", self._document))
+                worker.conn.send(("topology", self._topology))
         return TopologyChange(added, removed, replaced, kept)
 
     # ------------------------------------------------------------------ reports
@@ -342,8 +343,7 @@ async def _worker(conn: Connection, shard: int, shards: int, options: dict[str, 
             while conn.poll():
                 message = conn.recv()
                 if message[0] == "topology":
-                    topology = parse_topology(message[1], source="control plane")
-                    prober.update_topology(shard_topology(topology, shard, shards))
+                    prober.update_topology(shard_topology(message[1], shard, shards))
                 elif message[0] == "stop":
                     stop.set()
         except (EOFError, OSError):

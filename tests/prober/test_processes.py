@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from controlplane.health.store import HealthStatus, Verdict
 from controlplane.topology.parse import parse_topology
 from prober.events import ProbeEvent, QueueSink
+from prober.link import merge_shares
 from prober.metrics import CheckMetrics
 from prober.processes import ShardedProber
 from prober.shards import shard_of
@@ -111,3 +112,12 @@ async def test_the_workers_check_counts_reach_the_parents_metrics(backends: list
     assert timed == checks
     assert 0 < sample("healthplane_check_latency_seconds_sum", cluster="web", check="http") < checks * 0.1
     assert sample("healthplane_check_latency_seconds_bucket", cluster="web", check="http", le="+Inf") == checks
+
+
+async def test_a_topology_without_a_document_is_checked_too(backends: list[HttpBackend]) -> None:
+    # As prober/link.py's union of the control-plane replicas' shares: built, not parsed.
+    topology = merge_shares([parse_topology(document(backends[:3])), parse_topology(document(backends[3:]))])
+    assert not topology.document
+    async with ShardedProber(2, topology, report_interval=0.1) as prober:
+        await eventually(lambda: all(b.statuses_served for b in backends), within=30)
+        await eventually(lambda: {v.status for v in prober.current_verdicts()} == {HealthStatus.HEALTHY}, within=10)
