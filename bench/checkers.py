@@ -10,7 +10,9 @@ One set of backend processes (those of bench/prober_load.py: N listening sockets
 - `prober`: the real `Prober` and `NetworkChecker` with the same policy, in one process
   (`prober:P` for P processes, each with its shard of the endpoints as `healthplane prober
   --processes P` splits them; `prober-uvloop` and `prober-asyncio` pick the event loop; `tcp:`
-  prefixed variants run connect-only TCP checks).
+  prefixed variants run connect-only TCP checks; `base`, `base:P`, `tcp:base` run the prober of
+  another checkout given with `--baseline DIR`, to measure a change against the code before it in
+  one run).
 
 Each variant runs for `--warmup` + `--duration` seconds, in rounds of A, B, B, A (the variant list
 forward, then backward) so that drifting load on the shared machine hits each one alike. Per
@@ -222,7 +224,7 @@ def run_variant(
             base, _, count = name.partition(":")
             processes = int(count or 1)
             base, _, batch_ms = base.partition("@")  # prober@5ms: scheduling batches of 5 ms
-            loop = {"prober": opt.loop, "prober-uvloop": "uvloop", "prober-asyncio": "asyncio"}[base]
+            loop = {"prober": opt.loop, "prober-uvloop": "uvloop", "prober-asyncio": "asyncio", "base": opt.loop}[base]
             for shard in range(processes):
                 mine = [e for e in endpoints if shard_of(f"{e[0]}:{e[1]}", processes) == shard]
                 probers.append(
@@ -240,6 +242,7 @@ def run_variant(
                             "experiment": None,
                             "loop": loop,
                             "batch": _duration(batch_ms) if batch_ms else None,
+                            "source_tree": str(opt.baseline) if base == "base" else None,
                         },
                     )
                 )
@@ -381,9 +384,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="the prober's event loop")
     parser.add_argument("--busy-limit", type=float, default=0.5, help="cores others may use before a window starts")
     parser.add_argument("--busy-retries", type=int, default=3, help="20 s waits for a quieter machine per window")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git archive main | tar -x -C DIR`) whose prober the `base` variants run",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--report", type=Path, help="print the table of a --json file written before; run nothing")
     opt = parser.parse_args(argv)
+    if opt.baseline is None and any(v.removeprefix("tcp:").startswith("base") for v in opt.variants):
+        parser.error("the base variants need --baseline DIR (another checkout of the repository)")
     if opt.report is not None:
         print(table(json.loads(opt.report.read_text())["runs"]))
         return 0

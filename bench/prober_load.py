@@ -301,6 +301,8 @@ def topology_document(
 
 def prober_main(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:
     child_setup()
+    if opt.get("source_tree"):
+        use_source_tree(opt["source_tree"])
     loop_factory = None
     if opt.get("loop") == "uvloop":
         import uvloop
@@ -313,6 +315,22 @@ def prober_main(conn: Connection, mode: str, endpoints: list[tuple[str, int]], o
         prober.scheduler.BATCH_AHEAD = opt["batch"] / 2
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(_prober(conn, mode, endpoints, opt))
+
+
+def use_source_tree(path: str) -> None:
+    """Import the prober (and the control plane packages it uses) from another checkout at `path`.
+
+    For an A/B of a change in one run (bench/checkers.py `--baseline`): e.g. `git archive main |
+    tar -x -C /tmp/base`. This child imported some of them from this tree already (the spawned
+    main module); those are forgotten so that the next import reads `path`.
+    """
+    root = str(Path(path).resolve())
+    if not (Path(root) / "prober" / "scheduler.py").is_file():
+        raise ValueError(f"--baseline {path}: no prober/scheduler.py there")
+    for name in list(sys.modules):
+        if name.split(".", 1)[0] in ("prober", "controlplane"):
+            del sys.modules[name]
+    sys.path.insert(0, root)
 
 
 async def _prober(conn: Connection, mode: str, endpoints: list[tuple[str, int]], opt: dict[str, Any]) -> None:

@@ -89,6 +89,7 @@ class Child:
         self.process: BaseProcess = ctx.Process(target=target, args=(child_conn, *args), name=name, daemon=True)
         self.process.start()
         child_conn.close()
+        self._late = 0  # asks that timed out: their replies may still come
 
     def send(self, *message: Any) -> None:
         self.conn.send(message)
@@ -103,8 +104,17 @@ class Child:
             raise RuntimeError(f"{self.name} exited (code {self.process.exitcode}); see its traceback above") from None
 
     def ask(self, *message: Any, limit: float) -> Any:
+        # A reply that came too late to an earlier ask is still in the pipe: drop it first, or
+        # every later ask would get the answer to the one before it.
+        while self._late:
+            self.recv(limit)
+            self._late -= 1
         self.send(*message)
-        return self.recv(limit)
+        try:
+            return self.recv(limit)
+        except TimeoutError:
+            self._late += 1
+            raise
 
     def close(self, stop_limit: float = 10) -> None:
         """Ask the child to stop, then terminate and kill it if it does not; safe to call twice."""

@@ -24,6 +24,7 @@ import _socket
 import asyncio
 import contextlib
 import contextvars
+import ctypes
 import errno
 import logging
 import math
@@ -32,6 +33,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import time
 import weakref
 from collections import deque
@@ -241,6 +243,39 @@ _STREAM_NONBLOCK = socket.SOCK_STREAM | getattr(socket, "SOCK_NONBLOCK", 0)
 # bench/checkers.py runs). The reset also spares both ends the FIN exchange.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 _EPOLL_TROUBLE = getattr(select, "EPOLLERR", 0) | getattr(select, "EPOLLHUP", 0)
+_CONNECT_EVENTS = getattr(select, "EPOLLOUT", 0) | getattr(select, "EPOLLONESHOT", 0)
+# Disconnected sockets kept for the next connect-only checks. A check takes a spare before it
+# makes a socket, so spares and sockets in flight together never outnumber the most checks that
+# were ever in flight at once (the prober's max_concurrency, which the descriptor budget keeps
+# room for: prober/limits.py). Under load hundreds are in flight; a lower cap made most checks
+# close their socket and make a new one again (bench/prober_load.py --modes tcp).
+MAX_SPARE_SOCKETS = 512
+
+
+def _find_disconnect() -> Callable[[int], int] | None:
+    """`connect(fd, {AF_UNSPEC})` from libc, or None where there is no such call to make.
+
+    On Linux that dissolves a TCP socket's association (tcp_disconnect: a reset when it was
+    connected, as SO_LINGER 0 and close do) and leaves the socket ready for another connect.
+    Python's `socket.connect` cannot pass AF_UNSPEC, hence libc through ctypes.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc_connect = ctypes.CDLL(None, use_errno=True).connect
+    except (OSError, AttributeError):
+        return None
+    libc_connect.restype = ctypes.c_int
+    unspec = ctypes.create_string_buffer(16)  # a sockaddr whose sa_family is AF_UNSPEC (0)
+    size = len(unspec)
+
+    def disconnect(fd: int) -> int:
+        return int(libc_connect(fd, unspec, size))
+
+    return disconnect
+
+
+_DISCONNECT = _find_disconnect()
 
 
 class _Connects:
@@ -249,26 +284,66 @@ class _Connects:
     The event loop watches that one epoll descriptor; when it is readable, one `poll` returns
     every socket whose connect finished. Registering a socket is one C call, where
     `loop.add_writer` and `remove_writer` go through the selectors module and cost about as
-    much as the connect itself (bench/checkers.py). EPOLLONESHOT: each socket reports once, and
-    closing it removes it from the epoll.
+    much as the connect itself (bench/checkers.py). EPOLLONESHOT: each socket reports once per
+    connect.
+
+    After a successful check the socket is not closed but disconnected (`_find_disconnect`:
+    the same reset the peer would get from a close with SO_LINGER 0) and kept for the next
+    check, to any endpoint: per check that saves the socket(), setsockopt() and close() system
+    calls and the kernel's work of making and freeing a socket (bench/checkers.py). A socket
+    that failed or timed out is closed.
     """
 
     def __init__(self, ready: Callable[[tuple[Any, ...], int], None]) -> None:
         self._epoll = select.epoll()
         self._ready = ready
         self._pending: dict[int, tuple[Any, ...]] = {}
+        self._registered: set[int] = set()  # descriptors in the epoll (a reused socket is re-armed)
+        self.opened = 0  # sockets made (the rest of the checks reused one)
+        self._spare: dict[int, list[_socket.socket]] = {socket.AF_INET: [], socket.AF_INET6: []}
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._epoll.fileno(), self._events)
 
-    def add(self, fd: int, context: tuple[Any, ...]) -> None:
-        self._epoll.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
+    def socket(self, family: int) -> _socket.socket:
+        """A spare disconnected socket of `family`, or a new one; OSError when none can be made."""
+        spare = self._spare[family]
+        if spare:
+            return spare.pop()
+        # SOCK_NONBLOCK (Linux, as epoll is): one system call fewer than setblocking(False).
+        # _socket.socket: the C type under socket.socket, without its Python-level __init__.
+        sock = _socket.socket(family, _STREAM_NONBLOCK)
+        self.opened += 1
+        return sock
+
+    def add(self, sock: _socket.socket, context: tuple[Any, ...]) -> None:
+        fd = sock.fileno()
+        if fd in self._registered:
+            self._epoll.modify(fd, _CONNECT_EVENTS)
+        else:
+            self._epoll.register(fd, _CONNECT_EVENTS)
+            self._registered.add(fd)
         self._pending[fd] = context
 
     def pending(self, fd: int, context: tuple[Any, ...]) -> bool:
         return self._pending.get(fd) is context
 
-    def discard(self, fd: int) -> None:
+    def recycle(self, sock: _socket.socket) -> None:
+        """Done with a connected socket: reset the connection and keep the socket for another check."""
+        spare = self._spare[sock.family]
+        if _DISCONNECT is not None and len(spare) < MAX_SPARE_SOCKETS and _DISCONNECT(sock.fileno()) == 0:
+            spare.append(sock)
+            return
+        self.close_socket(sock, connected=True)
+
+    def close_socket(self, sock: _socket.socket, *, connected: bool) -> None:
+        """Close a socket (with a reset if it was connected); closing also leaves the epoll."""
+        fd = sock.fileno()
         self._pending.pop(fd, None)
+        self._registered.discard(fd)
+        if connected:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.close()
 
     def _events(self) -> None:
         for fd, events in self._epoll.poll(0):
@@ -278,8 +353,13 @@ class _Connects:
 
     def close(self) -> None:
         self._loop.remove_reader(self._epoll.fileno())
+        for spare in self._spare.values():
+            for sock in spare:
+                sock.close()
+            spare.clear()
         self._epoll.close()
         self._pending.clear()
+        self._registered.clear()
 
 
 class _Outcome(Exception):
@@ -327,6 +407,11 @@ class NetworkChecker:
         self._retries: set[asyncio.Task[None]] = set()
         self._reasons: dict[int, str] = {}
         self.started_without_task = 0  # checks that went through start_check (observability, tests)
+
+    @property
+    def tcp_sockets_opened(self) -> int:
+        """Sockets made for connect-only TCP checks so far (each is reused by later checks)."""
+        return 0 if self._connects is None else self._connects.opened
 
     @property
     def pool(self) -> Http1Pool:
@@ -526,9 +611,7 @@ class NetworkChecker:
             connects = self._connects = _Connects(self._connect_ready)
         started = self._clock()
         try:
-            # SOCK_NONBLOCK (Linux, as epoll is): one system call fewer than setblocking(False).
-            # _socket.socket: the C type under socket.socket, without its Python-level __init__.
-            sock = _socket.socket(socket.AF_INET6 if ":" in target.address else socket.AF_INET, _STREAM_NONBLOCK)
+            sock = connects.socket(socket.AF_INET6 if ":" in target.address else socket.AF_INET)
         except OSError as exc:
             done(token, self._connect_result(exc.errno or errno.EMFILE, started))
             return True
@@ -537,17 +620,18 @@ class NetworkChecker:
             hc = target.health_check
             deadline = started + hc.timeout
             context = (target, sock, token, done, started)
-            connects.add(sock.fileno(), context)
+            connects.add(sock, context)
             queue = self._deadlines.get(hc.timeout)
             if queue is None:
                 queue = self._deadlines[hc.timeout] = deque()
             queue.append((deadline, None, context))
             if deadline + SWEEP_SLACK < self._sweep_at:
                 self._schedule_sweep(deadline + SWEEP_SLACK)
-        else:  # done already: on loopback, connect() often completes the handshake at once
+        else:  # done already (a refusal can be; a non-blocking connect that succeeds rarely is)
             if err == 0:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            sock.close()
+                connects.recycle(sock)
+            else:
+                connects.close_socket(sock, connected=False)
             done(token, self._connect_result(err, started))
         self.started_without_task += 1
         return True
@@ -563,9 +647,13 @@ class NetworkChecker:
         _, sock, token, done, started = context
         # Writable without an error or a hang-up is a finished connect: no SO_ERROR to ask for.
         err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if events & _EPOLL_TROUBLE else 0
-        if err == 0:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        sock.close()
+        connects = self._connects
+        if connects is None:  # closed meanwhile
+            sock.close()
+        elif err == 0:
+            connects.recycle(sock)
+        else:
+            connects.close_socket(sock, connected=False)
         done(token, self._connect_result(err, started))
 
     def _schedule_sweep(self, when: float) -> None:
@@ -622,8 +710,7 @@ class NetworkChecker:
                 queue.popleft()
                 if conn is None:
                     assert self._connects is not None
-                    self._connects.discard(sock.fileno())
-                    sock.close()
+                    self._connects.close_socket(sock, connected=False)
                 else:
                     conn.context = None
                     conn.abandon()

@@ -74,7 +74,10 @@ def prober_command(args: argparse.Namespace) -> int:
                 sink=link, source=f"prober:{prober_id}", event_log=args.event_log, max_concurrency=args.concurrency
             )
         if check_metrics is not None:
-            prober.check_listeners.append(check_metrics.on_check)
+            if isinstance(prober, ShardedProber):
+                prober.tally_listeners.append(check_metrics.add)  # the workers' sums, per report
+            else:
+                prober.check_listeners.append(check_metrics.on_check)
         link.prober = prober
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

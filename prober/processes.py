@@ -5,16 +5,21 @@ over its shard of the endpoints (prober/shards.py: rendezvous hashing of `addres
 looks like one `Prober` to the control-plane link: one prober id, one stream, one quorum vote
 per endpoint, whatever N is.
 
-- The parent keeps the topology, sends each worker the whole validated document, and each
-  worker keeps its own shard of it. A worker that dies is started again, with the topology.
+- The parent keeps the topology, sends each worker the whole validated `Topology` (pickled,
+  without its source document: a topology may come from no document at all, as the union of
+  the control-plane replicas' shares does in prober/link.py; pickled it also loads in half the
+  time of parsing the document again), and each worker keeps its own shard of it. A worker
+  that dies is started again, with the topology.
 - Workers send their verdicts and events as they happen, and every `report_interval` the
   state of the endpoints they checked since (compact tuples, not the targets), which
   `endpoint()` and `current_verdicts()` answer from. The parent writes the event log.
 - Workers are spawned (not forked: no event loop or sockets inherited), ignore SIGINT, die with
   the parent (PR_SET_PDEATHSIG), and exit when their pipe closes.
 
-Check listeners (per-check metrics) are not forwarded across processes; the parent's
-`check_listeners` see nothing, so `--metrics` serves transitions only with --processes > 1.
+Per-check listeners cannot see checks made in other processes: the parent's `check_listeners`
+see nothing. For metrics, each worker sums its checks (`prober.metrics.CheckTally`: counts by
+outcome, latency buckets) when the parent has `tally_listeners`, and hands the sums over with
+its periodic report; the parent calls each tally listener with them (`CheckMetrics.add`).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import multiprocessing as mp
 import signal
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -36,8 +42,8 @@ from typing import Any, Self
 
 from controlplane.health.store import EndpointId, Verdict
 from controlplane.topology.model import Topology
-from controlplane.topology.parse import parse_topology
 from prober.events import JsonLinesLog, NullSink, ProbeEvent, ProberSink
+from prober.metrics import CheckCounts, CheckTally
 from prober.scheduler import EndpointReport, Prober, ProberStats, TopologyChange, targets
 from prober.shards import shard_topology
 from prober.state import CheckResult, EndpointState, Target
@@ -88,11 +94,14 @@ class ShardedProber:
         self.max_concurrency = max_concurrency
         self.report_interval = report_interval
         self.check_listeners: list[Callable[[Target, CheckResult], None]] = []  # see the module docstring
+        # Called with the sums of each worker's checks since its last report (CheckMetrics.add).
+        # Workers sum their checks only if this has listeners when they start.
+        self.tally_listeners: list[Callable[[CheckCounts], None]] = []
         self._sink: ProberSink = sink if sink is not None else NullSink()
         self._log = JsonLinesLog(event_log) if event_log is not None else None
         self._wall = wall
         self._state = _State.UNOPENED
-        self._document: dict[str, Any] | None = None
+        self._topology: Topology | None = None
         self._targets: dict[EndpointId, Target] = {}
         self._reports: dict[EndpointId, _Report] = {}
         self._workers: list[_Worker] = []
@@ -156,7 +165,12 @@ class ShardedProber:
     def _spawn(self, shard: int) -> _Worker:
         ctx = mp.get_context("spawn")
         parent, child = ctx.Pipe()
-        options = {"source": self.source, "max_concurrency": self.max_concurrency, "interval": self.report_interval}
+        options = {
+            "source": self.source,
+            "max_concurrency": self.max_concurrency,
+            "interval": self.report_interval,
+            "tally": bool(self.tally_listeners),
+        }
         process = ctx.Process(
             target=worker_main,
             args=(child, shard, self.processes, options),
@@ -166,8 +180,8 @@ class ShardedProber:
         process.start()
         child.close()
         worker = _Worker(shard, process, parent)
-        if self._document is not None:
-            parent.send(("topology", self._document))
+        if self._topology is not None:
+            parent.send(("topology", self._topology))
         asyncio.get_running_loop().add_reader(parent.fileno(), self._readable, worker)
         return worker
 
@@ -185,12 +199,10 @@ class ShardedProber:
         self._targets = wanted
         for key in removed:
             self._reports.pop(key, None)
-        if not topology.document:
-            raise ValueError("a sharded prober needs a topology parsed from a document (parse_topology)")
-        self._document = dict(topology.document)
+        self._topology = replace(topology, document={})
         for worker in self._workers:
             with contextlib.suppress(OSError):
-                worker.conn.send(("topology", self._document))
+                worker.conn.send(("topology", self._topology))
         return TopologyChange(added, removed, replaced, kept)
 
     # ------------------------------------------------------------------ reports
@@ -251,6 +263,13 @@ class ShardedProber:
                 if key in self._targets:
                     self._reports[key] = report
             worker.stats = message[2]
+            counts = message[3] if len(message) > 3 else None
+            if counts is not None:
+                for listener in self.tally_listeners:
+                    try:
+                        listener(counts)
+                    except Exception:
+                        log.exception("tally listener failed")
 
     def _lost(self, worker: _Worker) -> None:
         loop = asyncio.get_running_loop()
@@ -324,13 +343,15 @@ async def _worker(conn: Connection, shard: int, shards: int, options: dict[str, 
             while conn.poll():
                 message = conn.recv()
                 if message[0] == "topology":
-                    topology = parse_topology(message[1], source="control plane")
-                    prober.update_topology(shard_topology(topology, shard, shards))
+                    prober.update_topology(shard_topology(message[1], shard, shards))
                 elif message[0] == "stop":
                     stop.set()
         except (EOFError, OSError):
             stop.set()
 
+    tally = CheckTally() if options.get("tally") else None
+    if tally is not None:
+        prober.check_listeners.append(tally.on_check)
     loop.add_reader(conn.fileno(), readable)
     sent: dict[EndpointId, int] = {}
     async with prober:
@@ -349,7 +370,7 @@ async def _worker(conn: Connection, shard: int, shards: int, options: dict[str, 
                     (key[0], key[1], r.status, r.reason, r.since, r.counters, r.pending, r.checks, r.last_result, None)
                 )
             try:
-                conn.send(("reports", reports, prober.stats()))
+                conn.send(("reports", reports, prober.stats(), None if tally is None else tally.take()))
             except OSError:
                 break
     loop.remove_reader(conn.fileno())

@@ -16,10 +16,13 @@ Planning (`next_check_time`, unit-tested with an injected `random.Random`):
 - `interval_jitter_percent` then scales the chosen interval by a uniform factor in
   `[1 - p/100, 1 + p/100]`, with a floor of `MIN_DELAY`.
 
-Running (`Prober`): one scheduling loop over a heap of due times starts each check as its time
-comes, within a concurrency limit. Endpoints cost a heap entry each, not a task, so 10,000 of
-them are cheap. Every check feeds its endpoint's `EndpointState`. Each transition becomes a
-`Verdict` and a `ProbeEvent` for the sink, and a line in the optional JSON-lines log.
+Running (`Prober`): scheduling passes (plain event-loop callbacks) start each check as its time
+comes, within a concurrency limit. Due times wait in a FIFO per fixed delay (no jitter, no
+state-dependent interval: checks planned at now + delay come due in the order they were
+planned) or in a heap (first checks, jittered or state-dependent intervals). Endpoints cost a
+queue entry each, not a task, so 10,000 of them are cheap. Every check feeds its endpoint's
+`EndpointState`. Each transition becomes a `Verdict` and a `ProbeEvent` for the sink, and a line
+in the optional JSON-lines log.
 """
 
 from __future__ import annotations
@@ -175,20 +178,37 @@ class ProberStats:
     failed: int = 0  # checks that failed (HTTP, TCP, timeout) over the prober's life
 
 
+def _head(source: deque[tuple[float, _Entry]] | list[tuple[float, int, _Entry]]) -> float:
+    return source[0][0]
+
+
 class _State(enum.Enum):
     UNOPENED = "unopened"
     RUNNING = "running"
     CLOSED = "closed"
 
 
+def fixed_delay(policy: HealthCheck) -> float | None:
+    """The delay between checks when it never depends on the state or on chance, else None."""
+    if (
+        policy.interval_jitter_percent > 0
+        or policy.unhealthy_interval is not None
+        or policy.healthy_edge_interval is not None
+        or policy.unhealthy_edge_interval is not None
+    ):
+        return None
+    return max(policy.interval, MIN_DELAY)
+
+
 class _Entry:
     """The prober's bookkeeping for one target."""
 
-    __slots__ = ("due", "last_result", "removed", "running", "state", "target")
+    __slots__ = ("due", "fixed", "last_result", "removed", "running", "state", "target")
 
     def __init__(self, target: Target, state: EndpointState) -> None:
         self.target = target
         self.state = state
+        self.fixed = fixed_delay(target.health_check)
         self.due: float | None = None
         self.running = False
         self.removed = False
@@ -236,11 +256,17 @@ class Prober:
         self._wall = wall
         self._state = _State.UNOPENED
         self._entries: dict[EndpointId, _Entry] = {}
+        # Due checks: a FIFO per fixed delay (checks planned at now + delay arrive in order, so a
+        # deque append and popleft replace a heap push and pop), and a heap for the rest (first
+        # checks, jittered and state-dependent intervals).
+        self._fifos: dict[float, deque[tuple[float, _Entry]]] = {}
         self._heap: list[tuple[float, int, _Entry]] = []
         self._seq = itertools.count()
-        self._wake: asyncio.Future[None] | None = None  # the scheduling loop sleeps on it
-        self._wake_at = math.inf  # when the loop wakes by itself
-        self._fast_start: Callable[[Target, _Entry, Callable[[_Entry, CheckResult], None]], bool] | None = None
+        self._tick_handle: asyncio.Handle | None = None  # the scheduling pass, when one is planned
+        self._wake_at = math.inf  # when the next pass runs; -inf while one runs or is about to
+        self._fast_start: Callable[[Target, _Entry, Callable[[_Entry, CheckResult | None], None]], bool] | None = None
+        self._finish_callback = self._finish  # one bound method, not one per check
+        self._loop: asyncio.AbstractEventLoop  # the running loop, from start()
         self._tasks: set[asyncio.Task[None]] = set()  # checks that run as coroutines
         self._outbox: asyncio.Queue[Verdict | ProbeEvent] = asyncio.Queue()
         self._releases: list[Target] = []
@@ -276,11 +302,12 @@ class Prober:
             self._check_descriptors()
         if isinstance(self._checker, NetworkChecker):
             self._fast_start = self._checker.start_check
+        self._loop = asyncio.get_running_loop()
         self._state = _State.RUNNING
         now = self._clock()
         for entry in self._entries.values():
             self._push(entry, first_check_time(now, entry.target.health_check, self._rng))
-        self._main = asyncio.create_task(self._run(), name="healthplane-prober")
+        self._main = asyncio.create_task(self._run(), name="healthplane-prober-deliver")
 
     def _plan_descriptors(self) -> int:
         """Raise the open-files limit (unless one was given) and size the keep-alive pool under it."""
@@ -312,6 +339,9 @@ class Prober:
         if self._state is _State.CLOSED:
             return
         self._state = _State.CLOSED
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+            self._tick_handle = None
         if self._main is not None:
             self._main.cancel()
             # A loop that crashed has logged why already; closing must still finish.
@@ -462,63 +492,127 @@ class Prober:
     # ------------------------------------------------------------------ the loop
 
     def _push(self, entry: _Entry, due: float) -> None:
+        """Plan `entry`'s next check at `due`, in the heap."""
         entry.due = due
         heapq.heappush(self._heap, (due, next(self._seq), entry))
-        if due < self._wake_at and self._heap[0][2] is entry:
+        if due < self._wake_at:
             self._wake_up()  # the loop is sleeping until a later time
 
+    def _plan(self, entry: _Entry, now: float) -> None:
+        """Plan the check after the one that completed at `now`: `next_check_time`, without a heap.
+
+        With no jitter the next check comes a fixed delay after `now`, and `now` only grows, so
+        the checks planned with one delay are due in the order they were planned: a FIFO per
+        delay holds them in order at the cost of an append (bench/checkers.py).
+        """
+        state = entry.state
+        delay = entry.fixed
+        if delay is None or not state.checks:
+            hc = entry.target.health_check
+            if not state.checks or hc.interval_jitter_percent > 0:
+                self._push(entry, next_check_time(now, state, hc, self._rng))
+                return
+            delay = max(base_interval(state, hc), MIN_DELAY)
+        due = now + delay
+        fifo = self._fifos.get(delay)
+        if fifo is None:
+            fifo = self._fifos[delay] = deque()
+        elif fifo and fifo[-1][0] > due:
+            self._push(entry, due)  # a clock that went back (an injected one): keep each FIFO in order
+            return
+        entry.due = due
+        fifo.append((due, entry))
+        if due < self._wake_at:
+            self._wake_up()
+
     def _wake_up(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
+        """Run a scheduling pass soon: a check is due before the planned pass, a slot freed, a release."""
+        if self._wake_at == -math.inf or self._state is not _State.RUNNING:
+            return  # a pass runs now or is about to
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        self._wake_at = -math.inf
+        self._tick_handle = self._loop.call_soon(self._tick)
 
     async def _run(self) -> None:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._deliver(), name="healthplane-prober-deliver")
-                await self._schedule(tg)
-        except asyncio.CancelledError:
-            raise
-        except BaseException:
-            log.exception("prober loop crashed; no more checks will run")
-            raise
+        await self._deliver()
 
-    async def _schedule(self, tg: asyncio.TaskGroup) -> None:
-        """Start every check that is due, in batches, then sleep until the next one is.
+    def _tick(self) -> None:
+        """One scheduling pass: start every check due within `BATCH_AHEAD`, then plan the next pass.
 
-        One wake-up starts every check due within `BATCH_AHEAD`, and the loop sleeps at least
-        `BATCH_SLEEP`: at 10,000 checks a second that is a few checks per wake-up instead of a
-        timer and an event per check (bench/checkers.py).
+        A pass starts every check due within `BATCH_AHEAD`, and the next comes at least
+        `BATCH_SLEEP` later: at 10,000 checks a second that is a few checks per pass instead of a
+        timer per check. Passes are plain callbacks of the event loop (a timer each), not a task
+        sleeping on a future, which cost a future, a task step and a cancelled timer per pass.
         """
-        loop = asyncio.get_running_loop()
+        self._tick_handle = None
+        if self._state is not _State.RUNNING:
+            return
+        self._wake_at = -math.inf  # checks planned during the pass need no pass of their own
+        try:
+            now, wake_at = self._start_due()
+        except Exception:
+            # No more passes (_wake_at stays -inf): the prober keeps its state and stops checking.
+            log.exception("prober loop crashed; no more checks will run")
+            return
+        self._wake_at = wake_at
+        if wake_at < math.inf:
+            loop = self._loop
+            # call_at takes the loop's clock; ours may be another (tests inject one), so go by delay.
+            self._tick_handle = loop.call_at(loop.time() + (wake_at - now), self._tick)
+
+    def _start_due(self) -> tuple[float, float]:
+        """Start the checks that are due; (now, when the next pass should run)."""
+        releases = self._releases
+        while releases:
+            task = self._loop.create_task(self._release(releases.pop()))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        now = self._clock()
+        horizon = now + BATCH_AHEAD
+        limit = self.max_concurrency
         heap = self._heap
-        while True:
-            while self._releases:
-                tg.create_task(self._release(self._releases.pop()))
-            now = self._clock()
-            horizon = now + BATCH_AHEAD
-            while heap and heap[0][0] <= horizon and self._in_flight < self.max_concurrency:
-                due, _, entry = heapq.heappop(heap)
-                if entry.removed or entry.due != due:
-                    continue
-                self._start(entry, due, now)
-            if self._in_flight >= self.max_concurrency:
-                wake_at = math.inf  # a check that ends wakes the loop
-            elif heap:
-                wake_at = max(heap[0][0], now + BATCH_SLEEP)
+        fifos = self._fifos
+        if len(fifos) > 1:
+            for delay in [d for d, f in fifos.items() if not f]:
+                del fifos[delay]
+        # Oldest first: under the concurrency limit the longest-waiting checks start first.
+        sources: list[deque[tuple[float, _Entry]] | list[tuple[float, int, _Entry]]] = [f for f in fifos.values() if f]
+        if heap:
+            sources.append(heap)
+        if len(sources) > 1:
+            sources.sort(key=_head)
+        start = self._start
+        for source in sources:
+            if source is heap:
+                while heap and self._in_flight < limit:
+                    due, _, entry = heap[0]
+                    if due > horizon:
+                        break
+                    heapq.heappop(heap)
+                    if entry.removed or entry.due != due:
+                        continue
+                    start(entry, due, now)
             else:
-                wake_at = math.inf
-            self._wake = waiter = loop.create_future()
-            self._wake_at = wake_at
-            handle = None
-            if wake_at < math.inf:
-                handle = loop.call_at(loop.time() + (wake_at - now), self._wake_up)
-            try:
-                await waiter
-            finally:
-                self._wake = None
-                self._wake_at = math.inf
-                if handle is not None:
-                    handle.cancel()
+                fifo = source
+                assert isinstance(fifo, deque)
+                while fifo and self._in_flight < limit:
+                    due, entry = fifo[0]
+                    if due > horizon:
+                        break
+                    fifo.popleft()
+                    if entry.removed or entry.due != due:
+                        continue
+                    start(entry, due, now)
+        if self._in_flight >= limit:
+            return now, math.inf  # a check that ends wakes the loop
+        first = heap[0][0] if heap else math.inf
+        for fifo in fifos.values():
+            if fifo and fifo[0][0] < first:
+                first = fifo[0][0]
+        if first == math.inf:
+            return now, math.inf
+        return now, max(first, now + BATCH_SLEEP)
 
     def _start(self, entry: _Entry, planned: float, now: float) -> None:
         entry.running = True
@@ -531,9 +625,9 @@ class Prober:
             self._lag_max = lag
         self._lags.append(lag)
         fast = self._fast_start
-        if fast is not None and fast(entry.target, entry, self._finish):
+        if fast is not None and fast(entry.target, entry, self._finish_callback):
             return
-        task = asyncio.get_running_loop().create_task(self._probe(entry))
+        task = self._loop.create_task(self._probe(entry))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -559,19 +653,21 @@ class Prober:
                 return
             if result is not None:
                 entry.last_result = result
-                if result.kind is ResultKind.INCONCLUSIVE:
-                    self._inconclusive += 1
-                    if self._clock() - self._overload_logged >= 10.0:  # an overloaded loop needs no log storm
-                        self._overload_logged = self._clock()
-                        log.warning(
-                            "%s/%s: %s (%d such checks so far; they count neither way)",
-                            entry.target.cluster,
-                            entry.target.endpoint,
-                            result.reason,
-                            self._inconclusive,
-                        )
-                elif result.kind is not ResultKind.SUCCESS:
-                    self._failed += 1
+                kind = result.kind
+                if kind is not ResultKind.SUCCESS:
+                    if kind is ResultKind.INCONCLUSIVE:
+                        self._inconclusive += 1
+                        if self._clock() - self._overload_logged >= 10.0:  # an overloaded loop needs no log storm
+                            self._overload_logged = self._clock()
+                            log.warning(
+                                "%s/%s: %s (%d such checks so far; they count neither way)",
+                                entry.target.cluster,
+                                entry.target.endpoint,
+                                result.reason,
+                                self._inconclusive,
+                            )
+                    else:
+                        self._failed += 1
                 if self.check_listeners:
                     for listener in self.check_listeners:
                         try:
@@ -588,7 +684,7 @@ class Prober:
                             latency=result.latency,
                         )
                     )
-            self._push(entry, next_check_time(self._clock(), entry.state, entry.target.health_check, self._rng))
+            self._plan(entry, self._clock())
         finally:
             entry.running = False
             self._in_flight -= 1

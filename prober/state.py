@@ -215,7 +215,7 @@ def initial_health_status(hc: HealthCheck) -> HealthStatus:
 class EndpointState:
     """Status and counters of one endpoint; `observe` feeds it one check result at a time."""
 
-    __slots__ = ("_counters", "checks", "cluster", "endpoint", "reason", "since", "status", "thresholds")
+    __slots__ = ("_counters", "_steady", "checks", "cluster", "endpoint", "reason", "since", "status", "thresholds")
 
     def __init__(
         self,
@@ -236,6 +236,9 @@ class EndpointState:
         self.since = since  # time of the last status change (or of creation)
         self.checks = 0  # results observed so far
         self._counters = Counters()
+        # The counters of a HEALTHY endpoint whose successes are at the threshold: the state of
+        # almost every check, which `observe` then answers without building anything.
+        self._steady = Counters(successes=thresholds.successes)
 
     @classmethod
     def for_target(cls, target: Target, *, since: float = 0.0) -> EndpointState:
@@ -281,21 +284,27 @@ class EndpointState:
     def observe(self, result: CheckResult) -> Transition | None:
         """Count one result; the Transition when it moved the status, else None."""
         self.checks += 1
-        if result.kind is ResultKind.INCONCLUSIVE:
+        kind = result.kind
+        c = self._counters
+        if kind is ResultKind.SUCCESS and c is self._steady and self.status is HealthStatus.HEALTHY:
+            return None  # healthy, and stays so: nothing changes
+        if kind is ResultKind.INCONCLUSIVE:
             return None  # neither a success nor a failure: every counter keeps its value
-        c, t = self._counters, self.thresholds
+        t = self.thresholds
         target: HealthStatus | None = None
-        if result.kind is ResultKind.SUCCESS:
+        if kind is ResultKind.SUCCESS:
             successes = min(c.successes + 1, t.successes)
-            if successes != c.successes or c.http_failures or c.tcp_failures or c.timeouts:
+            if successes >= t.successes and not (c.http_failures or c.tcp_failures or c.timeouts):
+                self._counters = self._steady  # the one object the fast path above recognises
+            elif successes != c.successes or c.http_failures or c.tcp_failures or c.timeouts:
                 self._counters = Counters(successes=successes)  # else unchanged: no new object per check
             if successes >= t.successes:
                 target = HealthStatus.HEALTHY
         else:
-            if result.kind is ResultKind.HTTP_FAILURE:
+            if kind is ResultKind.HTTP_FAILURE:
                 n, limit = min(c.http_failures + 1, t.http_failures), t.http_failures
                 self._counters = Counters(0, n, c.tcp_failures, c.timeouts)
-            elif result.kind is ResultKind.TCP_FAILURE:
+            elif kind is ResultKind.TCP_FAILURE:
                 n, limit = min(c.tcp_failures + 1, t.tcp_failures), t.tcp_failures
                 self._counters = Counters(0, c.http_failures, n, c.timeouts)
             else:

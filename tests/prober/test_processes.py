@@ -6,10 +6,13 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from controlplane.health.store import HealthStatus, Verdict
 from controlplane.topology.parse import parse_topology
 from prober.events import ProbeEvent, QueueSink
+from prober.link import merge_shares
+from prober.metrics import CheckMetrics
 from prober.processes import ShardedProber
 from prober.shards import shard_of
 from tests.prober.backends import LOCALHOST, HttpBackend, eventually
@@ -85,3 +88,36 @@ async def test_a_worker_that_dies_is_started_again(backends: list[HttpBackend]) 
         await eventually(lambda: prober._workers[0].process is not victim, within=10)
         before = [len(b.requests) for b in backends]
         await eventually(lambda: all(len(b.requests) > n for b, n in zip(backends, before, strict=True)), within=30)
+
+
+async def test_the_workers_check_counts_reach_the_parents_metrics(backends: list[HttpBackend]) -> None:
+    registry = CollectorRegistry()
+    metrics = CheckMetrics(registry, who="the test")
+    prober = ShardedProber(2, parse_topology(document(backends)), report_interval=0.1)
+    prober.tally_listeners.append(metrics.add)
+
+    def sample(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    async with prober:
+        await eventually(lambda: sample("healthplane_checks_total", cluster="web", outcome="success") >= 12, within=30)
+        await eventually(lambda: prober.stats().checks_started >= 24, within=10)
+        stats = prober.stats()
+        # Let the reports that follow these stats arrive: every check counted once, none twice.
+        await asyncio.sleep(0.5)
+        await prober.aclose()
+    checks = sample("healthplane_checks_total", cluster="web", outcome="success")
+    timed = sample("healthplane_check_latency_seconds_count", cluster="web", check="http")
+    assert stats.checks_started - 2 * len(backends) <= checks <= prober.stats().checks_started
+    assert timed == checks
+    assert 0 < sample("healthplane_check_latency_seconds_sum", cluster="web", check="http") < checks * 0.1
+    assert sample("healthplane_check_latency_seconds_bucket", cluster="web", check="http", le="+Inf") == checks
+
+
+async def test_a_topology_without_a_document_is_checked_too(backends: list[HttpBackend]) -> None:
+    # As prober/link.py's union of the control-plane replicas' shares: built, not parsed.
+    topology = merge_shares([parse_topology(document(backends[:3])), parse_topology(document(backends[3:]))])
+    assert not topology.document
+    async with ShardedProber(2, topology, report_interval=0.1) as prober:
+        await eventually(lambda: all(b.statuses_served for b in backends), within=30)
+        await eventually(lambda: {v.status for v in prober.current_verdicts()} == {HealthStatus.HEALTHY}, within=10)

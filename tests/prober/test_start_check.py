@@ -9,6 +9,8 @@ import asyncio
 import socket
 import time
 
+import pytest
+
 from controlplane.topology.model import Cluster, Endpoint, HealthCheck, HttpCheck, Topology
 from prober.checks import SWEEP_SLACK, NetworkChecker
 from prober.events import NullSink
@@ -129,6 +131,33 @@ async def test_tcp_connect_only(checker: NetworkChecker) -> None:
         await eventually(lambda: backend.connections == 3)
     finally:
         await backend.stop()
+
+
+async def test_tcp_connect_only_resets_the_connection_and_reuses_the_socket(checker: NetworkChecker) -> None:
+    listener = socket.socket()
+    listener.bind((LOCALHOST, 0))
+    listener.listen(8)
+    listener.settimeout(5)
+    port = listener.getsockname()[1]
+    try:
+        for _ in range(3):
+            started, future = start(checker, tcp_target(port))
+            assert started
+            result = await asyncio.wait_for(future, 5)
+            assert (result.kind, result.reason) == (ResultKind.SUCCESS, "connected")
+            accepted, _ = listener.accept()  # queued by the kernel: the handshake is complete
+            with accepted, pytest.raises(ConnectionResetError):
+                accepted.recv(1)  # a reset, not a FIN: no TIME_WAIT left behind on the prober
+        assert checker.tcp_sockets_opened == 1  # one socket, disconnected and reconnected
+        # A refused connect closes its socket; the next check makes a new one.
+        started, future = start(checker, tcp_target(closed_port()))
+        assert (await asyncio.wait_for(future, 5)).reason == "connect refused"
+        started, future = start(checker, tcp_target(port))
+        assert (await asyncio.wait_for(future, 5)).ok
+        listener.accept()[0].close()
+        assert checker.tcp_sockets_opened == 2
+    finally:
+        listener.close()
 
 
 async def test_tcp_refused(checker: NetworkChecker) -> None:

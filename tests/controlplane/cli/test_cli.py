@@ -39,8 +39,12 @@ def test_serve_refuses_to_start_on_an_invalid_file(tmp_path: Path) -> None:
     assert "clusters[0].endpoints[0].address: 'not-an-ip' is not an IP address" in result.stderr
 
 
-async def test_a_standalone_prober_serves_its_own_check_metrics() -> None:
-    """`healthplane prober --metrics`: every check counted where it ran, scraped from the prober."""
+@pytest.mark.parametrize("processes", [1, 2])
+async def test_a_standalone_prober_serves_its_own_check_metrics(processes: int) -> None:
+    """`healthplane prober --metrics`: every check counted where it ran, scraped from the prober.
+
+    With `--processes 2` the checks run in worker processes, which hand their sums to the parent.
+    """
     import asyncio
     import re
 
@@ -67,7 +71,7 @@ async def test_a_standalone_prober_serves_its_own_check_metrics() -> None:
     await cp.start()
     proc = await asyncio.create_subprocess_exec(
         *[sys.executable, "-m", "controlplane", "prober", "--controlplane", f"127.0.0.1:{cp.xds_port}"],
-        *["--id", "m1", "--metrics", "127.0.0.1:0"],
+        *["--id", "m1", "--metrics", "127.0.0.1:0", "--processes", str(processes)],
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
