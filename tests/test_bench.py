@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.etcd import EtcdNotFound, find_etcd
+
 BENCH = Path(__file__).parent.parent / "bench"
 
 TOY_RUNS = {
@@ -103,9 +105,18 @@ TOY_RUNS = {
 }
 
 
+# Toy runs that start a real etcd (Debian's etcd-server): skipped with the reason without it.
+NEEDS_ETCD = {"replicas.py"}
+
+
 @pytest.mark.parametrize("script", sorted(TOY_RUNS))
 def test_benchmark_runs_at_a_toy_size(script: str, tmp_path: Path) -> None:
     args, expected = TOY_RUNS[script]
+    if script in NEEDS_ETCD:
+        try:
+            find_etcd()
+        except EtcdNotFound as exc:
+            pytest.skip(str(exc))
     done = subprocess.run(
         [sys.executable, str(BENCH / script), *args],
         cwd=tmp_path,
