@@ -186,22 +186,36 @@ async def test_probers_linked_to_one_replica_each_share_the_endpoints_by_the_mem
     await wait(lambda: all(check_source(a, ep)[0] == f"prober:{one}" for ep in endpoints), f"{one} checks everything")
 
 
-async def test_a_hung_probers_share_moves_within_the_staleness_bound(
+async def _two_replicas_and_two_probers_linked_to_both(
     pair: Pair, ten_backends: list[DemoApp], listener_port: int
-) -> None:
+) -> tuple[ControlPlane, ControlPlane, list[str], tuple[str, str], ProberProcess]:
+    """Replicas a and b, probers one and two (half the endpoints each) linked to both, all HEALTHY.
+
+    Returns the replicas, the endpoints, the two prober ids and the second prober (to kill or stop).
+    """
     doc = web_topology(ten_backends, listener_port, health_check=HEALTH_CHECK)
     a = await pair.start("a", doc)
     b = await pair.start("b", doc)
     endpoints = [f"127.0.0.1:{x.port}" for x in ten_backends]
     one, two = balanced_ids(endpoints)
     await pair.prober(one, "a", "b")
-    hung = await pair.prober(two, "a", "b")
+    second = await pair.prober(two, "a", "b")
     both = tuple(sorted((one, two)))
-    await wait(lambda: members(a) == members(b) == (both, "etcd"), "both probers, from etcd")
+    await wait(lambda: members(a) == members(b) == (both, "etcd"), "both replicas: both probers, from etcd")
     await wait(
         lambda: all(cp.health.status("web", ep) is HealthStatus.HEALTHY for cp in (a, b) for ep in endpoints),
         "all HEALTHY on both",
     )
+    return a, b, endpoints, (one, two), second
+
+
+async def test_a_hung_probers_share_moves_within_the_staleness_bound(
+    pair: Pair, ten_backends: list[DemoApp], listener_port: int
+) -> None:
+    a, b, endpoints, (one, two), hung = await _two_replicas_and_two_probers_linked_to_both(
+        pair, ten_backends, listener_port
+    )
+    both = tuple(sorted((one, two)))
     assert hung.process is not None
     stopped_at = time.time()
     hung.process.send_signal(signal.SIGSTOP)  # its connections stay open; nothing is sent
@@ -227,19 +241,10 @@ async def test_a_hung_probers_share_moves_within_the_staleness_bound(
 async def test_etcd_down_members_from_the_links_then_a_killed_probers_share_moves_without_a_flip(
     pair: Pair, etcd: EtcdServer, ten_backends: list[DemoApp], listener_port: int
 ) -> None:
-    doc = web_topology(ten_backends, listener_port, health_check=HEALTH_CHECK)
-    a = await pair.start("a", doc)
-    b = await pair.start("b", doc)
-    endpoints = [f"127.0.0.1:{x.port}" for x in ten_backends]
-    one, two = balanced_ids(endpoints)
-    await pair.prober(one, "a", "b")
-    killed = await pair.prober(two, "a", "b")
-    both = tuple(sorted((one, two)))
-    await wait(lambda: members(a) == members(b) == (both, "etcd"), "both replicas: both probers, from etcd")
-    await wait(
-        lambda: all(cp.health.status("web", ep) is HealthStatus.HEALTHY for cp in (a, b) for ep in endpoints),
-        "all HEALTHY on both",
+    a, b, endpoints, (one, two), killed = await _two_replicas_and_two_probers_linked_to_both(
+        pair, ten_backends, listener_port
     )
+    both = tuple(sorted((one, two)))
     body = await pair.probers_view("b")
     assert body["membership"]["holders"] == {one: ["a", "b"], two: ["a", "b"]}
     assert body["membership"]["not_linked_here"] == []
