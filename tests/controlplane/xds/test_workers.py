@@ -13,6 +13,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
 from controlplane.health.store import HealthStatus
+from controlplane.observe.metrics import CallbackChain
 from controlplane.observe.nodes import node_view
 from controlplane.snapshots import resources as rs
 from controlplane.snapshots.snapshot import Snapshot
@@ -116,27 +117,6 @@ class Log(StreamCallbacks):
         self.calls.append(("response", stream.stream_id, response, snapshot.version))
 
 
-class Both(StreamCallbacks):
-    def __init__(self, *callbacks: StreamCallbacks) -> None:
-        self.callbacks = callbacks
-
-    def on_stream_open(self, stream: StreamState) -> None:
-        for cb in self.callbacks:
-            cb.on_stream_open(stream)
-
-    def on_stream_closed(self, stream: StreamState) -> None:
-        for cb in self.callbacks:
-            cb.on_stream_closed(stream)
-
-    def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
-        for cb in self.callbacks:
-            cb.on_request(stream, outcome)
-
-    def on_response(self, stream: StreamState, response: PendingResponse, snapshot: Snapshot) -> None:
-        for cb in self.callbacks:
-            cb.on_response(stream, response, snapshot)
-
-
 class Node:
     """A node driving one stream at random (subscribe, ACK, NACK, stale nonces), as a server would."""
 
@@ -208,7 +188,7 @@ def test_the_mirror_reads_as_the_workers_streams(seed: int) -> None:
         (DeltaStreamState if i % 2 else StreamState)(1_000_000_001 + i, peer=f"ipv4:127.0.0.1:{4000 + i}")
         for i in range(4)
     ]
-    nodes = [Node(s, rng, Both(worker_log, recorder)) for s in streams]
+    nodes = [Node(s, rng, CallbackChain([worker_log, recorder])) for s in streams]
     for step in range(400):
         if rng.random() < 0.05:
             status = rng.choice([HealthStatus.UNHEALTHY, HealthStatus.HEALTHY])
