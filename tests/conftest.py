@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -41,10 +42,24 @@ async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
 @pytest.fixture
 async def backends() -> AsyncIterator[list[DemoApp]]:
     """Three demo apps (b1, b2, b3) on ephemeral ports."""
-    apps = [DemoApp(f"b{i}") for i in (1, 2, 3)]
-    for app in apps:
-        await app.start("127.0.0.1", 0)
+    async with demo_apps(3) as apps:
+        yield apps
+
+
+@pytest.fixture
+async def ten_backends() -> AsyncIterator[list[DemoApp]]:
+    """Ten demo apps (b1 .. b10) on ephemeral ports: enough to split between probers."""
+    async with demo_apps(10) as apps:
+        yield apps
+
+
+@contextlib.asynccontextmanager
+async def demo_apps(count: int) -> AsyncIterator[list[DemoApp]]:
+    """`count` demo apps named b1, b2, ... on ephemeral 127.0.0.1 ports, stopped after."""
+    apps = [DemoApp(f"b{i}") for i in range(1, count + 1)]
     try:
+        for app in apps:
+            await app.start("127.0.0.1", 0)
         yield apps
     finally:
         for app in apps:

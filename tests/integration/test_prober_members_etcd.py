@@ -99,18 +99,6 @@ class Pair:
 
 
 @pytest.fixture
-async def ten_backends() -> AsyncIterator[list[DemoApp]]:
-    apps = [DemoApp(f"b{i}") for i in range(1, 11)]
-    for app in apps:
-        await app.start("127.0.0.1", 0)
-    try:
-        yield apps
-    finally:
-        for app in apps:
-            await app.stop()
-
-
-@pytest.fixture
 async def pair(tmp_path: Path, etcd: EtcdServer) -> AsyncIterator[Pair]:
     p = Pair(tmp_path, etcd)
     try:

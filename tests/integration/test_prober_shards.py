@@ -14,7 +14,7 @@ import asyncio
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,18 +41,6 @@ HEALTH_CHECK = {
     "healthy_threshold": 1,
     "unhealthy_threshold": 1,
 }
-
-
-@pytest.fixture
-async def many_backends() -> AsyncIterator[list[DemoApp]]:
-    apps = [DemoApp(f"b{i}") for i in range(1, 11)]
-    for app in apps:
-        await app.start("127.0.0.1", 0)
-    try:
-        yield apps
-    finally:
-        for app in apps:
-            await app.stop()
 
 
 class ProberProcess:
@@ -107,12 +95,12 @@ async def wait(check: Callable[[], object], what: str, within: float = 15) -> No
 
 
 async def test_two_probers_share_the_endpoints_and_a_killed_ones_share_moves_without_a_flip(
-    lab: Lab, many_backends: list[DemoApp], listener_port: int
+    lab: Lab, ten_backends: list[DemoApp], listener_port: int
 ) -> None:
-    doc = web_topology(many_backends, listener_port, health_check=HEALTH_CHECK)
+    doc = web_topology(ten_backends, listener_port, health_check=HEALTH_CHECK)
     doc["controlplane"]["prober_staleness"] = f"{STALENESS}s"
     cp = await lab.start_control_plane(doc)
-    endpoints = [f"127.0.0.1:{b.port}" for b in many_backends]
+    endpoints = [f"127.0.0.1:{b.port}" for b in ten_backends]
     one, two = balanced_ids(endpoints)
     probers = [ProberProcess(one, cp.xds_port), ProberProcess(two, cp.xds_port)]
     for p in probers:
@@ -128,9 +116,9 @@ async def test_two_probers_share_the_endpoints_and_a_killed_ones_share_moves_wit
         await wait(lambda: cp.nodes.get("front-1") is not None, "the Envoy connected")
 
         # Each endpoint is checked by one prober, at the rate of one (two would double it).
-        before = checks(many_backends)
+        before = checks(ten_backends)
         await asyncio.sleep(2.0)
-        after = checks(many_backends)
+        after = checks(ten_backends)
         per_endpoint = [(after[p] - before[p]) * INTERVAL / 2.0 for p in after]  # 1.0: one check per interval
         assert all(0.5 <= rate <= 1.3 for rate in per_endpoint), per_endpoint
         code, body = await lab.admin("GET", "/endpoints")
@@ -165,9 +153,9 @@ async def test_two_probers_share_the_endpoints_and_a_killed_ones_share_moves_wit
             within=STALENESS,
         )
         took = time.time() - killed_at
-        before = checks(many_backends)
+        before = checks(ten_backends)
         await asyncio.sleep(1.0)
-        after = checks(many_backends)
+        after = checks(ten_backends)
         assert all(after[int(ep.rsplit(":", 1)[1])] > before[int(ep.rsplit(":", 1)[1])] for ep in moved)
         results = await traffic.stop()
         cancel()
