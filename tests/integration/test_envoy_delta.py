@@ -4,10 +4,8 @@ edits, NACKs, restarts, and a fleet that mixes both protocols."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
-import aiohttp
 import grpc
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
@@ -21,11 +19,16 @@ from controlplane.xds.delta import DeltaResponse
 from controlplane.xds.server import StreamCallbacks
 from controlplane.xds.stream import PendingResponse, StreamState
 from lab.demoapp import DemoApp
-from lab.envoyproc import EnvoyProcess, poll_until
+from lab.envoyproc import poll_until
 from tests.conftest import Lab, Traffic, web_topology
 from tests.controlplane.xds.test_csds import CS, RS, statuses
 from tests.integration.test_central_prober import HEALTH_CHECK, fail_and_recover
-from tests.integration.test_envoy_integration import host_flags, wait_flags, wait_traffic
+from tests.integration.test_envoy_integration import (
+    change_web_and_add_api,
+    host_flags,
+    wait_flags,
+    wait_traffic,
+)
 
 pytestmark = pytest.mark.envoy
 
@@ -34,10 +37,6 @@ async def _node(lab: Lab, node_id: str = "front-1") -> dict[str, Any]:
     _, nodes = await lab.admin("GET", "/nodes")
     [node] = [n for n in nodes["nodes"] if n["id"] == node_id]
     return node
-
-
-async def _no_warming(envoy: EnvoyProcess) -> bool:
-    return await envoy.warming_clusters() == []
 
 
 async def test_delta_envoy_reaches_every_backend_and_follows_health(
@@ -114,22 +113,7 @@ async def test_delta_topology_edits_add_update_and_remove_without_warming(
 
     # A changed cluster (re-created by Envoy, which then waits for its endpoints) and a new one.
     log.sent.clear()
-    document["clusters"][0]["connect_timeout"] = "2s"
-    document["clusters"].append({"name": "api", "endpoints": [{"address": "127.0.0.1", "port": backends[2].port}]})
-    document["listeners"][0]["routes"].insert(0, {"prefix": "/api", "cluster": "api", "prefix_rewrite": "/"})
-    lab.write(document)
-
-    async def api_served() -> bool:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with lab.session.get(f"http://127.0.0.1:{listener_port}/api") as response:
-                return response.status == 200 and "ServerName: b3" in await response.text()
-        return False
-
-    await poll_until(api_served, timeout=10, what="the new cluster serving /api")
-    await poll_until(lambda: _no_warming(envoy), timeout=10, what="no cluster left warming")
-    dump = await envoy.config_dump("dynamic_active_clusters")
-    assert any("2s" in str(c) for c in dump["configs"]), "Envoy did not apply the changed connect_timeout"
-    await wait_traffic(lab, listener_port, {"b1", "b2", "b3"})
+    await change_web_and_add_api(lab, envoy, document, backends, listener_port)
     assert sorted(n for names, _ in log.of("cds") for n in names) == ["api", "web"]
     assert sorted(n for names, _ in log.of("eds") for n in names) == ["api", "web"]
     assert log.of("lds") == [] and [names for names, _ in log.of("rds")] == [("ingress",)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from typing import Any
 
 import aiohttp
 import pytest
@@ -41,6 +42,34 @@ async def wait_traffic(lab: Lab, port: int, names: set[str]) -> collections.Coun
         return None
 
     return await poll_until(probe, timeout=15, what=f"traffic reaching exactly {sorted(names)}")
+
+
+async def no_warming(envoy: EnvoyProcess) -> bool:
+    return await envoy.warming_clusters() == []
+
+
+async def change_web_and_add_api(
+    lab: Lab, envoy: EnvoyProcess, document: dict[str, Any], backends: list[DemoApp], listener_port: int
+) -> None:
+    """Edit the topology file: `web` gets a new connect_timeout, a new cluster `api` (backends[2])
+    is routed under /api. Returns once /api is served, no cluster is warming, Envoy holds the new
+    timeout and traffic reaches b1, b2 and b3."""
+    document["clusters"][0]["connect_timeout"] = "2s"
+    document["clusters"].append({"name": "api", "endpoints": [{"address": "127.0.0.1", "port": backends[2].port}]})
+    document["listeners"][0]["routes"].insert(0, {"prefix": "/api", "cluster": "api", "prefix_rewrite": "/"})
+    lab.write(document)
+
+    async def api_served() -> bool:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with lab.session.get(f"http://127.0.0.1:{listener_port}/api") as response:
+                return response.status == 200 and "ServerName: b3" in await response.text()
+        return False
+
+    await poll_until(api_served, timeout=10, what="the new cluster serving /api")
+    await poll_until(lambda: no_warming(envoy), timeout=10, what="no cluster left warming")
+    dump = await envoy.config_dump("dynamic_active_clusters")
+    assert any("2s" in str(c) for c in dump["configs"]), "Envoy did not apply the changed connect_timeout"
+    await wait_traffic(lab, listener_port, {"b1", "b2", "b3"})
 
 
 async def test_envoy_gets_listener_cluster_and_endpoints_over_ads(
@@ -121,22 +150,7 @@ async def test_topology_edits_reach_envoy_without_warming(
 
     # A changed cluster (Envoy re-creates it and re-requests EDS with unchanged names), and a new
     # cluster routed under /api.
-    document["clusters"][0]["connect_timeout"] = "2s"
-    document["clusters"].append({"name": "api", "endpoints": [{"address": "127.0.0.1", "port": backends[2].port}]})
-    document["listeners"][0]["routes"].insert(0, {"prefix": "/api", "cluster": "api", "prefix_rewrite": "/"})
-    lab.write(document)
-
-    async def api_served() -> bool:
-        with contextlib.suppress(aiohttp.ClientError):
-            async with lab.session.get(f"http://127.0.0.1:{listener_port}/api") as response:
-                return response.status == 200 and "ServerName: b3" in await response.text()
-        return False
-
-    await poll_until(api_served, timeout=10, what="the new cluster serving /api")
-    await poll_until(lambda: _no_warming(envoy), timeout=10, what="no cluster left warming")
-    dump = await envoy.config_dump("dynamic_active_clusters")
-    assert any("2s" in str(c) for c in dump["configs"]), "Envoy did not apply the changed connect_timeout"
-    await wait_traffic(lab, listener_port, {"b1", "b2", "b3"})
+    await change_web_and_add_api(lab, envoy, document, backends, listener_port)
 
     # A removed cluster (and its route).
     del document["clusters"][1]
@@ -156,10 +170,6 @@ async def test_topology_edits_reach_envoy_without_warming(
         return nodes["nodes"][0]["up_to_date"] is True
 
     await poll_until(up_to_date, timeout=10, what="the node up to date after the removal")
-
-
-async def _no_warming(envoy: EnvoyProcess) -> bool:
-    return await envoy.warming_clusters() == []
 
 
 async def test_rejected_resource_is_one_nack_and_envoy_keeps_last_good(
