@@ -57,6 +57,7 @@ log = logging.getLogger("healthplane.store")
 RETRY_MIN, RETRY_MAX = 0.1, 2.0  # seconds between reconnects, doubling
 PROBE_PERIOD = 1.0  # a lease refresh this often: a hung etcd (no RST) shows as down within timeout + this
 TICK = 0.25  # how often this replica's record is looked at for a change to publish
+CLOSE_WAIT = 5.0  # how long aclose() waits for the store's task to end after cancelling it
 _RESULTS_KEPT = 256
 
 
@@ -183,8 +184,14 @@ class EtcdStore:
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: now and then a cancel is lost inside the session (its keepalive task is
+            # never cancelled; not yet traced, see the issue 17 note), and an unbounded wait hung
+            # the replica's shutdown for good.
+            done, _ = await asyncio.wait([self._task], timeout=CLOSE_WAIT)
+            if not done:
+                log.warning(
+                    "%s: the store's task did not end within %ss of its cancel; left behind", self.where, CLOSE_WAIT
+                )
             self._task = None
         if self._client is not None and self._lease is not None:
             # Leave GET /replicas now rather than when the lease runs out.
