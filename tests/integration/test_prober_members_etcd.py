@@ -233,8 +233,16 @@ async def test_etcd_down_members_from_the_links_then_a_killed_probers_share_move
         pair, ten_backends, listener_port
     )
     both = tuple(sorted((one, two)))
-    body = await pair.probers_view("b")
-    assert body["membership"]["holders"] == {one: ["a", "b"], two: ["a", "b"]}
+    # Each replica's registration of a prober comes back through etcd's watch a moment after the
+    # members agree (a replica counts its own links at once): the holders are waited for.
+    expected_holders = {one: ["a", "b"], two: ["a", "b"]}
+
+    async def holders_seen() -> dict[str, Any] | None:
+        view = await pair.probers_view("b")
+        return view if view["membership"]["holders"] == expected_holders else None
+
+    body = await poll_until(holders_seen, timeout=10, what="both replicas as holders of both probers, on b")
+    assert body["membership"]["holders"] == expected_holders
     assert body["membership"]["not_linked_here"] == []
 
     # Every snapshot either replica publishes from here on.
