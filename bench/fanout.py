@@ -262,6 +262,193 @@ async def _server(conn: Connection, xds_workers: int = 1) -> None:
         await cp.aclose(grace=0)
 
 
+# --------------------------------------------------------------------------- grpc.aio's floor
+
+
+def floor_main(conn: Connection, tasks_per_stream: int) -> None:
+    child_setup()
+    asyncio.run(_floor_server(conn, tasks_per_stream))
+
+
+async def _floor_server(conn: Connection, tasks_per_stream: int) -> None:
+    """grpc.aio's own floor for this exchange, as a server to measure beside the control plane.
+
+    The same server options, garbage-collector tuning and response bytes as the control plane's
+    (its snapshots, built by a `ControlPlane` that is never started, each response its body and a
+    nonce as `AdsServer` writes them), and nothing else: no `StreamState`, no callbacks, no
+    parsing of the ACK beyond its arrival. With one task per stream the handler writes a response
+    and then reads its ACK (the clients answer each response before the next); with two, a reader
+    task reads while the handler waits for the next version and writes, as `AdsServer` does.
+    """
+    import grpc
+
+    from controlplane.app import ControlPlane, tune_gc_for_streams
+    from controlplane.health.store import HealthStatus
+    from controlplane.snapshots.snapshot import encode_response
+    from controlplane.topology.parse import parse_topology
+    from controlplane.xds.server import ADS_SERVICE, SERVER_OPTIONS
+
+    cp = ControlPlane(parse_topology(TOPOLOGY, source="bench"))  # snapshots only: never started
+
+    @dataclass(eq=False)
+    class FloorStream:
+        wake: asyncio.Event = field(default_factory=asyncio.Event)
+        sent_version: str | None = None
+        sent_at: float | None = None
+        acked_version: str | None = None
+        acked_at: float | None = None
+        subscribed: bool = False
+
+    current = (cp.snapshot.type_versions[EDS], cp.snapshot.response_body(EDS, (CLUSTER,)))
+    streams: set[FloorStream] = set()
+    watch: dict[str, Any] = {"version": None, "remaining": 0, "done": asyncio.Event(), "cpu": 0.0}
+
+    def acked(stream: FloorStream, version: str) -> None:
+        stream.acked_version, stream.acked_at = version, time.time()
+        if version == watch["version"]:
+            watch["remaining"] -= 1
+            if watch["remaining"] == 0:
+                watch["cpu"] = _cpu_seconds()
+                watch["done"].set()
+
+    async def write_due(stream: FloorStream, context: Any, nonce: int) -> bool:
+        """Write the current version if this stream has not had it; whether it wrote."""
+        version, body = current
+        if version == stream.sent_version:
+            return False
+        stream.sent_version, stream.sent_at = version, time.time()
+        await context.write(encode_response(body, str(nonce)))
+        return True
+
+    async def one_task(_requests: Any, context: Any) -> None:
+        stream = FloorStream()
+        streams.add(stream)
+        try:
+            if await context.read() is grpc.aio.EOF:  # the subscription
+                return
+            nonce = 0
+            while True:
+                if await write_due(stream, context, nonce + 1):
+                    nonce += 1
+                    if await context.read() is grpc.aio.EOF:  # its ACK
+                        return
+                    acked(stream, stream.sent_version or "")
+                    continue
+                await stream.wake.wait()
+                stream.wake.clear()
+        finally:
+            streams.discard(stream)
+
+    async def two_tasks(_requests: Any, context: Any) -> None:
+        stream = FloorStream()
+
+        async def read() -> None:
+            try:
+                if await context.read() is grpc.aio.EOF:
+                    return
+                stream.subscribed = True
+                stream.wake.set()
+                while (await context.read()) is not grpc.aio.EOF:
+                    acked(stream, stream.sent_version or "")
+            finally:
+                stream.wake.set()
+
+        reader = asyncio.create_task(read())
+        streams.add(stream)
+        try:
+            nonce = 0
+            while True:
+                await stream.wake.wait()
+                stream.wake.clear()
+                if reader.done():
+                    return
+                if not stream.subscribed:
+                    continue
+                if await write_due(stream, context, nonce + 1):
+                    nonce += 1
+        finally:
+            reader.cancel()
+            streams.discard(stream)
+
+    handler = grpc.method_handlers_generic_handler(
+        ADS_SERVICE,
+        {
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                one_task if tasks_per_stream == 1 else two_tasks,
+                request_deserializer=lambda b: b,
+                response_serializer=lambda b: b,
+            )
+        },
+    )
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    tune_gc_for_streams()
+    conn.send({"xds_port": port, "pid": os.getpid(), "worker_pids": [], "rss_kb": rss_kb()})
+    flips = 0
+
+    async def settle(expected: int, limit: float) -> dict[str, Any]:
+        deadline = time.monotonic() + limit
+        while True:
+            count = sum(1 for s in streams if s.acked_version == current[0])
+            if count >= expected or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        return {"streams": len(streams), "acked": count, "rss_kb": rss_kb()}
+
+    async def push(expected: int, limit: float) -> dict[str, Any]:
+        nonlocal current, flips
+        status = HealthStatus.UNHEALTHY if flips % 2 == 0 else HealthStatus.HEALTHY
+        flips += 1
+        gc0, sys0, cpu0 = _gc_collections(), _sys_seconds(), _cpu_seconds()
+        verdict = time.time()
+        snapshot = cp.set_override(CLUSTER, FLIPPED, status, who="bench")
+        if snapshot is None:
+            raise RuntimeError(f"setting {FLIPPED} {status.name} published nothing")
+        version = snapshot.type_versions[EDS]
+        current = (version, snapshot.response_body(EDS, (CLUSTER,)))
+        watch["version"], watch["remaining"] = version, expected
+        watch["done"].clear()
+        for stream in streams:
+            stream.wake.set()
+        published = time.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watch["done"].wait(), limit)
+        complete = watch["done"].is_set()
+        await asyncio.sleep(0.05)
+        cpu = _cpu_seconds() - cpu0
+        return {
+            "version": version,
+            "status": status.name,
+            "verdict": verdict,
+            "publish_s": published - verdict,
+            "acked_s": [s.acked_at - verdict for s in streams if s.acked_version == version and s.acked_at],
+            "sent_s": [s.sent_at - verdict for s in streams if s.sent_version == version and s.sent_at],
+            "cpu_s": cpu,
+            "main_cpu_s": cpu,
+            "cpu_to_last_ack_s": watch["cpu"] - cpu0 if complete else None,
+            "sys_s": _sys_seconds() - sys0,
+            "gc_collections": [b - a for a, b in zip(gc0, _gc_collections(), strict=True)],
+        }
+
+    async def handle(message: tuple[Any, ...]) -> Any:
+        command, *args = message
+        if command == "settle":
+            return await settle(*args)
+        if command == "push":
+            return await push(*args)
+        if command == "stop":
+            return "stopped"
+        raise ValueError(f"unknown command {command!r}")
+
+    try:
+        await serve_commands(conn, handle)
+    finally:
+        await server.stop(0)
+
+
 # --------------------------------------------------------------------------- client process
 
 
@@ -475,7 +662,10 @@ def run_once(
     """A fresh server (with `xds_workers` xDS worker processes) and `nodes` clients; warm-up and
     measured pushes; everything stopped after."""
     load_before = os.getloadavg()
-    server = Child(ctx, "fanout-server", server_main, xds_workers, worker_loop)
+    if label in FLOORS:
+        server = Child(ctx, "fanout-floor", floor_main, FLOORS[label])
+    else:
+        server = Child(ctx, "fanout-server", server_main, xds_workers, worker_loop)
     children.append(server)
     ready = server.recv(60)
     port, server_pid, worker_pids = ready["xds_port"], ready["pid"], ready["worker_pids"]
@@ -571,9 +761,9 @@ def run_once(
                 other_cpu_ms=max(0.0, machine - result["cpu_s"] - clients_cpu - parent) * 1000,
                 missing=nodes - len(result["acked_s"]),
             )
-            label = "warm-up" if i < opt.warmup else f"push {i - opt.warmup + 1}/{opt.pushes}"
+            what = "warm-up" if i < opt.warmup else f"push {i - opt.warmup + 1}/{opt.pushes}"
             log(
-                f"  {label:11} {p.status:9} last ACK {max(p.server_ack_ms, default=math.nan):7.1f} ms "
+                f"  {what:11} {p.status:9} last ACK {max(p.server_ack_ms, default=math.nan):7.1f} ms "
                 f"(client {max(p.client_ack_ms, default=math.nan):7.1f}), server CPU {p.server_cpu_ms:6.1f} ms "
                 f"(sys {p.server_sys_ms:5.1f}, gc {p.server_gc_collections}), clients CPU {p.client_cpu_ms:6.1f} ms"
                 + (f", {p.missing} MISSING" if p.missing else "")
@@ -629,7 +819,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         default=["1"],
         help="server xDS worker processes to compare side by side (1: ADS in the control plane's process, "
-        "as by default; auto: the cores this process may use, as `serve --workers auto`)",
+        "as by default; auto: the cores this process may use, as `serve --workers auto`; floor, floor:2: "
+        "not the control plane but grpc.aio's own floor, a bare server writing the same responses with one "
+        "or two tasks per stream)",
     )
     parser.add_argument(
         "--streams-per-channel",
@@ -661,7 +853,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with native frames (py-spy pauses the server at each sample: slower pushes)",
     )
     args = parser.parse_args(argv)
-    xds_workers = [(_xds_workers(w), w if w != "auto" else f"auto={_xds_workers(w)}") for w in args.xds_workers]
+    xds_workers = [(_xds_workers(w), _xds_workers_label(w)) for w in args.xds_workers]
     opt = Options(
         workers=args.workers,
         per_channel=args.streams_per_channel,
@@ -750,7 +942,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+FLOORS = {"floor": 1, "floor:2": 2}  # grpc.aio's floor: tasks per stream
+
+
+def _xds_workers_label(text: str) -> str:
+    if text == "auto":
+        return f"auto={_xds_workers(text)}"
+    return text if text in FLOORS else str(_xds_workers(text))
+
+
 def _xds_workers(text: str) -> int:
+    if text in FLOORS:
+        return 1
     if text == "auto":
         from controlplane.cli.serve import auto_workers
 
