@@ -885,8 +885,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 # Side by side: each worker count in turn within one repeat, so load drifts hit all alike.
                 configs = [(w, lb, lp) for w, lb in xds_workers for lp in (args.xds_worker_loop if w > 1 else ["-"])]
                 for x, label, loop in configs:
+                    server = label if label in FLOORS else f"{x} xDS worker(s) ({loop})"
                     log(
-                        f"{n} nodes, {x} xDS worker(s) ({loop}), run {r + 1}/{args.repeat}: {min(args.workers, n)} "
+                        f"{n} nodes, {server}, run {r + 1}/{args.repeat}: {min(args.workers, n)} "
                         f"client processes, {args.streams_per_channel} stream(s) per connection, "
                         f"load {os.getloadavg()}"
                     )
