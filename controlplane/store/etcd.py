@@ -124,6 +124,20 @@ def connect(settings: EtcdSettings, endpoint: int = 0) -> Any:
     return _Client(host, port, credentials=credentials, username=settings.username, password=password, timeout=timeout)
 
 
+def raise_if_cancelling() -> None:
+    """Raise CancelledError if this task was asked to stop and the request was lost on the way.
+
+    Python 3.11's `asyncio.wait_for` returns the inner result, dropping the cancel, when the
+    inner awaitable finishes in the same loop step as the cancel arrives (fixed in 3.12), and
+    aetcd awaits it in `connect()` and in a watch's setup. A store task whose cancel was lost so
+    ran on, and `aclose()` waited for it. `Task.cancelling()` still counts the request: checked
+    after each await into aetcd, it ends the task as the cancel should have.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def describe(exc: BaseException) -> str:
     """A short reason for a failed etcd request (the gRPC details, not a traceback)."""
     cause = exc.__cause__
@@ -184,9 +198,8 @@ class EtcdStore:
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            # Bounded: now and then a cancel is lost inside the session (its keepalive task is
-            # never cancelled; not yet traced, see the issue 17 note), and an unbounded wait hung
-            # the replica's shutdown for good.
+            # Bounded all the same: a cancel lost inside aetcd (see raise_if_cancelling) once hung
+            # the replica's shutdown for good, and a third-party await may lose one again.
             done, _ = await asyncio.wait([self._task], timeout=CLOSE_WAIT)
             if not done:
                 log.warning(
@@ -386,6 +399,7 @@ class EtcdStore:
                 self._need_load = True
                 self._endpoint += 1
             await self._close_client()
+            raise_if_cancelling()  # closing aetcd's watcher swallows a cancel that comes meanwhile
             await asyncio.sleep(delay)
             delay = min(RETRY_MAX, delay * 2) if self._down is not None else RETRY_MIN
 
@@ -394,11 +408,14 @@ class EtcdStore:
         revision after the last applied, until it fails."""
         self._client = client = connect(self.settings, self._endpoint)
         await client.connect()
+        raise_if_cancelling()
         if self._need_load:
             await self._load(client)
+            raise_if_cancelling()
             self._need_load = False
             self._went_up()  # writes may go now: the watch below starts after the load's revision
         watch = await client.watch_prefix(self.keys.root.encode(), start_revision=self.sync.revision + 1)
+        raise_if_cancelling()
         self._went_up()
         tasks = [asyncio.create_task(self._consume(watch)), asyncio.create_task(self._keepalive(client))]
         try:
@@ -441,6 +458,7 @@ class EtcdStore:
         self.probers.published = set()  # a new lease: register every linked prober under it
         last_publish = last_refresh = time.monotonic()
         while True:
+            raise_if_cancelling()  # its writes and refreshes go through aetcd's connect()
             now = time.monotonic()
             record = self.describe()
             if publish_due(record, published, last_publish, now):
