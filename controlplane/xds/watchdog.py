@@ -48,11 +48,13 @@ class Watchdog:
                 continue
             oldest = min(waiting, key=lambda ts: ts.sent_at or now)
             age = now - (oldest.sent_at or now)
+            if age <= limit:  # the common case, every stream in the middle of a push: nothing to format
+                continue
             why = (
                 f"{rs.SHORT_NAMES.get(oldest.type_url, oldest.type_url)} version {oldest.sent_version} "
                 f"unanswered for {age:.0f}s (stuck_stream_timeout {limit:g}s)"
             )
-            if age <= limit or not self.ads.close_stream(stream.stream_id, f"stream closed: {why}"):
+            if not self.ads.close_stream(stream.stream_id, f"stream closed: {why}"):
                 continue
             closed.append(stream.stream_id)
             self.closed.inc()
