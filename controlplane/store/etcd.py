@@ -480,10 +480,9 @@ class EtcdStore:
                     self.probers.published = set()
             self._wake.clear()
             # A prober's link that ends is unregistered at once, not at the next tick. Not
-            # asyncio.wait_for: with it, about one close in two of a replica whose probers were
-            # just killed hung here for good on Python 3.11 (bench/prober_shards.py --membership
-            # etcd; wait_for never returned, its inner Event.wait task pending); asyncio.wait
-            # never waits for the inner task, and a cancel always ends this loop.
+            # asyncio.wait_for: on Python 3.11 it drops a cancel that arrives as the wake-up does
+            # (see raise_if_cancelling), and a replica whose probers were just killed (many
+            # wake-ups) so hung in about one close in two; asyncio.wait never loses one.
             waiter = asyncio.ensure_future(self._wake.wait())
             try:
                 await asyncio.wait([waiter], timeout=TICK)
