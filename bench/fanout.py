@@ -265,12 +265,12 @@ async def _server(conn: Connection, xds_workers: int = 1) -> None:
 # --------------------------------------------------------------------------- grpc.aio's floor
 
 
-def floor_main(conn: Connection, tasks_per_stream: int) -> None:
+def floor_main(conn: Connection, tasks_per_stream: int, options: list[tuple[str, Any]]) -> None:
     child_setup()
-    asyncio.run(_floor_server(conn, tasks_per_stream))
+    asyncio.run(_floor_server(conn, tasks_per_stream, options))
 
 
-async def _floor_server(conn: Connection, tasks_per_stream: int) -> None:
+async def _floor_server(conn: Connection, tasks_per_stream: int, options: list[tuple[str, Any]]) -> None:
     """grpc.aio's own floor for this exchange, as a server to measure beside the control plane.
 
     The same server options, garbage-collector tuning and response bytes as the control plane's
@@ -380,7 +380,7 @@ async def _floor_server(conn: Connection, tasks_per_stream: int) -> None:
             )
         },
     )
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=[*SERVER_OPTIONS, *options])
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -647,6 +647,7 @@ class Options:
     batch: int
     profile: Path | None
     native: bool
+    floor_options: list[tuple[str, Any]] = field(default_factory=list)
 
 
 def run_once(
@@ -663,7 +664,7 @@ def run_once(
     measured pushes; everything stopped after."""
     load_before = os.getloadavg()
     if label in FLOORS:
-        server = Child(ctx, "fanout-floor", floor_main, FLOORS[label])
+        server = Child(ctx, "fanout-floor", floor_main, FLOORS[label], opt.floor_options)
     else:
         server = Child(ctx, "fanout-server", server_main, xds_workers, worker_loop)
     children.append(server)
@@ -841,6 +842,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=["asyncio"],
         help="the event loops of the xDS worker processes to compare (an experiment: uvloop under grpc.aio)",
     )
+    parser.add_argument(
+        "--floor-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a gRPC server option (channel argument) added to the floor servers' own, e.g. "
+        "grpc.experimental.tcp_read_chunk_size=1024 (integers as integers); repeatable",
+    )
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between pushes")
     parser.add_argument("--batch", type=int, default=250, help="streams each client process opens at a time")
     parser.add_argument("--json", type=Path, help="write the summary and every push's samples here")
@@ -864,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch=args.batch,
         profile=args.profile,
         native=args.profile_native,
+        floor_options=[_channel_arg(text) for text in args.floor_option],
     )
 
     def log(text: str) -> None:
@@ -941,6 +951,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
     return 0
+
+
+def _channel_arg(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--floor-option {text!r}: expected NAME=VALUE")
+    return (name, int(value)) if value.lstrip("-").isdigit() else (name, value)
 
 
 FLOORS = {"floor": 1, "floor:2": 2}  # grpc.aio's floor: tasks per stream
