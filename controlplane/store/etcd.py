@@ -36,7 +36,7 @@ from controlplane.snapshots.snapshot import Snapshot
 from controlplane.store.changes import Change, ChangeSink, TopologyChange
 from controlplane.store.fleet import fleet_document, fleet_topology
 from controlplane.store.probers import ProberRegistry
-from controlplane.store.replicas import LEASE_TTL, ReplicaRecord, decode_record, publish_due
+from controlplane.store.replicas import LEASE_TTL, PUBLISH_INTERVAL, ReplicaRecord, decode_record, publish_due
 from controlplane.store.sync import (
     Item,
     Keys,
@@ -175,6 +175,7 @@ class EtcdStore:
         self._was_up = False
         self._replicas: dict[str, ReplicaRecord] = {}  # by key, from the watch
         self._lease: int | None = None
+        self._clash: str | None = None  # why this replica's record is not written (its id is held), if it is not
         # Prober membership (controlplane/store/probers.py): the registrations seen, the probers
         # this replica holds live links to (registered by it), and who to tell of a change.
         self.probers = ProberRegistry(self.keys)
@@ -267,12 +268,14 @@ class EtcdStore:
         yield agree
 
     def problems(self) -> list[str]:
+        problems = [] if self._clash is None else [self._clash]
         if self._down is None:
-            return []
+            return problems
         since = time.time() - self._down_since
         return [
             f"{self.where} unavailable for {since:.0f}s ({self._down}): serving the last state, "
-            "operator changes refused until it is back"
+            "operator changes refused until it is back",
+            *problems,
         ]
 
     # ------------------------------------------------------------------ writes
@@ -454,9 +457,10 @@ class EtcdStore:
         hung etcd, whose watch is silent rather than failed), rewritten when it changes."""
         lease = await client.lease(LEASE_TTL)
         self._lease = lease.id
-        published: ReplicaRecord | None = None
+        published: ReplicaRecord | None = None  # None until this replica's record is written under this lease
         self.probers.published = set()  # a new lease: register every linked prober under it
-        last_publish = last_refresh = time.monotonic()
+        last_refresh = time.monotonic()
+        last_publish = last_refresh - PUBLISH_INTERVAL  # the record first: it claims the replica id
         while True:
             raise_if_cancelling()  # its writes and refreshes go through aetcd's connect()
             now = time.monotonic()
@@ -465,10 +469,16 @@ class EtcdStore:
                 stamped = ReplicaRecord(
                     record.id, record.admin_url, record.xds_address, record.version, record.eds_digest, time.time()
                 )
-                await self._txn([(self.keys.replica(record.id), stamped.encode())], lease=lease.id)
-                published, last_publish = record, now
+                last_publish = now  # written or not: a clash is tried again a PUBLISH_INTERVAL later
+                if await self._claim(client, stamped, lease.id):
+                    published = record
+                else:  # held by another lease: nothing under this id until it is this replica's
+                    published = None
+                    self.probers.published = set()
             linked = self._linked
-            if ops := self.probers.writes(record.id, linked):
+            # The probers' registrations under this replica's id only once its record is: a twin
+            # with the same replica_id would otherwise delete the holder's and write its own.
+            if published is not None and (ops := self.probers.writes(record.id, linked)):
                 await self._txn(ops, lease=lease.id)
                 self.probers.published = set(linked)
             if now - last_refresh >= PROBE_PERIOD:
@@ -488,6 +498,57 @@ class EtcdStore:
                 await asyncio.wait([waiter], timeout=TICK)
             finally:
                 waiter.cancel()
+
+    async def _claim(self, client: Any, record: ReplicaRecord, lease: int) -> bool:
+        """Write this replica's record under `lease`, unless another replica holds its id: then
+        note the clash and write nothing. Whether it was written.
+
+        A record under another lease with this replica's own admin and xDS addresses is this
+        replica's previous run (a restart, or a lease that etcd kept through its own restart): it
+        is taken over at once rather than left to run out. Under other addresses it is another
+        replica with the same `controlplane.store.replica_id`: the first to hold the id keeps it.
+        """
+        key = self.keys.replica(record.id)
+        ours = rpc.Compare(key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.LEASE, lease=lease)
+        absent = rpc.Compare(key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.CREATE, create_revision=0)
+        for compare in (ours, absent):  # the first holds from the second write on
+            if await self._txn([(key, record.encode())], [compare], lease=lease):
+                self._set_clash(record.id, None)
+                return True
+        held = await client.get(key.encode())
+        if held is None:  # gone meanwhile (its lease ran out): claimed at the next try
+            return False
+        holder = decode_record(held.value)
+        if holder is not None and (holder.admin_url, holder.xds_address) == (record.admin_url, record.xds_address):
+            previous = rpc.Compare(
+                key=key.encode(), result=rpc.Compare.EQUAL, target=rpc.Compare.LEASE, lease=held.lease
+            )
+            if await self._txn([(key, record.encode())], [previous], lease=lease):
+                self._set_clash(record.id, None)
+                return True
+            return False  # changed meanwhile: looked at again at the next try
+        self._set_clash(record.id, "" if holder is None else f" (admin {holder.admin_url}, xDS {holder.xds_address})")
+        return False
+
+    def _set_clash(self, replica_id: str, holder: str | None) -> None:
+        """Note a clash over this replica's id (`holder`: how the holder describes itself, or
+        None: no clash), logging and recording its start and its end."""
+        if holder is None:
+            if self._clash is not None:
+                self._clash = None
+                self.events.record(
+                    "store", f"replica {replica_id} registered in {self.where}: the clash is over", replica=replica_id
+                )
+            return
+        message = (
+            f"replica_id {replica_id!r} is held in {self.where} under another lease{holder}: another replica "
+            f"runs with the same controlplane.store.replica_id, or this replica's previous run does until its "
+            f"lease runs out ({LEASE_TTL}s); this replica's record and prober registrations are not written meanwhile"
+        )
+        if self._clash is None:
+            log.warning("%s", message)
+            self.events.record("store_clash", message, replica=replica_id)
+        self._clash = message
 
     async def _load(self, client: Any) -> None:
         got = await client.get_prefix(self.keys.root.encode())

@@ -4,6 +4,7 @@ local file gives only a replica's own settings. Control planes run in this proce
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from healthplane.v1 import prober_pb2
 from lab.envoyproc import poll_until
 from lab.etcd import EtcdServer
 from tests.controlplane.probers.test_prober_link import Prober
+from tests.controlplane.probers.test_prober_shards import SharingProber
 
 
 def document(etcd: EtcdServer, name: str, *ports: int) -> dict[str, Any]:
@@ -185,3 +187,61 @@ async def test_a_hung_etcd_is_noticed_and_left_behind(replicas: Replicas, etcd: 
     await eventually(lambda: not a.store.problems(), "A connected again")
     await a.store.submit(change)
     await eventually(lambda: a.overrides() == b.overrides() and len(b.overrides()) == 1, "B has the pin")
+
+
+async def test_a_second_replica_with_the_same_id_is_told_and_writes_nothing(
+    replicas: Replicas, etcd: EtcdServer
+) -> None:
+    a = replicas.make("a", 1001)
+    await a.start()
+    assert isinstance(a.store, EtcdStore)
+    client = connect(a.store.settings)
+
+    async def holder() -> str | None:
+        got = await client.get(a.store.keys.replica("a").encode())
+        return None if got is None else json.loads(got.value)["admin_url"]
+
+    async def probers() -> list[str]:
+        return [kv.key.decode() for kv in await client.get_prefix(b"/t/probers/")]
+
+    try:
+        await poll_until(lambda: _equals(holder(), a.store.describe().admin_url), timeout=10, what="A registered")
+        twin = replicas.make("a", 1001)  # the same controlplane.store.replica_id, by mistake
+        await twin.start()
+        assert isinstance(twin.store, EtcdStore)
+        prober = SharingProber(twin, "p1")  # a sharing prober linked to the twin: registered by it
+        await prober.hello()
+        keepalive = asyncio.create_task(heard(prober))
+        await eventually(lambda: bool(twin.store.problems()), "the twin tells of the clash")
+        (problem,) = twin.store.problems()
+        assert "replica_id 'a' is held" in problem and a.store.describe().admin_url in problem
+        status, body = await call(twin, "GET", "/readyz")
+        assert status == 200 and body["status"] == "degraded" and body["degraded"] == [problem]
+        assert any(e.kind == "store_clash" for e in twin.events)
+        await asyncio.sleep(1.5)  # more than a PUBLISH_INTERVAL: the twin tried again, and wrote nothing
+        assert await holder() == a.store.describe().admin_url
+        assert await probers() == []
+        assert a.store.problems() == []
+
+        # A stops (its lease revoked): the twin takes the id over, and registers its prober.
+        replicas.started.remove(a)
+        await a.aclose()
+        await poll_until(lambda: _equals(holder(), twin.store.describe().admin_url), timeout=10, what="the twin's")
+        assert twin.store.problems() == []
+        await poll_until(lambda: _equals(probers(), ["/t/probers/p1/a"]), timeout=5, what="the twin's prober")
+        assert any(e.kind == "store" and "the clash is over" in e.message for e in twin.events)
+        keepalive.cancel()
+        await prober.leave()
+    finally:
+        await client.close()
+
+
+async def heard(prober: SharingProber) -> None:
+    """An idle prober's empty batches, as the real one sends them: it stays a member."""
+    while True:
+        await prober.send(verdicts=prober_pb2.VerdictBatch())
+        await asyncio.sleep(0.5)
+
+
+async def _equals(value: Any, expected: Any) -> bool:
+    return await value == expected
