@@ -54,6 +54,7 @@ if _ROOT not in sys.path:
 from bench.procs import (  # noqa: E402
     Child,
     child_setup,
+    dispatch,
     raise_fd_limit,
     rss_kb,
     serve_commands,
@@ -239,18 +240,8 @@ async def _server(conn: Connection, clusters: int) -> None:
             "resources": watch.resources,
         }
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "settle":
-            return await settle(*args)
-        if command == "change":
-            return await change(*args)
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
-
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch({"settle": settle, "change": change}))
     finally:
         await cp.aclose(grace=0)
 

@@ -56,6 +56,7 @@ if _ROOT not in sys.path:
 from bench.procs import (  # noqa: E402
     Child,
     child_setup,
+    dispatch,
     raise_fd_limit,
     rss_kb,
     serve_commands,
@@ -246,18 +247,8 @@ async def _server(conn: Connection, xds_workers: int = 1) -> None:
             "gc_collections": [b - a for a, b in zip(gc0, _gc_collections(), strict=True)],
         }
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "settle":
-            return await settle(*args)
-        if command == "push":
-            return await push(*args)
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
-
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch({"settle": settle, "push": push}))
     finally:
         await cp.aclose(grace=0)
 
@@ -433,18 +424,8 @@ async def _floor_server(conn: Connection, tasks_per_stream: int, options: list[t
             "gc_collections": [b - a for a, b in zip(gc0, _gc_collections(), strict=True)],
         }
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "settle":
-            return await settle(*args)
-        if command == "push":
-            return await push(*args)
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
-
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch({"settle": settle, "push": push}))
     finally:
         await server.stop(0)
 
@@ -531,20 +512,8 @@ async def _clients(conn: Connection, port: int, first: int, count: int, per_chan
             await asyncio.wait_for(done.wait(), limit)
         return {"times": [r.get(version) for r in records], "cpu_s": _cpu_seconds(), "errors": errors[:5]}
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "connect":
-            return await connect(*args)
-        if command == "cpu":
-            return _cpu_seconds()
-        if command == "collect":
-            return await collect(*args)
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
-
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch({"connect": connect, "cpu": _cpu_seconds, "collect": collect}))
     finally:
         for task in tasks:
             task.cancel()

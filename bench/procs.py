@@ -1,7 +1,8 @@
 """Process plumbing the benchmarks share (a module, not a benchmark).
 
 Each benchmark runs its servers and clients in spawned processes, driven by (command, *args)
-tuples over a pipe: `Child` is the parent's end, `serve_commands` the child's loop. Every child
+tuples over a pipe: `Child` is the parent's end, `serve_commands` the child's loop (`dispatch`
+makes its handler from a table of functions). Every child
 ignores SIGINT, dies with its parent (PR_SET_PDEATHSIG) and exits when its pipe closes.
 `start_py_spy` and `stop_py_spy` record one child's stacks during a measurement.
 """
@@ -11,19 +12,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import inspect
 import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 Handler = Callable[[tuple[Any, ...]], Awaitable[Any]]
+
+
+def dispatch(commands: Mapping[str, Callable[..., Any]]) -> Handler:
+    """The handler of a child whose commands are functions: `(name, *args)` runs
+    `commands[name](*args)` (awaited if it is a coroutine) and answers what it returns;
+    "stop" answers "stopped"; an unknown name is a ValueError."""
+
+    async def handle(message: tuple[Any, ...]) -> Any:
+        command, *args = message
+        if command == "stop":
+            return "stopped"
+        run = commands.get(command)
+        if run is None:
+            raise ValueError(f"unknown command {command!r}")
+        result = run(*args)
+        return await result if inspect.isawaitable(result) else result
+
+    return handle
 
 
 def child_setup() -> None:

@@ -44,7 +44,7 @@ if str(_HERE) not in sys.path:
 
 from fanout import _cpu_seconds  # noqa: E402
 
-from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands  # noqa: E402
+from bench.procs import Child, child_setup, dispatch, raise_fd_limit, rss_kb, serve_commands  # noqa: E402
 
 EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 CLUSTER = "web"
@@ -197,18 +197,8 @@ async def _server(conn: Connection, propagation: dict[str, Any] | None) -> None:
             "tracker_p50_ms": None if record is None or not (d := record.delays()) else d[(len(d) - 1) // 2] * 1000,
         }
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "settle":
-            return await settle(*args)
-        if command == "push":
-            return await push(*args)
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
-
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch({"settle": settle, "push": push}))
     finally:
         await cp.aclose(grace=0)
 

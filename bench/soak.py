@@ -39,7 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/fanout.py, as a sibling module
 from fanout import CLUSTER, EDS, FLIPPED, TOPOLOGY, _percentile
 
-from bench.procs import Child, child_setup, raise_fd_limit, rss_kb, serve_commands
+from bench.procs import Child, child_setup, dispatch, raise_fd_limit, rss_kb, serve_commands
 
 RSS_SAMPLE_S = 5.0
 
@@ -194,23 +194,13 @@ async def _server(conn: Connection) -> None:
             "refused_by_server": cp.ads.peers.refused,
         }
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "settle":
-            return await settle(*args)
-        if command == "soak":
-            return await soak(*args)
-        if command == "ledger":
-            return ledger_check()
-        if command == "storm-start":
-            ledger.closed_unbalanced = 0  # the storm closes streams mid-push on purpose
-            return {"wall": time.time(), "version": eds_version()}
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
+    def storm_start() -> dict[str, Any]:
+        ledger.closed_unbalanced = 0  # the storm closes streams mid-push on purpose
+        return {"wall": time.time(), "version": eds_version()}
 
+    commands = {"settle": settle, "soak": soak, "ledger": ledger_check, "storm-start": storm_start}
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch(commands))
     finally:
         await cp.aclose(grace=0)
 
