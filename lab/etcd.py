@@ -7,6 +7,10 @@
         await etcd.start()      # back on the same ports with the same data
         etcd.pause()            # SIGSTOP, as a hung host would (etcd.resume() ends it)
 
+    async with EtcdCluster(tmp_path / "etcd", size=3) as cluster:
+        store = {"etcd": {"endpoints": cluster.endpoints}}
+        await cluster.members[0].kill()   # one member lost: the other two keep the quorum
+
 The binary is Debian's `etcd-server` package (`apt-get install etcd-server`; `.ci/run` installs
 it). Client and peer ports are ephemeral, chosen at the first start and kept across restarts so
 that clients reconnect to the same address; the data directory survives a kill, as a real
@@ -31,7 +35,7 @@ import aiohttp
 from controlplane.errors import LabError
 from lab.envoyproc import free_port, with_parent_death_signal
 
-__all__ = ["EtcdError", "EtcdNotFound", "EtcdServer", "EtcdServerTls", "find_etcd"]
+__all__ = ["EtcdCluster", "EtcdError", "EtcdNotFound", "EtcdServer", "EtcdServerTls", "find_etcd"]
 
 _POLL_INTERVAL = 0.05
 _TAIL_BYTES = 16 * 1024
@@ -66,7 +70,8 @@ class EtcdServerTls:
 
 
 class EtcdServer:
-    """One single-member etcd cluster: start(), kill(), stop(); an async context manager."""
+    """One etcd member: start(), kill(), stop(); an async context manager. Alone, it is a
+    single-member cluster; `EtcdCluster` gives several members one `initial_cluster`."""
 
     def __init__(self, data_dir: Path, *, name: str = "healthplane-test", tls: EtcdServerTls | None = None) -> None:
         self.name = name
@@ -74,6 +79,7 @@ class EtcdServer:
         self.data_dir = Path(data_dir)
         self.client_port = 0
         self.peer_port = 0
+        self.initial_cluster = ""  # etcd's --initial-cluster; empty: this member alone
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -108,7 +114,7 @@ class EtcdServer:
             "--advertise-client-urls", client_url,
             "--listen-peer-urls", peer_url,
             "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"{self.name}={peer_url}",
+            "--initial-cluster", self.initial_cluster or f"{self.name}={peer_url}",
             "--initial-cluster-state", "new",
             "--log-level", "warn",
             "--logger", "zap",
@@ -207,6 +213,45 @@ class EtcdServer:
                 return log.read().decode("utf-8", "replace")
         except OSError:
             return "(no log)"
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class EtcdCluster:
+    """`size` etcd members on 127.0.0.1, one cluster: each its own process, ports and data
+    directory, started together (a new cluster's members wait for each other's votes)."""
+
+    def __init__(self, base: Path, *, size: int = 3, name: str = "healthplane-test") -> None:
+        if size < 1:
+            raise EtcdError(f"an etcd cluster needs at least one member, not {size}")
+        self.members = [EtcdServer(Path(base) / f"member{i}", name=f"{name}-{i}") for i in range(size)]
+        for member in self.members:
+            member.client_port, member.peer_port = free_port(), free_port()
+        initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        for member in self.members:
+            member.initial_cluster = initial
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's HOST:PORT, as `controlplane.store.etcd.endpoints` takes them."""
+        return [m.endpoint for m in self.members]
+
+    async def start(self, timeout: float = 30) -> None:  # noqa: ASYNC109 - startup deadline
+        try:
+            await asyncio.gather(*(m.start(timeout) for m in self.members if not m.running))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(m.stop() for m in self.members))
 
     async def __aenter__(self) -> Self:
         await self.start()

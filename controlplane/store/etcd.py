@@ -240,6 +240,12 @@ class EtcdStore:
         return self.probers.members()
 
     @property
+    def member(self) -> str:
+        """HOST:PORT of the etcd endpoint this replica uses now (the next one after a failure)."""
+        host, port = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
+        return _target(host, port)
+
+    @property
     def down_reason(self) -> str:
         return self._down or ""
 

@@ -21,25 +21,26 @@ from controlplane.store.etcd import EtcdStore, connect
 from controlplane.topology.parse import load_topology
 from healthplane.v1 import prober_pb2
 from lab.envoyproc import poll_until
-from lab.etcd import EtcdServer
+from lab.etcd import EtcdCluster, EtcdNotFound, EtcdServer
 from tests.controlplane.probers.test_prober_link import Prober
 from tests.controlplane.probers.test_prober_shards import SharingProber
 
 
-def document(etcd: EtcdServer, name: str, *ports: int) -> dict[str, Any]:
+def document(etcd: EtcdServer | EtcdCluster, name: str, *ports: int) -> dict[str, Any]:
+    endpoints = etcd.endpoints if isinstance(etcd, EtcdCluster) else [etcd.endpoint]
     return {
         "controlplane": {
             "xds": {"port": 0},
             "admin": {"port": 0},
             "watch_interval": "50ms",
-            "store": {"replica_id": name, "etcd": {"endpoints": [etcd.endpoint], "prefix": "/t", "timeout": "2s"}},
+            "store": {"replica_id": name, "etcd": {"endpoints": endpoints, "prefix": "/t", "timeout": "2s"}},
         },
         "clusters": [{"name": "web", "endpoints": [{"address": "127.0.0.1", "port": p} for p in ports]}],
     }
 
 
 class Replicas:
-    def __init__(self, tmp_path: Path, etcd: EtcdServer) -> None:
+    def __init__(self, tmp_path: Path, etcd: EtcdServer | EtcdCluster) -> None:
         self.tmp_path, self.etcd = tmp_path, etcd
         self.started: list[ControlPlane] = []
 
@@ -245,3 +246,50 @@ async def heard(prober: SharingProber) -> None:
 
 async def _equals(value: Any, expected: Any) -> bool:
     return await value == expected
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[EtcdCluster]:
+    """Three etcd members on 127.0.0.1, one cluster."""
+    members = EtcdCluster(tmp_path / "cluster", size=3)
+    try:
+        await members.start()
+    except EtcdNotFound as exc:
+        pytest.skip(str(exc))
+    try:
+        yield members
+    finally:
+        await members.stop()
+
+
+async def test_a_replica_goes_on_through_another_member_when_its_etcd_member_dies(
+    tmp_path: Path, cluster: EtcdCluster
+) -> None:
+    replicas = Replicas(tmp_path, cluster)
+    try:
+        a, b = replicas.make("a", 1001, 1002), replicas.make("b", 1001, 1002)
+        await a.start()
+        await b.start()
+        assert isinstance(a.store, EtcdStore) and isinstance(b.store, EtcdStore)
+        assert a.store.member == cluster.endpoints[0]  # the first endpoint listed, to begin with
+        await cluster.members[0].kill()  # A's member (and B's): the other two keep the quorum
+
+        b1 = "127.0.0.1:1001"
+
+        async def written() -> bool:
+            try:
+                await a.store.submit(OverrideChange("web", b1, HealthStatus.DRAINING, "alice"))
+            except StoreUnavailable:
+                return False
+            return True
+
+        await poll_until(written, timeout=15, what="A's write through another member")
+        assert a.store.member != cluster.endpoints[0]
+        await eventually(lambda: b.overrides().get(("web", b1)) is HealthStatus.DRAINING, "B has A's pin")
+        await b.store.submit(OverrideChange("web", "127.0.0.1:1002", HealthStatus.UNHEALTHY, "bob"))
+        await eventually(lambda: len(a.overrides()) == 2, "A has B's pin too")
+        # Each took its replica id over from its lease on the lost member's session: no clash.
+        await eventually(lambda: a.store.problems() == [] and b.store.problems() == [], "both ready")
+    finally:
+        for cp in replicas.started:
+            await cp.aclose()
