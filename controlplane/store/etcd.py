@@ -314,6 +314,16 @@ class EtcdStore:
         except (rpc.AioRpcError, aetcd.ClientError, TimeoutError) as exc:
             reason = describe(exc) if not isinstance(exc, rpc.AioRpcError) else f"{exc.code().name}: {exc.details()}"
             raise StoreUnavailable(f"{self.where}: the write failed ({reason}); nothing was changed") from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            # Not a cancel of this task's: the store closed the connection under the call, to
+            # reconnect (to another member, say), and grpc.aio tells that as a cancel.
+            raise StoreUnavailable(
+                f"{self.where}: the connection closed during the write (reconnecting); it may or may not have "
+                "been applied, and if it was, every replica applies it; look before trying again"
+            ) from None
         return int(response.header.revision) if response.succeeded else 0
 
     async def _applied(self, revision: int) -> Snapshot | None:

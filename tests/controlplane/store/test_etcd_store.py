@@ -293,3 +293,18 @@ async def test_a_replica_goes_on_through_another_member_when_its_etcd_member_die
     finally:
         for cp in replicas.started:
             await cp.aclose()
+
+
+async def test_a_write_cut_off_by_a_reconnect_is_told_as_unavailable(replicas: Replicas, etcd: EtcdServer) -> None:
+    a = replicas.make("a", 1001)
+    await a.start()
+    assert isinstance(a.store, EtcdStore)
+    etcd.pause()  # the write hangs in flight ...
+    try:
+        write = asyncio.create_task(a.store.submit(OverrideChange("web", "127.0.0.1:1001", HealthStatus.DRAINING, "x")))
+        await asyncio.sleep(0.3)
+        await a.store._close_client()  # ... when the store drops the connection to reconnect, as after a failure
+        with pytest.raises(StoreUnavailable, match="connection closed during the write"):
+            await write  # not grpc.aio's CancelledError, which would end the admin request's handler
+    finally:
+        etcd.resume()
