@@ -12,7 +12,8 @@ The caller's address and the names of its verified client certificate (mutual TL
 port) travel in metadata, `x-healthplane-peer` and `x-healthplane-cert-names`: the main process
 sees the relay's Unix socket as the peer, so `caller_peer` and `caller_certificate_names` read
 them there, and only from a Unix-socket peer (the socket sits in a directory only this user can
-enter). The per-peer stream limit of the relayed services is applied here, per worker.
+enter). The per-peer stream limit of the relayed services is applied here, per worker, and again
+by each service in the main process over the relayed peer, so it holds across the workers.
 """
 
 from __future__ import annotations
