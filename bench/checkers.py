@@ -25,6 +25,18 @@ between two consecutive requests minus the interval (latency plus lateness), p50
     python bench/checkers.py --endpoints 10000 --rounds 2 [--variants envoy prober] \\
         [--interval 1s] [--timeout 0.5s] [--duration 15] [--warmup 5] [--backends 2] [--json out.json]
 
+`--plan` runs several sizes in one invocation, each with its own variants (and, after a `/`, its
+own number of backend processes; by default as many as the open-files limit needs), the backends
+restarted per size; the issue's whole "Done when" in one run:
+
+    python bench/checkers.py --rounds 1 --duration 10 --warmup 5 \\
+        --plan 10000:envoy,prober,tcp:prober 20000:prober,prober:2 30000:prober:2,prober
+
+At the end, and in the --json output, a verdict against issue 20's targets computed from the
+run's own windows (`verdict`): the prober's HTTP CPU per check against Envoy's, TCP against HTTP,
+20,000 endpoints at the interval with lag p99 under 100 ms and no failed check, and no failed
+check past the open-files limit.
+
 Everything binds and connects on 127.0.0.0/8 only.
 """
 
@@ -52,6 +64,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 import urllib.request  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 from bench.prober_load import (  # noqa: E402
@@ -370,16 +383,212 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- the plan and the verdict
+
+# Issue 20's "Done when", as this benchmark checks it.
+RATE_TARGET_SIZE = 20000  # endpoints checked every interval ...
+LAG_TARGET_MS = 100.0  # ... with the prober's lag p99 under this ...
+RATE_SHARE = 0.97  # ... at this share of N/interval checks a second at least ("every second")
+TCP_RATIO_TARGET = 1.5  # connect-only TCP CPU per check over HTTP keep-alive's
+FD_RESERVE = 300  # descriptors a backend process keeps for itself (pipes, epoll, slack)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One size of a run: its endpoints, backend processes (None: as many as needed) and variants."""
+
+    endpoints: int
+    backends: int | None
+    variants: tuple[str, ...]
+
+
+def parse_step(text: str) -> Step:
+    """`SIZE[/BACKENDS]:VARIANT,VARIANT,...`, e.g. `20000:prober,prober:2` or `30000/4:prober:2`."""
+    size, sep, variants = text.partition(":")
+    count, _, backends = size.partition("/")
+    names = tuple(v for v in variants.split(",") if v)
+    try:
+        step = Step(int(count), int(backends) if backends else None, names)
+    except ValueError:
+        step = None
+    if not sep or step is None or step.endpoints < 1 or not names or (step.backends is not None and step.backends < 1):
+        raise argparse.ArgumentTypeError(
+            f"--plan {text!r}: expected SIZE[/BACKENDS]:VARIANT,VARIANT,... (e.g. 10000:envoy,prober,tcp:prober)"
+        )
+    return step
+
+
+def backends_needed(n: int, fd_limit: int, at_least: int) -> int:
+    """Backend processes for `n` endpoints: each holds a listening and an accepted socket per endpoint."""
+    per_process = max(1, (fd_limit - FD_RESERVE) // 2)
+    return max(1, min(n, max(at_least, -(-n // per_process))))
+
+
+def _clean(rows: Sequence[dict[str, Any]], n: int, variant: str) -> tuple[list[dict[str, Any]], int]:
+    """The windows of `variant` at `n` that completed with the backends keeping up; how many did not."""
+    mine = [r for r in rows if r["endpoints"] == n and r["variant"] == variant]
+    ok = [r for r in mine if "error" not in r and not r.get("backend_refused")]
+    return ok, len(mine) - len(ok)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _rates(rows: Sequence[dict[str, Any]]) -> str:
+    return f"{min(r['checks_per_s'] for r in rows):.0f} to {max(r['checks_per_s'] for r in rows):.0f}"
+
+
+def _prober_http(variant: str) -> bool:
+    name = variant.split("@", 1)[0].split(":", 1)[0]
+    return not variant.startswith("tcp:") and name.startswith("prober")
+
+
+def verdict(rows: Sequence[dict[str, Any]], fd_limit: int, interval: float) -> list[dict[str, Any]]:
+    """Issue 20's targets judged from one run's windows: [{target, met (None: not in this run), detail}]."""
+    out: list[dict[str, Any]] = []
+    sizes = sorted({r["endpoints"] for r in rows})
+
+    def skipped(bad: int) -> str:
+        return f"; {bad} window(s) left out (failed to run, or the backends refused connections)" if bad else ""
+
+    # The prober's HTTP keep-alive CPU per check against Envoy's, at each size both ran.
+    for n in sizes:
+        envoy_all, envoy_bad = _clean(rows, n, "envoy")
+        prober, prober_bad = _clean(rows, n, "prober")
+        if not (envoy_all or envoy_bad) or not (prober or prober_bad):
+            continue
+        envoy = [r for r in envoy_all if r["failures"] == 0]
+        collapsed = len(envoy_all) - len(envoy)
+        e = _mean([r["cpu_us_per_check"] for r in envoy])
+        p = _mean([r["cpu_us_per_check"] for r in prober])
+        target = f"prober CPU per check at or below Envoy's ({n} endpoints, HTTP keep-alive)"
+        if math.isnan(e) or math.isnan(p):
+            errors = [r["error"] for r in rows if r["endpoints"] == n and r["variant"] == "envoy" and "error" in r]
+            detail = (
+                f"no comparison: {len(envoy)} clean Envoy window(s) (0 failed checks), {len(prober)} prober window(s)"
+                + (f"; {collapsed} Envoy window(s) with failed checks (collapsed)" if collapsed else "")
+                + (f"; Envoy failed to run {len(errors)} time(s): {errors[0][:160]}" if errors else "")
+            )
+            out.append({"target": target, "met": None, "detail": detail})
+            continue
+        out.append(
+            {
+                "target": target,
+                "met": p <= e,
+                "prober_us": p,
+                "envoy_us": e,
+                "ratio": p / e,
+                "detail": f"prober {p:.2f} µs/check (mean of {len(prober)} window(s)) against Envoy's {e:.2f} "
+                f"(mean of {len(envoy)} window(s)): {p / e:.2f} times"
+                + (f"; {collapsed} Envoy window(s) with failed checks (collapsed) not in its mean" if collapsed else "")
+                + skipped(envoy_bad + prober_bad),
+            }
+        )
+    # Connect-only TCP against HTTP keep-alive, the prober's, at each size both ran.
+    for n in sizes:
+        tcp, tcp_bad = _clean(rows, n, "tcp:prober")
+        http, http_bad = _clean(rows, n, "prober")
+        if not (tcp or tcp_bad) or not (http or http_bad):
+            continue
+        t = _mean([r["cpu_us_per_check"] for r in tcp])
+        h = _mean([r["cpu_us_per_check"] for r in http])
+        ratio = t / h if h else math.nan
+        out.append(
+            {
+                "target": f"TCP checks within {TCP_RATIO_TARGET:g} times HTTP's CPU per check ({n} endpoints)",
+                "met": None if math.isnan(ratio) else ratio <= TCP_RATIO_TARGET,
+                "tcp_us": t,
+                "http_us": h,
+                "ratio": ratio,
+                "detail": f"TCP {t:.2f} µs/check (mean of {len(tcp)} window(s)) against HTTP's {h:.2f} "
+                f"(mean of {len(http)} window(s)): {ratio:.2f} times" + skipped(tcp_bad + http_bad),
+            }
+        )
+    # RATE_TARGET_SIZE endpoints every interval: the rate held, no failed check, lag p99 under the target.
+    n = RATE_TARGET_SIZE
+    target = f"{n} endpoints every {interval:g} s, 0 failed checks, lag p99 under {LAG_TARGET_MS:g} ms"
+    variants = sorted({r["variant"] for r in rows if r["endpoints"] == n and _prober_http(r["variant"])})
+    if not variants:
+        out.append({"target": target, "met": None, "detail": "not in this run"})
+    else:
+        parts, any_met = [], False
+        for v in variants:
+            ok, bad = _clean(rows, n, v)
+            good = [
+                r
+                for r in ok
+                if r["failures"] == 0
+                and r["lag_p99_ms"] < LAG_TARGET_MS
+                and r["checks_per_s"] >= RATE_SHARE * n / interval
+            ]
+            held = bool(ok) and len(good) == len(ok) and not bad
+            any_met = any_met or held
+            parts.append(
+                f"{v}: {len(good)} of {len(ok) + bad} windows"
+                + (
+                    f" (checks/s {_rates(ok)}, "
+                    f"lag p99 up to {max(r['lag_p99_ms'] for r in ok):.1f} ms, "
+                    f"{sum(r['failures'] for r in ok)} failed checks)"
+                    if ok
+                    else ""
+                )
+            )
+        out.append({"target": target, "met": any_met, "detail": "; ".join(parts)})
+    # Past the open-files limit: no failed check, at whatever rate the machine holds.
+    target = f"past the open-files limit ({fd_limit}), 0 failed checks"
+    past = [n for n in sizes if n > fd_limit]
+    if not past:
+        out.append({"target": target, "met": None, "detail": "not in this run"})
+    for n in past:
+        parts, met = [], True
+        for v in sorted({r["variant"] for r in rows if r["endpoints"] == n and _prober_http(r["variant"])}):
+            ok, bad = _clean(rows, n, v)
+            failed = sum(r["failures"] for r in ok)
+            met = met and bool(ok) and not bad and failed == 0
+            parts.append(
+                f"{v}: {failed} failed checks in {len(ok)} windows"
+                + (f", checks/s {_rates(ok)}" if ok else "")
+                + (f", {bad} window(s) that failed to run or whose backends refused connections" if bad else "")
+            )
+        out.append(
+            {
+                "target": f"{n} endpoints, {target}",
+                "met": met and bool(parts),
+                "detail": "; ".join(parts) or "no prober variant",
+            }
+        )
+    return out
+
+
+def verdict_text(items: Sequence[dict[str, Any]]) -> str:
+    word = {True: "met", False: "NOT met", None: "not measured"}
+    return "\n".join(f"- {word[i['met']]}: {i['target']}: {i['detail']}" for i in items)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Envoy's health checker and the prober, side by side (docstring).")
-    parser.add_argument("--endpoints", type=int, nargs="+", default=[10000])
+    parser.add_argument("--endpoints", type=int, nargs="+", help="sizes, each with --variants (default 10000)")
     parser.add_argument("--variants", nargs="+", default=["envoy", "prober"])
+    parser.add_argument(
+        "--plan",
+        nargs="+",
+        type=parse_step,
+        metavar="SIZE[/BACKENDS]:VARIANT,...",
+        help="sizes with their own variants, in one run (instead of --endpoints and --variants); "
+        "e.g. 10000:envoy,prober,tcp:prober 20000:prober,prober:2 30000:prober:2,prober",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds of the variants forward then backward")
     parser.add_argument("--interval", type=_duration, default=1.0)
     parser.add_argument("--timeout", type=_duration, default=0.5)
     parser.add_argument("--duration", type=float, default=15.0, help="measured seconds per window")
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured seconds before each window")
-    parser.add_argument("--backends", type=int, default=2, help="backend processes")
+    parser.add_argument(
+        "--backends",
+        type=int,
+        default=2,
+        help="backend processes (with --plan: at least this many, more where the open-files limit needs them)",
+    )
     parser.add_argument("--concurrency", type=int, default=512, help="Prober max_concurrency")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="the prober's event loop")
     parser.add_argument("--busy-limit", type=float, default=0.5, help="cores others may use before a window starts")
@@ -392,10 +601,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--report", type=Path, help="print the table of a --json file written before; run nothing")
     opt = parser.parse_args(argv)
-    if opt.baseline is None and any(v.removeprefix("tcp:").startswith("base") for v in opt.variants):
+    if opt.plan and opt.endpoints:
+        parser.error("give either --plan or --endpoints (with --variants), not both")
+    plan: list[Step] = opt.plan or [
+        Step(n, max(1, min(opt.backends, n)), tuple(opt.variants)) for n in opt.endpoints or [10000]
+    ]
+    if opt.baseline is None and any(v.removeprefix("tcp:").startswith("base") for s in plan for v in s.variants):
         parser.error("the base variants need --baseline DIR (another checkout of the repository)")
     if opt.report is not None:
-        print(table(json.loads(opt.report.read_text())["runs"]))
+        done = json.loads(opt.report.read_text())
+        print(table(done["runs"]))
+        items = done.get("verdict") or verdict(done["runs"], done["env"]["fd_limit"], opt.interval)
+        print("\nAgainst the targets (issue 20), from this run's windows:\n" + verdict_text(items))
         return 0
 
     def log(text: str) -> None:
@@ -410,9 +627,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     rows: list[dict[str, Any]] = []
     started = datetime.datetime.now(datetime.UTC)
+    load = os.getloadavg()
     try:
-        for n in opt.endpoints:
-            count = max(1, min(opt.backends, n))
+        for step in plan:
+            n = step.endpoints
+            count = step.backends or backends_needed(n, fd_limit, opt.backends)
             shares = [n // count + (1 if i < n % count else 0) for i in range(count)]
             backends = [Child(ctx, f"checkers-bench-backend-{i}", backend_main, i, s) for i, s in enumerate(shares)]
             try:
@@ -420,39 +639,52 @@ def main(argv: Sequence[str] | None = None) -> int:
                 endpoints = [
                     (str(ls[i][0]), int(ls[i][1])) for i in range(max(map(len, lists))) for ls in lists if i < len(ls)
                 ]
-                log(f"{n} endpoints on {count} backend(s), fd limit {fd_limit}")
+                log(f"{n} endpoints on {count} backend(s), fd limit {fd_limit}, load {os.getloadavg()[0]:.2f}")
                 for r in range(opt.rounds):
-                    for variant in [*opt.variants, *reversed(opt.variants)]:
+                    for variant in [*step.variants, *reversed(step.variants)]:
                         try:
                             row = run_variant(ctx, variant, backends, endpoints, opt, log)
                         except (RuntimeError, TimeoutError) as exc:  # a checker that broke is a result too
                             log(f"  {variant:14} {n:6}: FAILED: {exc}")
                             row = {"variant": variant, "endpoints": n, "error": str(exc)}
-                        rows.append({**row, "round": r + 1})
+                        rows.append({**row, "round": r + 1, "backends": count})
             finally:
                 for b in backends:
                     b.close()
     except KeyboardInterrupt:
         log("interrupted")
         return 130
+    ended = datetime.datetime.now(datetime.UTC)
+    items = verdict(rows, fd_limit, opt.interval)
     print(
-        f"{started:%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{started:%Y-%m-%d %H:%M} to {ended:%H:%M} UTC, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"interval {opt.interval:g}s, timeout {opt.timeout:g}s, {opt.duration:g} s measured after "
-        f"{opt.warmup:g} s warm-up, {opt.backends} backend processes, prober loop {opt.loop}"
+        f"{opt.warmup:g} s warm-up, backend processes "
+        + ", ".join(f"{r['backends']} at {r['endpoints']}" for r in {r["endpoints"]: r for r in rows}.values())
+        + f", prober loop {opt.loop}, load average {load[0]:.2f} at the start and {os.getloadavg()[0]:.2f} at the end"
     )
     print(table(rows))
+    print("\nAgainst the targets (issue 20), from this run's windows:\n" + verdict_text(items))
     if opt.json is not None:
         opt.json.write_text(
             json.dumps(
                 {
                     "env": {
                         "started": started.isoformat(timespec="seconds"),
+                        "ended": ended.isoformat(timespec="seconds"),
+                        "load_start": load[0],
+                        "load_end": os.getloadavg()[0],
                         "cpus": os.cpu_count(),
                         "python": platform.python_version(),
                         "argv": sys.argv,
                         "fd_limit": fd_limit,
+                        "plan": [
+                            {"endpoints": s.endpoints, "backends": s.backends, "variants": list(s.variants)}
+                            for s in plan
+                        ],
                     },
                     "runs": rows,
+                    "verdict": items,
                 },
                 indent=1,
             )

@@ -58,11 +58,12 @@ TOY_RUNS: dict[str, tuple[list[str], str | tuple[str, ...]]] = {
     ),
     "checkers.py": (
         # A toy run measures nothing: no waiting for a quiet machine (--busy-retries 0).
+        # Two sizes in one run (--plan), the second with its backends given; then the verdict.
         [
-            *("--endpoints", "20", "--rounds", "1", "--duration", "1", "--warmup", "0.5"),
+            *("--plan", "20:envoy,prober", "10/1:tcp:prober", "--rounds", "1", "--duration", "1", "--warmup", "0.5"),
             *("--backends", "1", "--busy-retries", "0"),
         ],
-        "| 20 | envoy | 1 |",
+        "| 10 | tcp:prober | 1 |",
     ),
     "admin.py": (["--endpoints", "20", "--nodes", "2", "--repeat", "1"], "CSDS 2 nodes"),
     "propagation.py": (
