@@ -294,12 +294,14 @@ def run_variant(
         cpu = e1["cpu_s"] - e0["cpu_s"]
         failures = e1["health_check.failure"] - e0["health_check.failure"]
         lag_p99_ms = math.nan  # Envoy has no such statistic; see the backends' gaps
+        user = math.nan  # /proc/PID/stat has it, but only the prober's user time is compared (its Python)
         inconclusive = 0
         reasons = {"network": e1["health_check.network_failure"] - e0["health_check.network_failure"]}
     else:
         window = max(s["time"] for s in p1) - min(s["time"] for s in p0)
         checks = sum(s1["checks"] - s0["checks"] for s0, s1 in zip(p0, p1, strict=True))
         cpu = sum((s1["user_s"] + s1["sys_s"]) - (s0["user_s"] + s0["sys_s"]) for s0, s1 in zip(p0, p1, strict=True))
+        user = sum(s1["user_s"] - s0["user_s"] for s0, s1 in zip(p0, p1, strict=True))
         failures = sum(s1["failed"] - s0["failed"] for s0, s1 in zip(p0, p1, strict=True))
         inconclusive = sum(s1["inconclusive"] - s0["inconclusive"] for s0, s1 in zip(p0, p1, strict=True))
         reasons: dict[str, int] = {}  # of the transitions to UNHEALTHY, over each prober's life
@@ -322,6 +324,7 @@ def run_variant(
         "served_per_s": served / window,
         "cpu_core": cpu / window,
         "cpu_us_per_check": cpu / checks * 1e6 if checks else math.nan,
+        "user_us_per_check": user / checks * 1e6 if checks else math.nan,
         "failures": failures,
         "inconclusive": inconclusive,
         "failure_reasons": reasons,
@@ -338,7 +341,8 @@ def run_variant(
     }
     log(
         f"  {variant:14} {n:6}: {row['checks_per_s']:7.0f} checks/s ({row['served_per_s']:.0f} served), "
-        f"CPU {row['cpu_core'] * 100:5.1f}% = {row['cpu_us_per_check']:.1f} µs/check, "
+        f"CPU {row['cpu_core'] * 100:5.1f}% = {row['cpu_us_per_check']:.1f} µs/check "
+        f"(user {row['user_us_per_check']:.2f}), "
         f"{failures} failed {reasons if failures else ''}, {inconclusive} inconclusive, "
         f"{healthy}/{n} healthy at the end, late p50 {row['late_p50_ms']:.1f} "
         f"p99 {row['late_p99_ms']:.1f} max {row['late_max_ms']:.0f} ms, prober lag p99 {lag_p99_ms:.1f} ms, "
