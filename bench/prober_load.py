@@ -67,6 +67,7 @@ import multiprocessing as mp  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
+import selectors  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -202,9 +203,90 @@ def _bind(host: str, port: int) -> socket.socket | None:
         raise
 
 
-def backend_main(conn: Connection, index: int, count: int) -> None:
+class _Listener:
+    """Accepts an endpoint's connections without asyncio's task per connection.
+
+    asyncio's server makes a task (and a transport) for every accepted connection; at 10,000
+    connect-only checks a second that was most of the backends' CPU, and under others' load they
+    fell behind and filled their descriptor budget (docs/benchmarks.md). A connect-only check has
+    reset its connection by the time the backend accepts it, so a peek at the accepted socket tells:
+    a reset or a close is counted and closed at once; a live connection (a keep-alive checker's)
+    gets an asyncio transport and `_Backend` as before. Every connection is still accepted.
+    """
+
+    __slots__ = ("counts", "loop", "slot", "sock", "tasks")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, counts: _Counts, slot: int, tasks: set[Any]
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.counts = counts
+        self.slot = slot
+        self.tasks = tasks
+        loop.add_reader(sock.fileno(), self.accept)
+
+    def accept(self) -> None:
+        counts = self.counts
+        for _ in range(100):  # as asyncio's backlog per wake-up
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError:  # out of descriptors: count it, and try again in a while
+                counts.accept_errors += 1
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.call_later(0.1, self.loop.add_reader, self.sock.fileno(), self.accept)
+                return
+            try:
+                live = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+            except BlockingIOError:
+                live = True  # nothing to read yet: a checker that keeps its connection
+            except OSError:
+                live = False  # reset already: a connect-only check
+            if not live:
+                counts.connections += 1
+                conn.close()
+                continue
+            conn.setblocking(False)
+            task = self.loop.create_task(
+                self.loop.connect_accepted_socket(functools.partial(_Backend, counts, self.slot), conn)
+            )
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class _PollingSelector(selectors.EpollSelector):
+    """An epoll selector that looks for events every `TICK` s instead of sleeping until one comes.
+
+    On loopback, a checker's packet that wakes a sleeping backend pays for the wake-up in its own
+    system call (the kernel delivers it in the sender's context): CPU that a checker of remote
+    servers never pays, which made each checker's cost per check depend on how often the
+    backend happened to sleep (a cheaper backend sleeps more). Polling at 1 kHz, the backends are
+    never woken by a checker, for HTTP requests and connect-only checks alike; an answer waits at
+    most one tick (the backends' "late" figures include it).
+    """
+
+    TICK = 0.001
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            ready = super().select(0)
+            if ready or (deadline is not None and time.monotonic() >= deadline):
+                return ready
+            time.sleep(self.TICK if deadline is None else max(0.0, min(self.TICK, deadline - time.monotonic())))
+
+
+def backend_main(conn: Connection, index: int, count: int, polling: bool = False) -> None:
     child_setup()
-    asyncio.run(_backend(conn, index, count))
+    factory = (lambda: asyncio.SelectorEventLoop(_PollingSelector())) if polling else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(_backend(conn, index, count))
 
 
 async def _backend(conn: Connection, index: int, count: int) -> None:
@@ -218,7 +300,8 @@ async def _backend(conn: Connection, index: int, count: int) -> None:
         loop.default_exception_handler(context)
 
     loop.set_exception_handler(on_error)
-    servers: list[asyncio.Server] = []
+    servers: list[_Listener] = []
+    tasks: set[Any] = set()
     endpoints: list[tuple[str, int]] = []
     slot = 0
     while len(endpoints) < count:
@@ -230,7 +313,7 @@ async def _backend(conn: Connection, index: int, count: int) -> None:
         sock = _bind(host, port)
         if sock is None:  # someone listens on this port on every address; take the next one
             continue
-        servers.append(await loop.create_server(functools.partial(_Backend, counts, len(endpoints)), sock=sock))
+        servers.append(_Listener(loop, sock, counts, len(endpoints), tasks))
         endpoints.append((host, port))
     conn.send({"pid": os.getpid(), "endpoints": endpoints, "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]})
 
