@@ -480,15 +480,16 @@ def verdict(rows: Sequence[dict[str, Any]], fd_limit: int, interval: float) -> l
             )
             out.append({"target": target, "met": None, "detail": detail})
             continue
+        ratio = p / e if e > 0 else math.nan  # a toy window can measure 0 CPU ticks
         out.append(
             {
                 "target": target,
                 "met": p <= e,
                 "prober_us": p,
                 "envoy_us": e,
-                "ratio": p / e,
+                "ratio": ratio,
                 "detail": f"prober {p:.2f} µs/check (mean of {len(prober)} window(s)) against Envoy's {e:.2f} "
-                f"(mean of {len(envoy)} window(s)): {p / e:.2f} times"
+                f"(mean of {len(envoy)} window(s)): {ratio:.2f} times"
                 + (f"; {collapsed} Envoy window(s) with failed checks (collapsed) not in its mean" if collapsed else "")
                 + skipped(envoy_bad + prober_bad),
             }
@@ -501,7 +502,7 @@ def verdict(rows: Sequence[dict[str, Any]], fd_limit: int, interval: float) -> l
             continue
         t = _mean([r["cpu_us_per_check"] for r in tcp])
         h = _mean([r["cpu_us_per_check"] for r in http])
-        ratio = t / h if h else math.nan
+        ratio = t / h if h > 0 else math.nan
         out.append(
             {
                 "target": f"TCP checks within {TCP_RATIO_TARGET:g} times HTTP's CPU per check ({n} endpoints)",
