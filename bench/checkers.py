@@ -147,6 +147,7 @@ class EnvoyChecker:
                 "--concurrency",
                 "1",
                 "--use-dynamic-base-id",
+                "--disable-hot-restart",  # else each run leaves a /dev/shm/envoy_shared_memory_* behind
                 "--log-level",
                 "error",
                 "--admin-address-path",
