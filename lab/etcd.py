@@ -69,7 +69,26 @@ class EtcdServerTls:
     client_key: Path
 
 
-class EtcdServer:
+class _Started:
+    """`async with`: start() on entry, stop() on exit."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class EtcdServer(_Started):
     """One etcd member: start(), kill(), stop(); an async context manager. Alone, it is a
     single-member cluster; `EtcdCluster` gives several members one `initial_cluster`."""
 
@@ -214,17 +233,8 @@ class EtcdServer:
         except OSError:
             return "(no log)"
 
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
-
-class EtcdCluster:
+class EtcdCluster(_Started):
     """`size` etcd members on 127.0.0.1, one cluster: each its own process, ports and data
     directory, started together (a new cluster's members wait for each other's votes)."""
 
@@ -252,12 +262,3 @@ class EtcdCluster:
 
     async def stop(self) -> None:
         await asyncio.gather(*(m.stop() for m in self.members))
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()

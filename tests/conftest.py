@@ -8,7 +8,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -19,7 +19,7 @@ from controlplane.topology.parse import load_topology
 from controlplane.xds.bootstrap import make_bootstrap
 from lab.demoapp import DemoApp
 from lab.envoyproc import EnvoyProcess, free_port
-from lab.etcd import EtcdNotFound, EtcdServer
+from lab.etcd import EtcdCluster, EtcdNotFound, EtcdServer
 from prober.embedded import attach_embedded_prober
 
 _SERVER_NAME = re.compile(r"ServerName: ([^,\s]+)")
@@ -28,7 +28,23 @@ _SERVER_NAME = re.compile(r"ServerName: ([^,\s]+)")
 @pytest.fixture
 async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
     """A real single-member etcd on ephemeral 127.0.0.1 ports (Debian's etcd-server; `.ci/run` installs it)."""
-    server = EtcdServer(tmp_path / "etcd")
+    async with _running(EtcdServer(tmp_path / "etcd")) as server:
+        yield server
+
+
+@pytest.fixture
+async def etcd_cluster(tmp_path: Path) -> AsyncIterator[EtcdCluster]:
+    """Three real etcd members on ephemeral 127.0.0.1 ports, one cluster."""
+    async with _running(EtcdCluster(tmp_path / "etcd-cluster", size=3)) as cluster:
+        yield cluster
+
+
+Etcd = TypeVar("Etcd", EtcdServer, EtcdCluster)
+
+
+@contextlib.asynccontextmanager
+async def _running(server: Etcd) -> AsyncIterator[Etcd]:
+    """`server` started (the test skipped, with the reason, where there is no etcd) and stopped after."""
     try:
         await server.start()
     except EtcdNotFound as exc:

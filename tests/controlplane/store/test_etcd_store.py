@@ -21,7 +21,7 @@ from controlplane.store.etcd import EtcdStore, connect
 from controlplane.topology.parse import load_topology
 from healthplane.v1 import prober_pb2
 from lab.envoyproc import poll_until
-from lab.etcd import EtcdCluster, EtcdNotFound, EtcdServer
+from lab.etcd import EtcdCluster, EtcdServer
 from tests.controlplane.probers.test_prober_link import Prober
 from tests.controlplane.probers.test_prober_shards import SharingProber
 
@@ -248,23 +248,10 @@ async def _equals(value: Any, expected: Any) -> bool:
     return await value == expected
 
 
-@pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[EtcdCluster]:
-    """Three etcd members on 127.0.0.1, one cluster."""
-    members = EtcdCluster(tmp_path / "cluster", size=3)
-    try:
-        await members.start()
-    except EtcdNotFound as exc:
-        pytest.skip(str(exc))
-    try:
-        yield members
-    finally:
-        await members.stop()
-
-
 async def test_a_replica_goes_on_through_another_member_when_its_etcd_member_dies(
-    tmp_path: Path, cluster: EtcdCluster
+    tmp_path: Path, etcd_cluster: EtcdCluster
 ) -> None:
+    cluster = etcd_cluster
     replicas = Replicas(tmp_path, cluster)
     try:
         a, b = replicas.make("a", 1001, 1002), replicas.make("b", 1001, 1002)
