@@ -192,8 +192,10 @@ class ClientProcess:
                 proc.kill()
                 await proc.wait()
         if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            # Not `suppress(CancelledError)`: a cancel of this close itself still propagates.
+            (outcome,) = await asyncio.gather(self._reader, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                raise outcome
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -271,9 +271,15 @@ class ControlPlaneLink:
             finally:
                 for task in (sender, checks):
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                _end(outbox)
+                # Not `suppress(CancelledError): await task`: that also swallows a cancel of this
+                # link's own task arriving meanwhile, and the link went on reconnecting for good.
+                try:
+                    outcomes = await asyncio.gather(sender, checks, return_exceptions=True)
+                finally:
+                    _end(outbox)
+                for outcome in outcomes:
+                    if isinstance(outcome, Exception):  # a failure of theirs (not their cancel) still shows
+                        raise outcome
 
     @staticmethod
     async def _requests(

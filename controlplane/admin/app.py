@@ -10,7 +10,6 @@ exactly these (a test holds the two together).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -124,8 +123,10 @@ async def start_admin(cp: ControlPlaneView, address: str, port: int) -> tuple[we
             task = asyncio.create_task(poll())
             yield
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Not `suppress(CancelledError)`: a cancel of the cleanup itself still propagates.
+            (outcome,) = await asyncio.gather(task, return_exceptions=True)
+            if isinstance(outcome, Exception):
+                raise outcome
 
         app.cleanup_ctx.append(watch_certificate)
     # Connection cap, header deadline and a short keep-alive (admin/conns.py, issue 19).
