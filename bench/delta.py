@@ -511,18 +511,8 @@ async def _clients(conn: Connection, port: int, first: int, count: int, protocol
                         await progress.wait()
         return {"connected": started, "errors": errors[:5]}
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "connect":
-            return await connect(*args)
-        if command == "errors":
-            return errors[:5]
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
-
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch({"connect": connect, "errors": lambda: errors[:5]}))
     finally:
         for task in tasks:
             task.cancel()

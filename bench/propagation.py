@@ -216,20 +216,15 @@ async def _worker(conn: Connection, port: int, prefix: str, count: int, batch: i
 
     fleet = Fleet(f"127.0.0.1:{port}", count, prefix=prefix)
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "connect":
-            try:
-                await fleet.start(limit=args[0], batch=batch)
-            except (TimeoutError, ConnectionError) as exc:
-                return {"connected": sum(1 for n in fleet.nodes if n.ready.is_set() and not n.error), "error": str(exc)}
-            return {"connected": count, "error": None}
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
+    async def connect(limit: float) -> dict[str, Any]:
+        try:
+            await fleet.start(limit=limit, batch=batch)
+        except (TimeoutError, ConnectionError) as exc:
+            return {"connected": sum(1 for n in fleet.nodes if n.ready.is_set() and not n.error), "error": str(exc)}
+        return {"connected": count, "error": None}
 
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch({"connect": connect}))
     finally:
         await fleet.aclose()
 

@@ -42,7 +42,7 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
 
-from bench.procs import Child, child_setup, raise_fd_limit, serve_commands  # noqa: E402
+from bench.procs import Child, child_setup, dispatch, raise_fd_limit, serve_commands  # noqa: E402
 
 CLUSTER = "web"
 ENDPOINTS = [("127.0.0.1", 9101), ("127.0.0.1", 9102), ("127.0.0.1", 9103)]  # never dialled: no prober
@@ -88,42 +88,43 @@ async def _clients(conn: Connection, targets: list[str], first: int, count: int,
         eds = SHORT["eds"]
         return current({i: {eds: v} for i, v in versions.items()}, since)
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "start":
-            t0 = time.monotonic()
-            await fleet.start(limit=args[0], batch=args[1])
-            return {"seconds": time.monotonic() - t0}
-        if command == "current":
-            return current({int(k): v for k, v in args[0].items()}, args[1])
-        if command == "eds-acked":
-            return eds_acked({int(k): v for k, v in args[0].items()}, args[1])
-        if command == "mark":  # the nodes on the replica about to be killed
-            moving[:] = [n for n in fleet.nodes if n.target == args[0]]
-            return {"moving": len(moving), "tries": sum(n.failed_tries for n in fleet.nodes)}
-        if command == "moved":
-            versions, since = {int(k): v for k, v in args[0].items()}, args[1]
-            done = [t for n in moving if n.target in versions and (t := n.current_since(versions[n.target], since))]
-            # When each moved node read its first response on the new replica.
-            first_read = [min((r.read_at for r in n.sim.history if r.read_at >= since), default=None) for n in moving]
-            by_target: dict[int, int] = {}
-            for n in moving:
-                by_target[n.target] = by_target.get(n.target, 0) + 1
-            return {
-                "moving": len(moving),
-                "back": len(done),
-                "times": done,
-                "first_read": [t for t in first_read if t is not None],
-                "by_target": by_target,
-                "failed_tries": sum(n.failed_tries for n in moving),
-                "errors": [n.sim.error for n in moving if n.sim.error][:3],
-            }
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
+    async def start(limit: float, batch: int) -> dict[str, Any]:
+        t0 = time.monotonic()
+        await fleet.start(limit=limit, batch=batch)
+        return {"seconds": time.monotonic() - t0}
 
+    def mark(target: int) -> dict[str, Any]:
+        """The nodes on the replica about to be killed."""
+        moving[:] = [n for n in fleet.nodes if n.target == target]
+        return {"moving": len(moving), "tries": sum(n.failed_tries for n in fleet.nodes)}
+
+    def moved(by_replica: dict[str, Any], since: float) -> dict[str, Any]:
+        versions = {int(k): v for k, v in by_replica.items()}
+        done = [t for n in moving if n.target in versions and (t := n.current_since(versions[n.target], since))]
+        # When each moved node read its first response on the new replica.
+        first_read = [min((r.read_at for r in n.sim.history if r.read_at >= since), default=None) for n in moving]
+        by_target: dict[int, int] = {}
+        for n in moving:
+            by_target[n.target] = by_target.get(n.target, 0) + 1
+        return {
+            "moving": len(moving),
+            "back": len(done),
+            "times": done,
+            "first_read": [t for t in first_read if t is not None],
+            "by_target": by_target,
+            "failed_tries": sum(n.failed_tries for n in moving),
+            "errors": [n.sim.error for n in moving if n.sim.error][:3],
+        }
+
+    commands = {
+        "start": start,
+        "current": lambda by_replica, since: current({int(k): v for k, v in by_replica.items()}, since),
+        "eds-acked": lambda by_replica, since: eds_acked({int(k): v for k, v in by_replica.items()}, since),
+        "mark": mark,
+        "moved": moved,
+    }
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch(commands))
     finally:
         await fleet.aclose()
 

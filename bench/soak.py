@@ -303,20 +303,11 @@ async def _clients(conn: Connection, port: int, first: int, count: int) -> None:
         result["errors"] = len(errors) - errors_before
         return result
 
-    async def handle(message: tuple[Any, ...]) -> Any:
-        command, *args = message
-        if command == "connect":
-            return await connect(*args)
-        if command == "storm":
-            return await storm(*args)
-        if command == "stats":
-            return {"responses": responses, "errors": len(errors), "sample": errors[:5]}
-        if command == "stop":
-            return "stopped"
-        raise ValueError(f"unknown command {command!r}")
+    def stats() -> dict[str, Any]:
+        return {"responses": responses, "errors": len(errors), "sample": errors[:5]}
 
     try:
-        await serve_commands(conn, handle)
+        await serve_commands(conn, dispatch({"connect": connect, "storm": storm, "stats": stats}))
     finally:
         await drop()
 
