@@ -22,7 +22,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -47,12 +47,21 @@ class ServeProcess:
     """One `python -m controlplane serve --config FILE` child: start(), kill(), stop(), admin reads."""
 
     def __init__(
-        self, config: Path, *, name: str = "serve", no_prober: bool = False, log_level: str = "warning"
+        self,
+        config: Path,
+        *,
+        name: str = "serve",
+        no_prober: bool = False,
+        log_level: str = "warning",
+        log_format: str | None = None,
+        serve_args: Sequence[str] = (),
     ) -> None:
         self.config = Path(config)
         self.name = name
         self.no_prober = no_prober
         self.log_level = log_level
+        self.log_format = log_format  # --log-format (text or json); None: the default
+        self.serve_args = list(serve_args)  # more options of `serve` (--workers 2, say)
         self.xds_port = 0
         self.admin_port = 0
         self.first_version = ""
@@ -90,9 +99,12 @@ class ServeProcess:
         if self.xds_port:
             self._pin_ports()  # a restart comes back where the clients' bootstraps point
         argv = [sys.executable, "-m", "controlplane", "--log-level", self.log_level]
+        if self.log_format is not None:
+            argv += ["--log-format", self.log_format]
         argv += ["serve", "--config", str(self.config)]
         if self.no_prober:
             argv.append("--no-prober")
+        argv += self.serve_args
         with self.log_path.open("ab") as log:
             self._proc = await asyncio.create_subprocess_exec(
                 *with_parent_death_signal(argv),

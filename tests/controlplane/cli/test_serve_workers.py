@@ -7,8 +7,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import sys
 from pathlib import Path
 
 import grpc
@@ -20,6 +18,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc
 from controlplane.cli.serve import _workers, auto_workers
 from controlplane.snapshots import resources as rs
 from lab.adsclient import AdsClient, AdsStream
+from lab.replicas.serve import ServeProcess
 
 
 def test_workers_takes_a_number_or_auto() -> None:
@@ -54,37 +53,30 @@ async def test_serve_with_two_workers_serves_ads_and_stops_them(tmp_path: Path) 
             }
         )
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controlplane", "serve", "--config", str(config), "--no-prober", "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stdout is not None and process.stderr is not None
+    served = ServeProcess(config, no_prober=True, log_level="info", serve_args=["--workers", "2"])
     try:
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        match = re.search(r"xDS on 127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        workers = children(process.pid)
+        await served.start()
+        workers = children(served.pid)
         assert len(workers) == 2, workers
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        async with grpc.aio.insecure_channel(served.xds_address) as channel:
             client = AdsClient(base_pb2.Node(id="cli-node", cluster="test"))
             stream = AdsStream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), client)
             await stream.send(client.subscribe(rs.ENDPOINT, ["web"]))
             response = await asyncio.wait_for(stream.read(), 10)
             assert response is not None and response.version_info
             await stream.send(client.ack(response))
-            process.send_signal(signal.SIGTERM)
+            stopping = asyncio.create_task(served.stop(grace=20))  # SIGTERM
             with pytest.raises(grpc.aio.AioRpcError) as ended:
                 await asyncio.wait_for(stream.read(), 10)
             assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
             assert ended.value.details() == "the control plane is shutting down"
-        assert await asyncio.wait_for(process.wait(), 20) == 0
-        log = (await process.stderr.read()).decode()
+            await stopping
+        assert served.returncode == 0
+        log = served.log_path.read_text()
         assert "shut down, streams closed: 1 xDS, 0 prober" in log, log
         assert not [pid for pid in workers if alive(pid)]
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await served.aclose()
 
 
 async def test_the_workers_log_as_the_main_process_does(tmp_path: Path) -> None:
@@ -95,16 +87,10 @@ async def test_the_workers_log_as_the_main_process_does(tmp_path: Path) -> None:
             {"controlplane": {"xds": {"port": 0}, "admin": {"port": 0}, "watch_interval": 0}, "clusters": []}
         )
     )
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controlplane", "--log-format", "json", "serve", "--config", str(config),
-        "--no-prober", "--workers", "2", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    assert process.stdout is not None and process.stderr is not None
+    served = ServeProcess(config, no_prober=True, log_level="info", log_format="json", serve_args=["--workers", "2"])
     try:
-        line = (await asyncio.wait_for(process.stdout.readline(), 30)).decode()
-        match = re.search(r"xDS on 127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        await served.start()
+        async with grpc.aio.insecure_channel(served.xds_address) as channel:
             # A request without a node: refused by the worker that holds the stream, which logs why.
             client = AdsClient(base_pb2.Node(id="x"))
             client.node_sent = True
@@ -113,15 +99,13 @@ async def test_the_workers_log_as_the_main_process_does(tmp_path: Path) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await asyncio.wait_for(stream.read(), 10)
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        process.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(process.wait(), 20) == 0
-        lines = [json.loads(line) for line in (await process.stderr.read()).decode().splitlines()]
+        await served.stop(grace=20)  # SIGTERM
+        assert served.returncode == 0
+        lines = [json.loads(line) for line in served.log_path.read_text().splitlines()]
         [refusal] = [x for x in lines if "must carry node" in x["message"]]
         assert refusal["xds_worker"] in (0, 1) and refusal["level"] == "WARNING"
         # (The refused stream may still be finishing in its worker when the stop comes: 0 or 1.)
         assert re.fullmatch(r"shut down, streams closed: [01] xDS, 0 prober", lines[-1]["message"]), lines[-1]
         assert "xds_worker" not in lines[-1]
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await served.aclose()
