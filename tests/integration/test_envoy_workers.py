@@ -28,32 +28,13 @@ from tests.integration import test_passive_envoy as passive
 from tests.integration.test_central_prober import HEALTH_CHECK, ExternalProber, external_prober, flip, wait_status
 from tests.integration.test_envoy_integration import wait_flags
 from tests.integration.test_passive_envoy import Backend, flaky
+from tests.integration.test_propagation_envoy import topology
 
 pytestmark = pytest.mark.envoy
 
 __all__ = ["external_prober", "flaky"]  # fixtures, imported to be used here
 
 MAX_ENVOYS = 8
-
-
-def topology(backends: list[DemoApp], ports: list[int], **cluster: Any) -> dict[str, Any]:
-    """Cluster `web` of the backends; each Envoy `edge-i` its own listener on `ports[i-1]`."""
-    return {
-        "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}, "watch_interval": 0},
-        "clusters": [
-            {"name": "web", "endpoints": [{"address": "127.0.0.1", "port": b.port} for b in backends], **cluster}
-        ],
-        "listeners": [
-            {
-                "name": f"ingress-{i}",
-                "address": "127.0.0.1",
-                "port": port,
-                "nodes": [f"edge-{i}"],
-                "routes": [{"prefix": "/", "cluster": "web"}],
-            }
-            for i, port in enumerate(ports, 1)
-        ],
-    }
 
 
 def owners(cp: ControlPlane) -> dict[str, int]:

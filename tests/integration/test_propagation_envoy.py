@@ -59,10 +59,14 @@ class Traffic:
         return max(answered) if answered else None
 
 
-def topology(backends: list[DemoApp], ports: list[int]) -> dict[str, Any]:
+def topology(backends: list[DemoApp], ports: list[int], **cluster: Any) -> dict[str, Any]:
+    """Cluster `web` of the backends (with `cluster`'s other fields); each Envoy `edge-i` its own
+    listener on `ports[i-1]`."""
     return {
         "controlplane": {"xds": {"port": 0}, "admin": {"port": 0}, "watch_interval": 0},
-        "clusters": [{"name": "web", "endpoints": [{"address": "127.0.0.1", "port": b.port} for b in backends]}],
+        "clusters": [
+            {"name": "web", "endpoints": [{"address": "127.0.0.1", "port": b.port} for b in backends], **cluster}
+        ],
         "listeners": [
             {
                 "name": f"ingress-{i}",
