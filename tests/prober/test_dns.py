@@ -137,6 +137,20 @@ class Answers:
         await eventually(lambda: len(self.calls) >= start + n, within=10)
 
 
+@contextlib.asynccontextmanager
+async def probing(links: ControlPlaneLinks) -> AsyncIterator[ControlPlaneLinks]:
+    """A real prober reporting through `links`, and the links running; both stopped after."""
+    prober = Prober(sink=links, source=f"prober:{links.prober_id}")
+    links.prober = prober
+    async with prober:
+        task = asyncio.create_task(links.run())
+        try:
+            yield links
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_name_gets_one_link_per_address_as_its_addresses_come_and_go(
     http_backend: HttpBackend, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -148,74 +162,58 @@ async def test_a_name_gets_one_link_per_address_as_its_addresses_come_and_go(
         links = ControlPlaneLinks(
             [f"cp.test:{port}"], prober_id="x", resolver=answers, resolve_interval=0.05, resolve_grace=2.0
         )
-        prober = Prober(sink=links, source="prober:x")
-        links.prober = prober
-        async with prober:
-            task = asyncio.create_task(links.run())
-            try:
-                await eventually(lambda: linked(a) and linked(b), within=10)
-                assert answers.calls[0] == ("cp.test", port)
-                assert sorted(link.target for link in links.links) == [f"127.0.0.1:{port}", f"127.0.0.2:{port}"]
-                await eventually(lambda: b.health.effective("web", endpoint).source == "prober:x", within=10)
-                assert not linked(c)
+        async with probing(links):
+            await eventually(lambda: linked(a) and linked(b), within=10)
+            assert answers.calls[0] == ("cp.test", port)
+            assert sorted(link.target for link in links.links) == [f"127.0.0.1:{port}", f"127.0.0.2:{port}"]
+            await eventually(lambda: b.health.effective("web", endpoint).source == "prober:x", within=10)
+            assert not linked(c)
 
-                # A third replica appears in DNS: linked at once, and it gets the full state first
-                # (the verdict the prober already has, before any new check changes anything).
-                answers.answer = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-                await eventually(lambda: linked(c), within=10)
-                await eventually(lambda: c.health.status("web", endpoint) is HealthStatus.HEALTHY, within=10)
-                assert c.health.effective("web", endpoint).source == "prober:x"
+            # A third replica appears in DNS: linked at once, and it gets the full state first
+            # (the verdict the prober already has, before any new check changes anything).
+            answers.answer = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            await eventually(lambda: linked(c), within=10)
+            await eventually(lambda: c.health.status("web", endpoint) is HealthStatus.HEALTHY, within=10)
+            assert c.health.effective("web", endpoint).source == "prober:x"
 
-                # 127.0.0.2 leaves DNS: its link stays through the first missing answers ...
-                answers.answer = ["127.0.0.1", "127.0.0.3"]
-                await answers.calls_after(3)
-                assert linked(b) and len(links.links) == 3
-                # ... and is closed with a goodbye once it has been missing for the grace period.
-                await eventually(lambda: not linked(b), within=10)
-                assert b.prober_link.probers["x"].left  # left, not died: no alarm at that replica
-                assert sorted(link.target for link in links.links) == [f"127.0.0.1:{port}", f"127.0.0.3:{port}"]
+            # 127.0.0.2 leaves DNS: its link stays through the first missing answers ...
+            answers.answer = ["127.0.0.1", "127.0.0.3"]
+            await answers.calls_after(3)
+            assert linked(b) and len(links.links) == 3
+            # ... and is closed with a goodbye once it has been missing for the grace period.
+            await eventually(lambda: not linked(b), within=10)
+            assert b.prober_link.probers["x"].left  # left, not died: no alarm at that replica
+            assert sorted(link.target for link in links.links) == [f"127.0.0.1:{port}", f"127.0.0.3:{port}"]
 
-                # A failed resolution, or an empty one, keeps every link and says so, naming the name.
-                answers.answer = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-                await answers.calls_after(3)
-                answers.answer = []
-                await answers.calls_after(3)
-                assert linked(a) and linked(c) and len(links.links) == 2
-                warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-                assert any(f"resolving control plane cp.test:{port} failed" in w for w in warnings)
-                assert any(f"cp.test:{port} resolved to no address" in w for w in warnings)
+            # A failed resolution, or an empty one, keeps every link and says so, naming the name.
+            answers.answer = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+            await answers.calls_after(3)
+            answers.answer = []
+            await answers.calls_after(3)
+            assert linked(a) and linked(c) and len(links.links) == 2
+            warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+            assert any(f"resolving control plane cp.test:{port} failed" in w for w in warnings)
+            assert any(f"cp.test:{port} resolved to no address" in w for w in warnings)
 
-                # It comes back: the verdicts keep flowing to every replica linked.
-                answers.answer = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
-                await eventually(lambda: linked(b), within=10)
-                assert not b.prober_link.probers["x"].left
-                await links.leave()
-                await eventually(lambda: not (linked(a) or linked(b) or linked(c)), within=10)
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            # It comes back: the verdicts keep flowing to every replica linked.
+            answers.answer = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+            await eventually(lambda: linked(b), within=10)
+            assert not b.prober_link.probers["x"].left
+            await links.leave()
+            await eventually(lambda: not (linked(a) or linked(b) or linked(c)), within=10)
 
 
 async def test_localhost_is_really_resolved_and_linked(http_backend: HttpBackend) -> None:
     async with replicas(1, http_backend.port) as (cp,):
         links = ControlPlaneLinks([f"localhost:{cp.xds_port}"], prober_id="x", resolve_interval=0.2)
-        prober = Prober(sink=links, source="prober:x")
-        links.prober = prober
-        async with prober:
-            task = asyncio.create_task(links.run())
-            try:
-                await eventually(lambda: linked(cp), within=10)
-                # One link per address the system resolver gives for localhost (127.0.0.1, and
-                # ::1 where /etc/hosts has it: that link retries, nothing listens there).
-                resolved = {
-                    info[4][0] for info in socket.getaddrinfo("localhost", cp.xds_port, type=socket.SOCK_STREAM)
-                }
-                assert {link.target for link in links.links} == {link_target(a, cp.xds_port) for a in resolved}
-                assert f"127.0.0.1:{cp.xds_port}" in {link.target for link in links.links}
-                await links.leave()
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        async with probing(links):
+            await eventually(lambda: linked(cp), within=10)
+            # One link per address the system resolver gives for localhost (127.0.0.1, and
+            # ::1 where /etc/hosts has it: that link retries, nothing listens there).
+            resolved = {info[4][0] for info in socket.getaddrinfo("localhost", cp.xds_port, type=socket.SOCK_STREAM)}
+            assert {link.target for link in links.links} == {link_target(a, cp.xds_port) for a in resolved}
+            assert f"127.0.0.1:{cp.xds_port}" in {link.target for link in links.links}
+            await links.leave()
 
 
 async def test_ip_targets_are_one_link_each_and_never_resolved() -> None:
@@ -242,18 +240,11 @@ async def test_over_tls_the_links_of_a_name_check_the_certificate_for_the_name(
             resolve_interval=0.2,
             credentials=channel_credentials(certs.ca),
         )
-        prober = Prober(sink=links, source="prober:x")
-        links.prober = prober
-        async with prober:
-            task = asyncio.create_task(links.run())
-            try:
-                await eventually(lambda: linked(cp), within=10)
-                [link] = links.links
-                assert (link.target, link.server_name) == (f"127.0.0.2:{cp.xds_port}", "localhost")
-                await links.leave()
-            finally:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        async with probing(links):
+            await eventually(lambda: linked(cp), within=10)
+            [link] = links.links
+            assert (link.target, link.server_name) == (f"127.0.0.2:{cp.xds_port}", "localhost")
+            await links.leave()
 
 
 def test_the_resolve_flags_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
