@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import itertools
 import json
 import logging
@@ -36,7 +35,7 @@ import grpc
 
 from controlplane.errors import ConfigError
 from controlplane.health.store import EndpointId, HealthStatus, Verdict
-from controlplane.topology.addresses import split_host_port
+from controlplane.topology.addresses import is_ip, split_host_port
 from controlplane.topology.model import Cluster, Topology
 from controlplane.topology.parse import parse_topology
 from healthplane.v1 import prober_pb2, prober_pb2_grpc
@@ -408,14 +407,6 @@ class _LinkShare:
         return self._links._prober().endpoint(cluster, endpoint)
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 class ControlPlaneLinks:
     """One prober linked to every control-plane replica: the same verdicts to each, the union of
     their shares checked; a `ProberSink`.
@@ -466,7 +457,7 @@ class ControlPlaneLinks:
         self.checked: Topology | None = None  # the union handed to the prober last
         for target in targets:
             host, port = split_host_port(target, lowest_port=1) or (target, 0)
-            if _is_ip(host) or port == 0:  # an IP, or what gRPC is left to make sense of: one link
+            if is_ip(host) or port == 0:  # an IP, or what gRPC is left to make sense of: one link
                 self._want(target, target, server_name=None)
             elif (host, port) not in self.names:
                 self.names.append((host, port))

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
+
 from controlplane.errors import ConfigError
+
+
+def is_ip(host: str) -> bool:
+    """Whether `host` is an IPv4 or IPv6 address (not a name to resolve)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def split_host_port(text: str, *, lowest_port: int = 0) -> tuple[str, int] | None:

@@ -12,15 +12,7 @@ from typing import Any
 import yaml
 
 from controlplane.errors import ConfigError
-from controlplane.topology.addresses import host_port
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+from controlplane.topology.addresses import host_port, is_ip
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,7 +28,7 @@ class XdsTls:
         validation: dict[str, Any] = {"trusted_ca": {"filename": self.ca}}
         if self.sni:
             validation["match_typed_subject_alt_names"] = [
-                {"san_type": "IP_ADDRESS" if _is_ip(self.sni) else "DNS", "matcher": {"exact": self.sni}}
+                {"san_type": "IP_ADDRESS" if is_ip(self.sni) else "DNS", "matcher": {"exact": self.sni}}
             ]
         common: dict[str, Any] = {"validation_context": validation, "alpn_protocols": ["h2"]}
         if self.cert and self.key:
@@ -47,7 +39,7 @@ class XdsTls:
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
             "common_tls_context": common,
         }
-        if self.sni and not _is_ip(self.sni):
+        if self.sni and not is_ip(self.sni):
             context["sni"] = self.sni
         return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
@@ -111,7 +103,7 @@ def make_bootstrap(
     servers = list(xds) or [(xds_host, xds_port)]
     ads_source = {"ads": {}, "resource_api_version": "V3"}
     envoy_grpc: dict[str, Any] = {"cluster_name": "healthplane_xds"}
-    if len(servers) > 1 or not _is_ip(servers[0][0]):
+    if len(servers) > 1 or not is_ip(servers[0][0]):
         envoy_grpc["retry_policy"] = {"retry_back_off": dict(ADS_RETRY_BACK_OFF)}
     node: dict[str, Any] = {"id": node_id, "cluster": service}
     if zone:
@@ -136,7 +128,7 @@ def make_bootstrap(
                     "name": "healthplane_xds",
                     # A hostname (docker-compose service name, a Kubernetes headless Service: one
                     # address per replica) needs DNS; IPs do not.
-                    "type": "STATIC" if all(_is_ip(host) for host, _ in servers) else "STRICT_DNS",
+                    "type": "STATIC" if all(is_ip(host) for host, _ in servers) else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
