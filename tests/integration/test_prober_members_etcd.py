@@ -34,24 +34,19 @@ from lab.envoyproc import poll_until
 from lab.etcd import EtcdServer
 from tests.conftest import web_topology
 from tests.integration.test_central_prober import flip
+from tests.integration.test_prober_shards import HEALTH_CHECK as SHARDS_HEALTH_CHECK
 from tests.integration.test_prober_shards import (
     INTERVAL,
+    STALENESS,
     ProberProcess,
     balanced_ids,
     check_source,
     checks,
 )
 
-STALENESS = 3.0
 # As tests/integration/test_prober_shards.py, but three failures in a row to fail: these tests
 # watch every snapshot for several seconds, and one slow answer on a loaded machine is no flip.
-HEALTH_CHECK = {
-    "http": {"path": "/livez"},
-    "interval": f"{int(INTERVAL * 1000)}ms",
-    "timeout": "150ms",
-    "healthy_threshold": 1,
-    "unhealthy_threshold": 3,
-}
+HEALTH_CHECK = {**SHARDS_HEALTH_CHECK, "unhealthy_threshold": 3}
 
 
 class Pair:
