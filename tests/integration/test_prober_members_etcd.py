@@ -120,6 +120,32 @@ def rates(backends: list[DemoApp], before: dict[int, int], seconds: float) -> li
     return [(after[p] - before[p]) * INTERVAL / seconds for p in after]
 
 
+async def share_moved(
+    replicas: tuple[ControlPlane, ...],
+    endpoints: list[str],
+    sharing: tuple[str, ...],
+    gone: str,
+    taker: str,
+    *,
+    since: float,
+    within: float,
+) -> tuple[float, list[str]]:
+    """Wait until every endpoint `gone` owned among `sharing` is checked by `taker` after `since`,
+    as every one of `replicas` sees it; the seconds since `since`, and those endpoints."""
+    moved = [ep for ep in endpoints if owners(f"web/{ep}", sharing, 1)[0] == gone]
+    assert moved
+    await wait(
+        lambda: all(
+            check_source(cp, ep)[0] == f"prober:{taker}" and check_source(cp, ep)[1] > since
+            for cp in replicas
+            for ep in moved
+        ),
+        f"{gone}'s share checked by {taker} for every replica",
+        within=within,
+    )
+    return time.time() - since, moved
+
+
 async def test_probers_linked_to_one_replica_each_share_the_endpoints_by_the_members_in_etcd(
     pair: Pair, ten_backends: list[DemoApp], listener_port: int
 ) -> None:
@@ -203,17 +229,7 @@ async def test_a_hung_probers_share_moves_within_the_staleness_bound(
     stopped_at = time.time()
     hung.process.send_signal(signal.SIGSTOP)  # its connections stay open; nothing is sent
     try:
-        moved = [ep for ep in endpoints if owners(f"web/{ep}", both, 1)[0] == two]
-        await wait(
-            lambda: all(
-                check_source(cp, ep)[0] == f"prober:{one}" and check_source(cp, ep)[1] > stopped_at
-                for cp in (a, b)
-                for ep in moved
-            ),
-            f"{two}'s share checked by {one}",
-            within=STALENESS + 3,
-        )
-        took = time.time() - stopped_at
+        took, _ = await share_moved((a, b), endpoints, both, two, one, since=stopped_at, within=STALENESS + 3)
         assert members(a) == members(b) == ((one,), "etcd")
         assert took < STALENESS + 2, took  # the bound, the check period (<= 1 s) and a check
         assert all(cp.health.status("web", ep) is HealthStatus.HEALTHY for cp in (a, b) for ep in endpoints)
@@ -281,18 +297,7 @@ async def test_etcd_down_members_from_the_links_then_a_killed_probers_share_move
     # and its share moves to the first on both.
     killed_at = time.time()
     await killed.stop(signal.SIGKILL)
-    moved = [ep for ep in endpoints if owners(f"web/{ep}", both, 1)[0] == two]
-    assert moved
-    await wait(
-        lambda: all(
-            check_source(cp, ep)[0] == f"prober:{one}" and check_source(cp, ep)[1] > killed_at
-            for cp in (a, b)
-            for ep in moved
-        ),
-        f"{two}'s share checked by {one} for both replicas",
-        within=STALENESS,
-    )
-    took = time.time() - killed_at
+    took, moved = await share_moved((a, b), endpoints, both, two, one, since=killed_at, within=STALENESS)
     assert members(a) == members(b) == ((one,), "etcd")
     before = checks(ten_backends)
     await asyncio.sleep(1.0)
