@@ -150,17 +150,29 @@ async def _versions(replicas: Any, alive: list[int]) -> dict[int, dict[str, str]
     return out
 
 
+async def _ask_until(
+    clients: list[Child], message: tuple[Any, ...], count: str, expected: int, *, limit: float, pause: float, what: str
+) -> list[Any]:
+    """Ask every client `message` until their answers' `count` adds up to `expected`; those answers.
+    TimeoutError naming `what` (and the first client's errors, if it reports any) after `limit` seconds."""
+    deadline = time.monotonic() + limit
+    while True:
+        answers = await _ask_all(clients, *message, limit=60)
+        got = sum(a[count] for a in answers)
+        if got >= expected:
+            return answers
+        if time.monotonic() > deadline:
+            errors = f": {answers[0]['errors']}" if answers and "errors" in answers[0] else ""
+            raise TimeoutError(f"{what}: only {got} of {expected} after {limit:.0f} s{errors}")
+        await asyncio.sleep(pause)
+
+
 async def _wait_current(
     clients: list[Child], versions: dict[int, dict[str, str]], since: float, n: int, limit: float
 ) -> list[float]:
-    deadline = time.monotonic() + limit
-    while True:
-        answers = await _ask_all(clients, "current", versions, since, limit=60)
-        if sum(a["current"] for a in answers) >= n:
-            return [t for a in answers for t in a["times"]]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"only {sum(a['current'] for a in answers)} of {n} nodes current after {limit:.0f} s")
-        await asyncio.sleep(0.1)
+    message = ("current", versions, since)
+    answers = await _ask_until(clients, message, "current", n, limit=limit, pause=0.1, what="nodes current")
+    return [t for a in answers for t in a["times"]]
 
 
 async def _new_eds_versions(
@@ -236,14 +248,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if code != 200 or not body.get("changed"):
                     raise RuntimeError(f"replica {i}: override answered {code} {body}")
             eds, all_serve_it = await _new_eds_versions(replicas, before, status, limit=30)
-            deadline = time.monotonic() + limit
-            while True:
-                answers = await _ask_all(clients, "eds-acked", eds, started, limit=60)
-                if sum(a["current"] for a in answers) >= n:
-                    break
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"override {k}: {sum(a['current'] for a in answers)} of {n} ACKed")
-                await asyncio.sleep(0.05)
+            message = ("eds-acked", eds, started)
+            what = f"override {k}: nodes that ACKed it"
+            answers = await _ask_until(clients, message, "current", n, limit=limit, pause=0.05, what=what)
             times = [t for a in answers for t in a["times"]]
             overrides.append(
                 {
@@ -266,14 +273,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         moving = sum(m["moving"] for m in marks)
         killed_at = time.time()
         await replicas[0].kill()
-        deadline = time.monotonic() + limit
-        while True:
-            answers = await _ask_all(clients, "moved", versions, killed_at, limit=60)
-            if sum(a["back"] for a in answers) >= moving:
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"storm: {sum(a['back'] for a in answers)} of {moving} back: {answers[0]['errors']}")
-            await asyncio.sleep(0.1)
+        message = ("moved", versions, killed_at)
+        what = "storm: nodes back on a live replica"
+        answers = await _ask_until(clients, message, "back", moving, limit=limit, pause=0.1, what=what)
         times = [t for a in answers for t in a["times"]]
         first_read = [t for a in answers for t in a["first_read"]]
         by_target: dict[int, int] = {}
