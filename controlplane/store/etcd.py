@@ -315,9 +315,7 @@ class EtcdStore:
             reason = describe(exc) if not isinstance(exc, rpc.AioRpcError) else f"{exc.code().name}: {exc.details()}"
             raise StoreUnavailable(f"{self.where}: the write failed ({reason}); nothing was changed") from exc
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
+            raise_if_cancelling()  # this task's own cancel goes on
             # Not a cancel of this task's: the store closed the connection under the call, to
             # reconnect (to another member, say), and grpc.aio tells that as a cancel.
             raise StoreUnavailable(
