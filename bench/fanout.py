@@ -125,6 +125,28 @@ def _machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+class LastAck:
+    """When a push's last expected ACK is in: `arm` before the push, `ack` at each ACK processed."""
+
+    def __init__(self, cpu: Callable[[], float] = _cpu_seconds) -> None:
+        self.version: str | None = None
+        self.remaining = 0
+        self.done = asyncio.Event()
+        self.cpu_at_done = 0.0
+        self.cpu = cpu  # the server's CPU seconds, read when the last ACK is in
+
+    def arm(self, version: str, expected: int) -> None:
+        self.version, self.remaining = version, expected
+        self.done.clear()
+
+    def ack(self, version: str) -> None:
+        if version == self.version:
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.cpu_at_done = self.cpu()
+                self.done.set()
+
+
 def server_main(conn: Connection, xds_workers: int = 1, worker_loop: str = "asyncio") -> None:
     child_setup()
     os.environ["HEALTHPLANE_XDS_WORKER_LOOP"] = worker_loop  # what the xDS workers run on (they inherit it)
@@ -139,20 +161,12 @@ async def _server(conn: Connection, xds_workers: int = 1) -> None:
     from controlplane.xds.server import StreamCallbacks
     from controlplane.xds.stream import PendingResponse, RequestKind, RequestOutcome, StreamState, TypeState
 
-    class AckWatch(StreamCallbacks):
+    class AckWatch(StreamCallbacks, LastAck):
         """Passes every callback on to the node registry; notes when a push's last ACK is processed."""
 
         def __init__(self, inner: StreamCallbacks) -> None:
+            LastAck.__init__(self)
             self.inner = inner
-            self.version: str | None = None
-            self.remaining = 0
-            self.done = asyncio.Event()
-            self.cpu_at_done = 0.0
-            self.cpu: Callable[[], float] = _cpu_seconds
-
-        def arm(self, version: str, expected: int) -> None:
-            self.version, self.remaining = version, expected
-            self.done.clear()
 
         def on_stream_open(self, stream: StreamState) -> None:
             self.inner.on_stream_open(stream)
@@ -165,11 +179,8 @@ async def _server(conn: Connection, xds_workers: int = 1) -> None:
 
         def on_request(self, stream: StreamState, outcome: RequestOutcome) -> None:
             self.inner.on_request(stream, outcome)
-            if outcome.kind is RequestKind.ACK and outcome.version == self.version:
-                self.remaining -= 1
-                if self.remaining == 0:
-                    self.cpu_at_done = self.cpu()
-                    self.done.set()
+            if outcome.kind is RequestKind.ACK:
+                self.ack(outcome.version)
 
     cp = ControlPlane(parse_topology(TOPOLOGY, source="bench"), workers=xds_workers)
     tune_gc_for_streams()  # as `healthplane serve` does
@@ -292,15 +303,11 @@ async def _floor_server(conn: Connection, tasks_per_stream: int, options: list[t
 
     current = (cp.snapshot.type_versions[EDS], cp.snapshot.response_body(EDS, (CLUSTER,)))
     streams: set[FloorStream] = set()
-    watch: dict[str, Any] = {"version": None, "remaining": 0, "done": asyncio.Event(), "cpu": 0.0}
+    watch = LastAck()
 
     def acked(stream: FloorStream, version: str) -> None:
         stream.acked_version, stream.acked_at = version, time.time()
-        if version == watch["version"]:
-            watch["remaining"] -= 1
-            if watch["remaining"] == 0:
-                watch["cpu"] = _cpu_seconds()
-                watch["done"].set()
+        watch.ack(version)
 
     async def write_due(stream: FloorStream, context: Any, nonce: int) -> bool:
         """Write the current version if this stream has not had it; whether it wrote."""
@@ -400,14 +407,13 @@ async def _floor_server(conn: Connection, tasks_per_stream: int, options: list[t
             raise RuntimeError(f"setting {FLIPPED} {status.name} published nothing")
         version = snapshot.type_versions[EDS]
         current = (version, snapshot.response_body(EDS, (CLUSTER,)))
-        watch["version"], watch["remaining"] = version, expected
-        watch["done"].clear()
+        watch.arm(version, expected)
         for stream in streams:
             stream.wake.set()
         published = time.time()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(watch["done"].wait(), limit)
-        complete = watch["done"].is_set()
+            await asyncio.wait_for(watch.done.wait(), limit)
+        complete = watch.done.is_set()
         await asyncio.sleep(0.05)
         cpu = _cpu_seconds() - cpu0
         return {
@@ -419,7 +425,7 @@ async def _floor_server(conn: Connection, tasks_per_stream: int, options: list[t
             "sent_s": [s.sent_at - verdict for s in streams if s.sent_version == version and s.sent_at],
             "cpu_s": cpu,
             "main_cpu_s": cpu,
-            "cpu_to_last_ack_s": watch["cpu"] - cpu0 if complete else None,
+            "cpu_to_last_ack_s": watch.cpu_at_done - cpu0 if complete else None,
             "sys_s": _sys_seconds() - sys0,
             "gc_collections": [b - a for a, b in zip(gc0, _gc_collections(), strict=True)],
         }
